@@ -1,0 +1,20 @@
+"""courier_fast: fast COURIER (Contrastive User Intention Reconstruction) for PyTorch.
+
+    import courier_fast as cf
+    loss = cf.contrastive_loss(recon, item_emb, anchor_weight=clicked, temperature=0.05)
+    attn = cf.nn.ReconstructionAttention(256, 4)      # nn.MultiheadAttention's parameters
+    recon = attn(pv_emb, history_emb, key_padding_mask=history_pad)
+    cf.backends()                                    # {name: (available, reason)}
+"""
+from courier_fast import _extension  # noqa: F401  (loads courier_fast._C, warns once if missing)
+from courier_fast import _ops  # noqa: F401  (fake kernels + autograd for the compiled ops)
+from courier_fast import nn
+from courier_fast._validate import set_input_checks
+from courier_fast.attention import reconstruction_attention
+from courier_fast.contrastive import contrastive_loss
+from courier_fast.dispatch import backends
+from courier_fast.info import build_info
+
+__version__ = "0.1.0"
+__all__ = ["contrastive_loss", "reconstruction_attention", "nn", "backends", "build_info",
+           "set_input_checks", "__version__"]

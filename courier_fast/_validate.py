@@ -1,0 +1,104 @@
+"""Argument checks shared by the public ops. Every error names the offending argument.
+
+Data-dependent checks (NaN/Inf, negative weights) read the tensors; they are skipped while
+torch.compile traces (they would break the graph) and can be turned off with
+`courier_fast.set_input_checks(False)` once a pipeline is known to be clean.
+"""
+import math
+import numbers
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+_DATA_CHECKS = True
+
+
+def set_input_checks(enabled: bool) -> None:
+    """Turn the data-dependent input checks (NaN/Inf, negative weights) on or off globally."""
+    global _DATA_CHECKS
+    _DATA_CHECKS = bool(enabled)
+
+
+def _data_checks_on() -> bool:
+    return _DATA_CHECKS and not torch.compiler.is_compiling()
+
+
+def tensor(name, t, *, ndim=None, dtypes=FLOAT_DTYPES, allow_empty=False):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({allowed}), got {str(t.dtype).replace('torch.', '')}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if not allow_empty and t.numel() == 0 and t.dim() > 0 and t.shape[0] == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
+    return t
+
+
+def finite(name, t):
+    if _data_checks_on() and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+        raise ValueError(f"{name} contains {bad} values")
+
+
+def same_device(name, t, ref_name, ref):
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def same_dtype(name, t, ref_name, ref):
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; they must match")
+
+
+def shape(name, t, expected, what):
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)} ({what}), got {tuple(t.shape)}")
+
+
+def positive_number(name, x):
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
+    if not math.isfinite(x) or x <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {x}")
+    return float(x)
+
+
+def positive_int(name, x):
+    if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(x).__name__}")
+    if x <= 0:
+        raise ValueError(f"{name} must be > 0, got {x}")
+    return int(x)
+
+
+def choice(name, x, options):
+    if x not in options:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, options))}; got {x!r}")
+    return x
+
+
+def optional_mask(name, mask, expected_shape, what, ref_name, ref):
+    """A bool mask of expected_shape on ref's device, or None."""
+    if mask is None:
+        return None
+    tensor(name, mask, dtypes=(torch.bool,), allow_empty=True)
+    shape(name, mask, expected_shape, what)
+    same_device(name, mask, ref_name, ref)
+    return mask
+
+
+def anchor_weight(weight, n, ref_name, ref):
+    """anchor_weight: None, a bool mask or float weights >= 0 of shape (n,)."""
+    if weight is None:
+        return None
+    tensor("anchor_weight", weight, dtypes=(torch.bool,) + FLOAT_DTYPES, allow_empty=True)
+    shape("anchor_weight", weight, (n,), "one weight per anchor")
+    same_device("anchor_weight", weight, ref_name, ref)
+    if weight.dtype != torch.bool:
+        finite("anchor_weight", weight)
+        if _data_checks_on() and bool((weight < 0).any()):
+            raise ValueError("anchor_weight must be >= 0 everywhere; found negative weights")
+    return weight

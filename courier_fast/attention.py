@@ -1,0 +1,73 @@
+"""courier_fast.reconstruction_attention: the public op, its validation and its backends."""
+from courier_fast import _validate, dispatch
+from courier_fast.reference import reconstruction_attention_reference
+
+OP = "reconstruction_attention"
+
+
+def reconstruction_attention(targets, history, in_proj_weight, in_proj_bias, out_proj_weight,
+                             out_proj_bias, num_heads, *, key_padding_mask=None, causal=False,
+                             backend="auto"):
+    """Multi-head attention of each target over its row's history (DESIGN §3).
+
+    Args:
+        targets: (B, P, d) queries (the shown items' embeddings), float16/bfloat16/32/64.
+        history: (B, L, d) keys and values (the clicked items), same dtype and device.
+        in_proj_weight (3d, d), in_proj_bias (3d,) or None, out_proj_weight (d, d),
+        out_proj_bias (d,) or None: nn.MultiheadAttention's parameters, in its layout.
+        num_heads: divides d.
+        key_padding_mask: None or (B, L) bool, True = padding (nn.MultiheadAttention's rule).
+        causal: self-reconstruction; needs P == L; target t attends only to valid s < t
+            (history ordered oldest -> newest).
+        backend: "auto" or a name from courier_fast.backends().
+
+    Returns (B, P, d) in the inputs' dtype. Equals nn.MultiheadAttention(batch_first=True)
+    where a target has at least one valid key; a target with none gets out_proj_bias (or 0).
+    """
+    _check_args(targets, history, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias,
+                num_heads, key_padding_mask, causal, backend)
+    fn = dispatch.select(OP, backend, targets.device)
+    return fn(targets, history, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias,
+              num_heads, key_padding_mask=key_padding_mask, causal=causal)
+
+
+def _check_args(targets, history, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias,
+                num_heads, key_padding_mask, causal, backend):
+    v = _validate
+    v.tensor("targets", targets, ndim=3, allow_empty=True)
+    v.tensor("history", history, ndim=3, allow_empty=True)
+    v.same_device("history", history, "targets", targets)
+    v.same_dtype("history", history, "targets", targets)
+    b, p, d = targets.shape
+    if d == 0:
+        raise ValueError(f"targets has embedding dimension 0 (shape {tuple(targets.shape)})")
+    if history.shape[0] != b:
+        raise ValueError(f"history has batch size {history.shape[0]} but targets has {b}")
+    if history.shape[2] != d:
+        raise ValueError(f"history has embedding dim {history.shape[2]} but targets has {d}")
+    num_heads = v.positive_int("num_heads", num_heads)
+    if d % num_heads:
+        raise ValueError(f"embed_dim {d} is not divisible by num_heads {num_heads}")
+    params = (("in_proj_weight", in_proj_weight, (3 * d, d)), ("in_proj_bias", in_proj_bias, (3 * d,)),
+              ("out_proj_weight", out_proj_weight, (d, d)), ("out_proj_bias", out_proj_bias, (d,)))
+    for name, t, shape in params:
+        if t is None and name.endswith("bias"):
+            continue
+        v.tensor(name, t)
+        v.shape(name, t, shape, f"embed_dim d={d}")
+        v.same_device(name, t, "targets", targets)
+        v.same_dtype(name, t, "targets", targets)
+    v.optional_mask("key_padding_mask", key_padding_mask, (b, history.shape[1]),
+                    "(B, L), True = padding", "targets", targets)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if causal and p != history.shape[1]:
+        raise ValueError(f"causal=True reconstructs the history itself: targets needs P == L, "
+                         f"got P={p}, L={history.shape[1]}")
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    v.finite("targets", targets)
+    v.finite("history", history)
+
+
+dispatch.register(OP, "reference", reconstruction_attention_reference, devices=("cpu", "cuda"))

@@ -1,0 +1,120 @@
+"""courier_fast.contrastive_loss: the public op, its validation and its backends.
+
+Every backend computes the same per-anchor terms (reference: dense PyTorch; cpu / cuda: the
+chunked LSE op of courier_fast._C); weighting, reduction and the cross-process gather are
+shared and live here and in courier_fast.reference / courier_fast.distributed.
+"""
+import torch
+import torch.distributed as dist
+
+from courier_fast import _extension, _ops, _validate, dispatch
+from courier_fast.distributed import GatheredBatch, world_size
+from courier_fast.reference import (unit_rows, contrastive_terms_reference, effective_weight,
+                                    reduce_terms)
+
+OP = "contrastive_loss"
+
+
+def contrastive_loss(anchors, candidates, *, temperature=0.05, anchor_weight=None,
+                     candidate_mask=None, normalize=True, symmetric=False, reduction="mean",
+                     group=None, backend="auto"):
+    """In-batch InfoNCE over every candidate of the (global) batch (DESIGN §3).
+
+    Args:
+        anchors: (N, d) float16/bfloat16/float32/float64, e.g. reconstructions r_j.
+        candidates: (N, d), same dtype and device; row j is anchor j's positive.
+        temperature: > 0; logits are <r_j, e_i> / temperature (cosines when normalize).
+        anchor_weight: None, (N,) bool or (N,) float >= 0 (e.g. click labels). An anchor
+            whose own candidate is masked out has weight 0. Not differentiated.
+        candidate_mask: None or (N,) bool; False removes item i from every denominator.
+        normalize: L2-normalise anchors and candidates first (eps 1e-12).
+        symmetric: also use candidates as anchors over the anchors (CLIP), and average.
+        reduction: "mean" (sum_j w_j loss_j / sum_j w_j, exactly 0 when sum w = 0), "sum",
+            or "none" ((N,) w_j * loss_j).
+        group: a torch.distributed process group: candidates (and anchors when symmetric) are
+            gathered from all ranks with gradient; ranks may hold different N. The ranks'
+            mean loss and DDP-averaged gradients equal one process on the whole batch.
+        backend: "auto", "reference", "cpu", "triton" or "cuda" (see courier_fast.backends()).
+
+    Returns a scalar (or (N,) for "none"): float32, or float64 for float64 inputs.
+    The N x N logits are never materialised except by the reference backend.
+    """
+    _check_args(anchors, candidates, temperature, anchor_weight, candidate_mask, normalize,
+                symmetric, reduction, group, backend)
+    scale = 1.0 / float(temperature)
+    n = anchors.shape[0]
+    weight = effective_weight(anchor_weight, candidate_mask, n, anchors)
+    terms_fn = dispatch.select(OP, backend, anchors.device)
+
+    world = world_size(group)
+    if world == 1:
+        terms = terms_fn(anchors, candidates, candidates, anchors, candidate_mask, scale,
+                         normalize, symmetric, single_process=True)
+        return reduce_terms(terms, weight, reduction)
+
+    batch = GatheredBatch(n, group, anchors.device)
+    all_candidates = batch.with_grad(candidates)
+    all_anchors = batch.with_grad(anchors) if symmetric else None
+    # bool tensors are not supported by every backend's all_gather: send them as uint8.
+    all_mask = None if candidate_mask is None else batch.no_grad(candidate_mask.to(torch.uint8)).bool()
+    terms = terms_fn(anchors, candidates, all_candidates, all_anchors, all_mask, scale, normalize,
+                     symmetric, single_process=False)
+    return reduce_terms(terms, weight, reduction, batch.total(weight.sum()), world)
+
+
+def _check_args(anchors, candidates, temperature, anchor_weight, candidate_mask, normalize,
+                symmetric, reduction, group, backend):
+    v = _validate
+    v.tensor("anchors", anchors, ndim=2)
+    v.tensor("candidates", candidates, ndim=2)
+    if anchors.shape[1] == 0:
+        raise ValueError(f"anchors has feature dimension 0 (shape {tuple(anchors.shape)})")
+    v.same_device("candidates", candidates, "anchors", anchors)
+    v.same_dtype("candidates", candidates, "anchors", anchors)
+    v.shape("candidates", candidates, anchors.shape, "row j is anchor j's positive")
+    v.positive_number("temperature", temperature)
+    v.anchor_weight(anchor_weight, anchors.shape[0], "anchors", anchors)
+    v.optional_mask("candidate_mask", candidate_mask, (anchors.shape[0],), "one flag per candidate",
+                    "anchors", anchors)
+    for name, flag in (("normalize", normalize), ("symmetric", symmetric)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    v.choice("reduction", reduction, ("mean", "sum", "none"))
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    if group is not None and not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("group was given but torch.distributed is not initialized")
+    v.finite("anchors", anchors)
+    v.finite("candidates", candidates)
+
+
+def _terms_from_lse(lse):
+    """Per-anchor terms from a backend's masked-LSE op (same contract as the reference)."""
+
+    def terms(anchors, candidates, all_candidates, all_anchors, all_mask, scale, normalize,
+              symmetric, *, single_process):
+        positive = scale * (unit_rows(anchors, normalize) * unit_rows(candidates, normalize)).sum(-1)
+        if symmetric and single_process:  # one pass gives both directions: rows and columns
+            row, col = lse(anchors, candidates, all_mask, all_mask, scale, normalize, True)
+            return 0.5 * (row + col) - positive
+        row, _ = lse(anchors, all_candidates, None, all_mask, scale, normalize, False)
+        if not symmetric:
+            return row - positive
+        rev, _ = lse(candidates, all_anchors, None, all_mask, scale, normalize, False)
+        return 0.5 * (row + rev) - positive
+
+    return terms
+
+
+def _reference_terms(*args, single_process):  # the dense reference needs no fused path
+    return contrastive_terms_reference(*args)
+
+
+dispatch.register(OP, "reference", _reference_terms, devices=("cpu", "cuda"))
+if _extension.loaded():
+    dispatch.register(OP, "cpu", _terms_from_lse(_ops.contrastive_lse), devices=("cpu",),
+                      note="C++ chunked online-LSE op (ATen GEMMs on row tiles)")
+    if _extension.cuda_compiled():
+        dispatch.register(OP, "cuda", _terms_from_lse(_ops.contrastive_lse), devices=("cuda",),
+                          auto=False, note="cuBLAS row tiles + fused CUDA epilogues; compiled, "
+                                           "not yet validated on a GPU")

@@ -1,0 +1,112 @@
+"""The one place that maps (op, backend, device) to an implementation.
+
+Backends: `reference` (plain PyTorch, the ground truth), `cpu` (C++ in courier_fast._C),
+`triton` (kernels/), `cuda` (C++/CUDA in courier_fast._C). Op modules register their
+implementations here with `register`; `select` picks one. `backend="auto"` takes the first
+available, validated implementation in AUTO_ORDER for the tensors' device.
+"""
+import importlib.util
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from courier_fast import _extension
+
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+
+
+@dataclass
+class Impl:
+    fn: object
+    devices: tuple  # device types it accepts: "cpu", "cuda"
+    auto: bool = True  # False: runs only when asked for by name (e.g. not yet validated on a GPU)
+    note: str = ""
+
+
+_REGISTRY: dict = {}  # op name -> {backend name -> Impl}
+
+
+def register(op, backend, fn, devices, auto=True, note=""):
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}")
+    _REGISTRY.setdefault(op, {})[backend] = Impl(fn, tuple(devices), auto, note)
+
+
+def ops():
+    return sorted(_REGISTRY)
+
+
+def _triton_interpreter() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def backends():
+    """{backend: (available, reason)} for this machine (independent of any one op)."""
+    out = {"reference": (True, "plain PyTorch; always available (the ground truth)")}
+    if _extension.loaded():
+        note = _extension.torch_mismatch()
+        out["cpu"] = (True, "C++ ops in courier_fast._C" + (f" (warning: {note})" if note else ""))
+    else:
+        out["cpu"] = (False, f"courier_fast._C is not loaded: {_extension.LOAD_ERROR}")
+
+    if importlib.util.find_spec("triton") is None:
+        out["triton"] = (False, "triton is not installed")
+    elif torch.cuda.is_available():
+        out["triton"] = (True, f"triton on {torch.cuda.get_device_name()}")
+    elif _triton_interpreter():
+        out["triton"] = (True, "TRITON_INTERPRET=1: Triton kernels run in the CPU interpreter (slow; for tests)")
+    else:
+        out["triton"] = (False, "triton is installed but no CUDA GPU is visible (TRITON_INTERPRET=1 runs it on CPU)")
+
+    if not _extension.loaded():
+        out["cuda"] = (False, f"courier_fast._C is not loaded: {_extension.LOAD_ERROR}")
+    elif not _extension.cuda_compiled():
+        out["cuda"] = (False, "courier_fast._C was built without CUDA (no matching nvcc at build "
+                              "time, or COURIER_FAST_BUILD_CUDA=0)")
+    elif not torch.cuda.is_available():
+        out["cuda"] = (False, f"compiled for CUDA {_extension.cuda_version()}, but no CUDA GPU is visible")
+    else:
+        out["cuda"] = (True, f"CUDA {_extension.cuda_version()} kernels on {torch.cuda.get_device_name()}")
+    return out
+
+
+def op_backends(op):
+    """{backend: (usable, reason)} for one op on this machine."""
+    status, impls, out = backends(), _REGISTRY.get(op, {}), {}
+    for name in BACKENDS:
+        if name not in impls:
+            out[name] = (False, f"{op} has no {name} implementation yet")
+        elif not status[name][0]:
+            out[name] = (False, status[name][1])
+        else:
+            impl = impls[name]
+            extra = "" if impl.auto else " (not chosen by auto)"
+            out[name] = (True, (impl.note or status[name][1]) + extra)
+    return out
+
+
+def select(op, backend, device):
+    """The implementation of `op` for `backend` ('auto' or a name) and a torch.device."""
+    impls = _REGISTRY[op]
+    dev = device.type
+    if backend == "auto":
+        status = backends()
+        for name in AUTO_ORDER.get(dev, ("reference",)):
+            impl = impls.get(name)
+            if impl and impl.auto and dev in impl.devices and status[name][0]:
+                return impl.fn
+        raise RuntimeError(f"{op}: no backend can run on {device} here")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {', '.join(BACKENDS)}; got {backend!r}")
+    impl = impls.get(backend)
+    if impl is None:
+        have = ", ".join(sorted(impls))
+        raise NotImplementedError(f"backend {backend!r} does not implement {op} yet (implemented: {have})")
+    ok, reason = backends()[backend]
+    if not ok:
+        raise RuntimeError(f"backend {backend!r} is not available: {reason}")
+    if dev not in impl.devices:
+        raise ValueError(f"backend {backend!r} for {op} runs on {'/'.join(impl.devices)} tensors, got {device}")
+    return impl.fn

@@ -1,0 +1,61 @@
+"""build_info() and the `courier-fast info` report (in the spirit of `python -m xformers.info`)."""
+import importlib.metadata
+import platform
+
+import torch
+
+from courier_fast import _extension, dispatch
+
+
+def _version(dist_name):
+    try:
+        return importlib.metadata.version(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _dali_version():
+    for name in ("nvidia-dali-cuda130", "nvidia-dali-cuda120", "nvidia-dali-cuda110"):
+        if _version(name):
+            return _version(name)
+    return None
+
+
+def build_info() -> dict:
+    """What was built and what runs here: extension, CUDA, and library versions."""
+    return {
+        "courier_fast": _version("courier_fast"),
+        "extension_loaded": _extension.loaded(),
+        "extension_error": _extension.LOAD_ERROR,
+        "cuda_compiled": _extension.cuda_compiled(),
+        "cuda_version": _extension.cuda_version(),
+        "compiled_torch": _extension.compiled_torch_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "triton": _version("triton"),
+        "dali": _dali_version(),
+        "timm": _version("timm"),
+        "python": platform.python_version(),
+    }
+
+
+def report() -> str:
+    """Human-readable table of versions, backends and per-op implementations."""
+    info = build_info()
+    lines = ["courier_fast " + str(info["courier_fast"]), ""]
+    for key in ("torch", "torch_cuda", "triton", "cuda_compiled", "cuda_version", "compiled_torch",
+                "cuda_available", "gpu", "dali", "timm", "python"):
+        value = info[key]
+        lines.append(f"  {key:<16} {'-' if value is None else value}")
+    if info["extension_error"]:
+        lines.append(f"  extension_error  {info['extension_error']}")
+    lines += ["", "backends:"]
+    for name, (ok, reason) in dispatch.backends().items():
+        lines.append(f"  {name:<10} {'available  ' if ok else 'unavailable'}  {reason}")
+    for op in dispatch.ops():
+        lines += ["", f"{op}:"]
+        for name, (ok, reason) in dispatch.op_backends(op).items():
+            lines.append(f"  {name:<10} {'yes' if ok else 'no '}  {reason}")
+    return "\n".join(lines)

@@ -1,0 +1,97 @@
+"""Drop-in modules: ReconstructionAttention (nn.MultiheadAttention's parameters) and
+InBatchContrastiveLoss."""
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from courier_fast.attention import reconstruction_attention
+from courier_fast.contrastive import contrastive_loss
+
+
+class ReconstructionAttention(nn.Module):
+    """COURIER's user-intention reconstruction: targets attend over the user's history.
+
+    Parameters and state_dict keys are exactly nn.MultiheadAttention's (in_proj_weight,
+    in_proj_bias, out_proj.weight, out_proj.bias), so `load_state_dict(mha.state_dict())`
+    works and the output equals `mha(T, H, H, key_padding_mask=m, need_weights=False)[0]`
+    (batch_first) on every target with at least one valid history item. A target with none
+    gets out_proj.bias, where nn.MultiheadAttention gives NaN.
+
+    forward(targets (B, P, d), history (B, L, d), key_padding_mask (B, L) bool True = pad,
+    causal=False) -> (B, P, d).
+    """
+
+    def __init__(self, embed_dim, num_heads, bias=True, device=None, dtype=None, backend="auto"):
+        super().__init__()
+        if embed_dim <= 0 or num_heads <= 0:
+            raise ValueError(f"embed_dim and num_heads must be > 0, got {embed_dim} and {num_heads}")
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        kw = {"device": device, "dtype": dtype}
+        self.embed_dim, self.num_heads, self.backend = embed_dim, num_heads, backend
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **kw))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **kw)) if bias else None
+        if not bias:
+            self.register_parameter("in_proj_bias", None)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **kw)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """nn.MultiheadAttention's initialisation."""
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        if self.in_proj_bias is not None:
+            nn.init.zeros_(self.in_proj_bias)
+            nn.init.zeros_(self.out_proj.bias)
+
+    @classmethod
+    def from_mha(cls, mha: nn.MultiheadAttention, backend="auto"):
+        """A copy of an nn.MultiheadAttention's weights (same device and dtype)."""
+        if not isinstance(mha, nn.MultiheadAttention):
+            raise TypeError(f"mha must be an nn.MultiheadAttention, got {type(mha).__name__}")
+        if not mha._qkv_same_embed_dim:
+            raise ValueError("mha has kdim/vdim != embed_dim; ReconstructionAttention needs one in_proj_weight")
+        if mha.bias_k is not None or mha.add_zero_attn:
+            raise ValueError("mha uses add_bias_kv or add_zero_attn, which ReconstructionAttention does not have")
+        w = mha.in_proj_weight
+        module = cls(mha.embed_dim, mha.num_heads, bias=mha.in_proj_bias is not None,
+                     device=w.device, dtype=w.dtype, backend=backend)
+        module.load_state_dict(mha.state_dict())
+        return module
+
+    def forward(self, targets, history, key_padding_mask=None, causal=False):
+        return reconstruction_attention(
+            targets, history, self.in_proj_weight, self.in_proj_bias, self.out_proj.weight,
+            self.out_proj.bias, self.num_heads, key_padding_mask=key_padding_mask, causal=causal,
+            backend=self.backend)
+
+    def extra_repr(self):
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, bias={self.in_proj_bias is not None}"
+
+
+class InBatchContrastiveLoss(nn.Module):
+    """InfoNCE over all candidates of the batch; see courier_fast.contrastive_loss.
+
+    gather=True uses every rank's candidates as negatives when torch.distributed is
+    initialised with more than one process (group=None means the default group).
+    forward(anchors (N, d), candidates (N, d), anchor_weight=None, candidate_mask=None).
+    """
+
+    def __init__(self, temperature=0.05, symmetric=False, gather=True, normalize=True,
+                 reduction="mean", group=None, backend="auto"):
+        super().__init__()
+        self.temperature, self.symmetric, self.gather = temperature, symmetric, gather
+        self.normalize, self.reduction, self.group, self.backend = normalize, reduction, group, backend
+
+    def _group(self):
+        if not self.gather or not (dist.is_available() and dist.is_initialized()):
+            return None
+        return self.group if self.group is not None else dist.group.WORLD
+
+    def forward(self, anchors, candidates, anchor_weight=None, candidate_mask=None):
+        return contrastive_loss(
+            anchors, candidates, temperature=self.temperature, anchor_weight=anchor_weight,
+            candidate_mask=candidate_mask, normalize=self.normalize, symmetric=self.symmetric,
+            reduction=self.reduction, group=self._group(), backend=self.backend)
+
+    def extra_repr(self):
+        return f"temperature={self.temperature}, symmetric={self.symmetric}, gather={self.gather}"

@@ -1,0 +1,120 @@
+"""Plain-PyTorch references: the ground truth every other backend is tested against.
+
+These are written for clarity, not speed: the contrastive reference materialises the N x M
+logits and the attention reference the (B, h, P, L) scores. Tests call them in float64.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+NORM_EPS = 1e-12  # as torch.nn.functional.normalize; the C++ and Triton kernels use the same
+
+
+def compute_dtype(dtype):
+    """Accumulation dtype: float64 stays float64, everything else computes in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def unit_rows(x, normalize):
+    """x in the compute dtype, L2-normalised over the last dim when normalize."""
+    x = x.to(compute_dtype(x.dtype))
+    return F.normalize(x, dim=-1, eps=NORM_EPS) if normalize else x
+
+
+def _masked_lse(logits, mask):
+    """log sum_{i : mask_i} exp(logits[..., i]); -inf (with zero gradient) for an empty set."""
+    if mask is None:
+        return torch.logsumexp(logits, dim=-1)
+    empty = ~mask.any()
+    lse = torch.logsumexp(logits.masked_fill(~mask, float("-inf")).masked_fill(empty, 0.0), dim=-1)
+    return torch.where(empty, torch.full_like(lse, float("-inf")), lse)
+
+
+def contrastive_terms_reference(anchors, candidates, all_candidates, all_anchors, all_mask,
+                                scale, normalize, symmetric):
+    """Per-anchor InfoNCE terms, dense. Shapes: anchors/candidates (N, d) (row j of candidates
+    is anchor j's positive), all_candidates/all_anchors (M, d) (the global batch; all_anchors
+    only for symmetric), all_mask (M,) bool or None (True = item is a candidate).
+
+    Returns (N,) float32/float64: lse_j - s<r_j, e_j>, averaged with the reverse direction
+    (E_j as anchor over all_anchors) when symmetric. With no candidate at all a term is -inf;
+    such anchors always have weight 0.
+    """
+    r, e = unit_rows(anchors, normalize), unit_rows(candidates, normalize)
+    positive = scale * (r * e).sum(-1)
+    terms = _masked_lse(scale * r @ unit_rows(all_candidates, normalize).T, all_mask) - positive
+    if symmetric:
+        reverse = _masked_lse(scale * e @ unit_rows(all_anchors, normalize).T, all_mask) - positive
+        terms = 0.5 * (terms + reverse)
+    return terms
+
+
+def effective_weight(anchor_weight, candidate_mask, n, like):
+    """w_j: anchor_weight (None -> 1, bool -> 0/1) times [own candidate not masked]."""
+    dtype = compute_dtype(like.dtype)
+    w = torch.ones(n, dtype=dtype, device=like.device) if anchor_weight is None else anchor_weight.to(dtype)
+    if candidate_mask is not None:
+        w = w * candidate_mask.to(dtype)
+    return w
+
+
+def reduce_terms(terms, weight, reduction, weight_total=None, world_size=1):
+    """Weight per-anchor terms and reduce them (the one place the reduction is defined).
+
+    none: w_j * terms_j; sum: sum_j w_j terms_j; mean: that sum / sum_j w_j, exactly 0 (with
+    zero gradients) when the weights sum to 0. Anchors with w_j = 0 never touch the result, even
+    where their term is +inf or NaN. In a process group of world_size ranks, weight_total is
+    the global weight sum and sum/mean are scaled by world_size so that the ranks' mean (what
+    DDP's gradient averaging optimises) equals the single-process value on the whole batch.
+    """
+    weighted = weight * torch.where(weight > 0, terms, torch.zeros_like(terms))
+    if reduction == "none":
+        return weighted
+    total = weighted.sum() * world_size
+    if reduction == "sum":
+        return total
+    denom = weight.sum() if weight_total is None else weight_total
+    return total / torch.where(denom > 0, denom, torch.ones_like(denom))
+
+
+def contrastive_loss_reference(anchors, candidates, *, temperature=0.05, anchor_weight=None,
+                               candidate_mask=None, normalize=True, symmetric=False,
+                               reduction="mean"):
+    """DESIGN §3 contrastive loss on one process, dense. See courier_fast.contrastive_loss."""
+    terms = contrastive_terms_reference(anchors, candidates, candidates, anchors, candidate_mask,
+                                        1.0 / temperature, normalize, symmetric)
+    weight = effective_weight(anchor_weight, candidate_mask, anchors.shape[0], anchors)
+    return reduce_terms(terms, weight, reduction)
+
+
+def reconstruction_attention_reference(targets, history, in_proj_weight, in_proj_bias,
+                                       out_proj_weight, out_proj_bias, num_heads, *,
+                                       key_padding_mask=None, causal=False):
+    """DESIGN §3 reconstruction attention, in the inputs' dtype.
+
+    targets (B, P, d) are the queries, history (B, L, d) the keys and values; key_padding_mask
+    (B, L) bool, True = padding. causal=True needs P == L: target t attends to valid s < t.
+    A target with no valid history item gets attention weights 0, i.e. the output bias.
+    """
+    b, p, d = targets.shape
+    length = history.shape[1]
+    dh = d // num_heads
+    w_q, w_k, w_v = in_proj_weight.chunk(3)
+    b_q, b_k, b_v = in_proj_bias.chunk(3) if in_proj_bias is not None else (None,) * 3
+    q = F.linear(targets, w_q, b_q).view(b, p, num_heads, dh).transpose(1, 2)
+    k = F.linear(history, w_k, b_k).view(b, length, num_heads, dh).transpose(1, 2)
+    v = F.linear(history, w_v, b_v).view(b, length, num_heads, dh).transpose(1, 2)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(dh)  # (B, h, P, L)
+
+    valid = torch.ones(b, 1, p, length, dtype=torch.bool, device=targets.device)
+    if key_padding_mask is not None:
+        valid = valid & ~key_padding_mask[:, None, None, :]
+    if causal:
+        valid = valid & torch.ones(p, length, dtype=torch.bool, device=targets.device).tril(-1)
+    has_any = valid.any(-1, keepdim=True)
+    # Rows without a valid key: scores 0 then weights * valid = 0 (no NaN in forward or backward).
+    scores = scores.masked_fill(~valid, float("-inf")).masked_fill(~has_any, 0.0)
+    weights = torch.softmax(scores, dim=-1) * valid
+    out = (weights @ v).transpose(1, 2).reshape(b, p, d)
+    return F.linear(out, out_proj_weight, out_proj_bias)

@@ -1,0 +1,166 @@
+// The chunked contrastive log-sum-exp, shared by every C++ backend.
+//
+// Anchors are processed in row chunks of c rows: one GEMM gives the (c, M) tile of scaled
+// cosine logits, a backend-specific epilogue (TileOps) reduces it, and the tile is dropped.
+// Memory stays O(c * M + (N + M) * d); the N x M matrix never exists. The backward recomputes
+// each tile from the saved LSEs, turns it into dL/dS in place, and applies two GEMMs.
+//
+// TileOps (CPU: ATen ops; CUDA: fused kernels) provides, for a logits tile s (c, M):
+//   row_lse(s, y_bias, out)                    out[r] = logsumexp_i(s[r, i] + y_bias[i])
+//   col_update(s, x_bias, col_max, col_sum)    online column max / sum over the tile's rows
+//   grad_tile(s, ...)                          s <- dL/ds (see contrastive_lse_backward)
+// Biases are 0 (kept) or -inf (masked out), or undefined tensors for "no mask".
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <limits>
+#include <optional>
+#include <tuple>
+
+namespace courier_fast {
+
+constexpr double kNormEps = 1e-12;  // as torch.nn.functional.normalize
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+inline at::ScalarType compute_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// One input after optional L2 normalisation, in the compute dtype.
+struct Rows {
+  at::Tensor hat;       // (n, d)  x / max(||x||, eps)  (x itself when !normalize)
+  at::Tensor inv_norm;  // (n, 1)  1 / max(||x||, eps); undefined when !normalize
+  at::Tensor clamped;   // (n, 1)  ||x|| <= eps: there x_hat = x / eps is linear in x
+};
+
+inline Rows normalize_rows(const at::Tensor& x, bool normalize, at::ScalarType dt) {
+  at::Tensor xc = x.to(dt).contiguous();
+  if (!normalize) return {xc, at::Tensor(), at::Tensor()};
+  at::Tensor norm = at::linalg_vector_norm(xc, 2, {1}, /*keepdim=*/true);
+  at::Tensor clamped = norm <= kNormEps;
+  at::Tensor inv_norm = norm.clamp_min(kNormEps).reciprocal();
+  return {xc * inv_norm, inv_norm, clamped};
+}
+
+// Gradient through x_hat = x / max(||x||, eps), given g = dL/dx_hat.
+inline at::Tensor normalize_rows_backward(const at::Tensor& g, const Rows& rows) {
+  if (!rows.inv_norm.defined()) return g;
+  at::Tensor radial = (g * rows.hat).sum(1, /*keepdim=*/true);
+  at::Tensor tangential = (g - rows.hat * radial) * rows.inv_norm;
+  return at::where(rows.clamped, g * rows.inv_norm, tangential);
+}
+
+// 0 where mask is true, -inf where false; undefined when there is no mask.
+inline at::Tensor mask_bias(const std::optional<at::Tensor>& mask, const at::TensorOptions& opts) {
+  if (!mask.has_value() || !mask->defined()) return at::Tensor();
+  at::Tensor m = mask->to(opts.device(), at::kBool);
+  return at::zeros(m.sizes(), opts).masked_fill_(m.logical_not(), -kInf);
+}
+
+// Rows per tile: about 2^20 logits (4 MB in fp32) per tile, at least 16 rows for the GEMM.
+inline int64_t chunk_rows(int64_t n, int64_t m, int64_t target_elems) {
+  int64_t c = std::max<int64_t>(16, target_elems / std::max<int64_t>(m, 1));
+  return std::max<int64_t>(1, std::min(n, c));
+}
+
+inline void check_lse_inputs(const at::Tensor& x, const at::Tensor& y,
+                             const std::optional<at::Tensor>& x_mask,
+                             const std::optional<at::Tensor>& y_mask) {
+  TORCH_CHECK(x.dim() == 2 && y.dim() == 2, "contrastive_lse: x and y must be 2-D, got ",
+              x.sizes(), " and ", y.sizes());
+  TORCH_CHECK(x.size(1) == y.size(1), "contrastive_lse: x and y need the same feature dim, got ",
+              x.size(1), " and ", y.size(1));
+  TORCH_CHECK(x.device() == y.device(), "contrastive_lse: x and y on different devices");
+  TORCH_CHECK(x.scalar_type() == y.scalar_type(), "contrastive_lse: x and y differ in dtype");
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "contrastive_lse: x must be floating point");
+  if (x_mask.has_value() && x_mask->defined())
+    TORCH_CHECK(x_mask->dim() == 1 && x_mask->size(0) == x.size(0), "contrastive_lse: x_mask must be (N,)");
+  if (y_mask.has_value() && y_mask->defined())
+    TORCH_CHECK(y_mask->dim() == 1 && y_mask->size(0) == y.size(0), "contrastive_lse: y_mask must be (M,)");
+}
+
+// log(sum) + max of an online column reduction; -inf where the column saw no valid entry.
+inline at::Tensor finish_columns(const at::Tensor& col_max, const at::Tensor& col_sum) {
+  return at::where(at::isinf(col_max), col_max, col_max + at::log(col_sum));
+}
+
+template <class TileOps>
+std::tuple<at::Tensor, at::Tensor> contrastive_lse_forward(
+    const at::Tensor& x, const at::Tensor& y, const std::optional<at::Tensor>& x_mask,
+    const std::optional<at::Tensor>& y_mask, double scale, bool normalize, bool with_columns) {
+  check_lse_inputs(x, y, x_mask, y_mask);
+  const auto dt = compute_dtype(x);
+  const int64_t n = x.size(0), m = y.size(0);
+  Rows xr = normalize_rows(x, normalize, dt), yr = normalize_rows(y, normalize, dt);
+  at::Tensor xs = xr.hat * scale;  // fold the scale into the anchors once
+  at::Tensor yt = yr.hat.t();
+  const auto opts = xs.options();
+  at::Tensor x_bias = mask_bias(x_mask, opts), y_bias = mask_bias(y_mask, opts);
+
+  at::Tensor row_lse = at::empty({n}, opts);
+  at::Tensor col_max, col_sum;
+  if (with_columns) {
+    col_max = at::full({m}, -kInf, opts);
+    col_sum = at::zeros({m}, opts);
+  }
+  const int64_t c = chunk_rows(n, m, TileOps::kTileElems);
+  for (int64_t r0 = 0; r0 < n; r0 += c) {
+    const int64_t r1 = std::min(n, r0 + c);
+    at::Tensor s = at::mm(xs.slice(0, r0, r1), yt);  // (c, M) scaled logits
+    if (with_columns)
+      TileOps::col_update(s, x_bias.defined() ? x_bias.slice(0, r0, r1) : x_bias, col_max, col_sum);
+    at::Tensor out = row_lse.slice(0, r0, r1);
+    TileOps::row_lse(s, y_bias, out);
+  }
+  at::Tensor col_lse = with_columns ? finish_columns(col_max, col_sum) : at::empty({0}, opts);
+  return {row_lse, col_lse};
+}
+
+// dL/dS[j, i] = g[j] * exp(S[j, i] - row_lse[j]) * y_mask[i]
+//             + h[i] * exp(S[j, i] - col_lse[i]) * x_mask[j]      (second term with columns)
+// dL/dx_hat = scale * dS @ y_hat,  dL/dy_hat = scale * dS.T @ x_hat.
+template <class TileOps>
+std::tuple<at::Tensor, at::Tensor> contrastive_lse_backward(
+    const at::Tensor& grad_row, const at::Tensor& grad_col, const at::Tensor& x,
+    const at::Tensor& y, const std::optional<at::Tensor>& x_mask,
+    const std::optional<at::Tensor>& y_mask, const at::Tensor& row_lse, const at::Tensor& col_lse,
+    double scale, bool normalize, bool with_columns) {
+  check_lse_inputs(x, y, x_mask, y_mask);
+  const auto dt = compute_dtype(x);
+  const int64_t n = x.size(0), m = y.size(0);
+  Rows xr = normalize_rows(x, normalize, dt), yr = normalize_rows(y, normalize, dt);
+  at::Tensor xs = xr.hat * scale;
+  at::Tensor yt = yr.hat.t();
+  const auto opts = xs.options();
+  at::Tensor x_bias = mask_bias(x_mask, opts), y_bias = mask_bias(y_mask, opts);
+  // An empty set's LSE is the constant -inf: no gradient. Using +inf there makes exp(S - lse) = 0.
+  auto safe = [&](const at::Tensor& lse) {
+    at::Tensor l = lse.to(dt);
+    return at::where(at::isinf(l), at::full({}, kInf, opts), l);
+  };
+  at::Tensor g = grad_row.to(dt).contiguous(), rl = safe(row_lse).contiguous();
+  at::Tensor h, cl;
+  if (with_columns) {
+    h = grad_col.to(dt).contiguous();
+    cl = safe(col_lse).contiguous();
+  }
+  at::Tensor gx_hat = at::empty({n, x.size(1)}, opts);
+  at::Tensor gy_hat = at::zeros({m, y.size(1)}, opts);
+  const int64_t c = chunk_rows(n, m, TileOps::kTileElems);
+  for (int64_t r0 = 0; r0 < n; r0 += c) {
+    const int64_t r1 = std::min(n, r0 + c);
+    at::Tensor s = at::mm(xs.slice(0, r0, r1), yt);
+    TileOps::grad_tile(s, y_bias, x_bias.defined() ? x_bias.slice(0, r0, r1) : x_bias,
+                       g.slice(0, r0, r1), rl.slice(0, r0, r1), h, cl);
+    at::Tensor gx_rows = gx_hat.slice(0, r0, r1);
+    at::mm_out(gx_rows, s, yr.hat).mul_(scale);
+    gy_hat.addmm_(s.t(), xr.hat.slice(0, r0, r1), /*beta=*/1, /*alpha=*/scale);
+  }
+  at::Tensor gx = normalize_rows_backward(gx_hat, xr).to(x.scalar_type());
+  at::Tensor gy = normalize_rows_backward(gy_hat, yr).to(y.scalar_type());
+  return {gx, gy};
+}
+
+}  // namespace courier_fast

@@ -1,0 +1,50 @@
+"""Shared test helpers: which backends run here, fresh random inputs, tolerances."""
+import pytest
+import torch
+
+from courier_fast import dispatch
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def usable_backends(op, device="cpu"):
+    """Backends that implement `op` and can run on `device` here (reference first)."""
+    names = []
+    for name, (ok, _) in dispatch.op_backends(op).items():
+        impl = dispatch._REGISTRY[op].get(name)
+        if ok and impl is not None and device in impl.devices:
+            names.append(name)
+    return names
+
+
+def backend_params(op):
+    """pytest params: every backend of `op` on CPU, plus CUDA-device ones marked to skip without a GPU."""
+    params = [pytest.param(name, "cpu", id=f"{name}-cpu") for name in usable_backends(op, "cpu")]
+    for name, impl in dispatch._REGISTRY.get(op, {}).items():
+        if "cuda" in impl.devices:
+            params.append(pytest.param(name, "cuda", id=f"{name}-cuda", marks=[requires_cuda, pytest.mark.cuda]))
+    return params
+
+
+@pytest.fixture
+def gen():
+    """A fresh, differently seeded generator per test (inputs are random, not fixed)."""
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    g = torch.Generator().manual_seed(seed)
+    g.seed_value = seed
+    return g
+
+
+def randn(gen, *shape, dtype=torch.float32, device="cpu", requires_grad=False):
+    x = torch.randn(*shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+    return x.requires_grad_(requires_grad)
+
+
+def rand_mask(gen, *shape, p=0.5, device="cpu"):
+    return (torch.rand(*shape, generator=gen) < p).to(device)
+
+
+TOL = {  # (rtol, atol) against the float64 reference
+    torch.float64: (1e-9, 1e-10),
+    torch.float32: (2e-5, 2e-5),
+}
