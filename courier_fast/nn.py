@@ -30,8 +30,9 @@ class ReconstructionAttention(nn.Module):
         kw = {"device": device, "dtype": dtype}
         self.embed_dim, self.num_heads, self.backend = embed_dim, num_heads, backend
         self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **kw))
-        self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **kw)) if bias else None
-        if not bias:
+        if bias:
+            self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **kw))
+        else:
             self.register_parameter("in_proj_bias", None)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **kw)
         self.reset_parameters()

@@ -1,0 +1,166 @@
+"""courier_fast.contrastive_loss: every backend vs the float64 reference, and the reference
+itself vs a brute-force per-anchor cross-entropy."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import courier_fast as cf
+from courier_fast.reference import contrastive_loss_reference
+
+from conftest import TOL, backend_params, rand_mask, randn
+
+OP = "contrastive_loss"
+
+
+def brute_force(anchors, candidates, temperature, weight, mask, normalize, symmetric):
+    """Independent spelling of DESIGN §3: a loop of F.cross_entropy over the kept candidates."""
+    a, c = anchors.double(), candidates.double()
+    if normalize:
+        a, c = F.normalize(a, dim=-1), F.normalize(c, dim=-1)
+    n = a.shape[0]
+    keep = torch.ones(n, dtype=torch.bool) if mask is None else mask.cpu()
+    w = torch.ones(n, dtype=torch.float64) if weight is None else weight.double().cpu()
+    idx = keep.nonzero().flatten()
+    total, wsum = 0.0, 0.0
+    for j in range(n):
+        if not keep[j] or w[j] == 0:
+            continue
+        target = (idx == j).nonzero().item()
+        loss = F.cross_entropy((a[j] @ c[idx].T / temperature)[None], torch.tensor([target]))
+        if symmetric:
+            loss = 0.5 * (loss + F.cross_entropy((c[j] @ a[idx].T / temperature)[None], torch.tensor([target])))
+        total, wsum = total + w[j] * loss, wsum + w[j]
+    return total / wsum if wsum > 0 else torch.tensor(0.0, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_reference_matches_brute_force(gen, symmetric, normalize):
+    n, d = 23, 7
+    a, c = randn(gen, n, d, dtype=torch.float64), randn(gen, n, d, dtype=torch.float64)
+    mask, w = rand_mask(gen, n, p=0.8), torch.rand(n, generator=gen, dtype=torch.float64)
+    got = contrastive_loss_reference(a, c, temperature=0.3, anchor_weight=w, candidate_mask=mask,
+                                     normalize=normalize, symmetric=symmetric)
+    want = brute_force(a, c, 0.3, w, mask, normalize, symmetric)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def _inputs(gen, n, d, dtype, device, weight_kind, mask_kind):
+    a = randn(gen, n, d, dtype=dtype, device=device, requires_grad=True)
+    c = randn(gen, n, d, dtype=dtype, device=device, requires_grad=True)
+    weight = {"none": None, "bool": rand_mask(gen, n, p=0.4, device=device),
+              "float": torch.rand(n, generator=gen).to(device=device, dtype=dtype)}[weight_kind]
+    mask = {"none": None, "all": torch.ones(n, dtype=torch.bool, device=device),
+            "random": rand_mask(gen, n, p=0.7, device=device)}[mask_kind]
+    return a, c, weight, mask
+
+
+def _check_against_reference(backend, device, a, c, dtype, **kw):
+    loss = cf.contrastive_loss(a, c, backend=backend, **kw)
+    a64 = a.detach().double().cpu().requires_grad_()
+    c64 = c.detach().double().cpu().requires_grad_()
+    kw64 = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    if isinstance(kw64.get("anchor_weight"), torch.Tensor) and kw64["anchor_weight"].is_floating_point():
+        kw64["anchor_weight"] = kw64["anchor_weight"].double()
+    ref = contrastive_loss_reference(a64, c64, **kw64)
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(loss.detach().cpu().double(), ref.detach(), rtol=rtol, atol=atol)
+    g = torch.randn(loss.shape, dtype=torch.float64) if loss.dim() else torch.tensor(1.0, dtype=torch.float64)
+    ga, gc = torch.autograd.grad(loss, (a, c), g.to(device=device, dtype=loss.dtype))
+    ra, rc = torch.autograd.grad(ref, (a64, c64), g)
+    scale = max(ra.abs().max().item(), rc.abs().max().item(), 0.1)  # float32 noise floor
+    torch.testing.assert_close(ga.cpu().double(), ra, rtol=rtol, atol=atol * scale * 10)
+    torch.testing.assert_close(gc.cpu().double(), rc, rtol=rtol, atol=atol * scale * 10)
+    return loss
+
+
+@pytest.mark.parametrize("backend,device", backend_params(OP))
+@pytest.mark.parametrize("n,d", [(1, 3), (7, 100), (257, 3), (64, 16)])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_backend_matches_reference(gen, backend, device, n, d, symmetric, dtype):
+    a, c, w, m = _inputs(gen, n, d, dtype, device, "float", "random")
+    if m is not None and n > 1:
+        m[0] = True  # at least one candidate survives, so some anchor has weight
+    _check_against_reference(backend, device, a, c, dtype, temperature=0.05, anchor_weight=w,
+                             candidate_mask=m, symmetric=symmetric)
+
+
+@pytest.mark.parametrize("backend,device", backend_params(OP))
+@pytest.mark.parametrize("weight_kind", ["none", "bool", "float"])
+@pytest.mark.parametrize("mask_kind", ["none", "all", "random"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_masks_weights_reductions(gen, backend, device, weight_kind, mask_kind, reduction):
+    a, c, w, m = _inputs(gen, 33, 10, torch.float64, device, weight_kind, mask_kind)
+    _check_against_reference(backend, device, a, c, torch.float64, temperature=0.1,
+                             anchor_weight=w, candidate_mask=m, reduction=reduction)
+
+
+@pytest.mark.parametrize("backend,device", backend_params(OP))
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("temperature", [0.01, 0.05, 1.0])
+def test_temperature_and_normalize(gen, backend, device, normalize, temperature):
+    a, c, w, m = _inputs(gen, 40, 12, torch.float64, device, "bool", "random")
+    if not normalize:  # keep raw logits in a sane range
+        a, c = (a.detach() * 0.3).requires_grad_(), (c.detach() * 0.3).requires_grad_()
+    _check_against_reference(backend, device, a, c, torch.float64, temperature=temperature,
+                             anchor_weight=w, candidate_mask=m, normalize=normalize, symmetric=True)
+
+
+@pytest.mark.parametrize("backend,device", backend_params(OP))
+@pytest.mark.parametrize("how", ["zero_weights", "false_bools", "no_candidates", "own_masked"])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_no_active_anchor_gives_exact_zero(gen, backend, device, how, symmetric):
+    n = 9
+    a = randn(gen, n, 4, device=device, requires_grad=True)
+    c = randn(gen, n, 4, device=device, requires_grad=True)
+    kw = {"zero_weights": {"anchor_weight": torch.zeros(n, device=device)},
+          "false_bools": {"anchor_weight": torch.zeros(n, dtype=torch.bool, device=device)},
+          "no_candidates": {"candidate_mask": torch.zeros(n, dtype=torch.bool, device=device)},
+          "own_masked": {"anchor_weight": torch.arange(n, device=device) < 3,
+                         "candidate_mask": torch.arange(n, device=device) >= 3}}[how]
+    loss = cf.contrastive_loss(a, c, backend=backend, symmetric=symmetric, **kw)
+    assert loss.item() == 0.0
+    ga, gc = torch.autograd.grad(loss, (a, c))
+    assert torch.equal(ga, torch.zeros_like(ga)) and torch.equal(gc, torch.zeros_like(gc))
+
+
+@pytest.mark.parametrize("backend,device", backend_params(OP))
+def test_bf16_within_twice_pytorch_error(gen, backend, device):
+    """bf16 inputs: our error vs float64 at most 2x that of plain PyTorch computing in bf16."""
+    n, d = 128, 64
+    a32, c32 = randn(gen, n, d), randn(gen, n, d)
+    a, c = a32.bfloat16().to(device), c32.bfloat16().to(device)
+    ref = contrastive_loss_reference(a.double().cpu(), c.double().cpu())
+    naive_logits = F.normalize(a, dim=-1) @ F.normalize(c, dim=-1).T / 0.05
+    naive = F.cross_entropy(naive_logits, torch.arange(n, device=device)).double().cpu()
+    ours = cf.contrastive_loss(a, c, backend=backend).double().cpu()
+    assert torch.isfinite(ours)
+    assert (ours - ref).abs() <= 2 * (naive - ref).abs() + 1e-3
+
+
+@pytest.mark.parametrize("backend,device", backend_params(OP))
+def test_large_logits_stay_finite(gen, backend, device):
+    """tau = 0.01 (logits up to 100) with identical rows: no overflow, matches reference."""
+    a = randn(gen, 50, 8, device=device)
+    a = torch.cat([a, a[:5]]).requires_grad_()
+    c = (a.detach() + 0.01 * randn(gen, 55, 8, device=device)).requires_grad_()
+    loss = _check_against_reference(backend, device, a, c, torch.float32, temperature=0.01)
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_gradcheck_float64(gen, backend, symmetric):
+    a = randn(gen, 6, 5, dtype=torch.float64, requires_grad=True)
+    c = randn(gen, 6, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(6, generator=gen, dtype=torch.float64)
+    m = torch.tensor([True, True, False, True, True, True])
+    assert torch.autograd.gradcheck(
+        lambda x, y: cf.contrastive_loss(x, y, temperature=0.5, anchor_weight=w, candidate_mask=m,
+                                         symmetric=symmetric, backend=backend), (a, c))
+
+
+def test_auto_picks_cpu_backend_on_cpu(monkeypatch):
+    from courier_fast import dispatch
+    assert dispatch.select(OP, "auto", torch.device("cpu")) is dispatch._REGISTRY[OP]["cpu"].fn

@@ -1,0 +1,150 @@
+"""courier_fast.reconstruction_attention and nn.ReconstructionAttention: vs the float64
+reference, vs nn.MultiheadAttention, causal mode vs its definition, empty rows."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import courier_fast as cf
+from courier_fast.reference import reconstruction_attention_reference
+
+from conftest import TOL, backend_params, rand_mask, randn
+
+OP = "reconstruction_attention"
+
+
+def _module(gen, d, h, bias=True, dtype=torch.float64):
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (), generator=gen)))
+    m = cf.nn.ReconstructionAttention(d, h, bias=bias, dtype=dtype)
+    if bias:  # non-zero biases so that they are really tested
+        with torch.no_grad():
+            m.in_proj_bias.normal_()
+            m.out_proj.bias.normal_()
+    return m
+
+
+def _params(m):
+    return (m.in_proj_weight, m.in_proj_bias, m.out_proj.weight, m.out_proj.bias)
+
+
+@pytest.mark.parametrize("b,p,length,d,h", [(1, 1, 1, 4, 1), (3, 17, 7, 12, 3), (2, 5, 33, 8, 4), (4, 1, 5, 6, 2)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_nn_multihead_attention(gen, b, p, length, d, h, bias):
+    mha = nn.MultiheadAttention(d, h, bias=bias, batch_first=True, dtype=torch.float64)
+    if bias:
+        with torch.no_grad():
+            mha.in_proj_bias.normal_()
+            mha.out_proj.bias.normal_()
+    ours = cf.nn.ReconstructionAttention.from_mha(mha)
+    t, hist = randn(gen, b, p, d, dtype=torch.float64), randn(gen, b, length, d, dtype=torch.float64)
+    pad = rand_mask(gen, b, length, p=0.3)
+    pad[:, 0] = False  # every row keeps at least one item: nn.MultiheadAttention is defined there
+    want = mha(t, hist, hist, key_padding_mask=pad, need_weights=False)[0]
+    torch.testing.assert_close(ours(t, hist, key_padding_mask=pad), want)
+
+
+def test_state_dict_is_interchangeable_with_mha(gen):
+    mha = nn.MultiheadAttention(8, 2, batch_first=True)
+    ours = cf.nn.ReconstructionAttention(8, 2)
+    assert set(ours.state_dict()) == set(mha.state_dict())
+    ours.load_state_dict(mha.state_dict())
+    mha2 = nn.MultiheadAttention(8, 2, batch_first=True)
+    mha2.load_state_dict(ours.state_dict())  # and back
+    t, hist = randn(gen, 2, 3, 8), randn(gen, 2, 4, 8)
+    torch.testing.assert_close(ours(t, hist), mha2(t, hist, hist, need_weights=False)[0])
+
+
+@pytest.mark.parametrize("backend,device", backend_params(OP))
+def test_row_without_history_gives_output_bias(gen, backend, device):
+    m = _module(gen, 8, 2).to(device)
+    t, hist = randn(gen, 3, 4, 8, dtype=torch.float64, device=device), randn(gen, 3, 5, 8, dtype=torch.float64, device=device)
+    pad = torch.zeros(3, 5, dtype=torch.bool, device=device)
+    pad[1] = True  # row 1 has no valid history
+    m.backend = backend
+    out = m(t, hist, key_padding_mask=pad)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[1], m.out_proj.bias.detach().expand(4, 8))
+    out.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+@pytest.mark.parametrize("backend,device", backend_params(OP))
+@pytest.mark.parametrize("b,p,length,d,h", [(2, 1, 1, 3, 1), (3, 17, 7, 8, 4), (2, 5, 33, 12, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_backend_matches_reference_fwd_bwd(gen, backend, device, b, p, length, d, h, dtype):
+    m = _module(gen, d, h, dtype=torch.float64)
+    t = randn(gen, b, p, d, dtype=torch.float64)
+    hist = randn(gen, b, length, d, dtype=torch.float64)
+    pad = rand_mask(gen, b, length, p=0.4)
+    pad[0] = True  # an empty row
+    ref_inputs = [t.clone().requires_grad_(), hist.clone().requires_grad_()] + [x.detach().clone().requires_grad_() for x in _params(m)]
+    ref = reconstruction_attention_reference(*ref_inputs[:2], *ref_inputs[2:], h, key_padding_mask=pad)
+    inputs = [x.detach().to(device=device, dtype=dtype).requires_grad_() for x in ref_inputs]
+    out = cf.reconstruction_attention(*inputs, h, key_padding_mask=pad.to(device), backend=backend)
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(out.double().cpu(), ref.detach(), rtol=rtol * 10, atol=atol * 10)
+    g = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    want = torch.autograd.grad(ref, ref_inputs, g)
+    got = torch.autograd.grad(out, inputs, g.to(device=device, dtype=dtype))
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a.double().cpu(), e, rtol=rtol * 10, atol=atol * 10 * max(1.0, e.abs().max().item()))
+
+
+def causal_by_definition(t, hist, params, h, pad):
+    """Loop spelling of causal mode: target t attends over valid history items s < t."""
+    w_in, b_in, w_out, b_out = params
+    b, length, d = hist.shape
+    dh = d // h
+    q = t @ w_in[:d].T + b_in[:d]
+    k = hist @ w_in[d:2 * d].T + b_in[d:2 * d]
+    v = hist @ w_in[2 * d:].T + b_in[2 * d:]
+    out = torch.zeros(b, length, d, dtype=t.dtype)
+    for row in range(b):
+        for pos in range(length):
+            keys = [s for s in range(pos) if not pad[row, s]]
+            heads = []
+            for head in range(h):
+                sl = slice(head * dh, (head + 1) * dh)
+                if not keys:
+                    heads.append(torch.zeros(dh, dtype=t.dtype))
+                    continue
+                scores = torch.stack([q[row, pos, sl] @ k[row, s, sl] for s in keys]) / math.sqrt(dh)
+                heads.append(torch.softmax(scores, 0) @ v[row, keys, sl])
+            out[row, pos] = torch.cat(heads)
+    return out @ w_out.T + b_out
+
+
+@pytest.mark.parametrize("backend,device", backend_params(OP))
+@pytest.mark.parametrize("length,d,h", [(1, 4, 2), (6, 6, 3), (9, 8, 1)])
+def test_causal_matches_definition(gen, backend, device, length, d, h):
+    m = _module(gen, d, h)
+    hist = randn(gen, 3, length, d, dtype=torch.float64)
+    queries = randn(gen, 3, length, d, dtype=torch.float64)  # e.g. another view of the history
+    pad = rand_mask(gen, 3, length, p=0.3)
+    want = causal_by_definition(queries, hist, [x.detach() for x in _params(m)], h, pad)
+    m.backend = backend
+    got = m.to(device)(queries.to(device), hist.to(device), key_padding_mask=pad.to(device), causal=True)
+    torch.testing.assert_close(got.detach().cpu(), want)
+    # position 0 never has an earlier item: it is the output bias
+    torch.testing.assert_close(got[:, 0].detach().cpu(), m.out_proj.bias.detach().cpu().expand(3, d))
+
+
+def test_gradcheck_float64_with_padding_and_causal(gen):
+    m = _module(gen, 4, 2)
+    t = randn(gen, 2, 3, 4, dtype=torch.float64, requires_grad=True)
+    hist = randn(gen, 2, 3, 4, dtype=torch.float64, requires_grad=True)
+    pad = torch.tensor([[False, True, False], [True, True, True]])
+    for causal in (False, True):
+        assert torch.autograd.gradcheck(
+            lambda t, hist, *p: cf.reconstruction_attention(t, hist, *p, 2, key_padding_mask=pad, causal=causal),
+            (t, hist, *_params(m)))
+
+
+def test_module_compiles(gen):
+    torch._dynamo.reset()
+    m = _module(gen, 8, 2, dtype=torch.float32)
+    t, hist = randn(gen, 2, 3, 8), randn(gen, 2, 5, 8)
+    pad = rand_mask(gen, 2, 5)
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(t, hist, key_padding_mask=pad), m(t, hist, key_padding_mask=pad))
