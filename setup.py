@@ -83,6 +83,19 @@ def _runtime_lib_dir(cuda_home):
     return None
 
 
+def _pip_cuda_include_dirs(cuda_home):
+    """Header dirs of pip's CUDA packages that are not under cuda_home. In pip's isolated build
+    env, nvcc (backend requirement) and the runtime/cuBLAS/cuSPARSE headers (torch's own
+    dependencies) are installed into two different prefixes."""
+    major = torch.version.cuda.split(".")[0]
+    dirs = []
+    for entry in sys.path:
+        inc = os.path.join(entry, f"nvidia/cu{major}/include")
+        if os.path.isdir(inc) and not os.path.realpath(inc).startswith(os.path.realpath(cuda_home)):
+            dirs.append(inc)
+    return list(dict.fromkeys(dirs))
+
+
 def build_extension():
     mode = os.environ.get("COURIER_FAST_BUILD_CUDA", "").strip()
     cuda_home, reason = (None, "COURIER_FAST_BUILD_CUDA=0") if mode == "0" else find_cuda_home()
@@ -110,6 +123,7 @@ def build_extension():
         ext = cpp_extension.CUDAExtension(
             "courier_fast._C",
             sources,
+            include_dirs=_pip_cuda_include_dirs(cuda_home),
             define_macros=define_macros + [("COURIER_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
             libraries=[],  # cudart is linked by its versioned name below
