@@ -93,6 +93,8 @@ def _pip_cuda_include_dirs(cuda_home):
         inc = os.path.join(entry, f"nvidia/cu{major}/include")
         if os.path.isdir(inc) and not os.path.realpath(inc).startswith(os.path.realpath(cuda_home)):
             dirs.append(inc)
+            if os.path.isdir(os.path.join(inc, "cccl")):  # thrust / cub / libcu++ (CUDA >= 13)
+                dirs.append(os.path.join(inc, "cccl"))
     return list(dict.fromkeys(dirs))
 
 

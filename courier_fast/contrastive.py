@@ -4,6 +4,8 @@ Every backend computes the same per-anchor terms (reference: dense PyTorch; cpu 
 chunked LSE op of courier_fast._C); weighting, reduction and the cross-process gather are
 shared and live here and in courier_fast.reference / courier_fast.distributed.
 """
+import importlib.util
+
 import torch
 import torch.distributed as dist
 
@@ -118,3 +120,10 @@ if _extension.loaded():
         dispatch.register(OP, "cuda", _terms_from_lse(_ops.contrastive_lse), devices=("cuda",),
                           auto=False, note="cuBLAS row tiles + fused CUDA epilogues; compiled, "
                                            "not yet validated on a GPU")
+if importlib.util.find_spec("triton") is not None:
+    from courier_fast import _triton_ops
+
+    dispatch.register(OP, "triton", _terms_from_lse(_triton_ops.contrastive_lse),
+                      devices=("cuda", "cpu") if _triton_ops.INTERPRET else ("cuda",), auto=False,
+                      note="fused Triton kernels (normalise, mask, online LSE, atomics-free "
+                           "backward); interpreter-tested, not yet validated on a GPU")

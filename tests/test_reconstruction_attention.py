@@ -9,7 +9,7 @@ from torch import nn
 import courier_fast as cf
 from courier_fast.reference import reconstruction_attention_reference
 
-from conftest import TOL, backend_params, rand_mask, randn
+from conftest import backend_params, rand_mask, randn, tol
 
 OP = "reconstruction_attention"
 
@@ -82,7 +82,7 @@ def test_backend_matches_reference_fwd_bwd(gen, backend, device, b, p, length, d
     ref = reconstruction_attention_reference(*ref_inputs[:2], *ref_inputs[2:], h, key_padding_mask=pad)
     inputs = [x.detach().to(device=device, dtype=dtype).requires_grad_() for x in ref_inputs]
     out = cf.reconstruction_attention(*inputs, h, key_padding_mask=pad.to(device), backend=backend)
-    rtol, atol = TOL[dtype]
+    rtol, atol = tol(backend, dtype)
     torch.testing.assert_close(out.double().cpu(), ref.detach(), rtol=rtol * 10, atol=atol * 10)
     g = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
     want = torch.autograd.grad(ref, ref_inputs, g)
