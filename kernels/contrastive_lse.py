@@ -68,7 +68,8 @@ def _row_lse_kernel(X, Y, INV_X, INV_Y, Y_BIAS, OUT, N, M, D, stride_x, stride_y
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # no inf - inf for empty rows
         l_i = l_i * tl.exp(m_i - shift) + tl.sum(tl.exp(s - shift[:, None]), axis=1)
         m_i = m_new
-    lse = tl.where(m_i == float("-inf"), float("-inf"), m_i + tl.log(l_i))
+    empty = m_i == float("-inf")
+    lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
     tl.store(OUT + rows, lse, mask=row_ok)
 
 

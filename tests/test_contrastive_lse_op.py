@@ -81,3 +81,28 @@ def test_torch_compile_traces_the_loss(gen):
 def test_op_rejects_mismatched_dims(gen):
     with pytest.raises(RuntimeError, match="same feature dim"):
         _ops.contrastive_lse(randn(gen, 4, 3), randn(gen, 4, 5), None, None, 1.0, True, False)
+
+
+def _triton_usable():
+    from courier_fast import dispatch
+    return dispatch.op_backends("contrastive_loss")["triton"][0]
+
+
+@pytest.mark.skipif(not _triton_usable(), reason="triton backend not usable here")
+def test_opcheck_triton(gen):
+    from courier_fast import _triton_ops
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for args in _opcheck_samples(gen, device):
+        torch.library.opcheck(_triton_ops.contrastive_lse, args)
+
+
+@pytest.mark.skipif(not _triton_usable(), reason="triton backend not usable here")
+@pytest.mark.parametrize("n,m,d", [(1, 1, 3), (33, 17, 300), (5, 70, 16)])  # d=300: feature loop
+def test_triton_rows_and_columns_match_dense(gen, n, m, d):
+    from courier_fast import _triton_ops
+    x, y = randn(gen, n, d), randn(gen, m, d)
+    xm, ym = rand_mask(gen, n, p=0.6), rand_mask(gen, m, p=0.6)
+    row, col = _triton_ops.contrastive_lse(x, y, xm, ym, 20.0, True, True)
+    want_row, want_col = dense_lse(x, y, xm, ym, 20.0, True)
+    torch.testing.assert_close(row.double(), want_row, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(col.double(), want_col, rtol=1e-5, atol=1e-5)
