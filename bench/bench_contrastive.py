@@ -101,20 +101,25 @@ def _rss_mb():
 def measure(impl_name, n, d, dtype, device, reps, seed=0):
     """One row: median fwd / fwd+bwd ms and peak extra memory (MB) above the inputs."""
     fn = implementations(device)[impl_name]
+    if device == "cpu":  # import the peer's modules before the memory baseline
+        try:
+            fn(torch.randn(4, d, dtype=dtype, requires_grad=True), torch.randn(4, d, dtype=dtype)).backward()
+        except Exception:
+            pass
     g = torch.Generator().manual_seed(seed)
     a = torch.randn(n, d, generator=g).to(device=device, dtype=dtype).requires_grad_()
     c = torch.randn(n, d, generator=g).to(device=device, dtype=dtype).requires_grad_()
-    try:
-        fn(a, c).backward()  # warm-up (and peer import / compile)
-    except Exception as exc:  # a peer that cannot run this shape/dtype is reported, not hidden
-        return {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
-    a.grad = c.grad = None
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    else:
+    else:  # peak RSS of this fresh process so far: interpreter, imports and the inputs
         base = _rss_mb()
+    try:
+        fn(a, c).backward()  # warm-up (and peer import / compile); counted in the peak
+    except Exception as exc:  # a peer that cannot run this shape/dtype is reported, not hidden
+        return {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    a.grad = c.grad = None
 
     def fwd():
         with torch.no_grad():

@@ -59,7 +59,7 @@ inline at::Tensor mask_bias(const std::optional<at::Tensor>& mask, const at::Ten
   return at::zeros(m.sizes(), opts).masked_fill_(m.logical_not(), -kInf);
 }
 
-// Rows per tile: about 2^20 logits (4 MB in fp32) per tile, at least 16 rows for the GEMM.
+// Rows per tile: about target_elems logits per tile, at least 16 rows for the GEMM.
 inline int64_t chunk_rows(int64_t n, int64_t m, int64_t target_elems) {
   int64_t c = std::max<int64_t>(16, target_elems / std::max<int64_t>(m, 1));
   return std::max<int64_t>(1, std::min(n, c));
@@ -106,9 +106,11 @@ std::tuple<at::Tensor, at::Tensor> contrastive_lse_forward(
     col_sum = at::zeros({m}, opts);
   }
   const int64_t c = chunk_rows(n, m, TileOps::kTileElems);
+  at::Tensor tile = at::empty({c, m}, opts);  // reused: no allocation (or page faults) per tile
   for (int64_t r0 = 0; r0 < n; r0 += c) {
     const int64_t r1 = std::min(n, r0 + c);
-    at::Tensor s = at::mm(xs.slice(0, r0, r1), yt);  // (c, M) scaled logits
+    at::Tensor s = tile.narrow(0, 0, r1 - r0);
+    at::mm_out(s, xs.slice(0, r0, r1), yt);  // (c, M) scaled logits
     if (with_columns)
       TileOps::col_update(s, x_bias.defined() ? x_bias.slice(0, r0, r1) : x_bias, col_max, col_sum);
     at::Tensor out = row_lse.slice(0, r0, r1);
@@ -149,9 +151,11 @@ std::tuple<at::Tensor, at::Tensor> contrastive_lse_backward(
   at::Tensor gx_hat = at::empty({n, x.size(1)}, opts);
   at::Tensor gy_hat = at::zeros({m, y.size(1)}, opts);
   const int64_t c = chunk_rows(n, m, TileOps::kTileElems);
+  at::Tensor tile = at::empty({c, m}, opts);
   for (int64_t r0 = 0; r0 < n; r0 += c) {
     const int64_t r1 = std::min(n, r0 + c);
-    at::Tensor s = at::mm(xs.slice(0, r0, r1), yt);
+    at::Tensor s = tile.narrow(0, 0, r1 - r0);
+    at::mm_out(s, xs.slice(0, r0, r1), yt);
     TileOps::grad_tile(s, y_bias, x_bias.defined() ? x_bias.slice(0, r0, r1) : x_bias,
                        g.slice(0, r0, r1), rl.slice(0, r0, r1), h, cl);
     at::Tensor gx_rows = gx_hat.slice(0, r0, r1);
