@@ -49,32 +49,53 @@ def courier(backend, symmetric=False):
 
 
 def inf_cl(a, c):
+    """Inf-CL (one direction, like ours with symmetric=False)."""
     from inf_cl import cal_inf_loss
-    labels = torch.arange(a.shape[0], device=a.device)
-    return cal_inf_loss(F.normalize(a, dim=-1), F.normalize(c, dim=-1), labels=labels, scale=1 / TEMPERATURE).mean()
+    scale = torch.tensor(1 / TEMPERATURE, device=a.device)
+    head_dim = min(256, a.shape[1])
+    return cal_inf_loss(F.normalize(a, dim=-1), F.normalize(c, dim=-1), scale=scale, head_dim=head_dim)
+
+
+_MEMEFF = {}
 
 
 def memeff(a, c):
-    import memeff as m
-    return m.clip_loss(F.normalize(a, dim=-1), F.normalize(c, dim=-1), scale=1 / TEMPERATURE)
+    """memeff's bidirectional CLIP loss (compare with ours symmetric)."""
+    if "loss" not in _MEMEFF:
+        from memeff import MemoryEfficientCLIPLoss
+        _MEMEFF["loss"] = MemoryEfficientCLIPLoss(temperature=TEMPERATURE, stable=False)
+    return _MEMEFF["loss"](a, c)
 
 
 def open_clip(a, c):
+    """open_clip's ClipLoss: dense, bidirectional."""
     from open_clip.loss import ClipLoss
     return ClipLoss()(F.normalize(a, dim=-1), F.normalize(c, dim=-1), 1 / TEMPERATURE)
 
 
+SYMMETRIC_PEERS = {"memeff", "open_clip"}
+
+
 def implementations(device):
+    """{key: fn}. Keys ending in ':symmetric' are our op with symmetric=True."""
     from courier_fast import dispatch
     impls = {"naive": naive, "official": official}
     for name, (ok, _) in dispatch.op_backends("contrastive_loss").items():
         impl = dispatch._REGISTRY["contrastive_loss"].get(name)
         if ok and impl and device in impl.devices:
             impls[f"courier_fast:{name}"] = courier(name)
+            impls[f"courier_fast:{name}:symmetric"] = courier(name, symmetric=True)
     if device == "cuda":  # Triton peers need a GPU
         impls["inf_cl"], impls["memeff"] = inf_cl, memeff
     impls["open_clip"] = open_clip
     return impls
+
+
+def row_identity(key):
+    """JSON impl name and symmetric flag for an implementations() key."""
+    if key.endswith(":symmetric"):
+        return key[: -len(":symmetric")], True
+    return key, key in SYMMETRIC_PEERS
 
 
 # --------------------------------------------------------------------------- measurement
@@ -175,7 +196,7 @@ def main():
     ceilings = {dt: tensor_core_ceiling(device, getattr(torch, dt)) for dt in dtypes}
     print(f"device={device} torch={torch.__version__} ceilings (TFLOP/s): "
           + ", ".join(f"{k}={v / 1e12:.2f}" for k, v in ceilings.items()))
-    print(f"{'impl':<24}{'N':>9}{'d':>6}{'dtype':>10}{'fwd ms':>11}{'fwd+bwd ms':>12}{'peak MB':>10}{'floor':>8}")
+    print(f"{'impl':<34}{'N':>9}{'d':>6}{'dtype':>10}{'fwd ms':>11}{'fwd+bwd ms':>12}{'peak MB':>10}{'floor':>8}")
     for dt in dtypes:
         for n in ns:
             for d in ds:
@@ -187,13 +208,14 @@ def main():
                     else:
                         res = measure(name, n, d, getattr(torch, dt), device, reps)
                         torch.cuda.empty_cache()
-                    row = {"impl": name, "shape": {"N": n, "d": d}, "dtype": dt, **res}
+                    impl_name, symmetric = row_identity(name)
+                    row = {"impl": impl_name, "symmetric": symmetric, "shape": {"N": n, "d": d}, "dtype": dt, **res}
                     if "ms_fwd_bwd" in res:
                         row["floor_fraction"] = round(8 * n * n * d / ceilings[dt] / (res["ms_fwd_bwd"] / 1e3), 4)
-                        print(f"{name:<24}{n:>9}{d:>6}{dt:>10}{res['ms_fwd']:>11.2f}{res['ms_fwd_bwd']:>12.2f}"
+                        print(f"{name:<34}{n:>9}{d:>6}{dt:>10}{res['ms_fwd']:>11.2f}{res['ms_fwd_bwd']:>12.2f}"
                               f"{res['peak_mem_mb']:>10.1f}{row['floor_fraction']:>8.3f}")
                     else:
-                        print(f"{name:<24}{n:>9}{d:>6}{dt:>10}  {res.get('error', '')[:80]}")
+                        print(f"{name:<34}{n:>9}{d:>6}{dt:>10}  {res.get('error', '')[:80]}")
                     rows.append(row)
 
     dev_name = torch.cuda.get_device_name().replace(" ", "_") if device == "cuda" else "cpu"

@@ -164,3 +164,17 @@ def test_gradcheck_float64(gen, backend, symmetric):
 def test_auto_picks_cpu_backend_on_cpu(monkeypatch):
     from courier_fast import dispatch
     assert dispatch.select(OP, "auto", torch.device("cpu")) is dispatch._REGISTRY[OP]["cpu"].fn
+
+
+@pytest.mark.parametrize("backend,device", backend_params(OP))
+def test_symmetric_module_equals_open_clip_cliploss(gen, backend, device):
+    """InBatchContrastiveLoss(symmetric=True), no masks == open_clip's ClipLoss (when installed)."""
+    loss_mod = pytest.importorskip("open_clip.loss", reason="open_clip ([bench] extra) not installed")
+    img = randn(gen, 31, 16, dtype=torch.float64, device=device, requires_grad=True)
+    txt = randn(gen, 31, 16, dtype=torch.float64, device=device, requires_grad=True)
+    ours = cf.nn.InBatchContrastiveLoss(temperature=0.05, symmetric=True, backend=backend)(img, txt)
+    theirs = loss_mod.ClipLoss()(F.normalize(img, dim=-1), F.normalize(txt, dim=-1), 1 / 0.05)
+    rtol, atol = tol(backend, torch.float64)
+    torch.testing.assert_close(ours.double(), theirs, rtol=rtol, atol=atol)
+    for g_ours, g_theirs in zip(torch.autograd.grad(ours, (img, txt)), torch.autograd.grad(theirs, (img, txt))):
+        torch.testing.assert_close(g_ours.double(), g_theirs, rtol=rtol * 10, atol=atol * 10)
