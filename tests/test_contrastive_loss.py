@@ -126,17 +126,23 @@ def test_no_active_anchor_gives_exact_zero(gen, backend, device, how, symmetric)
 
 
 @pytest.mark.parametrize("backend,device", backend_params(OP))
-def test_bf16_within_twice_pytorch_error(gen, backend, device):
-    """bf16 inputs: our error vs float64 at most 2x that of plain PyTorch computing in bf16."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_within_twice_pytorch_error(gen, backend, device, dtype):
+    """16-bit inputs: our error vs float64 at most 2x that of plain PyTorch computing in 16 bits
+    (the flash-attention rule), and gradients come back in the input dtype."""
     n, d = 128, 64
     a32, c32 = randn(gen, n, d), randn(gen, n, d)
-    a, c = a32.bfloat16().to(device), c32.bfloat16().to(device)
+    a, c = a32.to(device=device, dtype=dtype), c32.to(device=device, dtype=dtype)
     ref = contrastive_loss_reference(a.double().cpu(), c.double().cpu())
     naive_logits = F.normalize(a, dim=-1) @ F.normalize(c, dim=-1).T / 0.05
     naive = F.cross_entropy(naive_logits, torch.arange(n, device=device)).double().cpu()
-    ours = cf.contrastive_loss(a, c, backend=backend).double().cpu()
+    a_ = a.clone().requires_grad_()
+    loss = cf.contrastive_loss(a_, c, backend=backend)
+    ours = loss.double().cpu()
     assert torch.isfinite(ours)
     assert (ours - ref).abs() <= 2 * (naive - ref).abs() + 1e-3
+    (grad,) = torch.autograd.grad(loss, a_)
+    assert grad.dtype == dtype and torch.isfinite(grad).all()
 
 
 @pytest.mark.parametrize("backend,device", backend_params(OP))
