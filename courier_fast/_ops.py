@@ -17,6 +17,26 @@ def contrastive_lse(x, y, x_mask, y_mask, scale, normalize, with_columns):
     return torch.ops.courier_fast.contrastive_lse(x, y, x_mask, y_mask, scale, normalize, with_columns)
 
 
+def register_lse_autograd(op, backward_op):
+    """Autograd for a masked-LSE op (compiled or Triton): save inputs and LSEs, then call the
+    backend's backward op, which recomputes the tiles; gradients flow to x and y only."""
+
+    def setup_context(ctx, inputs, output):
+        x, y, x_mask, y_mask, scale, normalize, with_columns = inputs
+        ctx.save_for_backward(x, y, x_mask, y_mask, *output)
+        ctx.scale, ctx.normalize, ctx.with_columns = scale, normalize, with_columns
+
+    def backward(ctx, grad_row, grad_col):
+        x, y, x_mask, y_mask, row_lse, col_lse = ctx.saved_tensors
+        grad_row = torch.zeros_like(row_lse) if grad_row is None else grad_row
+        grad_col = torch.zeros_like(col_lse) if grad_col is None else grad_col
+        grad_x, grad_y = backward_op(grad_row, grad_col, x, y, x_mask, y_mask, row_lse, col_lse,
+                                     ctx.scale, ctx.normalize, ctx.with_columns)
+        return grad_x, grad_y, None, None, None, None, None
+
+    torch.library.register_autograd(op, backward, setup_context=setup_context)
+
+
 if _extension.loaded():
 
     @torch.library.register_fake(LSE)
@@ -29,20 +49,4 @@ if _extension.loaded():
                            normalize, with_columns):
         return torch.empty_like(x), torch.empty_like(y)
 
-    def _lse_setup_context(ctx, inputs, output):
-        x, y, x_mask, y_mask, scale, normalize, with_columns = inputs
-        ctx.save_for_backward(x, y, x_mask, y_mask, *output)
-        ctx.scale, ctx.normalize, ctx.with_columns = scale, normalize, with_columns
-
-    def _lse_backward(ctx, grad_row, grad_col):
-        x, y, x_mask, y_mask, row_lse, col_lse = ctx.saved_tensors
-        if grad_row is None:
-            grad_row = torch.zeros_like(row_lse)
-        if grad_col is None:
-            grad_col = torch.zeros_like(col_lse)
-        grad_x, grad_y = torch.ops.courier_fast.contrastive_lse_backward(
-            grad_row, grad_col, x, y, x_mask, y_mask, row_lse, col_lse, ctx.scale,
-            ctx.normalize, ctx.with_columns)
-        return grad_x, grad_y, None, None, None, None, None
-
-    torch.library.register_autograd(LSE, _lse_backward, setup_context=_lse_setup_context)
+    register_lse_autograd(LSE, torch.ops.courier_fast.contrastive_lse_backward)

@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from courier_fast._ops import register_lse_autograd
 from courier_fast.kernels import contrastive_lse as _k
 
 INTERPRET = _k.INTERPRET
@@ -39,19 +40,4 @@ def _(grad_row, grad_col, x, y, x_mask, y_mask, row_lse, col_lse, scale, normali
     return torch.empty_like(x), torch.empty_like(y)
 
 
-def _setup_context(ctx, inputs, output):
-    x, y, x_mask, y_mask, scale, normalize, with_columns = inputs
-    ctx.save_for_backward(x, y, x_mask, y_mask, *output)
-    ctx.scale, ctx.normalize, ctx.with_columns = scale, normalize, with_columns
-
-
-def _backward(ctx, grad_row, grad_col):
-    x, y, x_mask, y_mask, row_lse, col_lse = ctx.saved_tensors
-    grad_row = torch.zeros_like(row_lse) if grad_row is None else grad_row
-    grad_col = torch.zeros_like(col_lse) if grad_col is None else grad_col
-    gx, gy = contrastive_lse_backward(grad_row, grad_col, x, y, x_mask, y_mask, row_lse, col_lse,
-                                      ctx.scale, ctx.normalize, ctx.with_columns)
-    return gx, gy, None, None, None, None, None
-
-
-contrastive_lse.register_autograd(_backward, setup_context=_setup_context)
+register_lse_autograd(contrastive_lse, contrastive_lse_backward)

@@ -1,8 +1,9 @@
 """courier_fast.contrastive_loss: the public op, its validation and its backends.
 
 Every backend computes the same per-anchor terms (reference: dense PyTorch; cpu / cuda: the
-chunked LSE op of courier_fast._C); weighting, reduction and the cross-process gather are
-shared and live here and in courier_fast.reference / courier_fast.distributed.
+chunked LSE op of courier_fast._C; triton: the kernels in kernels/); weighting, reduction and
+the cross-process gather are shared and live here and in courier_fast.reference /
+courier_fast.distributed.
 """
 import importlib.util
 
@@ -11,8 +12,8 @@ import torch.distributed as dist
 
 from courier_fast import _extension, _ops, _validate, dispatch
 from courier_fast.distributed import GatheredBatch, world_size
-from courier_fast.reference import (unit_rows, contrastive_terms_reference, effective_weight,
-                                    reduce_terms)
+from courier_fast.reference import (contrastive_terms_reference, effective_weight, reduce_terms,
+                                    unit_rows)
 
 OP = "contrastive_loss"
 
