@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from courier_fast import _extension, _ops, _validate, dispatch
-from courier_fast.distributed import GatheredBatch, world_size
+from courier_fast.distributed import GatheredBatch, ring_lse, world_size
 from courier_fast.reference import (contrastive_terms_reference, effective_weight, reduce_terms,
                                     unit_rows)
 
@@ -20,7 +20,7 @@ OP = "contrastive_loss"
 
 def contrastive_loss(anchors, candidates, *, temperature=0.05, anchor_weight=None,
                      candidate_mask=None, normalize=True, symmetric=False, reduction="mean",
-                     group=None, backend="auto"):
+                     group=None, backend="auto", ring=False):
     """In-batch InfoNCE over every candidate of the (global) batch (DESIGN §3).
 
     Args:
@@ -38,12 +38,15 @@ def contrastive_loss(anchors, candidates, *, temperature=0.05, anchor_weight=Non
             gathered from all ranks with gradient; ranks may hold different N. The ranks'
             mean loss and DDP-averaged gradients equal one process on the whole batch.
         backend: "auto", "reference", "cpu", "triton" or "cuda" (see courier_fast.backends()).
+        ring: with a group, pass candidate blocks around a ring of point-to-point exchanges
+            instead of all-gathering them (Inf-CL style): a rank never holds more than two
+            ranks' candidates. Needs a kernel backend (cpu, cuda or triton).
 
     Returns a scalar (or (N,) for "none"): float32, or float64 for float64 inputs.
     The N x N logits are never materialised except by the reference backend.
     """
     _check_args(anchors, candidates, temperature, anchor_weight, candidate_mask, normalize,
-                symmetric, reduction, group, backend)
+                symmetric, reduction, group, backend, ring)
     scale = 1.0 / float(temperature)
     n = anchors.shape[0]
     weight = effective_weight(anchor_weight, candidate_mask, n, anchors)
@@ -56,6 +59,10 @@ def contrastive_loss(anchors, candidates, *, temperature=0.05, anchor_weight=Non
         return reduce_terms(terms, weight, reduction)
 
     batch = GatheredBatch(n, group, anchors.device)
+    if ring:
+        terms = _ring_terms(terms_fn, anchors, candidates, candidate_mask, scale, normalize,
+                            symmetric, batch)
+        return reduce_terms(terms, weight, reduction, batch.total(weight.sum()), world)
     all_candidates = batch.with_grad(candidates)
     all_anchors = batch.with_grad(anchors) if symmetric else None
     # bool tensors are not supported by every backend's all_gather: send them as uint8.
@@ -65,8 +72,20 @@ def contrastive_loss(anchors, candidates, *, temperature=0.05, anchor_weight=Non
     return reduce_terms(terms, weight, reduction, batch.total(weight.sum()), world)
 
 
+def _ring_terms(terms_fn, anchors, candidates, candidate_mask, scale, normalize, symmetric, batch):
+    lse_ops = getattr(terms_fn, "lse_ops", None)
+    if lse_ops is None:
+        raise ValueError("ring=True needs a kernel backend (cpu, cuda or triton), not the dense reference")
+    positive = scale * (unit_rows(anchors, normalize) * unit_rows(candidates, normalize)).sum(-1)
+    terms = ring_lse(anchors, candidates, candidate_mask, scale, normalize, batch, lse_ops) - positive
+    if symmetric:
+        reverse = ring_lse(candidates, anchors, candidate_mask, scale, normalize, batch, lse_ops) - positive
+        terms = 0.5 * (terms + reverse)
+    return terms
+
+
 def _check_args(anchors, candidates, temperature, anchor_weight, candidate_mask, normalize,
-                symmetric, reduction, group, backend):
+                symmetric, reduction, group, backend, ring):
     v = _validate
     v.tensor("anchors", anchors, ndim=2)
     v.tensor("candidates", candidates, ndim=2)
@@ -79,7 +98,7 @@ def _check_args(anchors, candidates, temperature, anchor_weight, candidate_mask,
     v.anchor_weight(anchor_weight, anchors.shape[0], "anchors", anchors)
     v.optional_mask("candidate_mask", candidate_mask, (anchors.shape[0],), "one flag per candidate",
                     "anchors", anchors)
-    for name, flag in (("normalize", normalize), ("symmetric", symmetric)):
+    for name, flag in (("normalize", normalize), ("symmetric", symmetric), ("ring", ring)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     v.choice("reduction", reduction, ("mean", "sum", "none"))
@@ -91,8 +110,9 @@ def _check_args(anchors, candidates, temperature, anchor_weight, candidate_mask,
     v.finite("candidates", candidates)
 
 
-def _terms_from_lse(lse):
-    """Per-anchor terms from a backend's masked-LSE op (same contract as the reference)."""
+def _terms_from_lse(lse, lse_backward):
+    """Per-anchor terms from a backend's masked-LSE op (same contract as the reference).
+    lse_backward is the op's backward, used directly by the ring exchange."""
 
     def terms(anchors, candidates, all_candidates, all_anchors, all_mask, scale, normalize,
               symmetric, *, single_process):
@@ -106,6 +126,7 @@ def _terms_from_lse(lse):
         rev, _ = lse(candidates, all_anchors, None, all_mask, scale, normalize, False)
         return 0.5 * (row + rev) - positive
 
+    terms.lse_ops = (lse, lse_backward)
     return terms
 
 
@@ -115,16 +136,18 @@ def _reference_terms(*args, single_process):  # the dense reference needs no fus
 
 dispatch.register(OP, "reference", _reference_terms, devices=("cpu", "cuda"))
 if _extension.loaded():
-    dispatch.register(OP, "cpu", _terms_from_lse(_ops.contrastive_lse), devices=("cpu",),
+    _compiled = _terms_from_lse(_ops.contrastive_lse, torch.ops.courier_fast.contrastive_lse_backward)
+    dispatch.register(OP, "cpu", _compiled, devices=("cpu",),
                       note="C++ chunked online-LSE op (ATen GEMMs on row tiles)")
     if _extension.cuda_compiled():
-        dispatch.register(OP, "cuda", _terms_from_lse(_ops.contrastive_lse), devices=("cuda",),
+        dispatch.register(OP, "cuda", _compiled, devices=("cuda",),
                           auto=False, note="cuBLAS row tiles + fused CUDA epilogues; compiled, "
                                            "not yet validated on a GPU")
 if importlib.util.find_spec("triton") is not None:
     from courier_fast import _triton_ops
 
-    dispatch.register(OP, "triton", _terms_from_lse(_triton_ops.contrastive_lse),
+    dispatch.register(OP, "triton", _terms_from_lse(_triton_ops.contrastive_lse,
+                                                    _triton_ops.contrastive_lse_backward),
                       devices=("cuda", "cpu") if _triton_ops.INTERPRET else ("cuda",), auto=False,
                       note="fused Triton kernels (normalise, mask, online LSE, atomics-free "
                            "backward); interpreter-tested, not yet validated on a GPU")

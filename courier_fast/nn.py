@@ -73,7 +73,9 @@ class InBatchContrastiveLoss(nn.Module):
     """InfoNCE over all candidates of the batch; see courier_fast.contrastive_loss.
 
     gather=True uses every rank's candidates as negatives when torch.distributed is
-    initialised with more than one process (group=None means the default group).
+    initialised with more than one process (group=None means the default group), by an
+    all-gather with gradient; gather="ring" passes candidate blocks around a ring instead
+    (never more than two ranks' candidates in memory; needs a kernel backend).
     forward(anchors (N, d), candidates (N, d), anchor_weight=None, candidate_mask=None).
     """
 
@@ -84,6 +86,8 @@ class InBatchContrastiveLoss(nn.Module):
         self.normalize, self.reduction, self.group, self.backend = normalize, reduction, group, backend
 
     def _group(self):
+        if self.gather not in (True, False, "ring"):
+            raise ValueError(f"gather must be True, False or 'ring', got {self.gather!r}")
         if not self.gather or not (dist.is_available() and dist.is_initialized()):
             return None
         return self.group if self.group is not None else dist.group.WORLD
@@ -92,7 +96,8 @@ class InBatchContrastiveLoss(nn.Module):
         return contrastive_loss(
             anchors, candidates, temperature=self.temperature, anchor_weight=anchor_weight,
             candidate_mask=candidate_mask, normalize=self.normalize, symmetric=self.symmetric,
-            reduction=self.reduction, group=self._group(), backend=self.backend)
+            reduction=self.reduction, group=self._group(), backend=self.backend,
+            ring=self.gather == "ring")
 
     def extra_repr(self):
         return f"temperature={self.temperature}, symmetric={self.symmetric}, gather={self.gather}"
