@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import courier_fast as cf
+import courier_fast.dispatch  # noqa: F401  (cf.dispatch in the large-batch test)
 from courier_fast.reference import contrastive_loss_reference
 
 from conftest import backend_params, rand_mask, randn, tol
@@ -184,3 +185,26 @@ def test_symmetric_module_equals_open_clip_cliploss(gen, backend, device):
     torch.testing.assert_close(ours.double(), theirs, rtol=rtol, atol=atol)
     for g_ours, g_theirs in zip(torch.autograd.grad(ours, (img, txt)), torch.autograd.grad(theirs, (img, txt))):
         torch.testing.assert_close(g_ours.double(), g_theirs, rtol=rtol * 10, atol=atol * 10)
+
+
+@pytest.mark.parametrize("temperature", [0.01, 1.0])
+def test_large_batch_float32_matches_float64_cpu(gen, temperature):
+    """N = 20000 (a 3.2 GB float64 logit matrix for the dense reference): the cpu backend's float32 result agrees
+    with its own float64 path (validated against the reference above) and stays finite."""
+    if "cpu" not in dict((n, ok) for n, (ok, _) in cf.dispatch.op_backends(OP).items() if ok):
+        pytest.skip("cpu backend not built")
+    n, d = 20000, 8
+    a64, c64 = randn(gen, n, d, dtype=torch.float64), randn(gen, n, d, dtype=torch.float64)
+    w = rand_mask(gen, n, p=0.1)
+    losses, grads = [], []
+    for dtype in (torch.float32, torch.float64):
+        a = a64.to(dtype).requires_grad_()
+        c = c64.to(dtype).requires_grad_()
+        loss = cf.contrastive_loss(a, c, temperature=temperature, anchor_weight=w, backend="cpu")
+        losses.append(loss.double())
+        grads.append([g.double() for g in torch.autograd.grad(loss, (a, c))])
+    assert torch.isfinite(losses[0])
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)
+    for g32, g64 in zip(*grads):
+        assert torch.isfinite(g32).all()
+        torch.testing.assert_close(g32, g64, rtol=1e-4, atol=1e-4 * g64.abs().max().item())
