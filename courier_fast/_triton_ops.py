@@ -1,6 +1,7 @@
 """torch.library ops around the Triton kernels in kernels/ (installed as courier_fast.kernels).
 
-Same contract as the compiled op courier_fast::contrastive_lse; LSEs are always float32.
+contrastive_lse: same contract as the compiled op courier_fast::contrastive_lse (LSEs float32).
+attention_core: the reconstruction-attention core, see kernels/reconstruction_attention.py.
 Imported only when triton is installed.
 """
 from typing import Optional
@@ -10,6 +11,7 @@ from torch import Tensor
 
 from courier_fast._ops import register_lse_autograd
 from courier_fast.kernels import contrastive_lse as _k
+from courier_fast.kernels import reconstruction_attention as _attn
 
 INTERPRET = _k.INTERPRET
 
@@ -41,3 +43,45 @@ def _(grad_row, grad_col, x, y, x_mask, y_mask, row_lse, col_lse, scale, normali
 
 
 register_lse_autograd(contrastive_lse, contrastive_lse_backward)
+
+
+@torch.library.custom_op("courier_fast::attention_core_triton", mutates_args=())
+def attention_core(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
+                   causal: bool, sm_scale: float) -> tuple[Tensor, Tensor]:
+    """q (B, h, P, dh), k/v (B, h, L, dh) views -> O (B, P, h*dh), LSE (B, h, P) float32."""
+    return _attn.attention_forward(q, k, v, key_padding_mask, causal, sm_scale)
+
+
+@attention_core.register_fake
+def _(q, k, v, key_padding_mask, causal, sm_scale):
+    b, h, p, dh = q.shape
+    return q.new_empty(b, p, h * dh), q.new_empty(b, h, p, dtype=torch.float32)
+
+
+@torch.library.custom_op("courier_fast::attention_core_triton_backward", mutates_args=())
+def attention_core_backward(grad_o: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor,
+                            lse: Tensor, key_padding_mask: Optional[Tensor], causal: bool,
+                            sm_scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    return _attn.attention_backward(grad_o.contiguous(), q, k, v, o, lse, key_padding_mask,
+                                    causal, sm_scale)
+
+
+@attention_core_backward.register_fake
+def _(grad_o, q, k, v, o, lse, key_padding_mask, causal, sm_scale):
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
+
+
+def _attn_setup_context(ctx, inputs, output):
+    q, k, v, key_padding_mask, causal, sm_scale = inputs
+    ctx.save_for_backward(q, k, v, key_padding_mask, *output)
+    ctx.causal, ctx.sm_scale = causal, sm_scale
+
+
+def _attn_backward(ctx, grad_o, grad_lse):
+    q, k, v, key_padding_mask, o, lse = ctx.saved_tensors
+    dq, dk, dv = attention_core_backward(grad_o, q, k, v, o, lse, key_padding_mask, ctx.causal,
+                                         ctx.sm_scale)
+    return dq, dk, dv, None, None, None
+
+
+attention_core.register_autograd(_attn_backward, setup_context=_attn_setup_context)

@@ -1,4 +1,9 @@
 """courier_fast.reconstruction_attention: the public op, its validation and its backends."""
+import importlib.util
+import math
+
+import torch.nn.functional as F
+
 from courier_fast import _validate, dispatch
 from courier_fast.reference import reconstruction_attention_reference
 
@@ -70,4 +75,31 @@ def _check_args(targets, history, in_proj_weight, in_proj_bias, out_proj_weight,
     v.finite("history", history)
 
 
+def _projected_attention(core):
+    """Q from the targets and K/V from the history by one GEMM each (K/V once per history row,
+    never copied per target), the fused attention core, then the output projection."""
+
+    def attention(targets, history, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias,
+                  num_heads, *, key_padding_mask=None, causal=False):
+        b, p, d = targets.shape
+        length, dh = history.shape[1], d // num_heads
+        b_q = in_proj_bias[:d] if in_proj_bias is not None else None
+        b_kv = in_proj_bias[d:] if in_proj_bias is not None else None
+        q = F.linear(targets, in_proj_weight[:d], b_q).view(b, p, num_heads, dh).transpose(1, 2)
+        kv = F.linear(history, in_proj_weight[d:], b_kv).view(b, length, 2, num_heads, dh)
+        k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+        out, _ = core(q, k, v, key_padding_mask, causal, 1.0 / math.sqrt(dh))
+        return F.linear(out, out_proj_weight, out_proj_bias)
+
+    return attention
+
+
 dispatch.register(OP, "reference", reconstruction_attention_reference, devices=("cpu", "cuda"))
+if importlib.util.find_spec("triton") is not None:
+    from courier_fast import _triton_ops
+
+    dispatch.register(OP, "triton", _projected_attention(_triton_ops.attention_core),
+                      devices=("cuda", "cpu") if _triton_ops.INTERPRET else ("cuda",), auto=False,
+                      note="Triton attention core (online softmax over history tiles, masks, "
+                           "causal, atomics-free backward); interpreter-tested, not yet validated "
+                           "on a GPU")

@@ -148,3 +148,43 @@ def test_module_compiles(gen):
     pad = rand_mask(gen, 2, 5)
     compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(t, hist, key_padding_mask=pad), m(t, hist, key_padding_mask=pad))
+
+
+def _triton_usable():
+    from courier_fast import dispatch
+    return dispatch.op_backends(OP)["triton"][0]
+
+
+needs_triton = pytest.mark.skipif(not _triton_usable(), reason="triton backend not usable here")
+
+
+@needs_triton
+@pytest.mark.parametrize("causal", [False, True])
+def test_triton_long_history_many_tiles(gen, causal):
+    """L and P span several tiles (online softmax across history tiles), with padding."""
+    d, h, length = 8, 2, 70
+    p = length if causal else 40
+    m = _module(gen, d, h, dtype=torch.float32)
+    t, hist = randn(gen, 2, p, d, requires_grad=True), randn(gen, 2, length, d, requires_grad=True)
+    pad = rand_mask(gen, 2, length, p=0.5)
+    outs = []
+    for backend in ("reference", "triton"):
+        m.backend = backend
+        out = m(t, hist, key_padding_mask=pad, causal=causal)
+        outs.append((out, *torch.autograd.grad(out.square().sum(), (t, hist, m.in_proj_weight))))
+    for got, want in zip(outs[1], outs[0]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * max(1.0, want.abs().max().item()))
+
+
+@needs_triton
+def test_opcheck_triton_attention_core(gen):
+    from courier_fast import _triton_ops
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q = randn(gen, 2, 2, 5, 4, device=device, requires_grad=True)
+    k = randn(gen, 2, 2, 7, 4, device=device, requires_grad=True)
+    v = randn(gen, 2, 2, 7, 4, device=device, requires_grad=True)
+    pad = rand_mask(gen, 2, 7, device=device)
+    for mask, causal in ((None, False), (pad, False)):
+        torch.library.opcheck(_triton_ops.attention_core, (q, k, v, mask, causal, 0.5))
+    qc = randn(gen, 2, 2, 7, 4, device=device, requires_grad=True)
+    torch.library.opcheck(_triton_ops.attention_core, (qc, k, v, pad, True, 0.5))
