@@ -10,19 +10,16 @@ process and reports peak RSS above the inputs. Writes bench/results/<device>-con
     python bench/bench_contrastive.py --n 16384 --d 64        # the CPU target shape
 """
 import argparse
-import datetime
 import json
 import os
-import resource
-import statistics
-import subprocess
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
 TEMPERATURE = 0.05
 
 
@@ -99,29 +96,9 @@ def row_identity(key):
 
 
 # --------------------------------------------------------------------------- measurement
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _time(fn, device, reps):
-    times = []
-    for _ in range(reps):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def _rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def measure(impl_name, n, d, dtype, device, reps, seed=0):
-    """One row: median fwd / fwd+bwd ms and peak extra memory (MB) above the inputs."""
-    fn = implementations(device)[impl_name]
+def measure_row(key, n, d, dtype, device, reps, seed=0):
+    """One row on the same seeded inputs for every impl."""
+    fn = implementations(device)[key]
     if device == "cpu":  # import the peer's modules before the memory baseline
         try:
             fn(torch.randn(4, d, dtype=dtype, requires_grad=True), torch.randn(4, d, dtype=dtype)).backward()
@@ -130,39 +107,7 @@ def measure(impl_name, n, d, dtype, device, reps, seed=0):
     g = torch.Generator().manual_seed(seed)
     a = torch.randn(n, d, generator=g).to(device=device, dtype=dtype).requires_grad_()
     c = torch.randn(n, d, generator=g).to(device=device, dtype=dtype).requires_grad_()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:  # peak RSS of this fresh process so far: interpreter, imports and the inputs
-        base = _rss_mb()
-    try:
-        fn(a, c).backward()  # warm-up (and peer import / compile); counted in the peak
-    except Exception as exc:  # a peer that cannot run this shape/dtype is reported, not hidden
-        return {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
-    a.grad = c.grad = None
-
-    def fwd():
-        with torch.no_grad():
-            fn(a, c)
-
-    def fwd_bwd():
-        a.grad = c.grad = None
-        fn(a, c).backward()
-
-    ms_fwd = _time(fwd, device, reps)
-    ms_fwd_bwd = _time(fwd_bwd, device, reps)
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device == "cuda" else _rss_mb() - base
-    return {"ms_fwd": round(ms_fwd, 3), "ms_fwd_bwd": round(ms_fwd_bwd, 3), "peak_mem_mb": round(peak, 1)}
-
-
-def tensor_core_ceiling(device, dtype):
-    """Measured matmul rate (FLOP/s) on this device: the floor's denominator."""
-    n = 4096 if device == "cuda" else 1024
-    x = torch.randn(n, n, device=device, dtype=dtype)
-    x @ x
-    ms = _time(lambda: x @ x, device, 10)
-    return 2 * n**3 / (ms / 1e3)
+    return harness.measure(fn, [a, c], device, reps)
 
 
 def main():
@@ -176,11 +121,11 @@ def main():
     p.add_argument("--out", help="JSON path (default bench/results/<device>-contrastive.json)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one row in this process
     args = p.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = harness.device_type()
 
     if args.one:
-        impl, n, d, dtype = args.one.rsplit(":", 3)
-        print(json.dumps(measure(impl, int(n), int(d), getattr(torch, dtype), device, args.reps)))
+        key, n, d, dtype = args.one.rsplit(":", 3)
+        print(json.dumps(measure_row(key, int(n), int(d), getattr(torch, dtype), device, args.reps)))
         return
 
     if args.quick:
@@ -190,54 +135,32 @@ def main():
         ds, dtypes, reps = args.d or [256, 512], args.dtype or ["float32", "bfloat16"], args.reps
     else:
         ns, ds, dtypes, reps = args.n or [4096, 16384], args.d or [64, 256], args.dtype or ["float32"], args.reps
-    names = args.impl or list(implementations(device))
+    keys = args.impl or list(implementations(device))
 
-    rows = []
-    ceilings = {dt: tensor_core_ceiling(device, getattr(torch, dt)) for dt in dtypes}
-    print(f"device={device} torch={torch.__version__} ceilings (TFLOP/s): "
+    ceilings = {dt: harness.matmul_ceiling(device, getattr(torch, dt)) for dt in dtypes}
+    print(f"device={device} torch={torch.__version__} matmul ceilings (TFLOP/s): "
           + ", ".join(f"{k}={v / 1e12:.2f}" for k, v in ceilings.items()))
     print(f"{'impl':<34}{'N':>9}{'d':>6}{'dtype':>10}{'fwd ms':>11}{'fwd+bwd ms':>12}{'peak MB':>10}{'floor':>8}")
+    rows = []
     for dt in dtypes:
         for n in ns:
             for d in ds:
-                for name in names:
-                    if device == "cpu":  # fresh process per row: honest peak RSS
-                        cmd = [sys.executable, __file__, "--one", f"{name}:{n}:{d}:{dt}", "--reps", str(reps)]
-                        out = subprocess.run(cmd, capture_output=True, text=True)
-                        res = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else {"error": out.stderr[-300:]}
+                for key in keys:
+                    if device == "cpu":
+                        res = harness.run_isolated(__file__, f"{key}:{n}:{d}:{dt}", reps)
                     else:
-                        res = measure(name, n, d, getattr(torch, dt), device, reps)
+                        res = measure_row(key, n, d, getattr(torch, dt), device, reps)
                         torch.cuda.empty_cache()
-                    impl_name, symmetric = row_identity(name)
+                    impl_name, symmetric = row_identity(key)
                     row = {"impl": impl_name, "symmetric": symmetric, "shape": {"N": n, "d": d}, "dtype": dt, **res}
                     if "ms_fwd_bwd" in res:
                         row["floor_fraction"] = round(8 * n * n * d / ceilings[dt] / (res["ms_fwd_bwd"] / 1e3), 4)
-                        print(f"{name:<34}{n:>9}{d:>6}{dt:>10}{res['ms_fwd']:>11.2f}{res['ms_fwd_bwd']:>12.2f}"
+                        print(f"{key:<34}{n:>9}{d:>6}{dt:>10}{res['ms_fwd']:>11.2f}{res['ms_fwd_bwd']:>12.2f}"
                               f"{res['peak_mem_mb']:>10.1f}{row['floor_fraction']:>8.3f}")
                     else:
-                        print(f"{name:<34}{n:>9}{d:>6}{dt:>10}  {res.get('error', '')[:80]}")
+                        print(f"{key:<34}{n:>9}{d:>6}{dt:>10}  {res.get('error', '')[:80]}")
                     rows.append(row)
-
-    dev_name = torch.cuda.get_device_name().replace(" ", "_") if device == "cuda" else "cpu"
-    try:
-        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
-    except OSError:
-        git = None
-    import importlib.metadata as md
-    triton_v = None
-    try:
-        triton_v = md.version("triton")
-    except md.PackageNotFoundError:
-        pass
-    result = {"bench": "contrastive", "device": dev_name, "cores": os.cpu_count(), "torch": torch.__version__,
-              "triton": triton_v, "date": datetime.date.today().isoformat(), "git": git,
-              "ceilings": {k: v for k, v in ceilings.items()}, "rows": rows}
-    path = args.out or os.path.join(HERE, "results", f"{dev_name}-contrastive.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, path)
-    print(f"wrote {path}")
+    print("wrote", harness.write_results("contrastive", ceilings, rows, args.out))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,131 @@
+"""Shared measurement harness for bench/*.py: timing, peak memory, ceilings, JSON output.
+
+On CUDA: one process, CUDA-synchronised wall time (median), max_memory_allocated above the
+inputs. On CPU: each row in a fresh process (run_isolated) so that peak RSS is honest.
+"""
+import datetime
+import importlib.metadata as md
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def device_type():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_ms(fn, device, reps):
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def measure(loss_fn, inputs, device, reps):
+    """Median ms of loss_fn(*inputs) without grad and with backward, and the peak memory (MB)
+    above the state before the first call (the inputs exist already; warm-up is counted)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _rss_mb()
+
+    def clear():
+        for t in inputs:
+            t.grad = None
+
+    try:
+        loss_fn(*inputs).backward()  # warm-up (imports, autotune, compile)
+    except Exception as exc:  # a peer that cannot run this shape/dtype is reported, not hidden
+        return {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    clear()
+
+    def fwd():
+        with torch.no_grad():
+            loss_fn(*inputs)
+
+    def fwd_bwd():
+        clear()
+        loss_fn(*inputs).backward()
+
+    ms_fwd, ms_fwd_bwd = median_ms(fwd, device, reps), median_ms(fwd_bwd, device, reps)
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device == "cuda" else _rss_mb() - base
+    return {"ms_fwd": round(ms_fwd, 3), "ms_fwd_bwd": round(ms_fwd_bwd, 3), "peak_mem_mb": round(peak, 1)}
+
+
+def run_isolated(script, key, reps):
+    """Run `script --one key --reps reps` in a fresh process; its last stdout line is JSON."""
+    out = subprocess.run([sys.executable, script, "--one", key, "--reps", str(reps)],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        return {"error": out.stderr.strip()[-300:]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def matmul_ceiling(device, dtype):
+    """Measured dense matmul rate (FLOP/s) on this device and dtype."""
+    n = 8192 if device == "cuda" else 1024
+    x = torch.randn(n, n, device=device, dtype=dtype)
+    x @ x
+    return 2 * n**3 / (median_ms(lambda: x @ x, device, 10) / 1e3)
+
+
+def copy_bandwidth(device):
+    """Measured device-to-device copy rate (bytes/s: read + write)."""
+    n = (1 << 28) if device == "cuda" else (1 << 25)
+    x = torch.empty(n, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    return 2 * n / (median_ms(lambda: y.copy_(x), device, 10) / 1e3)
+
+
+def device_name():
+    return torch.cuda.get_device_name().replace(" ", "_") if torch.cuda.is_available() else "cpu"
+
+
+def _version(name):
+    try:
+        return md.version(name)
+    except md.PackageNotFoundError:
+        return None
+
+
+def write_results(bench, ceilings, rows, path=None):
+    """bench/results/<device>-<bench>.json, written atomically."""
+    try:
+        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, cwd=HERE).stdout.strip() or None
+    except OSError:
+        git = None
+    result = {"bench": bench, "device": device_name(), "cores": os.cpu_count(),
+              "torch": torch.__version__, "triton": _version("triton"),
+              "date": datetime.date.today().isoformat(), "git": git, "ceilings": ceilings,
+              "rows": rows}
+    path = path or os.path.join(HERE, "results", f"{device_name()}-{bench}.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, path)
+    return path
