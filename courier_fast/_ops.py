@@ -37,6 +37,29 @@ def register_lse_autograd(op, backward_op):
     torch.library.register_autograd(op, backward, setup_context=setup_context)
 
 
+def register_attention_autograd(op, backward_op):
+    """Autograd for an attention-core op (compiled or Triton): gradients to q, k and v."""
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, key_padding_mask, causal, sm_scale = inputs
+        ctx.save_for_backward(q, k, v, key_padding_mask, *output)
+        ctx.causal, ctx.sm_scale = causal, sm_scale
+
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, key_padding_mask, out, lse = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        dq, dk, dv = backward_op(grad_out, q, k, v, out, lse, key_padding_mask, ctx.causal, ctx.sm_scale)
+        return dq, dk, dv, None, None, None
+
+    torch.library.register_autograd(op, backward, setup_context=setup_context)
+
+
+def attention_core(q, k, v, key_padding_mask, causal, sm_scale):
+    """Compiled (CUDA) attention core; see the schema in csrc/courier_fast.cpp."""
+    return torch.ops.courier_fast.attention_core(q, k, v, key_padding_mask, causal, sm_scale)
+
+
 if _extension.loaded():
 
     @torch.library.register_fake(LSE)
@@ -50,3 +73,15 @@ if _extension.loaded():
         return torch.empty_like(x), torch.empty_like(y)
 
     register_lse_autograd(LSE, torch.ops.courier_fast.contrastive_lse_backward)
+
+    @torch.library.register_fake("courier_fast::attention_core")
+    def _attention_fake(q, k, v, key_padding_mask, causal, sm_scale):
+        b, h, p, dh = q.shape
+        return q.new_empty(b, p, h * dh), q.new_empty(b, h, p, dtype=compute_dtype(q.dtype))
+
+    @torch.library.register_fake("courier_fast::attention_core_backward")
+    def _attention_backward_fake(grad_out, q, k, v, out, lse, key_padding_mask, causal, sm_scale):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+    register_attention_autograd("courier_fast::attention_core",
+                                torch.ops.courier_fast.attention_core_backward)

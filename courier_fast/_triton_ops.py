@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from courier_fast._ops import register_lse_autograd
+from courier_fast._ops import register_attention_autograd, register_lse_autograd
 from courier_fast.kernels import contrastive_lse as _k
 from courier_fast.kernels import reconstruction_attention as _attn
 
@@ -71,17 +71,4 @@ def _(grad_o, q, k, v, o, lse, key_padding_mask, causal, sm_scale):
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
 
 
-def _attn_setup_context(ctx, inputs, output):
-    q, k, v, key_padding_mask, causal, sm_scale = inputs
-    ctx.save_for_backward(q, k, v, key_padding_mask, *output)
-    ctx.causal, ctx.sm_scale = causal, sm_scale
-
-
-def _attn_backward(ctx, grad_o, grad_lse):
-    q, k, v, key_padding_mask, o, lse = ctx.saved_tensors
-    dq, dk, dv = attention_core_backward(grad_o, q, k, v, o, lse, key_padding_mask, ctx.causal,
-                                         ctx.sm_scale)
-    return dq, dk, dv, None, None, None
-
-
-attention_core.register_autograd(_attn_backward, setup_context=_attn_setup_context)
+register_attention_autograd(attention_core, attention_core_backward)

@@ -2,17 +2,18 @@
 import importlib.util
 import math
 
+import torch
 import torch.nn.functional as F
 
-from courier_fast import _validate, dispatch
+from courier_fast import _extension, _ops, _validate, dispatch
 from courier_fast.reference import reconstruction_attention_reference
 
 OP = "reconstruction_attention"
 
 
 def reconstruction_attention(targets, history, in_proj_weight, in_proj_bias, out_proj_weight,
-                             out_proj_bias, num_heads, *, key_padding_mask=None, causal=False,
-                             backend="auto"):
+                             out_proj_bias, num_heads, *, key_padding_mask=None, lengths=None,
+                             causal=False, backend="auto"):
     """Multi-head attention of each target over its row's history (DESIGN §3).
 
     Args:
@@ -22,6 +23,8 @@ def reconstruction_attention(targets, history, in_proj_weight, in_proj_bias, out
         out_proj_bias (d,) or None: nn.MultiheadAttention's parameters, in its layout.
         num_heads: divides d.
         key_padding_mask: None or (B, L) bool, True = padding (nn.MultiheadAttention's rule).
+        lengths: None or (B,) integer, 0 <= lengths <= L, for right-padded rows: items at
+            positions >= lengths[b] are padding (combined with key_padding_mask if both given).
         causal: self-reconstruction; needs P == L; target t attends only to valid s < t
             (history ordered oldest -> newest).
         backend: "auto" or a name from courier_fast.backends().
@@ -31,9 +34,23 @@ def reconstruction_attention(targets, history, in_proj_weight, in_proj_bias, out
     """
     _check_args(targets, history, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias,
                 num_heads, key_padding_mask, causal, backend)
+    if lengths is not None:
+        key_padding_mask = _lengths_to_mask(lengths, history, key_padding_mask)
     fn = dispatch.select(OP, backend, targets.device)
     return fn(targets, history, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias,
               num_heads, key_padding_mask=key_padding_mask, causal=causal)
+
+
+def _lengths_to_mask(lengths, history, key_padding_mask):
+    b, length = history.shape[:2]
+    _validate.tensor("lengths", lengths, ndim=1, dtypes=(torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8),
+                     allow_empty=True)
+    _validate.shape("lengths", lengths, (b,), "one length per history row")
+    _validate.same_device("lengths", lengths, "history", history)
+    if _validate._data_checks_on() and b and (int(lengths.min()) < 0 or int(lengths.max()) > length):
+        raise ValueError(f"lengths must lie in [0, L={length}], got [{int(lengths.min())}, {int(lengths.max())}]")
+    mask = torch.arange(length, device=history.device)[None, :] >= lengths[:, None]
+    return mask if key_padding_mask is None else mask | key_padding_mask
 
 
 def _check_args(targets, history, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias,
@@ -95,6 +112,11 @@ def _projected_attention(core):
 
 
 dispatch.register(OP, "reference", reconstruction_attention_reference, devices=("cpu", "cuda"))
+if _extension.cuda_compiled():
+    dispatch.register(OP, "cuda", _projected_attention(_ops.attention_core), devices=("cuda",),
+                      auto=False, note="CUDA attention core (warp per target / history item, online "
+                                       "softmax, atomics-free backward); compiled, not yet validated "
+                                       "on a GPU")
 if importlib.util.find_spec("triton") is not None:
     from courier_fast import _triton_ops
 

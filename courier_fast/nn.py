@@ -18,7 +18,7 @@ class ReconstructionAttention(nn.Module):
     gets out_proj.bias, where nn.MultiheadAttention gives NaN.
 
     forward(targets (B, P, d), history (B, L, d), key_padding_mask (B, L) bool True = pad,
-    causal=False) -> (B, P, d).
+    causal=False, lengths (B,) int for right-padded rows) -> (B, P, d).
     """
 
     def __init__(self, embed_dim, num_heads, bias=True, device=None, dtype=None, backend="auto"):
@@ -59,11 +59,11 @@ class ReconstructionAttention(nn.Module):
         module.load_state_dict(mha.state_dict())
         return module
 
-    def forward(self, targets, history, key_padding_mask=None, causal=False):
+    def forward(self, targets, history, key_padding_mask=None, causal=False, lengths=None):
         return reconstruction_attention(
             targets, history, self.in_proj_weight, self.in_proj_bias, self.out_proj.weight,
-            self.out_proj.bias, self.num_heads, key_padding_mask=key_padding_mask, causal=causal,
-            backend=self.backend)
+            self.out_proj.bias, self.num_heads, key_padding_mask=key_padding_mask, lengths=lengths,
+            causal=causal, backend=self.backend)
 
     def extra_repr(self):
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, bias={self.in_proj_bias is not None}"

@@ -39,4 +39,12 @@ TORCH_LIBRARY(courier_fast, m) {
   m.def("contrastive_lse_backward(Tensor grad_row, Tensor grad_col, Tensor x, Tensor y, "
         "Tensor? x_mask, Tensor? y_mask, Tensor row_lse, Tensor col_lse, float scale, "
         "bool normalize, bool with_columns) -> (Tensor grad_x, Tensor grad_y)");
+  // Reconstruction-attention core after the projections: q (B, h, P, dh), k/v (B, h, L, dh)
+  // views (dh contiguous), key_padding_mask (B, L) bool True = padding, causal: t sees s < t.
+  // Returns out (B, P, h*dh) (0 for a target without valid keys) and lse (B, h, P) (-inf there).
+  m.def("attention_core(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, bool causal, "
+        "float sm_scale) -> (Tensor out, Tensor lse)");
+  m.def("attention_core_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
+        "Tensor lse, Tensor? key_padding_mask, bool causal, float sm_scale) "
+        "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
 }
