@@ -213,3 +213,17 @@ def test_lengths_rejects_bad_values(gen):
         m(t, hist, lengths=torch.tensor([1.0, 2.0]))
     with pytest.raises(ValueError, match="lengths must have shape"):
         m(t, hist, lengths=torch.tensor([1, 2, 3]))
+
+
+@needs_triton
+def test_module_with_triton_backend_compiles(gen):
+    """torch.compile traces the Triton custom op (fake kernel + autograd) in a full graph."""
+    torch._dynamo.reset()
+    m = _module(gen, 8, 2, dtype=torch.float32)
+    m.backend = "triton"
+    t, hist = randn(gen, 2, 3, 8, requires_grad=True), randn(gen, 2, 5, 8)
+    pad = rand_mask(gen, 2, 5)
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
+    got, want = compiled(t, hist, key_padding_mask=pad), m(t, hist, key_padding_mask=pad)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got.sum(), t), torch.autograd.grad(want.sum(), t))
