@@ -12,8 +12,8 @@ import torch.distributed as dist
 
 from courier_fast import _extension, _ops, _validate, dispatch
 from courier_fast.distributed import GatheredBatch, ring_lse, world_size
-from courier_fast.reference import (contrastive_terms_reference, effective_weight, reduce_terms,
-                                    unit_rows)
+from courier_fast.reference import (contrastive_terms_reference, effective_weight,
+                                    positive_logits, reduce_terms)
 
 OP = "contrastive_loss"
 
@@ -58,9 +58,11 @@ def contrastive_loss(anchors, candidates, *, temperature=0.05, anchor_weight=Non
                          normalize, symmetric, single_process=True)
         return reduce_terms(terms, weight, reduction)
 
+    if ring and getattr(terms_fn, "lse_ops", None) is None:
+        raise ValueError("ring=True needs a kernel backend (cpu, cuda or triton), not the dense reference")
     batch = GatheredBatch(n, group, anchors.device)
     if ring:
-        terms = _ring_terms(terms_fn, anchors, candidates, candidate_mask, scale, normalize,
+        terms = _ring_terms(terms_fn.lse_ops, anchors, candidates, candidate_mask, scale, normalize,
                             symmetric, batch)
         return reduce_terms(terms, weight, reduction, batch.total(weight.sum()), world)
     all_candidates = batch.with_grad(candidates)
@@ -72,11 +74,8 @@ def contrastive_loss(anchors, candidates, *, temperature=0.05, anchor_weight=Non
     return reduce_terms(terms, weight, reduction, batch.total(weight.sum()), world)
 
 
-def _ring_terms(terms_fn, anchors, candidates, candidate_mask, scale, normalize, symmetric, batch):
-    lse_ops = getattr(terms_fn, "lse_ops", None)
-    if lse_ops is None:
-        raise ValueError("ring=True needs a kernel backend (cpu, cuda or triton), not the dense reference")
-    positive = scale * (unit_rows(anchors, normalize) * unit_rows(candidates, normalize)).sum(-1)
+def _ring_terms(lse_ops, anchors, candidates, candidate_mask, scale, normalize, symmetric, batch):
+    positive = positive_logits(anchors, candidates, scale, normalize)
     terms = ring_lse(anchors, candidates, candidate_mask, scale, normalize, batch, lse_ops) - positive
     if symmetric:
         reverse = ring_lse(candidates, anchors, candidate_mask, scale, normalize, batch, lse_ops) - positive
@@ -116,7 +115,7 @@ def _terms_from_lse(lse, lse_backward):
 
     def terms(anchors, candidates, all_candidates, all_anchors, all_mask, scale, normalize,
               symmetric, *, single_process):
-        positive = scale * (unit_rows(anchors, normalize) * unit_rows(candidates, normalize)).sum(-1)
+        positive = positive_logits(anchors, candidates, scale, normalize)
         if symmetric and single_process:  # one pass gives both directions: rows and columns
             row, col = lse(anchors, candidates, all_mask, all_mask, scale, normalize, True)
             return 0.5 * (row + col) - positive

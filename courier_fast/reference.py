@@ -22,6 +22,11 @@ def unit_rows(x, normalize):
     return F.normalize(x, dim=-1, eps=NORM_EPS) if normalize else x
 
 
+def positive_logits(anchors, candidates, scale, normalize):
+    """(N,) s * <r_j, e_j>: each anchor's logit for its own candidate (shared by all backends)."""
+    return scale * (unit_rows(anchors, normalize) * unit_rows(candidates, normalize)).sum(-1)
+
+
 def _masked_lse(logits, mask):
     """log sum_{i : mask_i} exp(logits[..., i]); -inf (with zero gradient) for an empty set."""
     if mask is None:
@@ -42,7 +47,7 @@ def contrastive_terms_reference(anchors, candidates, all_candidates, all_anchors
     such anchors always have weight 0.
     """
     r, e = unit_rows(anchors, normalize), unit_rows(candidates, normalize)
-    positive = scale * (r * e).sum(-1)
+    positive = positive_logits(anchors, candidates, scale, normalize)
     terms = _masked_lse(scale * r @ unit_rows(all_candidates, normalize).T, all_mask) - positive
     if symmetric:
         reverse = _masked_lse(scale * e @ unit_rows(all_anchors, normalize).T, all_mask) - positive
