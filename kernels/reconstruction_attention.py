@@ -21,12 +21,18 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
 @triton.jit
+def _load_rows(PTR, b, hd, idx, ok, stride_b, stride_h, stride_t, dh_idx, dh_ok):
+    """(len(idx), BLOCK_DH) tile of rows idx of head hd in request row b; 0 outside."""
+    return tl.load(PTR + b * stride_b + hd * stride_h + idx[:, None] * stride_t + dh_idx[None, :],
+                   mask=ok[:, None] & dh_ok[None, :], other=0.0)
+
+
+@triton.jit
 def _scores(q, K, b, hd, cols, col_ok, rows, MASK, stride_kb, stride_kh, stride_kt, stride_mb,
             L, sm_scale, dh_idx, dh_ok, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
             DOT_FP32: tl.constexpr):
     """Masked scaled scores (BLOCK_P, BLOCK_L) of q rows against key tile `cols`; -inf masked."""
-    k = tl.load(K + b * stride_kb + hd * stride_kh + cols[:, None] * stride_kt + dh_idx[None, :],
-                mask=col_ok[:, None] & dh_ok[None, :], other=0.0)
+    k = _load_rows(K, b, hd, cols, col_ok, stride_kb, stride_kh, stride_kt, dh_idx, dh_ok)
     if DOT_FP32:
         s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
     else:
@@ -53,8 +59,7 @@ def _attn_fwd_kernel(Q, K, V, MASK, O, LSE, H, P, L, DH, sm_scale,
     row_ok = rows < P
     dh_idx = tl.arange(0, BLOCK_DH)
     dh_ok = dh_idx < DH
-    q = tl.load(Q + b * stride_qb + hd * stride_qh + rows[:, None] * stride_qt + dh_idx[None, :],
-                mask=row_ok[:, None] & dh_ok[None, :], other=0.0)
+    q = _load_rows(Q, b, hd, rows, row_ok, stride_qb, stride_qh, stride_qt, dh_idx, dh_ok)
     m_i = tl.full([BLOCK_P], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_P], dtype=tl.float32)
     acc = tl.zeros([BLOCK_P, BLOCK_DH], dtype=tl.float32)
@@ -68,8 +73,7 @@ def _attn_fwd_kernel(Q, K, V, MASK, O, LSE, H, P, L, DH, sm_scale,
         p = tl.exp(s - shift[:, None])
         alpha = tl.exp(m_i - shift)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(V + b * stride_vb + hd * stride_vh + cols[:, None] * stride_vt + dh_idx[None, :],
-                    mask=col_ok[:, None] & dh_ok[None, :], other=0.0)
+        v = _load_rows(V, b, hd, cols, col_ok, stride_vb, stride_vh, stride_vt, dh_idx, dh_ok)
         if DOT_FP32:
             acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
         else:
@@ -107,20 +111,17 @@ def _attn_bwd_dkdv_kernel(Q, K, V, MASK, DO, LSE, DELTA, DK, DV, H, P, L, DH, sm
     col_ok = cols < L
     dh_idx = tl.arange(0, BLOCK_DH)
     dh_ok = dh_idx < DH
-    v = tl.load(V + b * stride_vb + hd * stride_vh + cols[:, None] * stride_vt + dh_idx[None, :],
-                mask=col_ok[:, None] & dh_ok[None, :], other=0.0).to(tl.float32)
+    v = _load_rows(V, b, hd, cols, col_ok, stride_vb, stride_vh, stride_vt, dh_idx, dh_ok).to(tl.float32)
     dk = tl.zeros([BLOCK_L, BLOCK_DH], dtype=tl.float32)
     dv = tl.zeros([BLOCK_L, BLOCK_DH], dtype=tl.float32)
     for r0 in range(0, P, BLOCK_P):
         rows = r0 + tl.arange(0, BLOCK_P)
         row_ok = rows < P
-        q = tl.load(Q + b * stride_qb + hd * stride_qh + rows[:, None] * stride_qt + dh_idx[None, :],
-                    mask=row_ok[:, None] & dh_ok[None, :], other=0.0)
+        q = _load_rows(Q, b, hd, rows, row_ok, stride_qb, stride_qh, stride_qt, dh_idx, dh_ok)
         lse = tl.load(LSE + pid_bh * P + rows, mask=row_ok, other=float("inf"))
         p = _probs(q, K, b, hd, cols, col_ok, rows, MASK, stride_kb, stride_kh, stride_kt,
                    stride_mb, L, sm_scale, dh_idx, dh_ok, lse, HAS_MASK, CAUSAL, DOT_FP32)
-        do = tl.load(DO + b * stride_ob + hd * stride_oh + rows[:, None] * stride_ot + dh_idx[None, :],
-                     mask=row_ok[:, None] & dh_ok[None, :], other=0.0).to(tl.float32)
+        do = _load_rows(DO, b, hd, rows, row_ok, stride_ob, stride_oh, stride_ot, dh_idx, dh_ok).to(tl.float32)
         dv += tl.dot(tl.trans(p), do, input_precision="ieee" if DOT_FP32 else "tf32")
         dp = tl.dot(do, tl.trans(v), input_precision="ieee" if DOT_FP32 else "tf32")
         delta = tl.load(DELTA + pid_bh * P + rows, mask=row_ok, other=0.0)
@@ -145,10 +146,8 @@ def _attn_bwd_dq_kernel(Q, K, V, MASK, DO, LSE, DELTA, DQ, H, P, L, DH, sm_scale
     row_ok = rows < P
     dh_idx = tl.arange(0, BLOCK_DH)
     dh_ok = dh_idx < DH
-    q = tl.load(Q + b * stride_qb + hd * stride_qh + rows[:, None] * stride_qt + dh_idx[None, :],
-                mask=row_ok[:, None] & dh_ok[None, :], other=0.0)
-    do = tl.load(DO + b * stride_ob + hd * stride_oh + rows[:, None] * stride_ot + dh_idx[None, :],
-                 mask=row_ok[:, None] & dh_ok[None, :], other=0.0).to(tl.float32)
+    q = _load_rows(Q, b, hd, rows, row_ok, stride_qb, stride_qh, stride_qt, dh_idx, dh_ok)
+    do = _load_rows(DO, b, hd, rows, row_ok, stride_ob, stride_oh, stride_ot, dh_idx, dh_ok).to(tl.float32)
     lse = tl.load(LSE + pid_bh * P + rows, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + pid_bh * P + rows, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_P, BLOCK_DH], dtype=tl.float32)
@@ -157,10 +156,8 @@ def _attn_bwd_dq_kernel(Q, K, V, MASK, DO, LSE, DELTA, DQ, H, P, L, DH, sm_scale
         col_ok = cols < L
         p = _probs(q, K, b, hd, cols, col_ok, rows, MASK, stride_kb, stride_kh, stride_kt,
                    stride_mb, L, sm_scale, dh_idx, dh_ok, lse, HAS_MASK, CAUSAL, DOT_FP32)
-        v = tl.load(V + b * stride_vb + hd * stride_vh + cols[:, None] * stride_vt + dh_idx[None, :],
-                    mask=col_ok[:, None] & dh_ok[None, :], other=0.0).to(tl.float32)
-        k = tl.load(K + b * stride_kb + hd * stride_kh + cols[:, None] * stride_kt + dh_idx[None, :],
-                    mask=col_ok[:, None] & dh_ok[None, :], other=0.0).to(tl.float32)
+        v = _load_rows(V, b, hd, cols, col_ok, stride_vb, stride_vh, stride_vt, dh_idx, dh_ok).to(tl.float32)
+        k = _load_rows(K, b, hd, cols, col_ok, stride_kb, stride_kh, stride_kt, dh_idx, dh_ok).to(tl.float32)
         dp = tl.dot(do, tl.trans(v), input_precision="ieee" if DOT_FP32 else "tf32")
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds, k, input_precision="ieee" if DOT_FP32 else "tf32")
