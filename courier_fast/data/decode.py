@@ -1,0 +1,194 @@
+"""ImageDecoder: a list of JPEG (or PNG) bytes -> one (B, 3, H, W) tensor on the device.
+
+Backends: "dali" (NVIDIA DALI: `mixed` nvJPEG decode on a GPU, CPU-only pipeline with
+device_id=None elsewhere), "torchvision" (torchvision.io.decode_image; decode_jpeg on the GPU
+for device="cuda"), "pil" (Pillow). "auto" takes DALI when it is installed, else PIL.
+size=None keeps the decoded size (all images must then agree); size=S resizes the shorter
+side to S (bilinear, antialiased) and centre-crops S x S. normalize=True returns float32
+ImageNet-normalised values, otherwise uint8. A corrupt or unreadable image raises
+DecodeError (a ValueError) with .index (and .item_id when item ids are given), or, with
+on_error="skip", is left out and counted in .skipped (indices of the last call in
+.last_skipped).
+"""
+import importlib.util
+import io
+
+import torch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+BACKENDS = ("auto", "dali", "pil", "torchvision")
+
+
+class DecodeError(ValueError):
+    """An image that could not be decoded: .index in the batch, .item_id when known."""
+
+    def __init__(self, message, index, item_id=None):
+        super().__init__(message)
+        self.index, self.item_id = index, item_id
+
+
+def dali_available():
+    return importlib.util.find_spec("nvidia.dali") is not None
+
+
+class ImageDecoder:
+    def __init__(self, backend="auto", device="cpu", size=None, normalize=False, on_error="raise",
+                 num_threads=2, max_batch=256):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.device = torch.device(device)
+        if self.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device='cuda' but no CUDA GPU is visible")
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
+            raise ValueError(f"size must be None or a positive int, got {size!r}")
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        if backend == "auto":
+            backend = "dali" if dali_available() else "pil"
+        if backend == "dali" and not dali_available():
+            raise ValueError("backend='dali' but nvidia-dali is not installed")
+        self.backend, self.size, self.normalize, self.on_error = backend, size, normalize, on_error
+        self.num_threads, self.max_batch = num_threads, max_batch
+        self.skipped, self.last_skipped = 0, []
+        self._pipes = {}
+
+    def __repr__(self):
+        return (f"ImageDecoder(backend={self.backend!r}, device={str(self.device)!r}, size={self.size}, "
+                f"normalize={self.normalize}, on_error={self.on_error!r})")
+
+    # ------------------------------------------------------------------ public
+    def __call__(self, images, item_ids=None):
+        """images: sequence of bytes-like; item_ids: optional ids, reported in DecodeError."""
+        images = list(images)
+        if not images:
+            raise ValueError("images is empty")
+        if item_ids is not None and len(item_ids) != len(images):
+            raise ValueError(f"item_ids has {len(item_ids)} entries but images has {len(images)}")
+        self.last_skipped = []
+        decode = getattr(self, f"_decode_{self.backend}")
+        try:
+            return self._finish(decode(images))
+        except Exception as exc:  # find out whether (and which) images are at fault
+            self._pipes.clear()  # a DALI pipeline that raised is not reused
+            bad = self._find_bad(images)
+            if not bad:
+                raise
+            if self.on_error == "raise":
+                i = bad[0]
+                item = None if item_ids is None else int(item_ids[i])
+                what = f" (item {item})" if item is not None else ""
+                raise DecodeError(f"image {i}{what} could not be decoded ({len(bad)} bad in this batch)",
+                                  i, item) from exc
+        self.last_skipped = bad
+        self.skipped += len(bad)
+        keep = [im for i, im in enumerate(images) if i not in set(bad)]
+        return self._finish(decode(keep)) if keep else self._empty()
+
+    # ------------------------------------------------------------------ helpers
+    def _find_bad(self, images):
+        """Indices of images Pillow cannot fully decode. Run only after a batch failed, so the
+        fast path pays nothing; it gives DecodeError its index on every backend."""
+        from PIL import Image
+        bad = []
+        for i, data in enumerate(images):
+            try:
+                with Image.open(io.BytesIO(bytes(data))) as im:
+                    im.load()
+            except Exception:
+                bad.append(i)
+        return bad
+
+    def _empty(self):
+        s = self.size or 0
+        dtype = torch.float32 if self.normalize else torch.uint8
+        return torch.empty(0, 3, s, s, dtype=dtype, device=self.device)
+
+    def _finish(self, x):
+        """x: (B, 3, H, W) uint8 on the device."""
+        if not self.normalize:
+            return x
+        mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+        return (x.float() / 255.0 - mean) / std
+
+    def _stack(self, tensors):
+        shapes = {tuple(t.shape) for t in tensors}
+        if len(shapes) > 1:
+            raise ValueError(f"decoded images have different sizes {sorted(shapes)[:3]}...; pass size= to resize")
+        return torch.stack(tensors).to(self.device)
+
+    def _resize_crop_chw(self, x):
+        from torchvision.transforms.v2 import functional as TF
+        if self.size is None:
+            return x
+        x = TF.resize(x, self.size, antialias=True)
+        return TF.center_crop(x, [self.size, self.size])
+
+    # ------------------------------------------------------------------ backends
+    def _decode_pil(self, images):
+        import numpy as np
+        from PIL import Image
+        out = []
+        for data in images:
+            with Image.open(io.BytesIO(bytes(data))) as im:
+                im = im.convert("RGB")
+                if self.size is not None:
+                    w, h = im.size  # the long side as torchvision computes it: int(S * long / short)
+                    nw = self.size if w <= h else int(self.size * w / h)
+                    nh = self.size if h <= w else int(self.size * h / w)
+                    im = im.resize((nw, nh), Image.BILINEAR)
+                    left, top = (nw - self.size) // 2, (nh - self.size) // 2
+                    im = im.crop((left, top, left + self.size, top + self.size))
+                out.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))
+        return self._stack(out)
+
+    def _decode_torchvision(self, images):
+        from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+        data = [torch.frombuffer(bytearray(bytes(d)), dtype=torch.uint8) for d in images]
+        if self.device.type == "cuda":
+            decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+        else:
+            decoded = [decode_image(d, mode=ImageReadMode.RGB) for d in data]
+        return self._stack([self._resize_crop_chw(x) for x in decoded])
+
+    def _dali_pipe(self, batch):
+        from nvidia.dali import fn, pipeline_def, types
+        cap = max(self.max_batch, batch)
+        key = cap
+        if key not in self._pipes:
+            gpu = self.device.type == "cuda"
+            device_id = (self.device.index or 0) if gpu else None
+
+            @pipeline_def(batch_size=cap, num_threads=self.num_threads, device_id=device_id,
+                          prefetch_queue_depth=1)
+            def pipe():
+                enc = fn.external_source(name="encoded", dtype=types.UINT8)
+                img = fn.decoders.image(enc, device="mixed" if gpu else "cpu", output_type=types.RGB)
+                if self.size is not None:
+                    img = fn.resize(img, resize_shorter=self.size, antialias=True)
+                    img = fn.crop(img, crop=(self.size, self.size))
+                return img
+
+            p = pipe()
+            p.build()
+            self._pipes[key] = p
+        return self._pipes[key]
+
+    def _decode_dali(self, images):
+        import numpy as np
+        pipe = self._dali_pipe(len(images))
+        pipe.feed_input("encoded", [np.frombuffer(bytes(d), dtype=np.uint8) for d in images])
+        (out,) = pipe.run()
+        if self.device.type == "cuda":  # copy each decoded sample into a torch tensor on the GPU
+            from nvidia.dali.plugin.pytorch import feed_ndarray
+            tensors = []
+            for i in range(len(images)):
+                t = torch.empty(out[i].shape(), dtype=torch.uint8, device=self.device)
+                feed_ndarray(out[i], t, cuda_stream=torch.cuda.current_stream())
+                tensors.append(t.permute(2, 0, 1))
+        else:
+            tensors = [torch.from_numpy(np.array(out[i])).permute(2, 0, 1) for i in range(len(images))]
+        return self._stack(tensors)
