@@ -1,0 +1,159 @@
+"""SessionLoader: batches of request rows -> decoded history and page-view images.
+
+Each batch holds B request rows of one session table (see format.py):
+    history      (B, L, 3, S, S)  the newest L clicked items, oldest -> newest, right-padded
+    history_pad  (B, L) bool      True = padding (nn.MultiheadAttention's key_padding_mask)
+    pv           (B, P, 3, S, S)  the items shown, right-padded to P
+    pv_pad       (B, P) bool      True = padding
+    clicks       (B, P) float32   click labels (0 where padded)
+    history_ids, pv_ids (B, L) / (B, P) int64 item ids (-1 where padded); user_id (B,) int64
+Images are uint8, or float32 ImageNet-normalised with normalize=True. Every distinct item of
+a batch is decoded once (rows share items). A background thread prepares the next `prefetch`
+batches while the caller computes. Order is a permutation fixed by (seed, epoch); with
+world_size > 1 rank r takes positions r, r + W, ... of it: shards are disjoint and together
+complete (drop_last=True trims every shard to the same number of full batches, for DDP).
+"""
+import queue
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from courier_fast.data.decode import ImageDecoder
+
+
+@dataclass
+class SessionBatch:
+    history: torch.Tensor
+    history_pad: torch.Tensor
+    pv: torch.Tensor
+    pv_pad: torch.Tensor
+    clicks: torch.Tensor
+    history_ids: torch.Tensor
+    pv_ids: torch.Tensor
+    user_id: torch.Tensor
+
+
+def _ragged(column):
+    """(flat int64 values, offsets) of a pyarrow list column."""
+    arr = column.combine_chunks()
+    return arr.flatten().to_numpy().astype(np.int64), arr.offsets.to_numpy().astype(np.int64)
+
+
+class SessionLoader:
+    def __init__(self, items, sessions, *, batch_size, image_size=None, history_len=5, pv_len=None,
+                 decoder=None, shuffle=True, seed=0, rank=0, world_size=1, drop_last=False,
+                 prefetch=2, device="cpu", normalize=False):
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be > 0, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        if history_len <= 0:
+            raise ValueError(f"history_len must be > 0, got {history_len}")
+        self.batch_size, self.history_len, self.shuffle, self.seed = batch_size, history_len, shuffle, seed
+        self.rank, self.world_size, self.drop_last, self.prefetch = rank, world_size, drop_last, prefetch
+        self.decoder = decoder or ImageDecoder(device=device, size=image_size, normalize=normalize)
+        self.epoch = 0
+        ids = items.column("item_id").to_numpy()
+        self._order = np.argsort(ids)
+        self._sorted_ids = ids[self._order]
+        self._images = items.column("image")
+        self._hist, self._hist_off = _ragged(sessions.column("history"))
+        self._pv, self._pv_off = _ragged(sessions.column("pv_items"))
+        self._clicks, _ = _ragged(sessions.column("clicks"))
+        self._users = sessions.column("user_id").to_numpy()
+        self.num_rows = sessions.num_rows
+        self.pv_len = pv_len or int(np.diff(self._pv_off).max())
+
+    def set_epoch(self, epoch):
+        """Choose the epoch whose permutation the next iteration uses (like DistributedSampler)."""
+        self.epoch = int(epoch)
+
+    def shard(self):
+        """Row indices this rank reads this epoch, in order."""
+        order = (np.random.default_rng([self.seed, self.epoch]).permutation(self.num_rows)
+                 if self.shuffle else np.arange(self.num_rows))
+        mine = order[self.rank::self.world_size]
+        if self.drop_last:
+            per_rank = (self.num_rows // self.world_size) // self.batch_size * self.batch_size
+            mine = mine[:per_rank]
+        return mine
+
+    def __len__(self):
+        n = len(self.shard())
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        rows = self.shard()
+        chunks = [rows[i:i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
+        if self.drop_last:
+            chunks = [c for c in chunks if len(c) == self.batch_size]
+        if self.prefetch <= 0:
+            for c in chunks:
+                yield self.make_batch(c)
+            return
+        yield from self._prefetched(chunks)
+
+    def _prefetched(self, chunks):
+        q = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+
+        def produce():
+            try:
+                for c in chunks:
+                    if stop.is_set():
+                        return
+                    q.put(("batch", self.make_batch(c)))
+                q.put(("done", None))
+            except BaseException as exc:  # surfaced in the consumer, with its traceback
+                q.put(("error", exc))
+
+        worker = threading.Thread(target=produce, daemon=True, name="courier-fast-prefetch")
+        worker.start()
+        try:
+            while True:
+                kind, value = q.get()
+                if kind == "done":
+                    return
+                if kind == "error":
+                    raise value
+                yield value
+        finally:
+            stop.set()
+            while worker.is_alive():  # unblock a producer waiting on a full queue
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    worker.join(timeout=0.05)
+
+    # ------------------------------------------------------------------ one batch
+    def _padded(self, flat, offsets, rows, width, newest):
+        ids = np.full((len(rows), width), -1, dtype=np.int64)
+        for k, r in enumerate(rows):
+            seq = flat[offsets[r]:offsets[r + 1]]
+            seq = seq[-width:] if newest else seq[:width]
+            ids[k, :len(seq)] = seq
+        return ids
+
+    def make_batch(self, rows):
+        hist_ids = self._padded(self._hist, self._hist_off, rows, self.history_len, newest=True)
+        pv_ids = self._padded(self._pv, self._pv_off, rows, self.pv_len, newest=False)
+        clicks = self._padded(self._clicks, self._pv_off, rows, self.pv_len, newest=False)
+        unique = np.unique(np.concatenate([hist_ids.ravel(), pv_ids.ravel()]))
+        unique = unique[unique >= 0]
+        pos = self._order[np.searchsorted(self._sorted_ids, unique)]
+        images = self.decoder([self._images[int(p)].as_py() for p in pos], item_ids=unique)
+        # one zero image at the end stands in for every padded slot
+        table = torch.cat([images, images.new_zeros((1,) + images.shape[1:])])
+
+        def gather(ids):
+            idx = np.where(ids >= 0, np.searchsorted(unique, ids), len(unique))
+            return table[torch.from_numpy(idx).to(table.device)]
+
+        return SessionBatch(
+            history=gather(hist_ids), history_pad=torch.from_numpy(hist_ids < 0),
+            pv=gather(pv_ids), pv_pad=torch.from_numpy(pv_ids < 0),
+            clicks=torch.from_numpy(np.where(pv_ids >= 0, clicks, 0).astype(np.float32)),
+            history_ids=torch.from_numpy(hist_ids), pv_ids=torch.from_numpy(pv_ids),
+            user_id=torch.from_numpy(self._users[rows].astype(np.int64)))
