@@ -128,7 +128,7 @@ def _users(cfg, rng, n_cat):
         taste = rng.dirichlet(np.full(n_cat, 0.6))
         n_modes = int(rng.integers(2, 4))
         groups = np.array_split(rng.permutation(n_cat), n_modes)
-        modes = [{"cats": set(g.tolist()), "hue": rng.random(), "kappa": rng.uniform(1.5, 3.5),
+        modes = [{"cats": set(g.tolist()), "hue": rng.random(), "kappa": rng.uniform(3.5, 6.0),
                   "pattern": int(rng.integers(0, len(PATTERNS))), "high_freq": bool(rng.random() < 0.5)}
                  for g in groups]
         users.append({"taste": taste, "modes": modes})
@@ -144,7 +144,7 @@ def _affinity(user, it, cfg_items):
         hue = np.cos(2 * np.pi * (cfg_items["hue"][it] - m["hue"]))
         pat = (cfg_items["pattern"][it] == m["pattern"]).astype(float)
         freq = (cfg_items["frequency"][it] > 3.25) == m["high_freq"]
-        score = score + inside * (m["kappa"] * hue + 1.2 * pat + 0.6 * freq - 0.8)
+        score = score + inside * (m["kappa"] * hue + 1.5 * pat + 0.8 * freq - 1.0)
     return score + 0.5 * cfg_items["quality"][it]
 
 
