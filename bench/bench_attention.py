@@ -152,7 +152,7 @@ def main():
                     print(f"{key:<26}{b:>6}{length:>6}{p:>5}{dt:>10}  {res.get('error', '')[:70]}")
                 rows.append(row)
     ceilings["copy_bytes_per_s"] = bandwidth
-    print("wrote", harness.write_results("attention", ceilings, rows, args.out))
+    print("wrote", harness.write_results("attention", ceilings, rows, args.out, quick=args.quick))
 
 
 if __name__ == "__main__":

@@ -160,7 +160,7 @@ def main():
                     else:
                         print(f"{key:<34}{n:>9}{d:>6}{dt:>10}  {res.get('error', '')[:80]}")
                     rows.append(row)
-    print("wrote", harness.write_results("contrastive", ceilings, rows, args.out))
+    print("wrote", harness.write_results("contrastive", ceilings, rows, args.out, quick=args.quick))
 
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ def main():
                 continue
             print(f"{name:<28}{px:>10}{workers:>9}{rate:>12.0f}")
             rows.append({"impl": name, "images_per_s": round(rate, 1), "source_px": px, "workers": workers})
-    print("wrote", harness.write_results("decode", {}, rows, args.out))
+    print("wrote", harness.write_results("decode", {}, rows, args.out, quick=args.quick))
 
 
 if __name__ == "__main__":

@@ -112,8 +112,9 @@ def _version(name):
         return None
 
 
-def write_results(bench, ceilings, rows, path=None):
-    """bench/results/<device>-<bench>.json, written atomically."""
+def write_results(bench, ceilings, rows, path=None, quick=False):
+    """bench/results/<device>-<bench>.json (…-quick.json for --quick runs, which are not kept
+    in git), written atomically."""
     try:
         git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, cwd=HERE).stdout.strip() or None
@@ -123,7 +124,7 @@ def write_results(bench, ceilings, rows, path=None):
               "torch": torch.__version__, "triton": _version("triton"),
               "date": datetime.date.today().isoformat(), "git": git, "ceilings": ceilings,
               "rows": rows}
-    path = path or os.path.join(HERE, "results", f"{device_name()}-{bench}.json")
+    path = path or os.path.join(HERE, "results", f"{device_name()}-{bench}{'-quick' if quick else ''}.json")
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(result, f, indent=1)
