@@ -7,7 +7,7 @@ available, validated implementation in AUTO_ORDER for the tensors' device.
 """
 import importlib.util
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 

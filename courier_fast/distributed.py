@@ -22,10 +22,14 @@ def _rank_sizes(n, group, device):
     return [int(s.item()) for s in sizes]
 
 
+def _padded(t, rows):
+    """t with zero rows appended up to `rows` rows."""
+    return t if t.shape[0] == rows else torch.cat([t, t.new_zeros((rows - t.shape[0],) + t.shape[1:])])
+
+
 def _gather(x, sizes, group):
     """Concatenate every rank's x (first dim sizes[r]); pads to the largest for all_gather."""
-    largest = max(sizes)
-    padded = x if x.shape[0] == largest else torch.cat([x, x.new_zeros((largest - x.shape[0],) + x.shape[1:])])
+    padded = _padded(x, max(sizes))
     parts = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(parts, padded.contiguous(), group=group)
     return torch.cat([p[:s] for p, s in zip(parts, sizes)])
@@ -80,10 +84,6 @@ def _ring_shift(tensors, group):
     return received
 
 
-def _padded(t, rows):
-    return t if t.shape[0] == rows else torch.cat([t, t.new_zeros((rows - t.shape[0],) + t.shape[1:])])
-
-
 class _RingLSE(torch.autograd.Function):
     """Row LSE of local x against every rank's y, passing y blocks around a ring (Inf-CL style):
     a rank never holds more than its own and one visiting block. Backward passes the blocks
@@ -114,10 +114,11 @@ class _RingLSE(torch.autograd.Function):
         grad_blk = torch.zeros_like(blk)
         grad_x = torch.zeros_like(x)
         empty = lse.new_empty(0)
+        grad = grad.to(lse.dtype).contiguous()
         for step in range(len(ctx.batch.sizes)):
             if step:
                 blk, keep, grad_blk = _ring_shift([blk, keep, grad_blk], ctx.batch.group)
-            gx, gy = bwd(grad.to(lse.dtype).contiguous(), empty, x, blk, None, keep.bool(), lse, empty,
+            gx, gy = bwd(grad, empty, x, blk, None, keep.bool(), lse, empty,
                          ctx.scale, ctx.normalize, False)
             grad_x += gx
             grad_blk += gy

@@ -168,7 +168,7 @@ def test_gradcheck_float64(gen, backend, symmetric):
                                          symmetric=symmetric, backend=backend), (a, c))
 
 
-def test_auto_picks_cpu_backend_on_cpu(monkeypatch):
+def test_auto_picks_cpu_backend_on_cpu():
     from courier_fast import dispatch
     assert dispatch.select(OP, "auto", torch.device("cpu")) is dispatch._REGISTRY[OP]["cpu"].fn
 

@@ -84,7 +84,8 @@ class ImageDecoder:
                                   i, item) from exc
         self.last_skipped = bad
         self.skipped += len(bad)
-        keep = [im for i, im in enumerate(images) if i not in set(bad)]
+        dropped = set(bad)
+        keep = [im for i, im in enumerate(images) if i not in dropped]
         return self._finish(decode(keep)) if keep else self._empty()
 
     # ------------------------------------------------------------------ helpers
@@ -157,8 +158,7 @@ class ImageDecoder:
     def _dali_pipe(self, batch):
         from nvidia.dali import fn, pipeline_def, types
         cap = max(self.max_batch, batch)
-        key = cap
-        if key not in self._pipes:
+        if cap not in self._pipes:
             gpu = self.device.type == "cuda"
             device_id = (self.device.index or 0) if gpu else None
 
@@ -174,8 +174,8 @@ class ImageDecoder:
 
             p = pipe()
             p.build()
-            self._pipes[key] = p
-        return self._pipes[key]
+            self._pipes[cap] = p
+        return self._pipes[cap]
 
     def _decode_dali(self, images):
         import numpy as np
