@@ -1,21 +1,26 @@
 """SessionLoader: batches of request rows -> decoded history and page-view images.
 
-Each batch holds B request rows of one session table (see format.py):
-    history      (B, L, 3, S, S)  the newest L clicked items, oldest -> newest, right-padded
+Each batch holds B request rows of one session table (see format.py). Rows share items, so
+every distinct item of a batch is decoded once and the rows index into that set:
+    images       (U, 3, S, S)     the batch's distinct items, ordered by item id
+    image_ids    (U,) int64       their ids; image_category (U,) int64 their categories
+    history_index, pv_index (B, L) / (B, P) int64  rows of `images`; U where padded
     history_pad  (B, L) bool      True = padding (nn.MultiheadAttention's key_padding_mask)
-    pv           (B, P, 3, S, S)  the items shown, right-padded to P
     pv_pad       (B, P) bool      True = padding
     clicks       (B, P) float32   click labels (0 where padded)
     history_ids, pv_ids (B, L) / (B, P) int64 item ids (-1 where padded); user_id (B,) int64
-Images are uint8, or float32 ImageNet-normalised with normalize=True. Every distinct item of
-a batch is decoded once (rows share items). A background thread prepares the next `prefetch`
+and, gathered on access: history (B, L, 3, S, S) the newest L clicked items, oldest -> newest,
+right-padded with zero images; pv (B, P, 3, S, S) the items shown; history_category /
+pv_category (B, L) / (B, P) int64 (-1 where padded). A model should encode `images` once and
+index the embeddings (see CourierModel). Images are uint8, or float32 ImageNet-normalised
+with normalize=True. A background thread prepares the next `prefetch`
 batches while the caller computes. Order is a permutation fixed by (seed, epoch); with
 world_size > 1 rank r takes positions r, r + W, ... of it: shards are disjoint and together
 complete (drop_last=True trims every shard to the same number of full batches, for DDP).
 """
 import queue
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -25,14 +30,47 @@ from courier_fast.data.decode import ImageDecoder
 
 @dataclass
 class SessionBatch:
-    history: torch.Tensor
+    images: torch.Tensor
+    image_ids: torch.Tensor
+    image_category: torch.Tensor
+    history_index: torch.Tensor
+    pv_index: torch.Tensor
     history_pad: torch.Tensor
-    pv: torch.Tensor
     pv_pad: torch.Tensor
     clicks: torch.Tensor
     history_ids: torch.Tensor
     pv_ids: torch.Tensor
     user_id: torch.Tensor
+
+    def _gather(self, table, index):
+        """table (U, ...) indexed by (B, K) with U = padding -> (B, K, ...), zeros where padded."""
+        padded = torch.cat([table, table.new_zeros((1,) + table.shape[1:])])
+        return padded[index.to(padded.device)]
+
+    @property
+    def history(self):
+        return self._gather(self.images, self.history_index)
+
+    @property
+    def pv(self):
+        return self._gather(self.images, self.pv_index)
+
+    @property
+    def history_category(self):
+        return torch.where(self.history_pad, -1, self._gather(self.image_category, self.history_index))
+
+    @property
+    def pv_category(self):
+        return torch.where(self.pv_pad, -1, self._gather(self.image_category, self.pv_index))
+
+    def to(self, device, non_blocking=False):
+        """A copy with every tensor on `device`."""
+        return SessionBatch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+                               for f in fields(self)})
+
+    @property
+    def num_rows(self):
+        return self.pv_index.shape[0]
 
 
 def _ragged(column):
@@ -59,6 +97,7 @@ class SessionLoader:
         self._order = np.argsort(ids)
         self._sorted_ids = ids[self._order]
         self._images = items.column("image")
+        self._categories = items.column("category").to_numpy().astype(np.int64)
         self._hist, self._hist_off = _ragged(sessions.column("history"))
         self._pv, self._pv_off = _ragged(sessions.column("pv_items"))
         self._clicks, _ = _ragged(sessions.column("clicks"))
@@ -85,15 +124,18 @@ class SessionLoader:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self):
+        return self.batches()
+
+    def batches(self, start=0):
+        """This epoch's batches from batch number `start` on (a resumed run skips the rest unread)."""
         rows = self.shard()
         chunks = [rows[i:i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
         if self.drop_last:
             chunks = [c for c in chunks if len(c) == self.batch_size]
+        chunks = chunks[start:]
         if self.prefetch <= 0:
-            for c in chunks:
-                yield self.make_batch(c)
-            return
-        yield from self._prefetched(chunks)
+            return (self.make_batch(c) for c in chunks)
+        return self._prefetched(chunks)
 
     def _prefetched(self, chunks):
         q = queue.Queue(maxsize=self.prefetch)
@@ -144,16 +186,14 @@ class SessionLoader:
         unique = unique[unique >= 0]
         pos = self._order[np.searchsorted(self._sorted_ids, unique)]
         images = self.decoder([self._images[int(p)].as_py() for p in pos], item_ids=unique)
-        # one zero image at the end stands in for every padded slot
-        table = torch.cat([images, images.new_zeros((1,) + images.shape[1:])])
 
-        def gather(ids):
-            idx = np.where(ids >= 0, np.searchsorted(unique, ids), len(unique))
-            return table[torch.from_numpy(idx).to(table.device)]
+        def index(ids):  # position in `unique`, len(unique) for padding
+            return torch.from_numpy(np.where(ids >= 0, np.searchsorted(unique, ids), len(unique)))
 
         return SessionBatch(
-            history=gather(hist_ids), history_pad=torch.from_numpy(hist_ids < 0),
-            pv=gather(pv_ids), pv_pad=torch.from_numpy(pv_ids < 0),
+            images=images, image_ids=torch.from_numpy(unique), image_category=torch.from_numpy(self._categories[pos]),
+            history_index=index(hist_ids), pv_index=index(pv_ids),
+            history_pad=torch.from_numpy(hist_ids < 0), pv_pad=torch.from_numpy(pv_ids < 0),
             clicks=torch.from_numpy(np.where(pv_ids >= 0, clicks, 0).astype(np.float32)),
             history_ids=torch.from_numpy(hist_ids), pv_ids=torch.from_numpy(pv_ids),
             user_id=torch.from_numpy(self._users[rows].astype(np.int64)))

@@ -1,0 +1,132 @@
+"""Item embeddings and the features COURIER feeds a CTR model (`courier-fast embed`).
+
+ItemEmbeddings holds, for every item of items.parquet: item_ids (n,) int64, vectors (n, d)
+float32 with unit L2 norm, and cluster_ids (n,) int64 from k-means over those vectors
+(scikit-learn). Saved as .safetensors or .parquet (atomically). simscore() gives the paper's
+SimScore features: the cosine between a shown item's image and each history image.
+"""
+import os
+
+import numpy as np
+import torch
+
+SUFFIXES = (".safetensors", ".parquet")
+
+
+class ItemEmbeddings:
+    def __init__(self, item_ids, vectors, cluster_ids=None):
+        item_ids = np.asarray(item_ids, dtype=np.int64)
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[0] != item_ids.shape[0]:
+            raise ValueError(f"vectors must be (n, d) with n = len(item_ids) = {len(item_ids)}, got {vectors.shape}")
+        if not np.isfinite(vectors).all():
+            raise ValueError("vectors contain NaN or Inf")
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        self.item_ids, self.vectors = item_ids, vectors / np.maximum(norms, 1e-12)
+        self.cluster_ids = None if cluster_ids is None else np.asarray(cluster_ids, dtype=np.int64)
+        self._order = np.argsort(item_ids)
+
+    def __len__(self):
+        return len(self.item_ids)
+
+    def rows(self, ids):
+        """Row of each id (any shape); -1 for ids < 0 (padding). Unknown ids raise KeyError."""
+        ids = np.asarray(ids, dtype=np.int64)
+        pos = np.searchsorted(self.item_ids[self._order], ids.clip(min=0))
+        pos = pos.clip(max=len(self.item_ids) - 1)
+        rows = self._order[pos]
+        bad = (ids >= 0) & (self.item_ids[rows] != ids)
+        if bad.any():
+            raise KeyError(f"item id {int(ids[bad][0])} has no embedding")
+        return np.where(ids >= 0, rows, -1)
+
+    def with_clusters(self, k, seed=0):
+        """A copy with cluster_ids from k-means (k clusters, k-means++ init) over the vectors."""
+        from sklearn.cluster import KMeans
+
+        k = min(int(k), len(self))
+        labels = KMeans(n_clusters=k, n_init=3, random_state=seed).fit_predict(self.vectors)
+        return ItemEmbeddings(self.item_ids, self.vectors, labels)
+
+    def save(self, path):
+        path = str(path)
+        if not path.endswith(SUFFIXES):
+            raise ValueError(f"out must end with one of {SUFFIXES}, got {path!r}")
+        clusters = self.cluster_ids if self.cluster_ids is not None else np.full(len(self), -1, np.int64)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        if path.endswith(".safetensors"):
+            from safetensors.numpy import save_file
+            save_file({"item_id": self.item_ids, "embedding": self.vectors, "cluster_id": clusters}, tmp)
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+            d = self.vectors.shape[1]
+            emb = pa.FixedSizeListArray.from_arrays(pa.array(self.vectors.reshape(-1)), d)
+            pq.write_table(pa.table({"item_id": self.item_ids, "embedding": emb, "cluster_id": clusters}), tmp)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path):
+        path = str(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"embeddings: {path} does not exist")
+        try:
+            if path.endswith(".safetensors"):
+                from safetensors.numpy import load_file
+                t = load_file(path)
+                ids, vec, clusters = t["item_id"], t["embedding"], t["cluster_id"]
+            else:
+                import pyarrow.parquet as pq
+                t = pq.read_table(path)
+                ids = t.column("item_id").to_numpy()
+                vec = np.stack(t.column("embedding").to_numpy(zero_copy_only=False))
+                clusters = t.column("cluster_id").to_numpy()
+        except (KeyError, OSError, ValueError) as exc:
+            raise ValueError(f"embeddings: {path} is not an embedding file ({exc})") from exc
+        return cls(ids, vec, None if (clusters < 0).all() else clusters)
+
+
+@torch.no_grad()
+def encode_items(encoder, items, image_size=None, batch_size=256, device="cpu", decoder="auto"):
+    """ItemEmbeddings of every item of the item table with `encoder` (an ImageEncoder) in eval mode."""
+    from courier_fast.data.decode import ImageDecoder
+
+    dec = ImageDecoder(backend=decoder, device=torch.device(device).type, size=image_size)
+    ids = items.column("item_id").to_numpy()
+    images = items.column("image")
+    was_training = encoder.training
+    encoder.eval()
+    out = []
+    for start in range(0, len(ids), batch_size):
+        chunk = [images[i].as_py() for i in range(start, min(start + batch_size, len(ids)))]
+        x = dec(chunk, item_ids=ids[start:start + len(chunk)]).to(device)
+        out.append(encoder(x).float().cpu())
+    encoder.train(was_training)
+    vectors = torch.cat(out) if out else torch.zeros(0, encoder.embed_dim)
+    return ItemEmbeddings(ids, vectors.numpy())
+
+
+def simscore(emb, history_ids, pv_ids):
+    """Cosine of each shown item to each history item: history (R, L), pv (R, P) ids (-1 pad)
+    -> (R, P, L) float32, 0 where either side is padding."""
+    h_rows, p_rows = emb.rows(history_ids), emb.rows(pv_ids)
+    table = np.vstack([emb.vectors, np.zeros((1, emb.vectors.shape[1]), np.float32)])  # row -1 = zeros
+    return np.einsum("rpd,rld->rpl", table[p_rows], table[h_rows]).astype(np.float32)
+
+
+def embed(checkpoint, data, out, clusters=32, batch_size=256, device="auto", seed=0):
+    """Embed every item of `data` with a train() checkpoint's encoder, cluster, save to `out`."""
+    from courier_fast.data import read_items
+    from courier_fast.methods import build_method
+    from courier_fast.train import load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    items = read_items(os.path.join(data, "items.parquet"))
+    dev = "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
+    method = build_method(ckpt["method"], items, **ckpt["method_kwargs"])
+    method.load_state_dict(ckpt["model"])
+    emb = encode_items(method.encoder.to(dev), items, ckpt["config"].get("image_size"), batch_size, dev)
+    if clusters:
+        emb = emb.with_clusters(clusters, seed)
+    emb.save(out)
+    return emb

@@ -1,0 +1,136 @@
+"""Pre-training methods, all on the same ImageEncoder and the same SessionBatch stream.
+
+Every method is an nn.Module with `.encoder` (the ImageEncoder whose embeddings are exported)
+and `forward(batch, generator) -> dict` of losses ("loss" is optimised), and
+`images_per_step(batch)`: encoder image passes of one step (the budget unit; a method with two
+views counts both). `build_method(name, items, **kwargs)` makes one:
+
+* courier: CourierModel (the reconstruction losses), light augmentation.
+* simclr: two SimCLR-augmented views of each distinct item of the batch, a 2-layer projection
+  head, symmetric InfoNCE (our contrastive_loss, temperature 0.1).
+* category_supervised: a linear classifier on the embedding, cross-entropy on the category.
+* clip_titles: image-title InfoNCE (our symmetric loss, temperature 0.07); titles are encoded
+  by a bag of word embeddings, the vocabulary taken from the item table.
+* random_encoder: the untrained encoder (its training runs zero steps).
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from courier_fast.augment import Augment, to_float
+from courier_fast.contrastive import contrastive_loss
+from courier_fast.model import CourierModel, ImageEncoder
+
+METHODS = ("courier", "simclr", "category_supervised", "clip_titles", "random_encoder")
+
+
+class CourierMethod(nn.Module):
+    def __init__(self, items=None, **kw):
+        super().__init__()
+        self.model = CourierModel(**kw)
+        self.encoder = self.model.encoder
+        self.augment = Augment.light()
+
+    def images_per_step(self, batch):
+        return batch.images.shape[0]
+
+    def forward(self, batch, generator=None):
+        return self.model(batch, self.augment(to_float(batch.images), generator))
+
+
+class SimCLRMethod(nn.Module):
+    def __init__(self, items=None, temperature=0.1, **kw):
+        super().__init__()
+        self.encoder = ImageEncoder(**kw)
+        d = self.encoder.embed_dim
+        self.projection = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d))
+        self.augment, self.temperature = Augment.simclr(), temperature
+
+    def images_per_step(self, batch):
+        return 2 * batch.images.shape[0]
+
+    def forward(self, batch, generator=None):
+        x = to_float(batch.images)
+        z = self.projection(self.encoder(torch.cat([self.augment(x, generator), self.augment(x, generator)])))
+        z1, z2 = z.chunk(2)
+        return {"loss": contrastive_loss(z1, z2, temperature=self.temperature, symmetric=True)}
+
+
+class CategorySupervisedMethod(nn.Module):
+    def __init__(self, items=None, num_categories=None, **kw):
+        super().__init__()
+        if num_categories is None:
+            num_categories = int(items.column("category").to_numpy().max()) + 1
+        self.encoder = ImageEncoder(**kw)
+        self.classifier = nn.Linear(self.encoder.embed_dim, num_categories)
+        self.augment = Augment.light()
+
+    def images_per_step(self, batch):
+        return batch.images.shape[0]
+
+    def forward(self, batch, generator=None):
+        logits = self.classifier(self.encoder(self.augment(to_float(batch.images), generator))).float()
+        target = batch.image_category.to(logits.device) % logits.shape[1]
+        return {"loss": F.cross_entropy(logits, target)}
+
+
+class ClipTitlesMethod(nn.Module):
+    def __init__(self, items=None, vocab=None, temperature=0.07, **kw):
+        super().__init__()
+        if vocab is None:
+            vocab = sorted({w for t in items.column("title").to_pylist() for w in t.lower().split()})
+        self.vocab = {w: i + 1 for i, w in enumerate(vocab)}  # 0 = unknown word
+        ids = items.column("item_id").to_numpy()
+        order = ids.argsort()
+        self.register_buffer("_sorted_ids", torch.from_numpy(ids[order]), persistent=False)
+        tokens = [[self.vocab.get(w, 0) for w in t.lower().split()] or [0] for t in items.column("title").to_pylist()]
+        width = max(len(t) for t in tokens)
+        table = torch.full((len(tokens), width), -1, dtype=torch.long)
+        for k, t in enumerate(tokens):
+            table[k, :len(t)] = torch.tensor(t)
+        self.register_buffer("_tokens", table[torch.from_numpy(order)], persistent=False)
+        self.encoder = ImageEncoder(**kw)
+        d = self.encoder.embed_dim
+        self.words = nn.Embedding(len(vocab) + 1, d)
+        self.text_head = nn.Linear(d, d)
+        self.augment, self.temperature = Augment.light(), temperature
+
+    def images_per_step(self, batch):
+        return batch.images.shape[0]
+
+    def encode_titles(self, item_ids):
+        tok = self._tokens[torch.searchsorted(self._sorted_ids, item_ids.to(self._sorted_ids.device))]
+        mask = (tok >= 0).float().unsqueeze(-1)
+        bag = (self.words(tok.clamp(min=0)) * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return self.text_head(bag)
+
+    def forward(self, batch, generator=None):
+        img = self.encoder(self.augment(to_float(batch.images), generator))
+        txt = self.encode_titles(batch.image_ids)
+        return {"loss": contrastive_loss(img, txt.to(img.dtype), temperature=self.temperature, symmetric=True)}
+
+
+class RandomEncoderMethod(nn.Module):
+    def __init__(self, items=None, **kw):
+        super().__init__()
+        self.encoder = ImageEncoder(**kw)
+
+    def images_per_step(self, batch):
+        return 0
+
+    def forward(self, batch, generator=None):
+        raise RuntimeError("random_encoder is not trained (run it with steps=0)")
+
+
+_CLASSES = {"courier": CourierMethod, "simclr": SimCLRMethod, "category_supervised": CategorySupervisedMethod,
+            "clip_titles": ClipTitlesMethod, "random_encoder": RandomEncoderMethod}
+
+
+def build_method(name, items=None, **kwargs):
+    """A pre-training method by name (METHODS); `items` is the item table (categories, titles).
+
+    kwargs go to the method (e.g. temperature) and the rest to ImageEncoder / CourierModel.
+    """
+    if name not in _CLASSES:
+        raise ValueError(f"method must be one of {METHODS}, got {name!r}")
+    return _CLASSES[name](items, **kwargs)

@@ -1,0 +1,179 @@
+"""CourierModel: timm image encoder -> linear head -> ReconstructionAttention -> COURIER's losses.
+
+A batch is a courier_fast.data.SessionBatch: the batch's distinct item images are encoded once
+and every history / page-view slot indexes their embeddings. Losses (DESIGN §1):
+
+* contrastive (weight `contrastive_weight`, temperature 0.05): each clicked page-view item's
+  reconstruction r_j must pick out its own embedding e_j among every page-view item of the
+  (global) batch, non-clicked items of the same page included. Non-clicked items are never
+  anchors. An item shown several times in the batch is one candidate (its clicked slots are
+  anchors; other copies would be false negatives with the positive's exact logit).
+* history (weight `history_weight`): causal self-reconstruction, each history click from the
+  earlier ones, with the same attention layer and the same InfoNCE over the batch's history.
+* ctr (weight `ctr_weight`): an MLP on [r_j ; e_j] with BCE on the click label of every valid slot.
+
+Queries (`query=`):
+* "target" (default): the shown item queries the history through its *non-visual* features: a
+  learned query plus a learned embedding of its category. Target-aware (which history items
+  matter depends on what is shown) but leak-free: the query carries nothing of the target's
+  pixels, so attention cannot interpolate history items towards the target's look (background,
+  orientation) and win the contrastive task without the click signal.
+* "learned": one learned query pools the history, independent of the target.
+* "target_image": the paper's literal form, the target's own image embedding as the query.
+  Kept for reproduction; our measurements show it learns a shortcut (see the README).
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from courier_fast.augment import to_float
+from courier_fast.nn import InBatchContrastiveLoss, ReconstructionAttention
+
+QUERIES = ("target", "learned", "target_image")
+
+
+class ImageEncoder(nn.Module):
+    """timm backbone (no classifier) -> linear head: images (n, 3, S, S) -> (n, embed_dim).
+
+    Images are uint8 (normalised here) or ImageNet-normalised float. `pretrained` is a path to
+    local backbone weights (a torch or safetensors state_dict); nothing is downloaded.
+    """
+
+    def __init__(self, encoder="resnet18", embed_dim=256, pretrained=None, grad_checkpointing=False,
+                 freeze_backbone=False, channels_last=True, **timm_kwargs):
+        super().__init__()
+        import timm
+
+        if not isinstance(encoder, str) or not timm.is_model(encoder):
+            raise ValueError(f"encoder must be a timm model name, got {encoder!r}")
+        self.backbone = timm.create_model(encoder, pretrained=False, num_classes=0, **timm_kwargs)
+        if pretrained is not None:
+            load_backbone_weights(self.backbone, pretrained)
+        if grad_checkpointing:
+            self.backbone.set_grad_checkpointing(True)
+        self.frozen = bool(freeze_backbone)
+        if self.frozen:
+            self.backbone.requires_grad_(False)
+        self.channels_last = channels_last
+        self.head = nn.Linear(self.backbone.num_features, embed_dim)
+        self.embed_dim = embed_dim
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.frozen:
+            self.backbone.eval()  # frozen BatchNorm statistics too
+        return self
+
+    def forward(self, images):
+        x = to_float(images)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.head(self.backbone(x))
+
+
+def load_backbone_weights(backbone, path):
+    """Load a local state_dict into a timm backbone; classifier keys are ignored."""
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+        state = load_file(str(path))
+    else:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+    own = backbone.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not usable:
+        raise ValueError(f"pretrained={path!r} has no tensor matching the backbone's names and shapes")
+    backbone.load_state_dict(usable, strict=False)
+
+
+def candidate_mask(index, anchor, valid):
+    """One candidate per distinct item: (K,) slots -> (K,) bool.
+
+    index: item row of each slot; anchor: bool, the slot is an anchor; valid: bool. Keeps every
+    anchor slot (each needs its own positive) and the first slot of each item no anchor uses.
+    """
+    k = index.numel()
+    pos = torch.arange(k, device=index.device)
+    size = int(index.max()) + 1 if k else 1
+    first = torch.full((size,), k, device=index.device).scatter_reduce(0, index, pos, "amin")
+    anchored = torch.zeros(size, dtype=torch.bool, device=index.device).index_fill(0, index[anchor], True)
+    return valid & (anchor | ((pos == first[index]) & ~anchored[index]))
+
+
+class CourierModel(nn.Module):
+    """COURIER pre-training: CourierModel(...)(batch) -> dict of losses ("loss" is their weighted sum).
+
+    encoder: a timm model name; embed_dim: e's size (256 in the paper); num_heads: attention
+    heads; query: "target" | "learned" | "target_image" (module docstring); pretrained: local
+    backbone weights or None; category_buckets: size of the category embedding table (ids are
+    taken modulo it). Other options are ImageEncoder's and the loss weights / temperature.
+    """
+
+    def __init__(self, encoder="resnet18", embed_dim=256, num_heads=4, query="target", pretrained=None,
+                 temperature=0.05, contrastive_weight=1.0, history_weight=1.0, ctr_weight=1.0,
+                 category_buckets=1024, grad_checkpointing=False, freeze_backbone=False, channels_last=True,
+                 gather=True, backend="auto", **timm_kwargs):
+        super().__init__()
+        if query not in QUERIES:
+            raise ValueError(f"query must be one of {QUERIES}, got {query!r}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.encoder = ImageEncoder(encoder, embed_dim, pretrained, grad_checkpointing, freeze_backbone,
+                                    channels_last, **timm_kwargs)
+        self.query, self.embed_dim = query, embed_dim
+        self.weights = {"contrastive": contrastive_weight, "history": history_weight, "ctr": ctr_weight}
+        self.attention = ReconstructionAttention(embed_dim, num_heads, backend=backend)
+        self.base_query = nn.Parameter(torch.randn(embed_dim) / embed_dim ** 0.5)
+        self.category_query = nn.Embedding(category_buckets, embed_dim) if query == "target" else None
+        if self.category_query is not None:
+            nn.init.zeros_(self.category_query.weight)  # starts as the learned query, learns per category
+        self.ctr_head = nn.Sequential(nn.Linear(2 * embed_dim, embed_dim), nn.ReLU(), nn.Linear(embed_dim, 1))
+        self.infonce = InBatchContrastiveLoss(temperature=temperature, gather=gather, backend=backend)
+
+    def queries(self, emb, category):
+        """Queries for targets with embeddings emb (B, K, d) and categories (B, K) (-1 = padding)."""
+        if self.query == "target_image":
+            return emb
+        q = self.base_query.to(emb.dtype).expand_as(emb)
+        if self.category_query is not None:
+            cat = category.clamp(min=0) % self.category_query.num_embeddings
+            q = q + self.category_query(cat.to(emb.device)).to(emb.dtype)
+        return q
+
+    def embed_batch(self, batch, images=None):
+        """(embeddings of the batch's distinct items with a zero row for padding: (U + 1, d))."""
+        emb = self.encoder(batch.images if images is None else images)
+        return torch.cat([emb, emb.new_zeros(1, emb.shape[1])])
+
+    def forward(self, batch, images=None):
+        """Losses of one SessionBatch; `images` replaces batch.images (e.g. an augmented copy)."""
+        dev = self.base_query.device
+        emb = self.embed_batch(batch, images)
+        hist_idx, pv_idx = batch.history_index.to(dev), batch.pv_index.to(dev)
+        hist_pad, pv_pad = batch.history_pad.to(dev), batch.pv_pad.to(dev)
+        clicks = batch.clicks.to(dev)
+        h, e = emb[hist_idx], emb[pv_idx]
+        d = e.shape[-1]
+        valid = ~pv_pad
+        clicked = (clicks > 0) & valid
+        r = self.attention(self.queries(e, batch.pv_category), h, key_padding_mask=hist_pad)
+        out = {}
+        w = self.weights
+        if w["contrastive"]:
+            cand = candidate_mask(pv_idx.reshape(-1), clicked.reshape(-1), valid.reshape(-1))
+            out["contrastive"] = self.infonce(r.reshape(-1, d), e.reshape(-1, d),
+                                              anchor_weight=clicked.reshape(-1), candidate_mask=cand)
+        if w["history"]:
+            rh = self.attention(self.queries(h, batch.history_category), h, key_padding_mask=hist_pad, causal=True)
+            hvalid = ~hist_pad
+            # a position is an anchor when it and at least one earlier position are valid
+            anchor = hvalid & (torch.cumsum(hvalid.int(), 1) > 1)
+            cand = candidate_mask(hist_idx.reshape(-1), anchor.reshape(-1), hvalid.reshape(-1))
+            out["history"] = self.infonce(rh.reshape(-1, d), h.reshape(-1, d),
+                                          anchor_weight=anchor.reshape(-1), candidate_mask=cand)
+        if w["ctr"]:
+            logits = self.ctr_head(torch.cat([r, e], -1)).squeeze(-1).float()
+            out["ctr"] = (F.binary_cross_entropy_with_logits(logits[valid], clicks[valid])
+                          if bool(valid.any()) else logits.sum() * 0)
+        out["loss"] = sum(w[k] * v for k, v in out.items())
+        return out
