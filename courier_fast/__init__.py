@@ -5,6 +5,8 @@
     attn = cf.nn.ReconstructionAttention(256, 4)      # nn.MultiheadAttention's parameters
     recon = attn(pv_emb, history_emb, key_padding_mask=history_pad)
     cf.backends()                                    # {name: (available, reason)}
+    model = cf.CourierModel("resnet18", query="target")  # timm encoder + attention + COURIER losses
+    cf.train(cf.TrainConfig(data="world/", out="runs/courier"))  # resumable, torchrun-able
 """
 from courier_fast import _extension  # noqa: F401  (loads courier_fast._C, warns once if missing)
 from courier_fast import _ops  # noqa: F401  (fake kernels + autograd for the compiled ops)
@@ -14,7 +16,9 @@ from courier_fast.attention import reconstruction_attention
 from courier_fast.contrastive import contrastive_loss
 from courier_fast.dispatch import backends
 from courier_fast.info import build_info
+from courier_fast.model import CourierModel
+from courier_fast.train import TrainConfig, train
 
 __version__ = "0.1.0"
 __all__ = ["contrastive_loss", "reconstruction_attention", "nn", "backends", "build_info",
-           "set_input_checks", "__version__"]
+           "set_input_checks", "CourierModel", "TrainConfig", "train", "__version__"]

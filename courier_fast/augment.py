@@ -51,10 +51,9 @@ class Augment:
             return (torch.rand(size, generator=generator) * (hi - lo) + lo).to(dev)
 
         area = uniform(*self.crop_scale)
-        log_ratio = uniform(math.log(3 / 4), math.log(4 / 3))
-        ratio = log_ratio.exp()
-        sx = (area * ratio).sqrt().clamp(max=1.0)
-        sy = (area / ratio).sqrt().clamp(max=1.0)
+        ratio = uniform(math.log(3 / 4), math.log(4 / 3)).exp()
+        ratio = torch.minimum(torch.maximum(ratio, area), 1 / area)  # both sides <= 1, area exact
+        sx, sy = (area * ratio).sqrt(), (area / ratio).sqrt()
         cx = (uniform(-1, 1) * (1 - sx))
         cy = (uniform(-1, 1) * (1 - sy))
         flip = torch.where(uniform(0, 1) < 0.5, -1.0, 1.0) if self.flip else torch.ones(n, device=dev)

@@ -17,7 +17,70 @@ def main(argv=None):
     gen.add_argument("--users", type=int, help="number of users")
     gen.add_argument("--requests-per-user", type=int)
     gen.add_argument("--image-size", type=int, help="rendered image side in pixels")
+    _add_train(sub)
+    emb = sub.add_parser("embed", help="L2-normalised item embeddings + k-means cluster IDs from a checkpoint")
+    emb.add_argument("--checkpoint", required=True, help="checkpoint.pt written by `courier-fast train`")
+    emb.add_argument("--data", required=True, help="a data directory (items.parquet)")
+    emb.add_argument("--out", required=True, help="output file: .safetensors or .parquet")
+    emb.add_argument("--clusters", type=int, default=32, help="k of k-means (0: no cluster IDs)")
+    emb.add_argument("--simscore", metavar="TABLE", action="append", default=[],
+                     help="also write TABLE's SimScore features (cosine of each shown item to each history "
+                          "item) to <out stem>.simscore-TABLE.parquet; repeatable (e.g. ctr_train)")
+    emb.add_argument("--batch-size", type=int, default=256)
+    emb.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    ev = sub.add_parser("eval", help="downstream CTR on ctr_train -> ctr_test (cold items): AUC, GAUC, logloss")
+    ev.add_argument("--data", required=True)
+    ev.add_argument("--embeddings", help="an embedding file from `courier-fast embed` (omit: no image features)")
+    ev.add_argument("--oracle", action="store_true", help="use the world's true attributes (oracle.parquet)")
+    ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    dm = sub.add_parser("demo", help="generate a world, pre-train every method, embed, evaluate, compare")
+    dm.add_argument("--quick", action="store_true", help="the small world and budget (minutes on 2 CPU cores)")
+    dm.add_argument("--seed", type=int, default=0)
+    dm.add_argument("--workdir", help="where the world, runs and results go (default courier_demo/<mode>-seed<S>)")
+    dm.add_argument("--json", dest="json_path", help="results JSON path (default <workdir>/results.json)")
+    dm.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    try:
+        return _run(parser, args)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        print(f"courier-fast {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _add_train(sub):
+    from courier_fast.methods import METHODS
+    from courier_fast.model import QUERIES
+
+    tr = sub.add_parser("train", help="pre-train an image encoder (COURIER or a baseline); resumable, torchrun-able")
+    tr.add_argument("--data", required=True, help="a data directory (items.parquet, pretrain.parquet)")
+    tr.add_argument("--out", required=True, help="run directory: config.json, metrics.jsonl, checkpoint.pt")
+    tr.add_argument("--method", default="courier", choices=METHODS)
+    tr.add_argument("--encoder", default="resnet18", help="a timm model name")
+    tr.add_argument("--embed-dim", type=int, default=256)
+    tr.add_argument("--num-heads", type=int, default=4)
+    tr.add_argument("--query", default="target", choices=QUERIES)
+    tr.add_argument("--pretrained", help="local backbone weights (.pth/.safetensors); nothing is downloaded")
+    tr.add_argument("--image-size", type=int)
+    tr.add_argument("--batch-size", type=int, default=64, help="request rows per process and step")
+    tr.add_argument("--steps", type=int, help="optimiser steps (default: --epochs passes)")
+    tr.add_argument("--epochs", type=int, default=1)
+    tr.add_argument("--max-images", type=int, help="stop after this many encoder image passes")
+    tr.add_argument("--lr", type=float, default=1e-4)
+    tr.add_argument("--weight-decay", type=float, default=1e-6)
+    tr.add_argument("--warmup-steps", type=int, default=50)
+    tr.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"))
+    tr.add_argument("--grad-checkpointing", action="store_true")
+    tr.add_argument("--freeze-backbone", action="store_true")
+    tr.add_argument("--checkpoint-every", type=int, default=200)
+    tr.add_argument("--log-every", type=int, default=10)
+    tr.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    tr.add_argument("--decoder", default="auto", choices=("auto", "dali", "pil", "torchvision"))
+    tr.add_argument("--no-progress", action="store_true")
+
+
+def _run(parser, args):
 
     if args.command == "generate":
         import dataclasses
@@ -37,6 +100,29 @@ def main(argv=None):
               + f" in {time.time() - start:.1f} s")
         return 0
 
+    if args.command == "train":
+        from courier_fast.train import TrainConfig, train
+        fields = {k: v for k, v in vars(args).items() if k not in ("command", "no_progress")}
+        summary = train(TrainConfig(progress=not args.no_progress, **fields))
+        print(json.dumps(summary))
+        return 0
+    if args.command == "embed":
+        return _embed(args)
+    if args.command == "eval":
+        from courier_fast.evaluate import evaluate, oracle_embeddings
+        if args.oracle and args.embeddings:
+            parser.error("give --embeddings or --oracle, not both")
+        emb = oracle_embeddings(args.data) if args.oracle else args.embeddings
+        metrics = evaluate(args.data, emb)
+        print(json.dumps(metrics) if args.json else
+              "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+        return 0
+    if args.command == "demo":
+        from courier_fast.demo import demo
+        demo(seed=args.seed, quick=args.quick, workdir=args.workdir, json_path=args.json_path,
+             progress=not args.no_progress)
+        return 0
+
     import courier_fast
 
     if args.command == "info":
@@ -46,6 +132,38 @@ def main(argv=None):
         else:
             from courier_fast.info import report
             print(report())
+    return 0
+
+
+def _embed(args):
+    import os
+
+    import pyarrow as pa
+
+    from courier_fast.data import load_dataset, write_table
+    from courier_fast.embed import SUFFIXES, embed, simscore
+    from courier_fast.evaluate import _ragged_to_padded
+
+    if not args.out.endswith(SUFFIXES):
+        raise ValueError(f"--out must end with one of {SUFFIXES}, got {args.out!r}")
+    if args.clusters < 0 or args.batch_size <= 0:
+        raise ValueError("--clusters must be >= 0 and --batch-size > 0")
+    tables = load_dataset(args.data, tables=tuple(args.simscore))  # validates before the long part
+    emb = embed(args.checkpoint, args.data, args.out, clusters=args.clusters, batch_size=args.batch_size,
+                device=args.device)
+    print(f"wrote {args.out}: {len(emb)} items x {emb.vectors.shape[1]}"
+          + (f", {int(emb.cluster_ids.max()) + 1} clusters" if emb.cluster_ids is not None else ""))
+    for name in args.simscore:
+        t = tables[name]
+        hist = _ragged_to_padded(t.column("history"), 5)
+        pv = _ragged_to_padded(t.column("pv_items"))
+        sims = simscore(emb, hist, pv)
+        rows = [[list(map(float, s[: (h >= 0).sum()])) for s, p in zip(rs, ps) if p >= 0]
+                for rs, h, ps in zip(sims, hist, pv)]
+        path = f"{os.path.splitext(args.out)[0]}.simscore-{name}.parquet"
+        write_table(pa.table({"user_id": t.column("user_id"), "pv_items": t.column("pv_items"),
+                              "simscore": pa.array(rows, pa.list_(pa.list_(pa.float32())))}), path)
+        print(f"wrote {path}: SimScore of {t.num_rows} requests")
     return 0
 
 

@@ -13,6 +13,17 @@ import torch
 SUFFIXES = (".safetensors", ".parquet")
 
 
+def check_out_path(path):
+    """An embedding file path: a known suffix and an existing directory (checked before any work)."""
+    path = str(path)
+    if not path.endswith(SUFFIXES):
+        raise ValueError(f"out must end with one of {SUFFIXES}, got {path!r}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"out: directory {folder} does not exist")
+    return path
+
+
 class ItemEmbeddings:
     def __init__(self, item_ids, vectors, cluster_ids=None):
         item_ids = np.asarray(item_ids, dtype=np.int64)
@@ -49,9 +60,7 @@ class ItemEmbeddings:
         return ItemEmbeddings(self.item_ids, self.vectors, labels)
 
     def save(self, path):
-        path = str(path)
-        if not path.endswith(SUFFIXES):
-            raise ValueError(f"out must end with one of {SUFFIXES}, got {path!r}")
+        path = check_out_path(path)
         clusters = self.cluster_ids if self.cluster_ids is not None else np.full(len(self), -1, np.int64)
         tmp = f"{path}.tmp-{os.getpid()}"
         if path.endswith(".safetensors"):
@@ -81,7 +90,7 @@ class ItemEmbeddings:
                 ids = t.column("item_id").to_numpy()
                 vec = np.stack(t.column("embedding").to_numpy(zero_copy_only=False))
                 clusters = t.column("cluster_id").to_numpy()
-        except (KeyError, OSError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001  (safetensors and pyarrow raise their own types)
             raise ValueError(f"embeddings: {path} is not an embedding file ({exc})") from exc
         return cls(ids, vec, None if (clusters < 0).all() else clusters)
 
@@ -120,6 +129,7 @@ def embed(checkpoint, data, out, clusters=32, batch_size=256, device="auto", see
     from courier_fast.methods import build_method
     from courier_fast.train import load_checkpoint
 
+    check_out_path(out)
     ckpt = load_checkpoint(checkpoint)
     items = read_items(os.path.join(data, "items.parquet"))
     dev = "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device

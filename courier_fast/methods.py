@@ -8,12 +8,14 @@ views counts both). `build_method(name, items, **kwargs)` makes one:
 * courier: CourierModel (the reconstruction losses), light augmentation.
 * simclr: two SimCLR-augmented views of each distinct item of the batch, a 2-layer projection
   head, symmetric InfoNCE (our contrastive_loss, temperature 0.1).
+Contrastive methods use every rank's items as negatives when torch.distributed is running.
 * category_supervised: a linear classifier on the embedding, cross-entropy on the category.
 * clip_titles: image-title InfoNCE (our symmetric loss, temperature 0.07); titles are encoded
   by a bag of word embeddings, the vocabulary taken from the item table.
 * random_encoder: the untrained encoder (its training runs zero steps).
 """
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -22,6 +24,11 @@ from courier_fast.contrastive import contrastive_loss
 from courier_fast.model import CourierModel, ImageEncoder
 
 METHODS = ("courier", "simclr", "category_supervised", "clip_titles", "random_encoder")
+
+
+def _global_group():
+    """The default process group when running distributed (negatives from every rank), else None."""
+    return dist.group.WORLD if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else None
 
 
 class CourierMethod(nn.Module):
@@ -53,7 +60,8 @@ class SimCLRMethod(nn.Module):
         x = to_float(batch.images)
         z = self.projection(self.encoder(torch.cat([self.augment(x, generator), self.augment(x, generator)])))
         z1, z2 = z.chunk(2)
-        return {"loss": contrastive_loss(z1, z2, temperature=self.temperature, symmetric=True)}
+        return {"loss": contrastive_loss(z1, z2, temperature=self.temperature, symmetric=True,
+                                         group=_global_group())}
 
 
 class CategorySupervisedMethod(nn.Module):
@@ -107,7 +115,8 @@ class ClipTitlesMethod(nn.Module):
     def forward(self, batch, generator=None):
         img = self.encoder(self.augment(to_float(batch.images), generator))
         txt = self.encode_titles(batch.image_ids)
-        return {"loss": contrastive_loss(img, txt.to(img.dtype), temperature=self.temperature, symmetric=True)}
+        return {"loss": contrastive_loss(img, txt.to(img.dtype), temperature=self.temperature, symmetric=True,
+                                         group=_global_group())}
 
 
 class RandomEncoderMethod(nn.Module):

@@ -6,8 +6,9 @@ and every history / page-view slot indexes their embeddings. Losses (DESIGN §1)
 * contrastive (weight `contrastive_weight`, temperature 0.05): each clicked page-view item's
   reconstruction r_j must pick out its own embedding e_j among every page-view item of the
   (global) batch, non-clicked items of the same page included. Non-clicked items are never
-  anchors. An item shown several times in the batch is one candidate (its clicked slots are
-  anchors; other copies would be false negatives with the positive's exact logit).
+  anchors. An item shown several times in the batch is one candidate, unless it is clicked in
+  several rows (each clicked slot is an anchor and needs its own positive); other copies would be
+  false negatives with the positive's exact logit. Duplicates across ranks are not removed.
 * history (weight `history_weight`): causal self-reconstruction, each history click from the
   earlier ones, with the same attention layer and the same InfoNCE over the batch's history.
 * ctr (weight `ctr_weight`): an MLP on [r_j ; e_j] with BCE on the click label of every valid slot.

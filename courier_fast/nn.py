@@ -18,7 +18,8 @@ class ReconstructionAttention(nn.Module):
     gets out_proj.bias, where nn.MultiheadAttention gives NaN.
 
     forward(targets (B, P, d), history (B, L, d), key_padding_mask (B, L) bool True = pad,
-    causal=False, lengths (B,) int for right-padded rows) -> (B, P, d).
+    causal=False, lengths (B,) int for right-padded rows) -> (B, P, d). Under torch.autocast
+    inputs and parameters are cast to the autocast dtype (as nn.Linear is).
     """
 
     def __init__(self, embed_dim, num_heads, bias=True, device=None, dtype=None, backend="auto"):
@@ -60,9 +61,14 @@ class ReconstructionAttention(nn.Module):
         return module
 
     def forward(self, targets, history, key_padding_mask=None, causal=False, lengths=None):
+        params = (self.in_proj_weight, self.in_proj_bias, self.out_proj.weight, self.out_proj.bias)
+        device = targets.device.type
+        if torch.is_autocast_enabled(device):  # like nn.Linear under autocast: compute in its dtype
+            dtype = torch.get_autocast_dtype(device)
+            targets, history = targets.to(dtype), history.to(dtype)
+            params = tuple(None if p is None else p.to(dtype) for p in params)
         return reconstruction_attention(
-            targets, history, self.in_proj_weight, self.in_proj_bias, self.out_proj.weight,
-            self.out_proj.bias, self.num_heads, key_padding_mask=key_padding_mask, lengths=lengths,
+            targets, history, *params, self.num_heads, key_padding_mask=key_padding_mask, lengths=lengths,
             causal=causal, backend=self.backend)
 
     def extra_repr(self):

@@ -183,7 +183,10 @@ def train(config):
         ckpt = load_checkpoint(ckpt_path)
         if ckpt["method"] != cfg.method:
             raise ValueError(f"resume: {ckpt_path} holds method {ckpt['method']!r}, not {cfg.method!r}")
-        method.load_state_dict(ckpt["model"])
+        try:
+            method.load_state_dict(ckpt["model"])
+        except RuntimeError as exc:
+            raise ValueError(f"resume: {ckpt_path} was trained with a different architecture ({exc})") from exc
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         step, images_seen = ckpt["step"], ckpt["images_seen"]
@@ -238,7 +241,11 @@ def train(config):
             scaler.scale(losses["loss"]).backward()
             scaler.step(optimizer)
             scaler.update()
-            n_img = method.images_per_step(batch) * world
+            n_img = method.images_per_step(batch)
+            if world > 1:  # every rank must stop at the same step: count the global images
+                count = torch.tensor([n_img], device=device)
+                dist.all_reduce(count)
+                n_img = int(count)
             images_seen += n_img
             window["images"] += n_img
             step += 1
