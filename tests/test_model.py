@@ -1,0 +1,282 @@
+"""CourierModel, candidate_mask, the pre-training methods and Augment on a tiny generated world."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from courier_fast.augment import Augment
+from courier_fast.data import ImageDecoder, SessionLoader, load_dataset
+from courier_fast.data.generate import WorldConfig, generate
+from courier_fast.methods import METHODS, build_method
+from courier_fast.model import QUERIES, CourierModel, candidate_mask
+
+SMALL = {"encoder": "test_efficientnet", "embed_dim": 32, "num_heads": 4}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # the CPU is shared: OpenMP threads waiting on each other make tiny models seconds slower
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    generate(str(root), seed=0, config=WorldConfig(items=60, users=12, requests_per_user=8, image_size=16))
+    return load_dataset(str(root), tables=("pretrain",))
+
+
+@pytest.fixture
+def batch(world):
+    """8 random request rows (a fresh draw per test; at least one click and one history anchor)."""
+    loader = SessionLoader(world["items"], world["pretrain"], batch_size=8, prefetch=0,
+                           decoder=ImageDecoder(backend="pil"))
+    rng = np.random.default_rng()
+    while True:
+        b = loader.make_batch(rng.choice(loader.num_rows, 8, replace=False))
+        if b.clicks.sum() > 0 and ((~b.history_pad).sum(1) > 1).any():
+            return b
+
+
+# ----------------------------------------------------------------------------- candidate_mask
+def _candidates_loop(index, anchor, valid):
+    """Python statement of candidate_mask's rule."""
+    index, anchor, valid = index.tolist(), anchor.tolist(), valid.tolist()
+    anchored = {i for i, a in zip(index, anchor) if a}
+    seen, keep = set(), []
+    for i, a, v in zip(index, anchor, valid):
+        keep.append(bool(v and (a or (i not in anchored and i not in seen))))
+        seen.add(i)
+    return keep
+
+
+def test_candidate_mask_hand_made():
+    #              0  1  2  3  4  5  6  7  8
+    index = torch.tensor([0, 1, 0, 2, 1, 3, 0, 4, 4])
+    anchor = torch.tensor([0, 0, 1, 0, 0, 0, 1, 0, 0], dtype=torch.bool)
+    valid = torch.tensor([1, 1, 1, 1, 1, 0, 1, 1, 1], dtype=torch.bool)
+    keep = candidate_mask(index, anchor, valid)
+    # item 0: both anchor slots (2, 6), not its first un-anchored slot 0; item 1: first slot 1;
+    # item 2: slot 3; item 3: invalid; item 4: first slot 7 only
+    expected = [False, True, True, True, False, False, True, True, False]
+    assert keep.tolist() == expected
+
+
+def test_candidate_mask_invariants_random():
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    for _ in range(50):
+        k = int(torch.randint(1, 40, (), generator=g))
+        n_items = int(torch.randint(1, 12, (), generator=g))
+        pad = n_items  # as in a SessionBatch: every padding slot indexes one extra row
+        index = torch.randint(0, n_items, (k,), generator=g)
+        valid = torch.rand(k, generator=g) < 0.8
+        index = torch.where(valid, index, pad)
+        anchor = valid & (torch.rand(k, generator=g) < 0.3)
+        keep = candidate_mask(index, anchor, valid)
+        assert keep.dtype == torch.bool and keep.shape == (k,)
+        assert keep.tolist() == _candidates_loop(index, anchor, valid)
+        assert not (keep & ~valid).any()
+        assert (keep[anchor]).all()
+        anchored = set(index[anchor].tolist())
+        for item in set(index[valid].tolist()):
+            slots = (index == item) & valid
+            if item in anchored:  # exactly its anchor slots
+                assert torch.equal(keep & slots, anchor & slots)
+            else:  # exactly once: the first slot
+                assert int((keep & slots).sum()) == 1 and bool(keep[int(slots.nonzero()[0])])
+
+
+def test_candidate_mask_arbitrary_validity_never_keeps_invalid():
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    index = torch.randint(0, 5, (64,), generator=g)
+    valid = torch.rand(64, generator=g) < 0.5
+    anchor = torch.rand(64, generator=g) < 0.3
+    keep = candidate_mask(index, anchor, valid)
+    assert not (keep & ~valid).any()
+    assert keep[anchor & valid].all()
+    assert candidate_mask(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.bool),
+                          torch.zeros(0, dtype=torch.bool)).shape == (0,)
+
+
+# ----------------------------------------------------------------------------- forward / backward
+@pytest.mark.parametrize("query", QUERIES)
+def test_forward_backward_finite(query, batch):
+    model = CourierModel(query=query, **SMALL)
+    out = model(batch)
+    assert set(out) == {"contrastive", "history", "ctr", "loss"}
+    for k, v in out.items():
+        assert v.dim() == 0 and torch.isfinite(v), (k, v)
+    torch.testing.assert_close(out["loss"], out["contrastive"] + out["history"] + out["ctr"])
+    out["loss"].backward()
+    for part in (model.encoder.backbone, model.encoder.head, model.attention, model.ctr_head):
+        grads = [p.grad for p in part.parameters() if p.grad is not None]
+        assert grads, type(part).__name__
+        assert all(torch.isfinite(g).all() for g in grads)
+        assert any(g.abs().sum() > 0 for g in grads), type(part).__name__
+
+
+def test_queries_learned_ignore_the_target():
+    model = CourierModel(query="learned", **SMALL)
+    cat = torch.randint(0, 8, (2, 5))
+    q1 = model.queries(torch.randn(2, 5, 32), cat)
+    q2 = model.queries(torch.randn(2, 5, 32), torch.randint(0, 8, (2, 5)))
+    assert torch.equal(q1, q2)
+    assert torch.equal(q1[0, 0], q1[1, 3])
+
+
+def test_queries_target_depend_on_category_only():
+    model = CourierModel(query="target", **SMALL)
+    torch.nn.init.normal_(model.category_query.weight)  # zero-initialised: make categories differ
+    cat = torch.tensor([[3, 5, 3, 7], [5, 3, 7, 7]])
+    q1 = model.queries(torch.randn(2, 4, 32), cat)
+    q2 = model.queries(torch.randn(2, 4, 32), cat)
+    assert torch.equal(q1, q2)
+    assert torch.equal(q1[0, 0], q1[0, 2]) and torch.equal(q1[0, 0], q1[1, 1])
+    assert torch.equal(q1[0, 1], q1[1, 0]) and torch.equal(q1[0, 3], q1[1, 2])
+    assert not torch.allclose(q1[0, 0], q1[0, 1]) and not torch.allclose(q1[0, 1], q1[0, 3])
+
+
+def test_queries_target_image_are_the_embeddings():
+    model = CourierModel(query="target_image", **SMALL)
+    emb = torch.randn(2, 4, 32)
+    assert torch.equal(model.queries(emb, torch.randint(0, 8, (2, 4))), emb)
+
+
+# ----------------------------------------------------------------------------- float64 reference
+def _infonce64(anchors, cands, anchor, keep, temperature):
+    """Dense InfoNCE: mean over anchors of -log softmax over the kept candidates at the positive."""
+    a = F.normalize(anchors.double(), dim=-1)
+    c = F.normalize(cands.double(), dim=-1)
+    logits = a @ c.T / temperature
+    lse = torch.logsumexp(logits.masked_fill(~keep, float("-inf")), dim=-1)
+    terms = lse - logits.diagonal()
+    return terms[anchor].mean()
+
+
+def _loop_keep(index, anchor, valid):
+    return torch.tensor(_candidates_loop(index, anchor, valid))
+
+
+@pytest.mark.parametrize("query", ["target", "learned"])
+def test_losses_match_float64_reference(query, batch):
+    model = CourierModel(query=query, **SMALL)
+    if model.category_query is not None:
+        torch.nn.init.normal_(model.category_query.weight)
+    model.eval()  # BatchNorm on running statistics: embed_batch and forward see the same encoder
+    with torch.no_grad():
+        out = model(batch)
+        emb = model.embed_batch(batch)
+        d = emb.shape[1]
+        e, h = emb[batch.pv_index], emb[batch.history_index]
+        valid, hvalid = ~batch.pv_pad, ~batch.history_pad
+        r = model.attention(model.queries(e, batch.pv_category), h, key_padding_mask=batch.history_pad)
+        rh = model.attention(model.queries(h, batch.history_category), h, key_padding_mask=batch.history_pad,
+                             causal=True)
+        logits = model.ctr_head(torch.cat([r, e], -1)).squeeze(-1)
+
+    clicked = (batch.clicks > 0) & valid
+    keep = _loop_keep(batch.pv_index.reshape(-1), clicked.reshape(-1), valid.reshape(-1))
+    ref = _infonce64(r.reshape(-1, d), e.reshape(-1, d), clicked.reshape(-1), keep, 0.05)
+    torch.testing.assert_close(out["contrastive"].double(), ref, rtol=1e-4, atol=1e-5)
+
+    # history: position t (valid, with a valid earlier position) reconstructed from positions < t
+    anchor = hvalid & (torch.cumsum(hvalid.int(), 1) > 1)
+    hkeep = _loop_keep(batch.history_index.reshape(-1), anchor.reshape(-1), hvalid.reshape(-1))
+    href = _infonce64(rh.reshape(-1, d), h.reshape(-1, d), anchor.reshape(-1), hkeep, 0.05)
+    torch.testing.assert_close(out["history"].double(), href, rtol=1e-4, atol=1e-5)
+
+    ctr = F.binary_cross_entropy_with_logits(logits[valid].double(), batch.clicks[valid].double())
+    torch.testing.assert_close(out["ctr"].double(), ctr, rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- weights, arguments
+def test_loss_weights(batch):
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    model = CourierModel(history_weight=0, **SMALL).eval()
+    with torch.no_grad():
+        out = model(batch)
+    assert set(out) == {"contrastive", "ctr", "loss"}
+    torch.testing.assert_close(out["loss"], out["contrastive"] + out["ctr"])
+
+    model = CourierModel(ctr_weight=0, contrastive_weight=2.0, **SMALL).eval()
+    with torch.no_grad():
+        out = model(batch)
+    assert set(out) == {"contrastive", "history", "loss"}
+    torch.testing.assert_close(out["loss"], 2 * out["contrastive"] + out["history"])
+
+
+@pytest.mark.parametrize("kwargs,word", [
+    ({"query": "bogus"}, "query"),
+    ({"encoder": "no_such_model"}, "encoder"),
+    ({"temperature": 0}, "temperature"),
+    ({"temperature": -0.1}, "temperature"),
+])
+def test_invalid_arguments(kwargs, word):
+    with pytest.raises(ValueError, match=word):
+        CourierModel(**{**SMALL, **kwargs})
+
+
+# ----------------------------------------------------------------------------- methods
+@pytest.mark.parametrize("name", [m for m in METHODS if m != "random_encoder"])
+def test_methods_train_a_step(name, world, batch):
+    method = build_method(name, world["items"], encoder="test_efficientnet", embed_dim=32)
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    out = method(batch, g)
+    assert torch.isfinite(out["loss"]) and out["loss"].dim() == 0
+    out["loss"].backward()
+    grads = [p.grad for p in method.encoder.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(x).all() for x in grads)
+    assert any(x.abs().sum() > 0 for x in grads)
+    u = batch.images.shape[0]
+    assert method.images_per_step(batch) == (2 * u if name == "simclr" else u)
+
+
+def test_random_encoder_is_not_trainable(world, batch):
+    method = build_method("random_encoder", world["items"], encoder="test_efficientnet", embed_dim=32)
+    assert method.images_per_step(batch) == 0
+    with pytest.raises(RuntimeError):
+        method(batch)
+    assert method.encoder(batch.images).shape == (batch.images.shape[0], 32)
+
+
+def test_build_method_unknown_name():
+    with pytest.raises(ValueError, match="method"):
+        build_method("nope")
+
+
+# ----------------------------------------------------------------------------- Augment
+@pytest.mark.parametrize("make", [Augment.light, Augment.simclr])
+def test_augment_reproducible_from_generator(make):
+    x = torch.randn(6, 3, 16, 16)
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    aug = make()
+    a = aug(x, torch.Generator().manual_seed(seed))
+    b = aug(x, torch.Generator().manual_seed(seed))
+    c = aug(x, torch.Generator().manual_seed(seed + 1))
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+    assert a.shape == x.shape and a.dtype == x.dtype and torch.isfinite(a).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_augment_keeps_shape_and_dtype(dtype):
+    x = torch.randn(3, 3, 12, 12).to(dtype)
+    y = Augment.simclr()(x, torch.Generator().manual_seed(0))
+    assert y.shape == x.shape and y.dtype == dtype
+    assert Augment.light()(x[:0]).shape == (0, 3, 12, 12)
+
+
+def test_augment_full_crop_without_flip_is_identity():
+    x = torch.randn(8, 3, 16, 16)
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    y = Augment(crop_scale=(1.0, 1.0), flip=False)(x, g)
+    torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-5)
+
+
+def test_augment_rejects_bad_crop_scale():
+    for scale in ((0.0, 1.0), (0.8, 0.5), (0.5, 1.5)):
+        with pytest.raises(ValueError, match="crop_scale"):
+            Augment(crop_scale=scale)

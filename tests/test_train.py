@@ -1,0 +1,276 @@
+"""courier_fast.train: outputs, exact resume (in process and after SIGKILL), budgets, validation, 2 ranks."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from courier_fast.data import ImageDecoder, SessionLoader, load_dataset
+from courier_fast.data.generate import WorldConfig, generate
+from courier_fast.train import TrainConfig, load_checkpoint, train
+
+SMALL = {"encoder": "test_efficientnet", "embed_dim": 32, "num_heads": 4, "batch_size": 8, "progress": False}
+TIMING = ("images_per_s", "data_wait_fraction")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    generate(str(root), seed=0, config=WorldConfig(items=60, users=12, requests_per_user=8, image_size=16))
+    return str(root)
+
+
+def _metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def _assert_same_metrics(a, b):
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        assert {k: v for k, v in ra.items() if k not in TIMING} == {k: v for k, v in rb.items() if k not in TIMING}
+
+
+# ----------------------------------------------------------------------------- outputs
+def test_tiny_run_writes_checkpoint_config_and_metrics(world, tmp_path):
+    out = str(tmp_path / "run")
+    summary = train(TrainConfig(data=world, out=out, steps=6, log_every=2, lr=1e-3, **SMALL))
+    assert summary["step"] == 6 and summary["images_seen"] > 0
+    for name in ("checkpoint.pt", "config.json", "metrics.jsonl"):
+        assert os.path.exists(os.path.join(out, name)), name
+    rows = _metrics(out)
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    for r in rows:
+        for key in ("step", "loss", "images_per_s", "data_wait_fraction", "images_seen", "lr"):
+            assert key in r, key
+        assert np.isfinite(r["loss"]) and r["images_per_s"] > 0 and 0 <= r["data_wait_fraction"] <= 1
+    assert rows[-1]["images_seen"] == summary["images_seen"]
+    ckpt = load_checkpoint(summary["checkpoint"])
+    assert ckpt["step"] == 6 and ckpt["complete"] and ckpt["method"] == "courier"
+    assert ckpt["images_seen"] == summary["images_seen"]
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["steps"] == 6
+
+
+# ----------------------------------------------------------------------------- exact resume
+@pytest.fixture(scope="module")
+def reference_run(world, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("reference"))
+    train(TrainConfig(data=world, out=out, steps=10, log_every=1, checkpoint_every=4, lr=1e-3, **SMALL))
+    return out
+
+
+@pytest.mark.parametrize("first", [4, 6])  # mid-epoch and at the epoch boundary (6 batches per epoch)
+def test_resume_equals_uninterrupted_in_process(world, reference_run, tmp_path, first):
+    out = str(tmp_path / "run")
+    cfg = dict(data=world, out=out, log_every=1, checkpoint_every=4, lr=1e-3, **SMALL)
+    train(TrainConfig(steps=first, **cfg))
+    summary = train(TrainConfig(steps=10, resume=True, **cfg))
+    assert summary["step"] == 10
+    ref, got = load_checkpoint(os.path.join(reference_run, "checkpoint.pt")), load_checkpoint(summary["checkpoint"])
+    _assert_same_state(ref["model"], got["model"])
+    assert ref["images_seen"] == got["images_seen"]
+    for a, b in zip(ref["optimizer"]["state"].values(), got["optimizer"]["state"].values()):
+        _assert_same_state(a, b)
+    _assert_same_metrics(_metrics(reference_run), _metrics(out))
+
+
+def _cli(world, out, *extra):
+    return [sys.executable, "-m", "courier_fast", "train", "--data", world, "--out", out, "--encoder",
+            "test_efficientnet", "--embed-dim", "32", "--batch-size", "8", "--steps", "12", "--checkpoint-every", "4",
+            "--lr", "1e-3", "--log-every", "2", "--no-progress", *extra]
+
+
+def _kill_after_first_checkpoint(cmd, env, ckpt):
+    """Start cmd, SIGKILL it once `ckpt` holds an incomplete checkpoint at step >= 4; -> step or None."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while proc.poll() is None and time.monotonic() < deadline:
+            if os.path.exists(ckpt):
+                state = torch.load(ckpt, map_location="cpu", weights_only=False)
+                if state["step"] >= 4 and not state["complete"]:
+                    proc.send_signal(signal.SIGKILL)
+                    proc.wait()
+                    return state["step"]
+            time.sleep(0.005)
+        return None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def test_resume_after_sigkill_equals_uninterrupted(world, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ref_out = str(tmp_path / "reference")
+    reference = subprocess.Popen(_cli(world, ref_out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                 text=True)  # alongside the run to kill (2 cores)
+    try:
+        for attempt in range(3):  # the run may finish before the poll sees its step-4 checkpoint
+            out = str(tmp_path / f"killed{attempt}")
+            killed_at = _kill_after_first_checkpoint(_cli(world, out), env, os.path.join(out, "checkpoint.pt"))
+            if killed_at is not None:
+                break
+        _, err = reference.communicate(timeout=300)
+        assert reference.returncode == 0, err
+    finally:
+        if reference.poll() is None:
+            reference.kill()
+            reference.wait()
+    if killed_at is None:
+        pytest.skip("the run always finished before it could be killed")
+    assert not load_checkpoint(os.path.join(out, "checkpoint.pt"))["complete"]
+    resumed = subprocess.run(_cli(world, out, "--resume"), env=env, capture_output=True, text=True, timeout=300,
+                             check=False)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout.strip().splitlines()[-1])["step"] == 12
+    ref = load_checkpoint(os.path.join(ref_out, "checkpoint.pt"))
+    got = load_checkpoint(os.path.join(out, "checkpoint.pt"))
+    assert got["complete"] and got["step"] == 12
+    _assert_same_state(ref["model"], got["model"])
+    _assert_same_metrics(_metrics(ref_out), _metrics(out))
+
+
+# ----------------------------------------------------------------------------- budgets, methods
+def test_max_images_budget_stops_training(world, tmp_path):
+    out = str(tmp_path / "run")
+    summary = train(TrainConfig(data=world, out=out, steps=100, max_images=100, log_every=1, **SMALL))
+    assert summary["images_seen"] >= 100 and summary["step"] < 100
+    rows = _metrics(out)
+    assert rows[-1]["step"] == summary["step"] and rows[-1]["images_seen"] == summary["images_seen"]
+    assert all(r["images_seen"] < 100 for r in rows[:-1])  # stopped at the first step reaching it
+    assert load_checkpoint(summary["checkpoint"])["complete"]
+
+
+def test_random_encoder_runs_zero_steps(world, tmp_path):
+    out = str(tmp_path / "run")
+    summary = train(TrainConfig(data=world, out=out, method="random_encoder", steps=5, **SMALL))
+    assert summary["step"] == 0 and summary["images_seen"] == 0
+    ckpt = load_checkpoint(summary["checkpoint"])
+    assert ckpt["complete"] and ckpt["step"] == 0 and ckpt["method"] == "random_encoder"
+    assert any(k.startswith("encoder.") for k in ckpt["model"])
+    assert os.path.exists(os.path.join(out, "config.json"))
+
+
+def test_resume_with_another_method_fails(world, tmp_path):
+    out = str(tmp_path / "run")
+    train(TrainConfig(data=world, out=out, method="random_encoder", **SMALL))
+    with pytest.raises(ValueError, match="random_encoder"):
+        train(TrainConfig(data=world, out=out, method="courier", steps=1, resume=True, **SMALL))
+
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_courier_trains_with_amp(world, tmp_path, amp):
+    summary = train(TrainConfig(data=world, out=str(tmp_path / "run"), steps=1, amp=amp, **SMALL))
+    assert summary["step"] == 1 and np.isfinite(summary["last"]["loss"])
+
+
+def test_baseline_trains_with_bf16_autocast(world, tmp_path):
+    summary = train(TrainConfig(data=world, out=str(tmp_path / "run"), method="simclr", steps=1, amp="bf16", **SMALL))
+    assert summary["step"] == 1 and np.isfinite(summary["last"]["loss"])
+
+@pytest.mark.parametrize("field,value,error", [
+    ("batch_size", 0, ValueError), ("embed_dim", -1, ValueError), ("method", "x", ValueError),
+    ("amp", "fp8", ValueError), ("device", "tpu", ValueError), ("steps", -1, ValueError),
+    ("max_images", -5, ValueError), ("data", "/nonexistent/courier/world", FileNotFoundError),
+])
+def test_config_validation_names_the_field(world, tmp_path, field, value, error):
+    kwargs = {"data": world, "out": str(tmp_path / "run"), field: value}
+    with pytest.raises(error, match=field):
+        TrainConfig(**kwargs).validate()
+    with pytest.raises(error, match=field):
+        train(kwargs)  # a dict works too
+    assert not os.path.exists(tmp_path / "run")
+
+
+# ----------------------------------------------------------------------------- 2 gloo processes
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train_rank(rank, port, world, out):
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    import importlib
+
+    tr = importlib.import_module("courier_fast.train")  # the module (courier_fast.train is also the function)
+
+    built = []
+    build = tr.build_method
+    tr.build_method = lambda *a, **k: built.append(build(*a, **k)) or built[-1]
+    summary = tr.train(TrainConfig(data=world, out=out, steps=2, log_every=1, lr=1e-2, decoder="pil", **SMALL))
+    params = {k: v.detach().clone() for k, v in built[0].named_parameters()}
+    torch.save({"summary": summary, "params": params}, os.path.join(out, f"rank{rank}.pt"))
+
+
+def _true_images(world, steps, ranks=2):
+    """Encoder image passes of `steps` steps summed over every rank (distinct items per rank batch)."""
+    data = load_dataset(world, tables=("pretrain",))
+    total = 0
+    for rank in range(ranks):
+        loader = SessionLoader(data["items"], data["pretrain"], batch_size=8, seed=0, rank=rank, world_size=ranks,
+                               drop_last=True, prefetch=0, decoder=ImageDecoder(backend="pil"))
+        for _, b in zip(range(steps), loader.batches()):
+            total += b.images.shape[0]
+    return total
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(world, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("ddp"))
+    mp.spawn(_train_rank, args=(_free_port(), world, out), nprocs=2)  # raises if a rank fails
+    return out
+
+
+@pytest.mark.distributed
+def test_two_rank_training_keeps_ranks_in_sync(two_rank_run):
+    out = two_rank_run
+    ckpt = load_checkpoint(os.path.join(out, "checkpoint.pt"))
+    assert ckpt["complete"] and ckpt["step"] == 2
+    r0, r1 = (torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in range(2))
+    assert r0["summary"]["step"] == r1["summary"]["step"] == 2
+    _assert_same_state(r0["params"], r1["params"])
+    for k, v in r0["params"].items():  # rank 0's parameters are the checkpoint's
+        assert torch.equal(ckpt["model"][k], v), k
+    assert [r["step"] for r in _metrics(out)] == [1, 2]
+
+
+@pytest.mark.distributed
+def test_two_rank_images_seen_counts_both_ranks(world, two_rank_run):
+    ckpt = load_checkpoint(os.path.join(two_rank_run, "checkpoint.pt"))
+    one_rank = _true_images(world, 2, ranks=2) // 2
+    assert ckpt["images_seen"] > 1.5 * one_rank  # both ranks' images, not rank 0's alone
+
+
+@pytest.mark.distributed
+def test_two_rank_images_seen_is_exact(world, two_rank_run):
+    ckpt = load_checkpoint(os.path.join(two_rank_run, "checkpoint.pt"))
+    r0, r1 = (torch.load(os.path.join(two_rank_run, f"rank{r}.pt"), weights_only=False) for r in range(2))
+    assert r0["summary"]["images_seen"] == r1["summary"]["images_seen"] == _true_images(world, 2)
+    assert ckpt["images_seen"] == _true_images(world, 2)
