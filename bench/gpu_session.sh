@@ -15,3 +15,8 @@ for b in contrastive attention decode; do
     python "bench/bench_$b.py" --out "$out/$(python -c 'import torch;print(torch.cuda.get_device_name().replace(" ","_"))')-$b.json" \
         2>&1 | tail -60 | tee "$out/bench-$b.txt"
 done
+# issue 6: train-step throughput (Swin-T at 224, bf16) and the full demo on the GPU
+python bench/bench_train_step.py 2>&1 | tail -10 | tee "$out/bench-train_step.txt"
+cp bench/results/*train_step.json "$out/" 2>/dev/null
+courier-fast demo --seed 0 --no-progress --workdir /tmp/courier_demo_gpu --json "$out/demo-full-seed0.json" \
+    2>&1 | tail -15 | tee "$out/demo.txt"

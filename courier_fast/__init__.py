@@ -5,7 +5,7 @@
     attn = cf.nn.ReconstructionAttention(256, 4)      # nn.MultiheadAttention's parameters
     recon = attn(pv_emb, history_emb, key_padding_mask=history_pad)
     cf.backends()                                    # {name: (available, reason)}
-    model = cf.CourierModel("resnet18", query="target")  # timm encoder + attention + COURIER losses
+    model = cf.CourierModel("resnet18", query="learned")  # timm encoder + attention + COURIER losses
     cf.train(cf.TrainConfig(data="world/", out="runs/courier"))  # resumable, torchrun-able
 """
 from courier_fast import _extension  # noqa: F401  (loads courier_fast._C, warns once if missing)

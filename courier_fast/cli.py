@@ -58,7 +58,7 @@ def _add_train(sub):
     tr.add_argument("--encoder", default="resnet18", help="a timm model name")
     tr.add_argument("--embed-dim", type=int, default=256)
     tr.add_argument("--num-heads", type=int, default=4)
-    tr.add_argument("--query", default="target", choices=QUERIES)
+    tr.add_argument("--query", default="learned", choices=QUERIES)
     tr.add_argument("--pretrained", help="local backbone weights (.pth/.safetensors); nothing is downloaded")
     tr.add_argument("--image-size", type=int)
     tr.add_argument("--batch-size", type=int, default=64, help="request rows per process and step")

@@ -5,7 +5,7 @@ items, fits the same CTR model with each method's image features and prints cold
 GAUC / logloss, a PNG bar chart and a JSON file:
     {"seed", "quick", "seconds", "results": {<method>: {"auc", "gauc", "logloss"}}}
 Methods: no_image, random_encoder, category_supervised, simclr, clip_titles, courier (the
-package's default configuration: TrainConfig() with query="target"), courier_target_query,
+package's default configuration: TrainConfig() with query="learned"), courier_target_query,
 courier_learned_query, oracle_attributes (true attributes: the ceiling). Runs resume: a method
 whose checkpoint is complete is not trained again.
 """
@@ -24,7 +24,7 @@ ORDER = ("no_image",) + GENERIC + ("courier", "courier_target_query", "courier_l
 PRESETS = {
     True: {"encoder": "test_efficientnet", "image_size": None, "batch_size": 64, "max_images": 60_000,
            "lr": 1e-3, "warmup_steps": 20, "clusters": 32},
-    False: {"encoder": "test_efficientnet", "image_size": None, "batch_size": 64, "max_images": 400_000,
+    False: {"encoder": "test_efficientnet", "image_size": 32, "batch_size": 64, "max_images": 400_000,
             "lr": 1e-3, "warmup_steps": 50, "clusters": 64},
 }
 # What each run trains: (TrainConfig.method, extra TrainConfig fields)
@@ -36,7 +36,7 @@ RUNS = {
     "courier_target_query": ("courier", {"query": "target"}),
     "courier_learned_query": ("courier", {"query": "learned"}),
 }
-DEFAULT_COURIER = "courier_target_query"  # TrainConfig's default query is "target"
+DEFAULT_COURIER = "courier_learned_query"  # TrainConfig's (and CourierModel's) default query
 
 
 def _world(workdir, seed, quick):

@@ -14,12 +14,15 @@ and every history / page-view slot indexes their embeddings. Losses (DESIGN §1)
 * ctr (weight `ctr_weight`): an MLP on [r_j ; e_j] with BCE on the click label of every valid slot.
 
 Queries (`query=`):
-* "target" (default): the shown item queries the history through its *non-visual* features: a
-  learned query plus a learned embedding of its category. Target-aware (which history items
-  matter depends on what is shown) but leak-free: the query carries nothing of the target's
-  pixels, so attention cannot interpolate history items towards the target's look (background,
-  orientation) and win the contrastive task without the click signal.
-* "learned": one learned query pools the history, independent of the target.
+* "learned" (default): one learned query pools the history, independent of the target. The
+  best in our measurements (README, "Demo results").
+* "target": the shown item queries the history through its *non-visual* features: a learned
+  query plus a learned embedding of its category. Target-aware (which history items matter
+  depends on what is shown) but leak-free: the query carries nothing of the target's pixels, so
+  attention cannot interpolate history items towards the target's look (background,
+  orientation) and win the contrastive task without the click signal. It does let the
+  reconstruction carry the target's category, which the encoder can then match: a category
+  shortcut that costs it on the full world.
 * "target_image": the paper's literal form, the target's own image embedding as the query.
   Kept for reproduction; our measurements show it learns a shortcut (see the README).
 """
@@ -105,12 +108,12 @@ class CourierModel(nn.Module):
     """COURIER pre-training: CourierModel(...)(batch) -> dict of losses ("loss" is their weighted sum).
 
     encoder: a timm model name; embed_dim: e's size (256 in the paper); num_heads: attention
-    heads; query: "target" | "learned" | "target_image" (module docstring); pretrained: local
+    heads; query: "learned" | "target" | "target_image" (module docstring); pretrained: local
     backbone weights or None; category_buckets: size of the category embedding table (ids are
     taken modulo it). Other options are ImageEncoder's and the loss weights / temperature.
     """
 
-    def __init__(self, encoder="resnet18", embed_dim=256, num_heads=4, query="target", pretrained=None,
+    def __init__(self, encoder="resnet18", embed_dim=256, num_heads=4, query="learned", pretrained=None,
                  temperature=0.05, contrastive_weight=1.0, history_weight=1.0, ctr_weight=1.0,
                  category_buckets=1024, grad_checkpointing=False, freeze_backbone=False, channels_last=True,
                  gather=True, backend="auto", **timm_kwargs):

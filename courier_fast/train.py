@@ -37,7 +37,7 @@ class TrainConfig:
     encoder: str = "resnet18"        # a timm model name
     embed_dim: int = 256
     num_heads: int = 4
-    query: str = "target"            # CourierModel's query mode
+    query: str = "learned"           # CourierModel's query mode: learned | target | target_image
     pretrained: str = None           # local backbone weights
     image_size: int = None           # resize (None = the stored size)
     batch_size: int = 64             # request rows per process and step

@@ -42,7 +42,7 @@ class WorldConfig:
 
     @classmethod
     def quick(cls):
-        return cls(items=600, users=200, requests_per_user=12, image_size=32)
+        return cls(items=600, users=500, requests_per_user=12, image_size=32)
 
 
 def _hsv_to_rgb(h, s, v):

@@ -1,0 +1,65 @@
+"""The demo over several seeds: mean ± std AUC per method and issue 6's quality targets.
+
+Runs `courier-fast demo` for each seed (resuming finished runs in <workdir>/<mode>-seed<S>),
+prints per-seed AUCs, mean ± std, COURIER's margin over the best generic baseline and the
+share of the no_image -> oracle gap it recovers, and merges the summary into
+bench/results/<device>-demo.json under "quick" or "full".
+
+    python bench/demo_seeds.py --quick --seeds 0 1 2
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+from courier_fast.demo import GENERIC, ORDER, demo  # noqa: E402
+
+
+def summarise(reports):
+    per_seed = {m: [r["results"][m]["auc"] for r in reports] for m in ORDER}
+    best_generic = np.max([per_seed[m] for m in GENERIC], axis=0)
+    courier = np.array(per_seed["courier"])
+    margin = courier - best_generic
+    gap = np.array(per_seed["oracle_attributes"]) - np.array(per_seed["no_image"])
+    recovered = (courier - np.array(per_seed["no_image"])) / gap
+    return {"seeds": [r["seed"] for r in reports], "seconds": [r["seconds"] for r in reports],
+            "auc": per_seed, "gauc": {m: [r["results"][m]["gauc"] for r in reports] for m in ORDER},
+            "margin_over_best_generic": margin.tolist(), "gap_recovered": recovered.tolist(),
+            "over_no_image": (courier - np.array(per_seed["no_image"])).tolist()}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--workdir", default="courier_demo")
+    args = ap.parse_args()
+    mode = "quick" if args.quick else "full"
+    reports = [demo(seed=s, quick=args.quick, workdir=os.path.join(args.workdir, f"{mode}-seed{s}"), progress=False)
+               for s in args.seeds]
+    s = summarise(reports)
+    print(f"\n{'method':<24}" + "".join(f"{'seed ' + str(k):>10}" for k in s["seeds"]) + f"{'mean ± std':>18}")
+    for m in ORDER:
+        a = np.array(s["auc"][m])
+        print(f"{m:<24}" + "".join(f"{v:>10.4f}" for v in a) + f"{a.mean():>11.4f} ± {a.std(ddof=1) if len(a) > 1 else 0:.4f}")
+    margin = np.array(s["margin_over_best_generic"])
+    sd = margin.std(ddof=1) if len(margin) > 1 else float("nan")
+    print(f"courier - best generic: {margin.mean():+.4f} ± {sd:.4f} (per seed {', '.join(f'{v:+.4f}' for v in margin)}); "
+          f"gap recovered {', '.join(f'{100 * v:.0f} %' for v in s['gap_recovered'])}; "
+          f"seconds {', '.join(f'{v:.0f}' for v in s['seconds'])}")
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{harness.device_name()}-demo.json")
+    merged = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            merged = json.load(f).get("rows", {})
+    merged[mode] = s
+    print("wrote", harness.write_results("demo", {}, merged, path=path))
+
+
+if __name__ == "__main__":
+    main()
