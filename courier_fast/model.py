@@ -122,16 +122,21 @@ class CourierModel(nn.Module):
             raise ValueError(f"query must be one of {QUERIES}, got {query!r}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        weights = {"contrastive_weight": contrastive_weight, "history_weight": history_weight, "ctr_weight": ctr_weight}
+        if min(weights.values()) < 0 or max(weights.values()) <= 0:
+            raise ValueError(f"loss weights must be >= 0 with at least one > 0, got {weights}")
         self.encoder = ImageEncoder(encoder, embed_dim, pretrained, grad_checkpointing, freeze_backbone,
                                     channels_last, **timm_kwargs)
         self.query, self.embed_dim = query, embed_dim
         self.weights = {"contrastive": contrastive_weight, "history": history_weight, "ctr": ctr_weight}
         self.attention = ReconstructionAttention(embed_dim, num_heads, backend=backend)
-        self.base_query = nn.Parameter(torch.randn(embed_dim) / embed_dim ** 0.5)
+        # unused (frozen, so DDP and the optimiser skip it) when the target's embedding is the query
+        self.base_query = nn.Parameter(torch.randn(embed_dim) / embed_dim ** 0.5, requires_grad=query != "target_image")
         self.category_query = nn.Embedding(category_buckets, embed_dim) if query == "target" else None
         if self.category_query is not None:
             nn.init.zeros_(self.category_query.weight)  # starts as the learned query, learns per category
-        self.ctr_head = nn.Sequential(nn.Linear(2 * embed_dim, embed_dim), nn.ReLU(), nn.Linear(embed_dim, 1))
+        self.ctr_head = (nn.Sequential(nn.Linear(2 * embed_dim, embed_dim), nn.ReLU(), nn.Linear(embed_dim, 1))
+                         if ctr_weight else None)  # no unused parameters under DDP
         self.infonce = InBatchContrastiveLoss(temperature=temperature, gather=gather, backend=backend)
 
     def queries(self, emb, category):
@@ -151,7 +156,7 @@ class CourierModel(nn.Module):
 
     def forward(self, batch, images=None):
         """Losses of one SessionBatch; `images` replaces batch.images (e.g. an augmented copy)."""
-        dev = self.base_query.device
+        dev = self.attention.in_proj_weight.device
         emb = self.embed_batch(batch, images)
         hist_idx, pv_idx = batch.history_index.to(dev), batch.pv_index.to(dev)
         hist_pad, pv_pad = batch.history_pad.to(dev), batch.pv_pad.to(dev)

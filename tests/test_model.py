@@ -280,3 +280,13 @@ def test_augment_rejects_bad_crop_scale():
     for scale in ((0.0, 1.0), (0.8, 0.5), (0.5, 1.5)):
         with pytest.raises(ValueError, match="crop_scale"):
             Augment(crop_scale=scale)
+
+
+def test_loss_weights_are_validated_and_unused_heads_are_not_built():
+    with pytest.raises(ValueError, match="loss weights"):
+        CourierModel(contrastive_weight=-1.0, **SMALL)
+    with pytest.raises(ValueError, match="loss weights"):
+        CourierModel(contrastive_weight=0.0, history_weight=0.0, ctr_weight=0.0, **SMALL)
+    assert CourierModel(ctr_weight=0.0, **SMALL).ctr_head is None
+    frozen = CourierModel(query="target_image", **SMALL)
+    assert not frozen.base_query.requires_grad  # unused there: DDP must not wait for its gradient
