@@ -77,7 +77,7 @@ def gauc(scores, labels, users):
 
     total, weight = 0.0, 0
     order = np.argsort(users, kind="stable")
-    u, start = np.unique(users[order], return_index=True)
+    _, start = np.unique(users[order], return_index=True)
     for a, b in zip(start, list(start[1:]) + [len(order)]):
         idx = order[a:b]
         y = labels[idx]
