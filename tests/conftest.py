@@ -1,4 +1,5 @@
-"""Shared test helpers: which backends run here, fresh random inputs, tolerances."""
+"""Shared test helpers: which backends run here, fresh random inputs, tolerances, and the tiny
+generated world (+ a one-thread fixture) of the model / train / embed / CLI tests."""
 import os
 
 import pytest
@@ -9,6 +10,28 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from courier_fast import dispatch  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """Path of a tiny generated world (60 items, 16 px), made once per session; read-only
+    (a test that needs to damage it copies it first). Test files with their own `world` override it."""
+    from courier_fast.data.generate import WorldConfig, generate
+
+    root = tmp_path_factory.mktemp("world")
+    generate(str(root), seed=0, config=WorldConfig(items=60, users=12, requests_per_user=8, image_size=16))
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: on the shared 2-core CPU, OpenMP threads waiting on each
+    other make tiny models seconds slower per step."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

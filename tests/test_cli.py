@@ -12,24 +12,10 @@ import torch
 
 from courier_fast.cli import main
 from courier_fast.data.format import SESSION_SCHEMA
-from courier_fast.data.generate import WorldConfig, generate
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TRAIN = ["--encoder", "test_efficientnet", "--embed-dim", "32", "--batch-size", "8", "--no-progress"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("world")
-    generate(str(root), seed=0, config=WorldConfig(items=60, users=12, requests_per_user=8, image_size=16))
-    return str(root)
 
 
 @pytest.fixture(scope="module")

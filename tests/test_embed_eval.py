@@ -1,34 +1,19 @@
 """ItemEmbeddings (norms, files, rows, k-means), simscore, embed() and the downstream CTR evaluation."""
 import numpy as np
 import pytest
-import torch
 from sklearn.metrics import roc_auc_score
 
 from courier_fast.data import load_dataset
-from courier_fast.data.generate import WorldConfig, generate
 from courier_fast.embed import ItemEmbeddings, embed, simscore
 from courier_fast.evaluate import ctr_features, evaluate, gauc, oracle_embeddings
 from courier_fast.train import TrainConfig, train
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
 def rng():
     return np.random.default_rng()
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("world")
-    generate(str(root), seed=0, config=WorldConfig(items=60, users=12, requests_per_user=8, image_size=16))
-    return str(root)
 
 
 def _random_embeddings(rng, n=20, d=6, clusters=None):

@@ -6,27 +6,18 @@ import torch.nn.functional as F
 
 from courier_fast.augment import Augment
 from courier_fast.data import ImageDecoder, SessionLoader, load_dataset
-from courier_fast.data.generate import WorldConfig, generate
 from courier_fast.methods import METHODS, build_method
 from courier_fast.model import QUERIES, CourierModel, candidate_mask
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SMALL = {"encoder": "test_efficientnet", "embed_dim": 32, "num_heads": 4}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # the CPU is shared: OpenMP threads waiting on each other make tiny models seconds slower
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("world")
-    generate(str(root), seed=0, config=WorldConfig(items=60, users=12, requests_per_user=8, image_size=16))
-    return load_dataset(str(root), tables=("pretrain",))
+def world(world):
+    """The shared tiny world (conftest), loaded."""
+    return load_dataset(world, tables=("pretrain",))
 
 
 @pytest.fixture

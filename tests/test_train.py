@@ -13,26 +13,12 @@ import torch
 import torch.multiprocessing as mp
 
 from courier_fast.data import ImageDecoder, SessionLoader, load_dataset
-from courier_fast.data.generate import WorldConfig, generate
 from courier_fast.train import TrainConfig, load_checkpoint, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SMALL = {"encoder": "test_efficientnet", "embed_dim": 32, "num_heads": 4, "batch_size": 8, "progress": False}
 TIMING = ("images_per_s", "data_wait_fraction")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("world")
-    generate(str(root), seed=0, config=WorldConfig(items=60, users=12, requests_per_user=8, image_size=16))
-    return str(root)
 
 
 def _metrics(out):
@@ -179,7 +165,6 @@ def test_resume_with_another_method_fails(world, tmp_path):
     train(TrainConfig(data=world, out=out, method="random_encoder", **SMALL))
     with pytest.raises(ValueError, match="random_encoder"):
         train(TrainConfig(data=world, out=out, method="courier", steps=1, resume=True, **SMALL))
-
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
