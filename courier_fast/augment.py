@@ -11,16 +11,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from courier_fast.data.decode import IMAGENET_MEAN, IMAGENET_STD
+from courier_fast.data.decode import IMAGENET_MEAN, IMAGENET_STD, imagenet_normalize
 
 
 def to_float(images):
     """uint8 (n, 3, S, S) -> ImageNet-normalised float32; float input is returned as is."""
-    if images.dtype != torch.uint8:
-        return images
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
-    return (images.float() / 255 - mean) / std
+    return imagenet_normalize(images) if images.dtype == torch.uint8 else images
 
 
 class Augment:

@@ -20,6 +20,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 BACKENDS = ("auto", "dali", "pil", "torchvision")
 
 
+def imagenet_normalize(x):
+    """uint8 images (..., 3, H, W) -> float32 ImageNet-normalised."""
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
+    return (x.float() / 255.0 - mean) / std
+
+
 class DecodeError(ValueError):
     """An image that could not be decoded: .index in the batch, .item_id when known."""
 
@@ -109,11 +116,7 @@ class ImageDecoder:
 
     def _finish(self, x):
         """x: (B, 3, H, W) uint8 on the device."""
-        if not self.normalize:
-            return x
-        mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-        return (x.float() / 255.0 - mean) / std
+        return imagenet_normalize(x) if self.normalize else x
 
     def _stack(self, tensors):
         shapes = {tuple(t.shape) for t in tensors}
