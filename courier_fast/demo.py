@@ -16,6 +16,8 @@ import time
 
 import torch
 
+from courier_fast.data.format import atomic_path
+
 GENERIC = ("random_encoder", "category_supervised", "simclr", "clip_titles")
 PRETRAINED = GENERIC + ("courier_target_query", "courier_learned_query")
 ORDER = ("no_image",) + GENERIC + ("courier", "courier_target_query", "courier_learned_query", "oracle_attributes")
@@ -50,9 +52,8 @@ def _world(workdir, seed, quick):
             if json.load(f) == want:
                 return root
     generate(root, seed=seed, quick=quick)
-    with open(stamp + ".tmp", "w") as f:
+    with atomic_path(stamp) as tmp, open(tmp, "w") as f:
         json.dump(want, f)
-    os.replace(stamp + ".tmp", stamp)
     return root
 
 
@@ -101,10 +102,8 @@ def demo(seed=0, quick=False, workdir=None, json_path=None, png_path=None, progr
               "results": {m: {k: results[m][k] for k in ("auc", "gauc", "logloss")} for m in ORDER}}
     log(format_table(report))
     json_path = json_path or os.path.join(workdir, "results.json")
-    tmp = f"{json_path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_path(json_path) as tmp, open(tmp, "w") as f:
         json.dump(report, f, indent=2)
-    os.replace(tmp, json_path)
     png_path = png_path or os.path.splitext(json_path)[0] + ".png"
     plot(report, png_path)
     log(f"wrote {json_path} and {png_path}")
@@ -145,7 +144,6 @@ def plot(report, path):
     ax.set_ylabel("cold-item AUC")
     ax.set_title(f"COURIER demo, seed {report['seed']}{' (quick)' if report['quick'] else ''}")
     fig.tight_layout()
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    os.replace(tmp, path)

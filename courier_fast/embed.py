@@ -10,6 +10,8 @@ import os
 import numpy as np
 import torch
 
+from courier_fast.data.format import atomic_path, write_table
+
 SUFFIXES = (".safetensors", ".parquet")
 
 
@@ -62,17 +64,15 @@ class ItemEmbeddings:
     def save(self, path):
         path = check_out_path(path)
         clusters = self.cluster_ids if self.cluster_ids is not None else np.full(len(self), -1, np.int64)
-        tmp = f"{path}.tmp-{os.getpid()}"
         if path.endswith(".safetensors"):
             from safetensors.numpy import save_file
-            save_file({"item_id": self.item_ids, "embedding": self.vectors, "cluster_id": clusters}, tmp)
+            with atomic_path(path) as tmp:
+                save_file({"item_id": self.item_ids, "embedding": self.vectors, "cluster_id": clusters}, tmp)
         else:
             import pyarrow as pa
-            import pyarrow.parquet as pq
             d = self.vectors.shape[1]
             emb = pa.FixedSizeListArray.from_arrays(pa.array(self.vectors.reshape(-1)), d)
-            pq.write_table(pa.table({"item_id": self.item_ids, "embedding": emb, "cluster_id": clusters}), tmp)
-        os.replace(tmp, path)
+            write_table(pa.table({"item_id": self.item_ids, "embedding": emb, "cluster_id": clusters}), path)
 
     @classmethod
     def load(cls, path):

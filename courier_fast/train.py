@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from courier_fast.data import SessionLoader, load_dataset
 from courier_fast.data.decode import ImageDecoder
+from courier_fast.data.format import atomic_path
 from courier_fast.methods import METHODS, build_method
 
 CHECKPOINT = "checkpoint.pt"
@@ -91,16 +92,13 @@ class TrainConfig:
 
 
 def _atomic_save(obj, path):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _atomic_write_text(text, path):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         f.write(text)
-    os.replace(tmp, path)
 
 
 def _setup_distributed(device_type):

@@ -10,6 +10,7 @@ Loading validates everything and raises ValueError naming the table, row and col
 item ids, pv_items/clicks length mismatches, labels other than 0/1, nulls, empty tables.
 Writes are atomic (temporary file, then rename).
 """
+import contextlib
 import os
 
 import numpy as np
@@ -24,11 +25,23 @@ SESSION_SCHEMA = pa.schema([("user_id", pa.int64()), ("history", pa.list_(pa.int
                             ("pv_items", pa.list_(pa.int64())), ("clicks", pa.list_(pa.int8()))])
 
 
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path`; it replaces `path` when the block succeeds and is
+    removed when it fails, so readers never see a half-written file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def write_table(table, path):
     """Write a parquet file atomically."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def _fail(table, row, column, what):
