@@ -14,8 +14,6 @@ import json
 import os
 import time
 
-import torch
-
 from courier_fast.data.format import atomic_path
 
 GENERIC = ("random_encoder", "category_supervised", "simclr", "clip_titles")
@@ -59,9 +57,8 @@ def _world(workdir, seed, quick):
 
 def run_method(name, world, workdir, seed, quick, progress=True):
     """Pre-train run `name` (RUNS) on `world` (resuming), embed every item; -> ItemEmbeddings."""
-    from courier_fast.embed import encode_items
-    from courier_fast.methods import build_method
-    from courier_fast.train import TrainConfig, load_checkpoint, train
+    from courier_fast.embed import embed_checkpoint
+    from courier_fast.train import TrainConfig, train
 
     p = PRESETS[quick]
     method, extra = RUNS[name]
@@ -71,14 +68,7 @@ def run_method(name, world, workdir, seed, quick, progress=True):
                       warmup_steps=p["warmup_steps"], seed=seed, resume=True, progress=progress,
                       checkpoint_every=100, **extra)
     train(cfg)
-    ckpt = load_checkpoint(os.path.join(out, "checkpoint.pt"))
-    from courier_fast.data import read_items
-    items = read_items(os.path.join(world, "items.parquet"))
-    model = build_method(ckpt["method"], items, **ckpt["method_kwargs"])
-    model.load_state_dict(ckpt["model"])
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    emb = encode_items(model.encoder.to(device), items, p["image_size"], device=device)
-    return emb.with_clusters(p["clusters"], seed)
+    return embed_checkpoint(os.path.join(out, "checkpoint.pt"), world, clusters=p["clusters"], seed=seed)
 
 
 def demo(seed=0, quick=False, workdir=None, json_path=None, png_path=None, progress=True, log=print):

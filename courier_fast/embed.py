@@ -123,20 +123,25 @@ def simscore(emb, history_ids, pv_ids):
     return np.einsum("rpd,rld->rpl", table[p_rows], table[h_rows]).astype(np.float32)
 
 
-def embed(checkpoint, data, out, clusters=32, batch_size=256, device="auto", seed=0):
-    """Embed every item of `data` with a train() checkpoint's encoder, cluster, save to `out`."""
+def embed_checkpoint(checkpoint, data, clusters=32, batch_size=256, device="auto", seed=0):
+    """ItemEmbeddings of every item of `data` with a train() checkpoint's encoder (+ k-means
+    cluster IDs when clusters > 0), at the image size the checkpoint was trained at."""
     from courier_fast.data import read_items
     from courier_fast.methods import build_method
     from courier_fast.train import load_checkpoint
 
-    check_out_path(out)
     ckpt = load_checkpoint(checkpoint)
     items = read_items(os.path.join(data, "items.parquet"))
     dev = "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
     method = build_method(ckpt["method"], items, **ckpt["method_kwargs"])
     method.load_state_dict(ckpt["model"])
     emb = encode_items(method.encoder.to(dev), items, ckpt["config"].get("image_size"), batch_size, dev)
-    if clusters:
-        emb = emb.with_clusters(clusters, seed)
+    return emb.with_clusters(clusters, seed) if clusters else emb
+
+
+def embed(checkpoint, data, out, clusters=32, batch_size=256, device="auto", seed=0):
+    """embed_checkpoint(), saved to `out` (.safetensors or .parquet; checked before any work)."""
+    check_out_path(out)
+    emb = embed_checkpoint(checkpoint, data, clusters, batch_size, device, seed)
     emb.save(out)
     return emb
