@@ -141,8 +141,8 @@ def _embed(args):
     import pyarrow as pa
 
     from courier_fast.data import load_dataset, write_table
+    from courier_fast.data.loader import padded_column
     from courier_fast.embed import SUFFIXES, embed, simscore
-    from courier_fast.evaluate import _ragged_to_padded
 
     if not args.out.endswith(SUFFIXES):
         raise ValueError(f"--out must end with one of {SUFFIXES}, got {args.out!r}")
@@ -155,8 +155,8 @@ def _embed(args):
           + (f", {int(emb.cluster_ids.max()) + 1} clusters" if emb.cluster_ids is not None else ""))
     for name in args.simscore:
         t = tables[name]
-        hist = _ragged_to_padded(t.column("history"), 5)
-        pv = _ragged_to_padded(t.column("pv_items"))
+        hist = padded_column(t.column("history"), 5, newest=True)
+        pv = padded_column(t.column("pv_items"))
         sims = simscore(emb, hist, pv)
         rows = [[list(map(float, s[: (h >= 0).sum()])) for s, p in zip(rs, ps) if p >= 0]
                 for rs, h, ps in zip(sims, hist, pv)]

@@ -18,17 +18,8 @@ import os
 
 import numpy as np
 
+from courier_fast.data.loader import padded_column
 from courier_fast.embed import ItemEmbeddings, simscore
-
-
-def _ragged_to_padded(column, width=None):
-    rows = column.to_pylist()
-    width = width or max((len(r) for r in rows), default=0)
-    out = np.full((len(rows), width), -1, dtype=np.int64)
-    for k, r in enumerate(rows):
-        r = r[-width:] if width else []
-        out[k, :len(r)] = r
-    return out
 
 
 def ctr_features(sessions, items, emb=None, history_len=5):
@@ -42,9 +33,9 @@ def ctr_features(sessions, items, emb=None, history_len=5):
         pos = order[np.searchsorted(ids[order], x.clip(min=0))]
         return np.where(x >= 0, cats[pos], -1)
 
-    hist = _ragged_to_padded(sessions.column("history"), history_len)
-    pv = _ragged_to_padded(sessions.column("pv_items"))
-    clicks = _ragged_to_padded(sessions.column("clicks"), pv.shape[1])
+    hist = padded_column(sessions.column("history"), history_len, newest=True)
+    pv = padded_column(sessions.column("pv_items"))
+    clicks = padded_column(sessions.column("clicks"), pv.shape[1])
     users = sessions.column("user_id").to_numpy()
     valid = pv >= 0
     hvalid = (hist >= 0)[:, None, :].astype(np.float32)                      # (R, 1, L)

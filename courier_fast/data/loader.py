@@ -79,6 +79,25 @@ def _ragged(column):
     return arr.flatten().to_numpy().astype(np.int64), arr.offsets.to_numpy().astype(np.int64)
 
 
+def _pad_rows(flat, offsets, rows, width, newest):
+    """(len(rows), width) int64 of the ragged rows `rows`, -1 where padded; the last `width`
+    values of a longer row when newest, else the first."""
+    ids = np.full((len(rows), width), -1, dtype=np.int64)
+    for k, r in enumerate(rows):
+        seq = flat[offsets[r]:offsets[r + 1]]
+        seq = seq[-width:] if newest else seq[:width]
+        ids[k, :len(seq)] = seq
+    return ids
+
+
+def padded_column(column, width=None, newest=False):
+    """A pyarrow list<int> column -> (rows, width) int64, -1 where padded (width None: the longest row)."""
+    flat, offsets = _ragged(column)
+    if width is None:
+        width = int(np.diff(offsets).max(initial=0))
+    return _pad_rows(flat, offsets, np.arange(len(offsets) - 1), width, newest)
+
+
 class SessionLoader:
     def __init__(self, items, sessions, *, batch_size, image_size=None, history_len=5, pv_len=None,
                  decoder=None, shuffle=True, seed=0, rank=0, world_size=1, drop_last=False,
@@ -170,18 +189,10 @@ class SessionLoader:
                     worker.join(timeout=0.05)
 
     # ------------------------------------------------------------------ one batch
-    def _padded(self, flat, offsets, rows, width, newest):
-        ids = np.full((len(rows), width), -1, dtype=np.int64)
-        for k, r in enumerate(rows):
-            seq = flat[offsets[r]:offsets[r + 1]]
-            seq = seq[-width:] if newest else seq[:width]
-            ids[k, :len(seq)] = seq
-        return ids
-
     def make_batch(self, rows):
-        hist_ids = self._padded(self._hist, self._hist_off, rows, self.history_len, newest=True)
-        pv_ids = self._padded(self._pv, self._pv_off, rows, self.pv_len, newest=False)
-        clicks = self._padded(self._clicks, self._pv_off, rows, self.pv_len, newest=False)
+        hist_ids = _pad_rows(self._hist, self._hist_off, rows, self.history_len, newest=True)
+        pv_ids = _pad_rows(self._pv, self._pv_off, rows, self.pv_len, newest=False)
+        clicks = _pad_rows(self._clicks, self._pv_off, rows, self.pv_len, newest=False)
         unique = np.unique(np.concatenate([hist_ids.ravel(), pv_ids.ravel()]))
         unique = unique[unique >= 0]
         pos = self._order[np.searchsorted(self._sorted_ids, unique)]
