@@ -48,35 +48,42 @@ def main(argv=None):
 
 
 def _add_train(sub):
+    import dataclasses
+
     from courier_fast.methods import METHODS
     from courier_fast.model import QUERIES
+    from courier_fast.train import TrainConfig
 
-    tr = sub.add_parser("train", help="pre-train an image encoder (COURIER or a baseline); resumable, torchrun-able")
+    # an option not given is not passed: its default is TrainConfig's, kept in one place
+    defaults = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(TrainConfig)
+                         if f.default is not dataclasses.MISSING and f.name != "progress")
+    tr = sub.add_parser("train", help="pre-train an image encoder (COURIER or a baseline); resumable, torchrun-able",
+                        description=f"Options not given take TrainConfig's defaults: {defaults}.")
     tr.add_argument("--data", required=True, help="a data directory (items.parquet, pretrain.parquet)")
     tr.add_argument("--out", required=True, help="run directory: config.json, metrics.jsonl, checkpoint.pt")
-    tr.add_argument("--method", default="courier", choices=METHODS)
-    tr.add_argument("--encoder", default="resnet18", help="a timm model name")
-    tr.add_argument("--embed-dim", type=int, default=256)
-    tr.add_argument("--num-heads", type=int, default=4)
-    tr.add_argument("--query", default="learned", choices=QUERIES)
+    tr.add_argument("--method", choices=METHODS)
+    tr.add_argument("--encoder", help="a timm model name")
+    tr.add_argument("--embed-dim", type=int)
+    tr.add_argument("--num-heads", type=int)
+    tr.add_argument("--query", choices=QUERIES)
     tr.add_argument("--pretrained", help="local backbone weights (.pth/.safetensors); nothing is downloaded")
     tr.add_argument("--image-size", type=int)
-    tr.add_argument("--batch-size", type=int, default=64, help="request rows per process and step")
+    tr.add_argument("--batch-size", type=int, help="request rows per process and step")
     tr.add_argument("--steps", type=int, help="optimiser steps (default: --epochs passes)")
-    tr.add_argument("--epochs", type=int, default=1)
+    tr.add_argument("--epochs", type=int)
     tr.add_argument("--max-images", type=int, help="stop after this many encoder image passes")
-    tr.add_argument("--lr", type=float, default=1e-4)
-    tr.add_argument("--weight-decay", type=float, default=1e-6)
-    tr.add_argument("--warmup-steps", type=int, default=50)
-    tr.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"))
+    tr.add_argument("--lr", type=float)
+    tr.add_argument("--weight-decay", type=float)
+    tr.add_argument("--warmup-steps", type=int)
+    tr.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"))
     tr.add_argument("--grad-checkpointing", action="store_true")
     tr.add_argument("--freeze-backbone", action="store_true")
-    tr.add_argument("--checkpoint-every", type=int, default=200)
-    tr.add_argument("--log-every", type=int, default=10)
+    tr.add_argument("--checkpoint-every", type=int)
+    tr.add_argument("--log-every", type=int)
     tr.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    tr.add_argument("--decoder", default="auto", choices=("auto", "dali", "pil", "torchvision"))
+    tr.add_argument("--seed", type=int)
+    tr.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    tr.add_argument("--decoder", choices=("auto", "dali", "pil", "torchvision"))
     tr.add_argument("--no-progress", action="store_true")
 
 
@@ -102,7 +109,7 @@ def _run(parser, args):
 
     if args.command == "train":
         from courier_fast.train import TrainConfig, train
-        fields = {k: v for k, v in vars(args).items() if k not in ("command", "no_progress")}
+        fields = {k: v for k, v in vars(args).items() if k not in ("command", "no_progress") and v is not None}
         summary = train(TrainConfig(progress=not args.no_progress, **fields))
         print(json.dumps(summary))
         return 0
