@@ -31,11 +31,6 @@ from courier_fast.methods import build_method  # noqa: E402
 from courier_fast.model import ImageEncoder  # noqa: E402
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _timed_steps(step, batches, device, warmup):
     """Run step(batch) over `batches` (an iterator); -> (seconds after warm-up, waited seconds, images)."""
     total = wait = 0.0
@@ -47,7 +42,7 @@ def _timed_steps(step, batches, device, warmup):
             break
         t1 = time.perf_counter()
         n = step(batch)
-        _sync(device)
+        harness._sync(device.type)
         t2 = time.perf_counter()
         if k >= warmup:
             total += t2 - t0

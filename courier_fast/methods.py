@@ -31,21 +31,24 @@ def _global_group():
     return dist.group.WORLD if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else None
 
 
-class CourierMethod(nn.Module):
+class _Method(nn.Module):
+    def images_per_step(self, batch):
+        """Encoder image passes of one step: each distinct item of the batch once."""
+        return batch.images.shape[0]
+
+
+class CourierMethod(_Method):
     def __init__(self, items=None, **kw):
         super().__init__()
         self.model = CourierModel(**kw)
         self.encoder = self.model.encoder
         self.augment = Augment.light()
 
-    def images_per_step(self, batch):
-        return batch.images.shape[0]
-
     def forward(self, batch, generator=None):
         return self.model(batch, self.augment(to_float(batch.images), generator))
 
 
-class SimCLRMethod(nn.Module):
+class SimCLRMethod(_Method):
     def __init__(self, items=None, temperature=0.1, **kw):
         super().__init__()
         self.encoder = ImageEncoder(**kw)
@@ -64,7 +67,7 @@ class SimCLRMethod(nn.Module):
                                          group=_global_group())}
 
 
-class CategorySupervisedMethod(nn.Module):
+class CategorySupervisedMethod(_Method):
     def __init__(self, items=None, num_categories=None, **kw):
         super().__init__()
         if num_categories is None:
@@ -73,16 +76,13 @@ class CategorySupervisedMethod(nn.Module):
         self.classifier = nn.Linear(self.encoder.embed_dim, num_categories)
         self.augment = Augment.light()
 
-    def images_per_step(self, batch):
-        return batch.images.shape[0]
-
     def forward(self, batch, generator=None):
         logits = self.classifier(self.encoder(self.augment(to_float(batch.images), generator))).float()
         target = batch.image_category.to(logits.device) % logits.shape[1]
         return {"loss": F.cross_entropy(logits, target)}
 
 
-class ClipTitlesMethod(nn.Module):
+class ClipTitlesMethod(_Method):
     def __init__(self, items=None, vocab=None, temperature=0.07, **kw):
         super().__init__()
         if vocab is None:
@@ -103,9 +103,6 @@ class ClipTitlesMethod(nn.Module):
         self.text_head = nn.Linear(d, d)
         self.augment, self.temperature = Augment.light(), temperature
 
-    def images_per_step(self, batch):
-        return batch.images.shape[0]
-
     def encode_titles(self, item_ids):
         tok = self._tokens[torch.searchsorted(self._sorted_ids, item_ids.to(self._sorted_ids.device))]
         mask = (tok >= 0).float().unsqueeze(-1)
@@ -119,7 +116,7 @@ class ClipTitlesMethod(nn.Module):
                                          group=_global_group())}
 
 
-class RandomEncoderMethod(nn.Module):
+class RandomEncoderMethod(_Method):
     def __init__(self, items=None, **kw):
         super().__init__()
         self.encoder = ImageEncoder(**kw)
