@@ -95,24 +95,55 @@ class ItemEmbeddings:
         return cls(ids, vec, None if (clusters < 0).all() else clusters)
 
 
-@torch.no_grad()
-def encode_items(encoder, items, image_size=None, batch_size=256, device="cpu", decoder="auto"):
-    """ItemEmbeddings of every item of the item table with `encoder` (an ImageEncoder) in eval mode."""
+def encoded_batches(encoder, items, rows=None, image_size=None, batch_size=256, device="cpu", decoder="auto",
+                    progress=False):
+    """Yield (item_ids (b,) int64, vectors (b, d) float32 numpy) for the item table's rows `rows`
+    (positions; default all, in table order), `batch_size` at a time, with `encoder` (an
+    ImageEncoder) in eval mode. Images are read lazily (bytes or files, see data/images.py) and
+    decoded one batch ahead in a background thread while the current batch is encoded."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from courier_fast.data.decode import ImageDecoder
+    from courier_fast.data.images import ItemImages
 
     dec = ImageDecoder(backend=decoder, device=torch.device(device).type, size=image_size)
+    images = ItemImages(items)
     ids = items.column("item_id").to_numpy()
-    images = items.column("image")
+    rows = np.arange(len(ids)) if rows is None else np.asarray(rows, dtype=np.int64)
+    chunks = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(rows), desc="embed", unit="item", dynamic_ncols=True)
+
+    def load(chunk):
+        return dec(images.read(chunk), item_ids=ids[chunk])
+
     was_training = encoder.training
     encoder.eval()
-    out = []
-    for start in range(0, len(ids), batch_size):
-        chunk = [images[i].as_py() for i in range(start, min(start + batch_size, len(ids)))]
-        x = dec(chunk, item_ids=ids[start:start + len(chunk)]).to(device)
-        out.append(encoder(x).float().cpu())
-    encoder.train(was_training)
-    vectors = torch.cat(out) if out else torch.zeros(0, encoder.embed_dim)
-    return ItemEmbeddings(ids, vectors.numpy())
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="courier-fast-decode") as pool:
+            nxt = pool.submit(load, chunks[0]) if chunks else None
+            for k, chunk in enumerate(chunks):
+                x = nxt.result().to(device)
+                nxt = pool.submit(load, chunks[k + 1]) if k + 1 < len(chunks) else None
+                with torch.no_grad():  # not around the yield: the caller's grad mode is its own
+                    vectors = encoder(x).float().cpu().numpy()
+                yield ids[chunk], vectors
+                if bar is not None:
+                    bar.update(len(chunk))
+    finally:
+        encoder.train(was_training)
+        images.close()
+        if bar is not None:
+            bar.close()
+
+
+def encode_items(encoder, items, image_size=None, batch_size=256, device="cpu", decoder="auto", progress=False):
+    """ItemEmbeddings of every item of the item table with `encoder` (an ImageEncoder) in eval mode."""
+    parts = list(encoded_batches(encoder, items, None, image_size, batch_size, device, decoder, progress))
+    vectors = np.concatenate([v for _, v in parts]) if parts else np.zeros((0, encoder.embed_dim), np.float32)
+    return ItemEmbeddings(items.column("item_id").to_numpy(), vectors)
 
 
 def simscore(emb, history_ids, pv_ids):

@@ -13,7 +13,9 @@ and, gathered on access: history (B, L, 3, S, S) the newest L clicked items, old
 right-padded with zero images; pv (B, P, 3, S, S) the items shown; history_category /
 pv_category (B, L) / (B, P) int64 (-1 where padded). A model should encode `images` once and
 index the embeddings (see CourierModel). Images are uint8, or float32 ImageNet-normalised
-with normalize=True. A background thread prepares the next `prefetch`
+with normalize=True. Items may carry their images as bytes or as file paths (format.py): only
+a batch's own files are read, so memory does not grow with the catalogue. A background thread
+prepares the next `prefetch`
 batches while the caller computes. Order is a permutation fixed by (seed, epoch); with
 world_size > 1 rank r takes positions r, r + W, ... of it: shards are disjoint and together
 complete (drop_last=True trims every shard to the same number of full batches, for DDP).
@@ -26,6 +28,7 @@ import numpy as np
 import torch
 
 from courier_fast.data.decode import ImageDecoder
+from courier_fast.data.images import ItemImages
 
 
 @dataclass
@@ -115,7 +118,7 @@ class SessionLoader:
         ids = items.column("item_id").to_numpy()
         self._order = np.argsort(ids)
         self._sorted_ids = ids[self._order]
-        self._images = items.column("image")
+        self._images = ItemImages(items)  # bytes in the table, or files read per batch
         self._categories = items.column("category").to_numpy().astype(np.int64)
         self._hist, self._hist_off = _ragged(sessions.column("history"))
         self._pv, self._pv_off = _ragged(sessions.column("pv_items"))
@@ -196,7 +199,7 @@ class SessionLoader:
         unique = np.unique(np.concatenate([hist_ids.ravel(), pv_ids.ravel()]))
         unique = unique[unique >= 0]
         pos = self._order[np.searchsorted(self._sorted_ids, unique)]
-        images = self.decoder([self._images[int(p)].as_py() for p in pos], item_ids=unique)
+        images = self.decoder(self._images.read(pos), item_ids=unique)
 
         def index(ids):  # position in `unique`, len(unique) for padding
             return torch.from_numpy(np.where(ids >= 0, np.searchsorted(unique, ids), len(unique)))
