@@ -17,17 +17,28 @@ def main(argv=None):
     gen.add_argument("--users", type=int, help="number of users")
     gen.add_argument("--requests-per-user", type=int)
     gen.add_argument("--image-size", type=int, help="rendered image side in pixels")
+    gen.add_argument("--layout", choices=("parquet", "files"), default="parquet",
+                     help="parquet: our format; files: a public-dataset layout (images/<item_id>.jpg, items.csv, "
+                          "interactions.csv with timestamps, no impressions) for `courier-fast import`")
+    _add_import(sub)
     _add_train(sub)
-    emb = sub.add_parser("embed", help="L2-normalised item embeddings + k-means cluster IDs from a checkpoint")
+    emb = sub.add_parser("embed", help="L2-normalised item embeddings + k-means cluster IDs from a checkpoint "
+                                       "(streamed, resumable, torchrun-able)")
     emb.add_argument("--checkpoint", required=True, help="checkpoint.pt written by `courier-fast train`")
     emb.add_argument("--data", required=True, help="a data directory (items.parquet)")
-    emb.add_argument("--out", required=True, help="output file: .safetensors or .parquet")
+    emb.add_argument("--out", required=True, help="output: a .safetensors or .parquet file, or a directory (no "
+                                                  "suffix) of parts + manifest.json for catalogue-scale runs")
     emb.add_argument("--clusters", type=int, default=32, help="k of k-means (0: no cluster IDs)")
+    emb.add_argument("--kmeans", default="auto", choices=("auto", "faiss", "sklearn"),
+                     help="k-means backend (auto: faiss when installed, else scikit-learn MiniBatchKMeans)")
     emb.add_argument("--simscore", metavar="TABLE", action="append", default=[],
                      help="also write TABLE's SimScore features (cosine of each shown item to each history "
-                          "item) to <out stem>.simscore-TABLE.parquet; repeatable (e.g. ctr_train)")
+                          "item) to <out stem>.simscore-TABLE.parquet (<out>/simscore-TABLE.parquet for a "
+                          "directory); repeatable (e.g. ctr_train)")
     emb.add_argument("--batch-size", type=int, default=256)
+    emb.add_argument("--chunk-size", type=int, default=16384, help="items per part (the unit of resume and sharding)")
     emb.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    emb.add_argument("--no-progress", action="store_true")
     ev = sub.add_parser("eval", help="downstream CTR on ctr_train -> ctr_test (cold items): AUC, GAUC, logloss")
     ev.add_argument("--data", required=True)
     ev.add_argument("--embeddings", help="an embedding file from `courier-fast embed` (omit: no image features)")
@@ -38,6 +49,8 @@ def main(argv=None):
     dm.add_argument("--seed", type=int, default=0)
     dm.add_argument("--workdir", help="where the world, runs and results go (default courier_demo/<mode>-seed<S>)")
     dm.add_argument("--json", dest="json_path", help="results JSON path (default <workdir>/results.json)")
+    dm.add_argument("--data", help="run on this data directory (e.g. from `courier-fast import`) instead of "
+                                   "generating the world")
     dm.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     try:
@@ -45,6 +58,60 @@ def main(argv=None):
     except (FileNotFoundError, ValueError, KeyError) as exc:
         print(f"courier-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _add_import(sub):
+    import dataclasses
+
+    from courier_fast.data.importer import ImportConfig
+
+    defaults = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(ImportConfig)
+                         if f.default is not dataclasses.MISSING and f.name != "progress")
+    im = sub.add_parser("import", help="a public-dataset layout (interactions + items + image folder) -> our format",
+                        description="Builds items.parquet (image paths) and the pretrain / ctr_train / ctr_test "
+                                    "session tables, out of core (DuckDB). Columns named click, request_id, "
+                                    "category, title, image_path are used when the files have them. Options not "
+                                    f"given take ImportConfig's defaults: {defaults}.")
+    im.add_argument("--interactions", required=True, help="CSV / TSV / parquet / JSON-lines interaction log")
+    im.add_argument("--items", required=True, help="CSV / TSV / parquet / JSON-lines item table")
+    im.add_argument("--images", required=True, help="the directory of item images")
+    im.add_argument("--out", required=True, help="output directory (must not exist, or be empty)")
+    for flag, what in (("--user-col", "user id"), ("--item-col", "item id"), ("--time-col", "timestamp"),
+                       ("--click-col", "0/1 click label (default: 'click' when present; else every row is a positive)"),
+                       ("--request-col", "request id: rows of one request are one page view (impressions)"),
+                       ("--items-item-col", "item id in the items file (default: --item-col)"),
+                       ("--category-col", "item category (any type; mapped to ints)"), ("--title-col", "item title"),
+                       ("--image-col", "image path, relative to --images or absolute")):
+        im.add_argument(flag, help=f"column: {what}")
+    im.add_argument("--image-pattern", help="image file of an item under --images, a Python format string of the id "
+                                            "as written in the items file: '{item_id}.jpg' (default), "
+                                            "'{item_id:.3}/{item_id}.jpg' (H&M)")
+    im.add_argument("--interactions-format", choices=("csv", "tsv", "parquet", "jsonl"))
+    im.add_argument("--items-format", choices=("csv", "tsv", "parquet", "jsonl"))
+    im.add_argument("--delimiter", help="CSV delimiter (default ',' and tab for .tsv)")
+    im.add_argument("--no-header", dest="header", action="store_false", default=None,
+                    help="CSV files without a header row: columns are column0, column1, ...")
+    im.add_argument("--time-format", help="strptime format of the timestamps (default: numbers, or ISO dates)")
+    im.add_argument("--history-len", type=int, help="history items per row")
+    im.add_argument("--negatives", type=int, help="sampled non-clicked items per positive (logs without impressions)")
+    im.add_argument("--min-history", type=int, help="leave out requests with fewer earlier positives")
+    im.add_argument("--time-windows", type=int, help="negative-sampling windows per split (equal counts)")
+    im.add_argument("--split", type=_floats, help="pretrain,ctr_train,ctr_test fractions of requests, in time order")
+    im.add_argument("--split-times", type=lambda s: tuple(s.split(",")),
+                    help="T1,T2: ctr_train starts at T1, ctr_test at T2 (as the timestamps are written)")
+    im.add_argument("--seed", type=int)
+    im.add_argument("--strict", action="store_true", default=None, help="fail on the first bad row")
+    im.add_argument("--on-missing-image", choices=("raise", "skip"))
+    im.add_argument("--memory-limit", help="DuckDB memory limit, e.g. 4GB (it spills to disk past it)")
+    im.add_argument("--threads", type=int)
+    im.add_argument("--no-progress", action="store_true")
+
+
+def _floats(text):
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def _add_train(sub):
@@ -91,6 +158,7 @@ def _run(parser, args):
 
     if args.command == "generate":
         import dataclasses
+        import datetime
         import time
 
         from courier_fast.data.generate import WorldConfig, generate
@@ -102,9 +170,24 @@ def _run(parser, args):
                 parser.error(f"--{key.replace('_', '-')} must be > 0")
         cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
         start = time.time()
-        counts = generate(args.out, seed=args.seed, config=cfg)
+        counts = generate(args.out, seed=args.seed, config=cfg, layout=args.layout)
+        if args.layout == "files":
+            from courier_fast.data.generate import EPOCH, split_days
+            cuts = ",".join((EPOCH + datetime.timedelta(days=d)).date().isoformat() for d in split_days(cfg))
+            print(f"wrote {args.out}: {counts['items']} images, items.csv, interactions.csv ({counts['interactions']} "
+                  f"clicks) in {time.time() - start:.1f} s\nimport it with the native split:\n  courier-fast import "
+                  f"--interactions {args.out}/interactions.csv --items {args.out}/items.csv --images {args.out}/images "
+                  f"--out OUT --split-times {cuts}")
+            return 0
         print(f"wrote {args.out}: {cfg.items} items, " + ", ".join(f"{k} {v} rows" for k, v in counts.items())
               + f" in {time.time() - start:.1f} s")
+        return 0
+
+    if args.command == "import":
+        from courier_fast.data.importer import ImportConfig, import_dataset
+        fields = {k: v for k, v in vars(args).items() if k not in ("command", "no_progress") and v is not None}
+        report = import_dataset(ImportConfig(progress=not args.no_progress, **fields))
+        print(format_import(report, args.out))
         return 0
 
     if args.command == "train":
@@ -127,7 +210,7 @@ def _run(parser, args):
     if args.command == "demo":
         from courier_fast.demo import demo
         demo(seed=args.seed, quick=args.quick, workdir=args.workdir, json_path=args.json_path,
-             progress=not args.no_progress)
+             progress=not args.no_progress, data=args.data)
         return 0
 
     import courier_fast
@@ -142,32 +225,66 @@ def _run(parser, args):
     return 0
 
 
+def format_import(report, out):
+    """The import report in a few lines."""
+    rows = ", ".join(f"{k} {v}" for k, v in report["rows"].items())
+    bad = report["bad_rows"]
+    lines = [f"wrote {out}: {report['items']} items, {rows} rows ({report['interactions']} of "
+             f"{report['interaction_rows']} interactions used) in {report['seconds']['total']:.1f} s",
+             f"split times {report['split_times'][0]} / {report['split_times'][1]}; cold items in ctr_test: "
+             f"{100 * report['cold_items_ctr_test']['slots']:.1f} % of shown slots, "
+             f"{100 * report['cold_items_ctr_test']['items']:.1f} % of distinct items"]
+    if report["missing_images"]:
+        lines.append(f"skipped {report['missing_images']} items without an image file")
+    if bad["total"]:
+        f = bad["first"]
+        lines.append(f"left out {bad['total']} bad rows {bad['by_reason']}; first: {f['file']} row {f['row']}, "
+                     f"column '{f['column']}': {f['reason']}" + (f" {f['value']!r}" if f["value"] is not None else ""))
+    if report["rows_short_of_negatives"]:
+        lines.append(f"{report['rows_short_of_negatives']} rows got fewer than {report['options']['negatives']} "
+                     f"negatives (too few other items in their time window)")
+    lines.append(f"report: {out}/import.json")
+    return "\n".join(lines)
+
+
 def _embed(args):
     import os
 
+    import numpy as np
     import pyarrow as pa
 
     from courier_fast.data import load_dataset, write_table
     from courier_fast.data.loader import padded_column
-    from courier_fast.embed import SUFFIXES, embed, simscore
+    from courier_fast.embed import SUFFIXES, ItemEmbeddings, embed, is_directory_out, simscore
 
-    if not args.out.endswith(SUFFIXES):
-        raise ValueError(f"--out must end with one of {SUFFIXES}, got {args.out!r}")
-    if args.clusters < 0 or args.batch_size <= 0:
-        raise ValueError("--clusters must be >= 0 and --batch-size > 0")
+    directory = is_directory_out(args.out)
+    if not directory and not args.out.endswith(SUFFIXES):
+        raise ValueError(f"--out must end with one of {SUFFIXES} or be a directory (no suffix), got {args.out!r}")
+    if args.clusters < 0 or args.batch_size <= 0 or args.chunk_size <= 0:
+        raise ValueError("--clusters must be >= 0, --batch-size and --chunk-size > 0")
     tables = load_dataset(args.data, tables=tuple(args.simscore))  # validates before the long part
-    emb = embed(args.checkpoint, args.data, args.out, clusters=args.clusters, batch_size=args.batch_size,
-                device=args.device)
-    print(f"wrote {args.out}: {len(emb)} items x {emb.vectors.shape[1]}"
-          + (f", {int(emb.cluster_ids.max()) + 1} clusters" if emb.cluster_ids is not None else ""))
+    result = embed(args.checkpoint, args.data, args.out, clusters=args.clusters, batch_size=args.batch_size,
+                   device=args.device, chunk_size=args.chunk_size, kmeans=args.kmeans, progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    if directory:
+        print(f"wrote {args.out}: {result['items']} items x {result['dim']} in {len(result['parts'])} parts"
+              + (f", {result['clusters']} clusters ({result['kmeans']})" if result["clusters"] else ""))
+    else:
+        emb = result
+        print(f"wrote {args.out}: {len(emb)} items x {emb.vectors.shape[1]}"
+              + (f", {int(emb.cluster_ids.max()) + 1} clusters" if emb.cluster_ids is not None else ""))
     for name in args.simscore:
         t = tables[name]
         hist = padded_column(t.column("history"), 5, newest=True)
         pv = padded_column(t.column("pv_items"))
+        if directory:  # only the items this table needs
+            emb = ItemEmbeddings.load(args.out, item_ids=np.unique(np.concatenate([hist.ravel(), pv.ravel()])))
         sims = simscore(emb, hist, pv)
         rows = [[list(map(float, s[: (h >= 0).sum()])) for s, p in zip(rs, ps) if p >= 0]
                 for rs, h, ps in zip(sims, hist, pv)]
-        path = f"{os.path.splitext(args.out)[0]}.simscore-{name}.parquet"
+        path = (os.path.join(args.out, f"simscore-{name}.parquet") if directory
+                else f"{os.path.splitext(args.out)[0]}.simscore-{name}.parquet")
         write_table(pa.table({"user_id": t.column("user_id"), "pv_items": t.column("pv_items"),
                               "simscore": pa.array(rows, pa.list_(pa.list_(pa.float32())))}), path)
         print(f"wrote {path}: SimScore of {t.num_rows} requests")

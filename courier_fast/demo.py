@@ -7,7 +7,9 @@ GAUC / logloss, a PNG bar chart and a JSON file:
 Methods: no_image, random_encoder, category_supervised, simclr, clip_titles, courier (the
 package's default configuration: TrainConfig() with query="learned"), courier_target_query,
 courier_learned_query, oracle_attributes (true attributes: the ceiling). Runs resume: a method
-whose checkpoint is complete is not trained again.
+whose checkpoint is complete is not trained again. data=DIR runs on an existing data directory
+(e.g. one `courier-fast import` wrote) instead of generating the world; oracle_attributes is
+reported only where DIR has the world's oracle.parquet.
 """
 import dataclasses
 import json
@@ -71,15 +73,19 @@ def run_method(name, world, workdir, seed, quick, progress=True):
     return embed_checkpoint(os.path.join(out, "checkpoint.pt"), world, clusters=p["clusters"], seed=seed)
 
 
-def demo(seed=0, quick=False, workdir=None, json_path=None, png_path=None, progress=True, log=print):
-    """Run everything; returns the JSON dict (also written to json_path)."""
+def demo(seed=0, quick=False, workdir=None, json_path=None, png_path=None, progress=True, log=print, data=None):
+    """Run everything (on `data` when given, else on the generated world); returns the JSON dict
+    (also written to json_path)."""
     from courier_fast.evaluate import evaluate, oracle_embeddings
 
     start = time.time()
-    workdir = workdir or os.path.join("courier_demo", f"{'quick' if quick else 'full'}-seed{seed}")
+    name = f"{'quick' if quick else 'full'}-seed{seed}"
+    if data is not None:  # its own runs: a run directory resumes whatever trained there before
+        name += "-" + os.path.basename(os.path.abspath(data))
+    workdir = workdir or os.path.join("courier_demo", name)
     os.makedirs(workdir, exist_ok=True)
-    world = _world(workdir, seed, quick)
-    log(f"world: {world} ({time.time() - start:.0f} s)")
+    world = data if data is not None else _world(workdir, seed, quick)
+    log(f"{'data' if data is not None else 'world'}: {world} ({time.time() - start:.0f} s)")
     results = {"no_image": evaluate(world)}
     for name in PRETRAINED:
         t0 = time.time()
@@ -87,9 +93,12 @@ def demo(seed=0, quick=False, workdir=None, json_path=None, png_path=None, progr
         results[name] = evaluate(world, emb)
         log(f"{name:<24} AUC {results[name]['auc']:.4f}  ({time.time() - t0:.0f} s)")
     results["courier"] = dict(results[DEFAULT_COURIER])
-    results["oracle_attributes"] = evaluate(world, oracle_embeddings(world, PRESETS[quick]["clusters"], seed))
+    if os.path.exists(os.path.join(world, "oracle.parquet")):
+        results["oracle_attributes"] = evaluate(world, oracle_embeddings(world, PRESETS[quick]["clusters"], seed))
     report = {"seed": seed, "quick": quick, "seconds": round(time.time() - start, 1),
-              "results": {m: {k: results[m][k] for k in ("auc", "gauc", "logloss")} for m in ORDER}}
+              "results": {m: {k: results[m][k] for k in ("auc", "gauc", "logloss")} for m in ORDER if m in results}}
+    if data is not None:
+        report["data"] = os.path.abspath(data)
     log(format_table(report))
     json_path = json_path or os.path.join(workdir, "results.json")
     with atomic_path(json_path) as tmp, open(tmp, "w") as f:
@@ -107,9 +116,11 @@ def format_table(report):
     lines = [f"cold-item CTR, seed {report['seed']}{' (quick)' if report['quick'] else ''}, "
              f"{report.get('seconds', 0):.0f} s", f"{'method':<24}{'AUC':>8}{'GAUC':>8}{'logloss':>9}{'vs no_image':>13}"]
     for m in ORDER:
+        if m not in res:
+            continue
         r = res[m]
         lines.append(f"{m:<24}{r['auc']:>8.4f}{r['gauc']:>8.4f}{r['logloss']:>9.4f}{r['auc'] - base:>+13.4f}")
-    gap = res["oracle_attributes"]["auc"] - base
+    gap = res["oracle_attributes"]["auc"] - base if "oracle_attributes" in res else float("nan")
     c = res["courier"]["auc"]
     lines.append(f"courier - best generic baseline: {c - best_generic:+.4f} AUC; "
                  f"recovers {100 * (c - base) / gap if gap > 0 else float('nan'):.0f} % of the no_image -> oracle gap")
@@ -122,11 +133,12 @@ def plot(report, path):
     import matplotlib.pyplot as plt
 
     res = report["results"]
-    aucs = [res[m]["auc"] for m in ORDER]
-    colours = ["#999999"] + ["#6baed6"] * len(GENERIC) + ["#e6550d"] * 3 + ["#31a354"]
+    names = [m for m in ORDER if m in res]
+    aucs = [res[m]["auc"] for m in names]
+    colour = {"no_image": "#999999", "oracle_attributes": "#31a354", **{m: "#6baed6" for m in GENERIC}}
     fig, ax = plt.subplots(figsize=(9, 4))
-    ax.bar(range(len(ORDER)), aucs, color=colours)
-    ax.set_xticks(range(len(ORDER)), ORDER, rotation=30, ha="right")
+    ax.bar(range(len(names)), aucs, color=[colour.get(m, "#e6550d") for m in names])
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
     lo = min(aucs)
     ax.set_ylim(lo - 0.02, max(aucs) + 0.01)
     for i, a in enumerate(aucs):

@@ -2,7 +2,9 @@
 
 ItemEmbeddings holds, for every item of items.parquet: item_ids (n,) int64, vectors (n, d)
 float32 with unit L2 norm, and cluster_ids (n,) int64 from k-means over those vectors
-(scikit-learn). Saved as .safetensors or .parquet (atomically). simscore() gives the paper's
+(faiss when installed, else scikit-learn: cluster.py). Saved as .safetensors or .parquet
+(atomically), or as a directory of parts with a manifest (catalogue.py: streamed, sharded over
+torchrun ranks, resumable); load() reads all three. simscore() gives the paper's
 SimScore features: the cosine between a shown item's image and each history image.
 """
 import os
@@ -53,13 +55,14 @@ class ItemEmbeddings:
             raise KeyError(f"item id {int(ids[bad][0])} has no embedding")
         return np.where(ids >= 0, rows, -1)
 
-    def with_clusters(self, k, seed=0):
-        """A copy with cluster_ids from k-means (k clusters, k-means++ init) over the vectors."""
-        from sklearn.cluster import KMeans
+    def with_clusters(self, k, seed=0, backend="auto"):
+        """A copy with cluster_ids from k-means (k clusters) over the vectors: fitted on a
+        sample of at most 256 k of them, every vector then assigned (courier_fast.cluster)."""
+        from courier_fast import cluster
 
-        k = min(int(k), len(self))
-        labels = KMeans(n_clusters=k, n_init=3, random_state=seed).fit_predict(self.vectors)
-        return ItemEmbeddings(self.item_ids, self.vectors, labels)
+        rows = cluster.sample(len(self), k, seed)
+        centres = cluster.fit_centroids(self.vectors[rows], k, seed, backend)
+        return ItemEmbeddings(self.item_ids, self.vectors, cluster.assign(self.vectors, centres))
 
     def save(self, path):
         path = check_out_path(path)
@@ -75,24 +78,36 @@ class ItemEmbeddings:
             write_table(pa.table({"item_id": self.item_ids, "embedding": emb, "cluster_id": clusters}), path)
 
     @classmethod
-    def load(cls, path):
+    def load(cls, path, item_ids=None):
+        """From a .safetensors / .parquet file or a parts directory (catalogue.py); with
+        `item_ids`, only those (a directory is filtered part by part, never read whole)."""
+        from courier_fast.catalogue import is_parts_dir, load_parts, table_columns
+
         path = str(path)
         if not os.path.exists(path):
             raise FileNotFoundError(f"embeddings: {path} does not exist")
+        if os.path.isdir(path) and not is_parts_dir(path):
+            raise ValueError(f"embeddings: {path} is a directory without manifest.json (an unfinished "
+                             f"`courier-fast embed`? run it again to finish)")
         try:
-            if path.endswith(".safetensors"):
+            if is_parts_dir(path):
+                ids, vec, clusters = load_parts(path, item_ids)
+                item_ids = None
+            elif path.endswith(".safetensors"):
                 from safetensors.numpy import load_file
                 t = load_file(path)
                 ids, vec, clusters = t["item_id"], t["embedding"], t["cluster_id"]
             else:
                 import pyarrow.parquet as pq
-                t = pq.read_table(path)
-                ids = t.column("item_id").to_numpy()
-                vec = np.stack(t.column("embedding").to_numpy(zero_copy_only=False))
-                clusters = t.column("cluster_id").to_numpy()
+                ids, vec, clusters = table_columns(pq.read_table(path))
+        except ValueError:
+            raise
         except Exception as exc:  # noqa: BLE001  (safetensors and pyarrow raise their own types)
             raise ValueError(f"embeddings: {path} is not an embedding file ({exc})") from exc
-        return cls(ids, vec, None if (clusters < 0).all() else clusters)
+        if item_ids is not None:
+            keep = np.isin(ids, np.asarray(item_ids, np.int64))
+            ids, vec, clusters = ids[keep], vec[keep], clusters[keep]
+        return cls(ids, vec, None if len(clusters) == 0 or (clusters < 0).all() else clusters)
 
 
 def encoded_batches(encoder, items, rows=None, image_size=None, batch_size=256, device="cpu", decoder="auto",
@@ -154,25 +169,59 @@ def simscore(emb, history_ids, pv_ids):
     return np.einsum("rpd,rld->rpl", table[p_rows], table[h_rows]).astype(np.float32)
 
 
-def embed_checkpoint(checkpoint, data, clusters=32, batch_size=256, device="auto", seed=0):
-    """ItemEmbeddings of every item of `data` with a train() checkpoint's encoder (+ k-means
-    cluster IDs when clusters > 0), at the image size the checkpoint was trained at."""
-    from courier_fast.data import read_items
+def resolve_device(device):
+    """"auto" -> "cuda" when a GPU is visible, else "cpu"."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+def load_encoder(checkpoint, items, device="cpu"):
+    """(the ImageEncoder of a train() checkpoint on `device`, the image size it was trained at)."""
     from courier_fast.methods import build_method
     from courier_fast.train import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
-    items = read_items(os.path.join(data, "items.parquet"))
-    dev = "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
     method = build_method(ckpt["method"], items, **ckpt["method_kwargs"])
     method.load_state_dict(ckpt["model"])
-    emb = encode_items(method.encoder.to(dev), items, ckpt["config"].get("image_size"), batch_size, dev)
+    return method.encoder.to(device), ckpt["config"].get("image_size")
+
+
+def embed_checkpoint(checkpoint, data, clusters=32, batch_size=256, device="auto", seed=0):
+    """ItemEmbeddings of every item of `data` with a train() checkpoint's encoder (+ k-means
+    cluster IDs when clusters > 0), at the image size the checkpoint was trained at; in memory
+    (catalogue.embed_catalogue streams to disk instead)."""
+    from courier_fast.data import read_items
+
+    items = read_items(os.path.join(data, "items.parquet"))
+    dev = resolve_device(device)
+    encoder, image_size = load_encoder(checkpoint, items, dev)
+    emb = encode_items(encoder, items, image_size, batch_size, dev)
     return emb.with_clusters(clusters, seed) if clusters else emb
 
 
-def embed(checkpoint, data, out, clusters=32, batch_size=256, device="auto", seed=0):
-    """embed_checkpoint(), saved to `out` (.safetensors or .parquet; checked before any work)."""
+def embed(checkpoint, data, out, clusters=32, batch_size=256, device="auto", seed=0, **catalogue_options):
+    """Embed every item of `data` into `out`: a .safetensors / .parquet file (checked before any
+    work; -> its ItemEmbeddings) or a directory of parts (-> the manifest dict). Both stream
+    through catalogue.embed_catalogue, so both resume after a kill and shard over torchrun
+    ranks (a file is assembled from `<out>.parts/` by rank 0 at the end; other ranks get None).
+    catalogue_options: chunk_size, kmeans, progress."""
+    from courier_fast.catalogue import embed_catalogue
+
+    if is_directory_out(out):
+        return embed_catalogue(checkpoint, data, out, clusters, batch_size, device, seed, **catalogue_options)
     check_out_path(out)
-    emb = embed_checkpoint(checkpoint, data, clusters, batch_size, device, seed)
+    work = f"{out}.parts"
+    manifest = embed_catalogue(checkpoint, data, work, clusters, batch_size, device, seed, **catalogue_options)
+    if manifest is None:  # not rank 0
+        return None
+    emb = ItemEmbeddings.load(work)
     emb.save(out)
+    import shutil
+    shutil.rmtree(work)
     return emb
+
+
+def is_directory_out(path):
+    """Whether an output path names a directory of parts: an existing directory, a trailing
+    slash, or a name without a suffix."""
+    path = str(path)
+    return os.path.isdir(path) or path.endswith(os.sep) or not os.path.splitext(os.path.basename(path))[1]

@@ -81,7 +81,9 @@ def gauc(scores, labels, users):
 def evaluate(data, embeddings=None, C=0.1, history_len=5):
     """Fit on ctr_train, score ctr_test: {"auc", "gauc", "logloss", "train_rows", "test_rows"}.
 
-    embeddings: None (ID/category features only), an ItemEmbeddings, or a path to one.
+    embeddings: None (ID/category features only), an ItemEmbeddings, or a path to one (a
+    file or a `courier-fast embed` parts directory); it needs a vector for every item the two
+    tables show or hold in a history.
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import log_loss, roc_auc_score
@@ -91,11 +93,17 @@ def evaluate(data, embeddings=None, C=0.1, history_len=5):
     from courier_fast.data import load_dataset
 
     tables = load_dataset(data, tables=("ctr_train", "ctr_test"))
-    emb = ItemEmbeddings.load(embeddings) if isinstance(embeddings, (str, os.PathLike)) else embeddings
+    # the items the CTR tables show or hold in a history: all an embedding is needed for
+    needed = np.unique(np.concatenate([tables[t].column(c).combine_chunks().flatten().to_numpy()
+                                       for t in ("ctr_train", "ctr_test") for c in ("history", "pv_items")]))
+    if isinstance(embeddings, (str, os.PathLike)):  # a file, or a parts directory read only for `needed`
+        embeddings = ItemEmbeddings.load(embeddings, item_ids=needed)
+    emb = embeddings
     if emb is not None:
-        missing = np.setdiff1d(tables["items"].column("item_id").to_numpy(), emb.item_ids)
+        missing = np.setdiff1d(needed, emb.item_ids)
         if missing.size:
-            raise ValueError(f"embeddings: {missing.size} items of {data} have no embedding (e.g. id {missing[0]})")
+            raise ValueError(f"embeddings: {missing.size} items that {data} ctr_train / ctr_test show have no "
+                             f"embedding (e.g. id {missing[0]})")
     x, y, _ = ctr_features(tables["ctr_train"], tables["items"], emb, history_len)
     xt, yt, ut = ctr_features(tables["ctr_test"], tables["items"], emb, history_len)
     if len(np.unique(y)) < 2 or len(np.unique(yt)) < 2:

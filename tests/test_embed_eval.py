@@ -173,9 +173,12 @@ def test_evaluate_no_image_and_embeddings(world, rng):
 
 
 def test_evaluate_rejects_incomplete_embeddings(world, rng):
-    ids = load_dataset(world, tables=())["items"].column("item_id").to_numpy()
-    emb = ItemEmbeddings(ids[1:], rng.normal(size=(len(ids) - 1, 4)))
-    with pytest.raises(ValueError, match="no embedding"):
+    data = load_dataset(world, tables=("ctr_test",))
+    ids = data["items"].column("item_id").to_numpy()
+    shown = data["ctr_test"].column("pv_items")[0].as_py()[0]  # an item the test table needs
+    keep = ids != shown
+    emb = ItemEmbeddings(ids[keep], rng.normal(size=(int(keep.sum()), 4)))
+    with pytest.raises(ValueError, match=f"no embedding .*id {shown}"):
         evaluate(world, emb)
 
 

@@ -86,7 +86,10 @@ def _read_items(path, on_missing):
     if on_missing not in ("raise", "skip"):
         raise ValueError(f"on_missing must be 'raise' or 'skip', got {on_missing!r}")
     if os.path.exists(path):
-        names = pq.read_schema(path).names
+        try:
+            names = pq.read_schema(path).names
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise ValueError(f"items: {path} is not a parquet file ({exc})") from None
         if "image" in names and "image_path" in names:
             raise ValueError(f"items: {path} has both 'image' and 'image_path' columns; keep one")
         if "image" not in names and "image_path" in names:

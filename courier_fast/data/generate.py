@@ -14,7 +14,13 @@ CTR near 10 %. Page views show 10 items, half drawn by category taste, half at r
 = the user's earlier clicks (oldest -> newest). ctr_test pages show only cold items, which never
 appear in pretrain or ctr_train. oracle.parquet holds the true attributes (for a ceiling only).
 Deterministic per seed.
+
+layout="files" writes the same world the way public datasets ship (no impressions, no session
+tables): images/<item_id>.jpg, items.csv (item_id, category, title) and interactions.csv
+(user_id, item_id, timestamp: one row per click, warm-up clicks included; request r of a user
+happens on day r after 2024-01-01, at a seeded second of that day), for `courier-fast import`.
 """
+import datetime
 import io
 import os
 from dataclasses import dataclass
@@ -26,6 +32,8 @@ from courier_fast.data.format import ITEM_SCHEMA, SESSION_SCHEMA, write_table
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring", "star", "hexagon")
 PATTERNS = ("plain", "stripes", "dots", "checks", "gradient")
+LAYOUTS = ("parquet", "files")
+EPOCH = datetime.datetime(2024, 1, 1)  # day 0 of the files layout's timestamps
 FILLER = ("new", "classic", "style", "premium", "daily", "soft", "light", "basic", "season", "sale")
 
 
@@ -148,8 +156,17 @@ def _affinity(user, it, cfg_items):
     return score + 0.5 * cfg_items["quality"][it]
 
 
-def generate(out_dir, seed=0, quick=False, config=None):
-    """Write items, pretrain/ctr_train/ctr_test and oracle parquet files into out_dir."""
+def split_days(cfg):
+    """(first ctr_train day, first ctr_test day) of the files layout: the native split in time."""
+    return 3 + cfg.requests_per_user // 2, 3 + (cfg.requests_per_user * 3) // 4
+
+
+def generate(out_dir, seed=0, quick=False, config=None, layout="parquet"):
+    """Write the world into out_dir: items, pretrain/ctr_train/ctr_test and oracle parquet files
+    (layout="parquet"), or images/, items.csv, interactions.csv and oracle.parquet ("files").
+    -> rows per table ("parquet") or {"items", "interactions"} counts ("files")."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     cfg = config or (WorldConfig.quick() if quick else WorldConfig())
     rng = np.random.default_rng(seed)
     os.makedirs(out_dir, exist_ok=True)
@@ -178,16 +195,19 @@ def generate(out_dir, seed=0, quick=False, config=None):
     bias = (lo + hi) / 2
 
     tables = {"pretrain": [], "ctr_train": [], "ctr_test": []}
+    clicks_log = []  # (user, request index, item position) of every click, warm-up included
     n_req = cfg.requests_per_user
+    train_day, test_day = split_days(cfg)
     for u in range(cfg.users):
         history = []
         for r in range(n_req + 3):  # 3 unrecorded warm-up requests seed the history
-            split = ("warmup" if r < 3 else "pretrain" if r < 3 + n_req // 2
-                     else "ctr_train" if r < 3 + (n_req * 3) // 4 else "ctr_test")
+            split = ("warmup" if r < 3 else "pretrain" if r < train_day
+                     else "ctr_train" if r < test_day else "ctr_test")
             pool_name, pool = ("cold", cold) if split == "ctr_test" else ("warm", warm)
             pv = page(u, pool_name, pool)
             prob = 1 / (1 + np.exp(-(_affinity(users[u], pv, items) + bias)))
             clicks = (rng.random(len(pv)) < prob).astype(np.int8)
+            clicks_log.extend((u, r, int(i)) for i in pv[clicks == 1])
             if split != "warmup":
                 tables[split].append((u, [int(items["item_id"][i]) for i in history[-cfg.history_len:]],
                                       [int(items["item_id"][i]) for i in pv], clicks.tolist()))
@@ -203,12 +223,43 @@ def generate(out_dir, seed=0, quick=False, config=None):
         Image.fromarray(render(attrs, cfg.image_size, rng)).save(buf, format="JPEG", quality=90)
         images.append(buf.getvalue())
     titles = [f"{SHAPES[c]} " + " ".join(rng.choice(FILLER, 2)) for c in items["category"]]
+    oracle = {k: v for k, v in items.items() if k not in ("scale", "aspect", "shift_x", "shift_y")}
+    write_table(pa.table(oracle), os.path.join(out_dir, "oracle.parquet"))
+    if layout == "files":
+        return _write_files(out_dir, seed, cfg, items, images, titles, clicks_log)
     write_table(pa.table({"item_id": items["item_id"], "image": images, "category": items["category"].astype(np.int64),
                           "title": titles}, schema=ITEM_SCHEMA), os.path.join(out_dir, "items.parquet"))
     for name, rows in tables.items():
         write_table(pa.table({"user_id": [r[0] for r in rows], "history": [r[1] for r in rows],
                               "pv_items": [r[2] for r in rows], "clicks": [r[3] for r in rows]},
                              schema=SESSION_SCHEMA), os.path.join(out_dir, f"{name}.parquet"))
-    oracle = {k: v for k, v in items.items() if k not in ("scale", "aspect", "shift_x", "shift_y")}
-    write_table(pa.table(oracle), os.path.join(out_dir, "oracle.parquet"))
     return {name: len(rows) for name, rows in tables.items()}
+
+
+def _write_csv(table, path):
+    import pyarrow.csv as pacsv
+
+    from courier_fast.data.format import atomic_path
+    with atomic_path(path) as tmp:
+        pacsv.write_csv(table, tmp, pacsv.WriteOptions(quoting_style="needed"))
+
+
+def _write_files(out_dir, seed, cfg, items, images, titles, clicks_log):
+    """The public-dataset layout of the world (see the module docstring)."""
+    from courier_fast.data.format import atomic_path
+
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    for item_id, data in zip(items["item_id"].tolist(), images):
+        with atomic_path(os.path.join(out_dir, "images", f"{item_id}.jpg")) as tmp, open(tmp, "wb") as f:
+            f.write(data)
+    _write_csv(pa.table({"item_id": items["item_id"], "category": items["category"].astype(np.int64),
+                         "title": titles}), os.path.join(out_dir, "items.csv"))
+    # one second of each (user, request) day, from its own generator: the world's draws are untouched
+    second = np.random.default_rng([seed, 1]).integers(0, 86400, size=(cfg.users, cfg.requests_per_user + 3))
+    log = np.array(clicks_log, dtype=np.int64).reshape(-1, 3)
+    seconds = log[:, 1] * 86400 + second[log[:, 0], log[:, 1]]
+    order = np.lexsort((log[:, 0], seconds))
+    stamps = [(EPOCH + datetime.timedelta(seconds=int(x))).isoformat() for x in seconds[order]]
+    _write_csv(pa.table({"user_id": log[order, 0], "item_id": items["item_id"][log[order, 2]], "timestamp": stamps}),
+               os.path.join(out_dir, "interactions.csv"))
+    return {"items": cfg.items, "interactions": len(log)}

@@ -15,9 +15,9 @@ IO_THREADS = 8
 
 
 def resolve_paths(paths, root):
-    """Absolute paths: each of `paths` (str) as is when absolute, else joined to `root`."""
+    """Absolute, normalised paths: each of `paths` (str) as is when absolute, else joined to `root`."""
     root = os.path.abspath(root or ".")
-    return [p if os.path.isabs(p) else os.path.join(root, p) for p in paths]
+    return [os.path.normpath(p if os.path.isabs(p) else os.path.join(root, p)) for p in paths]
 
 
 def missing_files(paths, threads=IO_THREADS):

@@ -1,0 +1,220 @@
+"""Catalogue-scale embedding: stream the items, shard them over torchrun ranks, resume.
+
+embed_catalogue(checkpoint, data, out) embeds every item of data/items.parquet (images read
+lazily, data/images.py) into the directory `out`:
+
+    plan.json                  what is embedded (checkpoint, data, item count and id digest,
+                               chunk size, clusters, seed); a rerun with another plan is refused
+    parts/part-000012.parquet  chunk 12 of the items in id order: item_id int64, embedding
+                               fixed_size_list<float32>[d] (unit norm), cluster_id int64 (-1 when
+                               clusters=0)
+    centroids.safetensors      the k-means centres (k, d) float32
+    manifest.json              written last, by rank 0: {"format", "items", "dim", "parts",
+                               "clusters", "kmeans", "chunk_size", "checkpoint", "data"}
+
+Chunk c (`chunk_size` items) belongs to rank c mod W (W = WORLD_SIZE; under torchrun the ranks
+join a process group: gloo on CPU, NCCL on GPUs, and `out` must be a directory every rank sees).
+Phases, each skipped for what is already on disk, so a killed run started again continues:
+encode (rank r writes parts/emb-c.parquet atomically), fit centres (rank 0, on a seeded sample of
+every part: cluster.py), assign (rank r rewrites its parts as part-c.parquet), manifest.
+load_parts() reads the directory back, optionally only some item ids.
+"""
+import hashlib
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+
+from courier_fast.data.format import atomic_path, write_table
+
+FORMAT = "courier_fast.item_embeddings/1"
+CHUNK_SIZE = 16384
+
+
+def _part(out, c, stage):
+    return os.path.join(out, "parts", f"{stage}-{c:06d}.parquet")
+
+
+def _write_json(obj, path):
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def _part_table(ids, vectors, clusters):
+    d = vectors.shape[1]
+    emb = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(vectors, np.float32).reshape(-1)), d)
+    return pa.table({"item_id": pa.array(ids, pa.int64()), "embedding": emb, "cluster_id": pa.array(clusters, pa.int64())})
+
+
+def table_columns(t):
+    """(item_id (n,) int64, embedding (n, d) float32, cluster_id (n,) int64) of an embedding table."""
+    d = t.schema.field("embedding").type.list_size
+    vec = t.column("embedding").combine_chunks().flatten().to_numpy().astype(np.float32, copy=False).reshape(-1, d)
+    return t.column("item_id").to_numpy(), vec, t.column("cluster_id").to_numpy()
+
+
+def _read_vectors(path):
+    return table_columns(pq.read_table(path))
+
+
+def _barrier(world):
+    if world > 1:
+        dist.barrier()
+
+
+def _plan(checkpoint, data, ids, chunk_size, clusters, seed):
+    stat = os.stat(checkpoint)
+    return {"checkpoint": os.path.abspath(checkpoint), "checkpoint_bytes": stat.st_size,
+            "checkpoint_mtime_ns": stat.st_mtime_ns, "data": os.path.abspath(data), "items": int(len(ids)),
+            "item_ids_sha1": hashlib.sha1(np.ascontiguousarray(ids, np.int64).tobytes()).hexdigest(),
+            "chunk_size": int(chunk_size), "clusters": int(clusters), "seed": int(seed)}
+
+
+def _check_plan(out, plan):
+    path = os.path.join(out, "plan.json")
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        old = json.load(f)
+    differ = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
+    if differ:
+        raise ValueError(f"out: {out} holds another embedding run (it differs in {', '.join(differ)}); "
+                         f"use a new --out or delete that directory")
+    return True
+
+
+def embed_catalogue(checkpoint, data, out, clusters=32, batch_size=256, device="auto", seed=0,
+                    chunk_size=CHUNK_SIZE, kmeans="auto", progress=False):
+    """Embed every item of `data` into the directory `out` (see the module docstring), resuming
+    what a previous run of the same plan left; -> the manifest dict (on every rank)."""
+    from courier_fast import cluster
+    from courier_fast.data import read_items
+    from courier_fast.embed import encoded_batches, load_encoder, resolve_device
+    from courier_fast.train import _setup_distributed
+
+    if clusters < 0 or batch_size <= 0 or chunk_size <= 0:
+        raise ValueError("clusters must be >= 0, batch_size and chunk_size > 0")
+    kmeans = cluster.resolve_backend(kmeans) if clusters else None
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"checkpoint: {checkpoint} does not exist")
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"out: directory {parent} does not exist")
+    items = read_items(os.path.join(data, "items.parquet"))  # validates (and checks image files) first
+    dev = resolve_device(device)
+    rank, world = _setup_distributed(torch.device(dev).type)
+    if dev == "cuda":
+        dev = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    order = np.argsort(items.column("item_id").to_numpy(), kind="stable")
+    ids = items.column("item_id").to_numpy()[order]
+    plan = _plan(checkpoint, data, ids, chunk_size, clusters, seed)
+    n_chunks = -(-len(ids) // chunk_size)
+    manifest_path = os.path.join(out, "manifest.json")
+    if rank == 0:
+        os.makedirs(os.path.join(out, "parts"), exist_ok=True)
+        if not _check_plan(out, plan):
+            _write_json(plan, os.path.join(out, "plan.json"))
+    _barrier(world)
+    if rank != 0:
+        _check_plan(out, plan)
+    if os.path.exists(manifest_path):
+        with open(manifest_path) as f:
+            return json.load(f)
+
+    mine = [c for c in range(rank, n_chunks, world)]
+    todo = [c for c in mine if not (os.path.exists(_part(out, c, "part")) or os.path.exists(_part(out, c, "emb")))]
+    if todo:
+        encoder, image_size = load_encoder(checkpoint, items, dev)
+        bar = None
+        if progress and rank == 0:
+            from tqdm.auto import tqdm
+            done_items = sum(min(chunk_size, len(ids) - c * chunk_size) for c in mine if c not in todo)
+            bar = tqdm(total=sum(min(chunk_size, len(ids) - c * chunk_size) for c in mine), initial=done_items,
+                       desc=f"embed (rank 0 of {world})", unit="item", dynamic_ncols=True)
+        for c in todo:
+            rows = order[c * chunk_size:(c + 1) * chunk_size]
+            got = list(encoded_batches(encoder, items, rows, image_size, batch_size, dev))
+            vec = np.concatenate([v for _, v in got])
+            vec /= np.maximum(np.linalg.norm(vec, axis=1, keepdims=True), 1e-12)
+            write_table(_part_table(ids[c * chunk_size:c * chunk_size + len(rows)], vec,
+                                    np.full(len(rows), -1, np.int64)), _part(out, c, "emb"))
+            if bar is not None:
+                bar.update(len(rows))
+        if bar is not None:
+            bar.close()
+    del items
+    _barrier(world)
+
+    centres_path = os.path.join(out, "centroids.safetensors")
+    if clusters:
+        from safetensors.numpy import load_file, save_file
+        if rank == 0 and not os.path.exists(centres_path):
+            centres = cluster.fit_centroids(_sample_vectors(out, n_chunks, chunk_size, len(ids), clusters, seed),
+                                            clusters, seed, kmeans)
+            with atomic_path(centres_path) as tmp:
+                save_file({"centroids": centres}, tmp)
+        _barrier(world)
+        centres = load_file(centres_path)["centroids"]
+        for c in mine:
+            if not os.path.exists(_part(out, c, "part")):
+                part_ids, vec, _ = _read_vectors(_part(out, c, "emb"))
+                write_table(_part_table(part_ids, vec, cluster.assign(vec, centres)), _part(out, c, "part"))
+            if os.path.exists(_part(out, c, "emb")):
+                os.remove(_part(out, c, "emb"))
+    else:
+        for c in mine:
+            if os.path.exists(_part(out, c, "emb")):
+                os.replace(_part(out, c, "emb"), _part(out, c, "part"))
+    _barrier(world)
+    if rank == 0:
+        dim = pq.read_schema(_part(out, 0, "part")).field("embedding").type.list_size
+        _write_json({"format": FORMAT, "items": int(len(ids)), "dim": int(dim),
+                     "parts": [os.path.relpath(_part(out, c, "part"), out) for c in range(n_chunks)],
+                     "clusters": int(len(centres)) if clusters else 0, "kmeans": kmeans, "chunk_size": int(chunk_size),
+                     "world_size": world, "checkpoint": plan["checkpoint"], "data": plan["data"]}, manifest_path)
+    _barrier(world)
+    with open(manifest_path) as f:
+        return json.load(f)
+
+
+def _sample_vectors(out, n_chunks, chunk_size, n, k, seed):
+    """The rows cluster.sample() picks, read chunk by chunk from the emb- (or part-) files."""
+    from courier_fast import cluster
+
+    rows = cluster.sample(n, k, seed)
+    picked = []
+    for c in range(n_chunks):
+        lo, hi = np.searchsorted(rows, [c * chunk_size, (c + 1) * chunk_size])
+        if hi > lo:
+            path = _part(out, c, "emb") if os.path.exists(_part(out, c, "emb")) else _part(out, c, "part")
+            picked.append(_read_vectors(path)[1][rows[lo:hi] - c * chunk_size])
+    return np.concatenate(picked)
+
+
+def is_parts_dir(path):
+    return os.path.isdir(path) and os.path.exists(os.path.join(path, "manifest.json"))
+
+
+def load_parts(path, item_ids=None):
+    """(item_ids (n,), vectors (n, d), cluster_ids (n,)) of a finished parts directory; only the
+    ids in `item_ids` when given (each part filtered as it is read)."""
+    with open(os.path.join(path, "manifest.json")) as f:
+        manifest = json.load(f)
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"embeddings: {path}/manifest.json is not a {FORMAT} manifest")
+    keep = None if item_ids is None else pa.array(np.unique(np.asarray(item_ids, np.int64)))
+    ids, vecs, clusters = [], [], []
+    for rel in manifest["parts"]:
+        t = pq.read_table(os.path.join(path, rel))
+        if keep is not None:
+            t = t.filter(pc.is_in(t.column("item_id"), keep))
+        i, v, c = table_columns(t)
+        ids.append(i)
+        vecs.append(v)
+        clusters.append(c)
+    return np.concatenate(ids), np.concatenate(vecs), np.concatenate(clusters)
