@@ -128,24 +128,29 @@ def _negatives(con, cfg, split_sql):
     con.execute("CREATE TABLE bounds AS SELECT split, lo, max(w) AS w FROM bounds_all GROUP BY split, lo")
     con.execute("""CREATE TABLE pos_w AS SELECT p.user_id, p.item_id, b.w FROM pos_split p
         ASOF JOIN bounds b ON p.split = b.split AND p.t >= b.lo""")
-    con.execute("""CREATE TABLE pop AS SELECT w, item_id, n, (sum(n) OVER (PARTITION BY w ORDER BY item_id) - n) AS lo,
-        sum(n) OVER (PARTITION BY w) AS total FROM (SELECT w, item_id, count(*) AS n FROM pos_w GROUP BY ALL)""")
+    # a uniform draw among a window's positive events picks an item with probability proportional
+    # to its positives there: number the events per window (in item order: the item at each
+    # number is then fixed) and join the drawn numbers to them (an equi-join, not a range join)
+    con.execute("""CREATE TABLE pos_num AS SELECT w, (row_number() OVER (PARTITION BY w ORDER BY item_id) - 1) AS idx,
+        item_id FROM pos_w""")
+    con.execute("CREATE TABLE window_n AS SELECT w, count(*) AS n FROM pos_w GROUP BY w")
     con.execute("""CREATE TABLE req_w AS SELECT r.key, r.user_id, b.w FROM req_rows r
         ASOF JOIN bounds b ON r.split = b.split AND r.t >= b.lo""")
-    draws = 2 * K + 8  # popular items repeat and the user's own positives are rejected: oversample
-    con.execute(f"""CREATE TABLE draws AS SELECT r.key, r.user_id, r.w, d.j,
-        (hash({seed}, r.key, d.j) % tot.total::UBIGINT)::BIGINT AS u
-        FROM req_w r JOIN (SELECT DISTINCT w, total FROM pop) tot USING (w), range({draws if K else 0}) d(j)""")
-    con.execute("""CREATE TABLE cand AS SELECT d.key, d.user_id, d.j, p.item_id FROM draws d
-        ASOF JOIN pop p ON d.w = p.w AND d.u >= p.lo""")
-    con.execute(f"""CREATE TABLE negs AS SELECT key, item_id, j FROM (
-            SELECT key, item_id, j FROM cand
-            ANTI JOIN (SELECT DISTINCT user_id, item_id FROM pos) up USING (user_id, item_id)
-            QUALIFY row_number() OVER (PARTITION BY key, item_id ORDER BY j) = 1)
-        QUALIFY row_number() OVER (PARTITION BY key ORDER BY j) <= {K}""")
+    con.execute("CREATE TABLE user_pos AS SELECT DISTINCT user_id, item_id FROM pos")
+    draws = 2 * K + 8 if K else 0  # popular items repeat and the user's own positives are rejected: oversample
+    # the earliest draw of each item that is not one of the user's positives survives; the first K are kept
     con.execute(f"""CREATE TABLE req_negs AS SELECT r.key, coalesce(n.negs, []::BIGINT[]) AS negs,
         (hash({seed}, r.key, -1) % (len(coalesce(n.negs, []::BIGINT[])) + 1)::UBIGINT)::INTEGER AS at
-        FROM req_rows r LEFT JOIN (SELECT key, list(item_id ORDER BY j) AS negs FROM negs GROUP BY key) n USING (key)""")
+        FROM req_rows r LEFT JOIN (
+            SELECT key, arg_min(item_id, j, {max(K, 1)}) AS negs FROM (
+                SELECT c.key, c.item_id, min(c.j) AS j FROM (
+                    SELECT d.key, d.user_id, d.j, p.item_id FROM (
+                        SELECT r.key, r.user_id, r.w, d.j, (hash({seed}, r.key, d.j) % wn.n::UBIGINT)::BIGINT AS idx
+                        FROM req_w r JOIN window_n wn USING (w), range({draws}) d(j)
+                    ) d JOIN pos_num p ON p.w = d.w AND p.idx = d.idx
+                ) c ANTI JOIN user_pos USING (user_id, item_id)
+                GROUP BY c.key, c.item_id)
+            GROUP BY key) n USING (key)""")
     return one(con, f"SELECT count(*) FROM req_negs WHERE len(negs) < {K}")[0]
 
 

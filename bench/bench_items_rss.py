@@ -1,0 +1,146 @@
+"""Resident memory with items by reference (image files on disk) vs image bytes in items.parquet.
+
+Builds, in --workdir, a world of N items (32 px JPEG files, ~1 KB each) and 20 k request rows,
+once with items.parquet naming the files (image_path) and once holding the bytes, then in a
+fresh process per (layout, N) measures VmRSS after: importing torch + courier_fast,
+load_dataset, 100 SessionLoader batches (64 rows), and embedding the whole catalogue with
+`embed_catalogue` (a random test_efficientnet encoder, 32 k-means clusters), plus the peak RSS.
+Writes bench/results/<device>-items_rss.json.
+
+    python bench/bench_items_rss.py --items 20000 200000
+"""
+import argparse
+import io
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+
+def _rss_mb():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def build(root, n, rows=20_000, seed=0):
+    """root/path (items.parquet -> images/<id>.jpg) and root/bytes (items.parquet with the bytes)."""
+    import pyarrow as pa
+    from PIL import Image
+
+    from courier_fast.data.format import ITEM_PATH_SCHEMA, ITEM_SCHEMA, SESSION_SCHEMA, write_table
+
+    if os.path.exists(os.path.join(root, "bytes", "pretrain.parquet")):
+        return
+    rng = np.random.default_rng(seed)
+    base = []
+    for k in range(1000):  # distinct JPEGs, cycled over the catalogue
+        lin = np.linspace(0, 1, 32)
+        img = (np.outer(lin, rng.random(3))[:, None, :] * 255 + rng.integers(0, 40, (32, 32, 3))).clip(0, 255)
+        buf = io.BytesIO()
+        Image.fromarray(img.astype(np.uint8)).save(buf, format="JPEG", quality=85)
+        base.append(buf.getvalue())
+    ids = np.arange(n, dtype=np.int64) * 3 + 11
+    os.makedirs(os.path.join(root, "path", "images"), exist_ok=True)
+    for k, i in enumerate(ids):
+        with open(os.path.join(root, "path", "images", f"{i}.jpg"), "wb") as f:
+            f.write(base[k % len(base)])
+    cats = (ids % 17).astype(np.int64)
+    titles = [f"item {i}" for i in ids]
+    write_table(pa.table({"item_id": ids, "image_path": [f"images/{i}.jpg" for i in ids], "category": cats,
+                          "title": titles}, schema=ITEM_PATH_SCHEMA), os.path.join(root, "path", "items.parquet"))
+    os.makedirs(os.path.join(root, "bytes"), exist_ok=True)
+    write_table(pa.table({"item_id": ids, "image": [base[k % len(base)] for k in range(n)], "category": cats,
+                          "title": titles}, schema=ITEM_SCHEMA), os.path.join(root, "bytes", "items.parquet"))
+    sessions = pa.table({"user_id": rng.integers(0, 5000, rows), "history": list(rng.choice(ids, (rows, 5))),
+                         "pv_items": list(rng.choice(ids, (rows, 5))), "clicks": list(rng.integers(0, 2, (rows, 5)))},
+                        schema=SESSION_SCHEMA)
+    for layout in ("path", "bytes"):
+        for name in ("pretrain", "ctr_train", "ctr_test"):
+            write_table(sessions, os.path.join(root, layout, f"{name}.parquet"))
+
+
+def one(data, checkpoint, out):
+    """Measure one layout in this (fresh) process; prints a JSON line."""
+    rss = {"start": _rss_mb()}
+    import torch
+
+    from courier_fast.catalogue import embed_catalogue
+    from courier_fast.data import ImageDecoder, SessionLoader, load_dataset
+    torch.set_num_threads(2)
+    rss["imports"] = _rss_mb()
+    t0 = time.perf_counter()
+    d = load_dataset(data, ("pretrain",))
+    seconds = {"load_dataset": time.perf_counter() - t0}
+    rss["after_load_dataset"] = _rss_mb()
+    loader = SessionLoader(d["items"], d["pretrain"], batch_size=64, decoder=ImageDecoder(backend="pil"), seed=0)
+    t0 = time.perf_counter()
+    for _, batch in zip(range(100), loader):
+        pass
+    seconds["100_batches"] = time.perf_counter() - t0
+    rss["after_100_batches"] = _rss_mb()
+    n_items = d["items"].num_rows
+    table_mb = d["items"].nbytes / 2**20
+    del d, loader, batch
+    t0 = time.perf_counter()
+    manifest = embed_catalogue(checkpoint, data, out, clusters=32, batch_size=512, device="cpu")
+    seconds["embed_catalogue"] = time.perf_counter() - t0
+    rss["after_embed"] = _rss_mb()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"items": n_items, "items_table_mb": round(table_mb, 1), "parts": len(manifest["parts"]),
+                      "kmeans": manifest["kmeans"], "rss_mb": {k: round(v, 1) for k, v in rss.items()},
+                      "peak_rss_mb": round(peak, 1), "seconds": {k: round(v, 1) for k, v in seconds.items()},
+                      "embed_items_per_s": round(n_items / seconds["embed_catalogue"], 1)}))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--items", type=int, nargs="+", default=[20_000, 200_000])
+    ap.add_argument("--workdir", default="/tmp/courier_items_rss")
+    ap.add_argument("--one", nargs=3, metavar=("DATA", "CHECKPOINT", "OUT"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        return one(*args.one)
+    import shutil
+
+    import harness
+
+    from courier_fast.train import TrainConfig, train
+
+    rows = {}
+    for n in args.items:
+        root = os.path.join(args.workdir, str(n))
+        t0 = time.perf_counter()
+        build(root, n)
+        print(f"{n} items built in {time.perf_counter() - t0:.0f} s", flush=True)
+        ckpt = train(TrainConfig(data=os.path.join(root, "bytes"), out=os.path.join(root, "run"),
+                                 method="random_encoder", encoder="test_efficientnet", embed_dim=64,
+                                 progress=False))["checkpoint"]
+        for layout in ("path", "bytes"):
+            out = os.path.join(root, f"emb-{layout}")
+            shutil.rmtree(out, ignore_errors=True)
+            done = subprocess.run([sys.executable, __file__, "--one", os.path.join(root, layout), ckpt, out],
+                                  capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+            if done.returncode != 0:
+                raise SystemExit(done.stderr[-2000:])
+            rows[f"{layout}-{n}"] = json.loads(done.stdout.strip().splitlines()[-1])
+            print(layout, n, rows[f"{layout}-{n}"], flush=True)
+    jpeg_mb = {n: sum(os.path.getsize(os.path.join(args.workdir, str(n), "path", "images", f))
+                      for f in os.listdir(os.path.join(args.workdir, str(n), "path", "images"))) / 2**20
+               for n in args.items}
+    for key, row in rows.items():
+        row["jpeg_mb_on_disk"] = round(jpeg_mb[int(key.split("-")[1])], 1)
+    print("wrote", harness.write_results("items_rss", {}, rows))
+
+
+if __name__ == "__main__":
+    main()
