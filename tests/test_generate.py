@@ -76,3 +76,43 @@ def test_cli_generate_quick_runs(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "courier_fast", "generate", "--out", str(tmp_path / "x"),
                           "--items", "0"], capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "--items must be > 0" in bad.stderr
+
+
+def test_files_layout_is_the_same_world(world, tmp_path):
+    """images/, items.csv and interactions.csv hold the parquet world's images, items and clicks,
+    each click on the day of its request (request r of a user on day r)."""
+    import csv
+    import datetime
+    from collections import Counter
+
+    from courier_fast.data.generate import EPOCH, split_days
+
+    files = tmp_path / "files"
+    counts = generate(files, seed=5, config=SMALL, layout="files")
+    assert sorted(p.name for p in files.iterdir()) == ["images", "interactions.csv", "items.csv", "oracle.parquet"]
+    items = pq.read_table(world / "items.parquet").to_pylist()
+    with open(files / "items.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(int(r["item_id"]), int(r["category"]), r["title"]) for r in rows] == \
+        [(it["item_id"], it["category"], it["title"]) for it in items]
+    for it in items:
+        assert (files / "images" / f"{it['item_id']}.jpg").read_bytes() == it["image"]
+    with open(files / "interactions.csv") as f:
+        log = [(int(r["user_id"]), int(r["item_id"]), datetime.datetime.fromisoformat(r["timestamp"]))
+               for r in csv.DictReader(f)]
+    assert counts["interactions"] == len(log) and [t for *_, t in log] == sorted(t for *_, t in log)
+    days = {}
+    for u, i, t in log:
+        days.setdefault((u, i), []).append((t - EPOCH).days)
+    train_day, test_day = split_days(SMALL)
+    span = {"pretrain": (3, train_day), "ctr_train": (train_day, test_day), "ctr_test": (test_day, 3 + 8)}
+    logged = Counter((u, i) for u, i, _ in log)
+    for name, (lo, hi) in span.items():
+        clicked = Counter((r["user_id"], i) for r in pq.read_table(world / f"{name}.parquet").to_pylist()
+                          for i, c in zip(r["pv_items"], r["clicks"]) if c)
+        assert not clicked - logged, name  # every recorded click is in the log
+        for pair in clicked:  # on a day of its table's requests
+            assert any(lo <= d < hi for d in days[pair]), (name, pair, days[pair])
+    test_items = {i for r in pq.read_table(world / "ctr_test.parquet").to_pylist() for i in r["pv_items"]}
+    first_test_day = EPOCH + datetime.timedelta(days=split_days(SMALL)[1])
+    assert {i for _, i, t in log if t >= first_test_day} <= test_items  # only cold items are clicked then

@@ -393,3 +393,19 @@ def test_generate_files_import_train_embed_eval(tmp_path, capsys):
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert 0 <= metrics["auc"] <= 1 and metrics["test_rows"] > 0
     assert os.path.exists(os.path.join(emb, "simscore-ctr_test.parquet"))
+
+
+def test_demo_runs_on_an_imported_directory(imported, tmp_path, monkeypatch):
+    from courier_fast import demo as demo_module
+
+    tiny = {"encoder": "test_efficientnet", "image_size": None, "batch_size": 8, "max_images": 40, "lr": 1e-3,
+            "warmup_steps": 1, "clusters": 4}
+    monkeypatch.setitem(demo_module.PRESETS, True, tiny)
+    out, _ = imported
+    lines = []
+    report = demo_module.demo(quick=True, data=out, workdir=str(tmp_path / "w"), progress=False, log=lines.append)
+    assert list(report["results"]) == [m for m in demo_module.ORDER if m != "oracle_attributes"]  # no oracle.parquet
+    assert report["data"] == os.path.abspath(out)
+    assert os.path.exists(tmp_path / "w" / "results.json") and os.path.exists(tmp_path / "w" / "results.png")
+    assert not os.path.exists(tmp_path / "w" / "world")  # nothing generated
+    assert any("courier - best generic baseline" in line for line in lines)
