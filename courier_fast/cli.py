@@ -89,8 +89,9 @@ def _add_import(sub):
     im.add_argument("--interactions-format", choices=("csv", "tsv", "parquet", "jsonl"))
     im.add_argument("--items-format", choices=("csv", "tsv", "parquet", "jsonl"))
     im.add_argument("--delimiter", help="CSV delimiter (default ',' and tab for .tsv)")
-    im.add_argument("--no-header", dest="header", action="store_false", default=None,
-                    help="CSV files without a header row: columns are column0, column1, ...")
+    for which in ("interactions", "items"):
+        im.add_argument(f"--{which}-no-header", dest=f"{which}_header", action="store_false", default=None,
+                        help=f"the {which} CSV has no header row: its columns are column0, column1, ...")
     im.add_argument("--time-format", help="strptime format of the timestamps (default: numbers, or ISO dates)")
     im.add_argument("--history-len", type=int, help="history items per row")
     im.add_argument("--negatives", type=int, help="sampled non-clicked items per positive (logs without impressions)")

@@ -171,6 +171,18 @@ def test_every_format_gives_the_same_tables(files, imported, tmp_path, fmt):
     assert _rows(tmp_path / "d") == _rows(out)
 
 
+def test_headerless_csv(files, imported, tmp_path):
+    out, _ = imported
+    with open(os.path.join(files, "interactions.csv")) as f:
+        rows = list(csv.reader(f))[1:]
+    path = tmp_path / "log.csv"
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    _import(files, tmp_path / "d", interactions=str(path), interactions_header=False, user_col="column0",
+            item_col="column1", time_col="column2", items_item_col="item_id", negatives=3, history_len=4, seed=1)
+    assert _rows(tmp_path / "d") == _rows(out)
+
+
 def _write(path, header, rows, delimiter=","):
     with open(path, "w", newline="") as f:
         w = csv.writer(f, delimiter=delimiter)

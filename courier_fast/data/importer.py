@@ -60,8 +60,9 @@ class ImportConfig:
     # file formats
     interactions_format: str = None  # csv | tsv | parquet | jsonl (default: from the suffix)
     items_format: str = None
-    delimiter: str = None
-    header: bool = True
+    delimiter: str = None            # CSV files' (default ',', and tab for .tsv)
+    interactions_header: bool = True  # False: a CSV without a header row (columns column0, column1, ...)
+    items_header: bool = True
     time_format: str = None          # strptime format; default: numbers, or ISO dates / datetimes
     # sessions (import_sessions.py)
     history_len: int = 5
@@ -199,8 +200,8 @@ def _optional(cfg, have, field):
 
 
 def _run(con, cfg, out, tmp, stages):
-    items_src = Source(cfg.items, cfg.items_format, cfg.delimiter, cfg.header)
-    inter_src = Source(cfg.interactions, cfg.interactions_format, cfg.delimiter, cfg.header)
+    items_src = Source(cfg.items, cfg.items_format, cfg.delimiter, cfg.items_header)
+    inter_src = Source(cfg.interactions, cfg.interactions_format, cfg.delimiter, cfg.interactions_header)
     con.execute("CREATE TABLE bad (source VARCHAR, row BIGINT, col VARCHAR, reason VARCHAR, value VARCHAR)")
 
     stages.start("read items")
