@@ -11,9 +11,7 @@ import shutil
 from collections import Counter, defaultdict
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.csv as pacsv
-import pyarrow.json as pajson
 import pyarrow.parquet as pq
 import pytest
 
