@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 SESSION_TABLES = ("pretrain", "ctr_train", "ctr_test")
+PATH_CHUNK = 65536  # image paths resolved and checked this many at a time
 ITEM_SCHEMA = pa.schema([("item_id", pa.int64()), ("image", pa.binary()), ("category", pa.int64()),
                          ("title", pa.string())])
 ITEM_PATH_SCHEMA = pa.schema([("item_id", pa.int64()), ("image_path", pa.string()), ("category", pa.int64()),
@@ -118,14 +119,19 @@ def _read_path_items(path, on_missing):
     lengths = pc.utf8_length(t.column("image_path")).to_numpy()
     if (lengths == 0).any():
         _fail("items", int(np.flatnonzero(lengths == 0)[0]), "image_path", "empty path")
-    paths = resolve_paths(t.column("image_path").to_pylist(), os.path.dirname(os.path.abspath(path)))
-    t = t.set_column(1, "image_path", pa.array(paths, pa.string()))
-    missing = missing_files(paths)
+    root = os.path.dirname(os.path.abspath(path))
+    resolved, missing = [], np.zeros(t.num_rows, dtype=bool)
+    for start in range(0, t.num_rows, PATH_CHUNK):  # a chunk of Python strings at a time, not the catalogue
+        chunk = resolve_paths(t.column("image_path").slice(start, PATH_CHUNK).to_pylist(), root)
+        missing[start:start + len(chunk)] = missing_files(chunk)
+        resolved.append(pa.array(chunk, pa.string()))
+    t = t.set_column(1, "image_path", pa.chunked_array(resolved, pa.string()))
     if not missing.any():
         return t, np.zeros(0, np.int64)
     first = int(np.flatnonzero(missing)[0])
     item = t.column("item_id")[first].as_py()
-    what = f"item {item}: image file {paths[first]} does not exist ({int(missing.sum())} missing)"
+    what = (f"item {item}: image file {t.column('image_path')[first].as_py()} does not exist "
+            f"({int(missing.sum())} missing)")
     if on_missing == "raise":
         _fail("items", first, "image_path", what + "; on_missing='skip' leaves them out")
     skipped = t.column("item_id").to_numpy()[missing]
