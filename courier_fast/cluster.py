@@ -53,7 +53,8 @@ def fit_centroids(sample, k, seed=0, backend="auto", niter=20):
 
         gpu = hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
         km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=int(seed), gpu=gpu, verbose=False,
-                          max_points_per_centroid=SAMPLE_PER_CENTRE)
+                          max_points_per_centroid=SAMPLE_PER_CENTRE,
+                          min_points_per_centroid=1)  # small catalogues are fine: no warning on stderr
         # faiss starts from k random points, which often puts two centres in one dense region
         init, _ = kmeans_plusplus(x, k, random_state=int(seed))
         km.train(x, init_centroids=np.ascontiguousarray(init, dtype=np.float32))
