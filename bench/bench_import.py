@@ -73,9 +73,11 @@ def main():
         shutil.rmtree(out, ignore_errors=True)
         # the import in-process, so that the RSS before it (torch, imported by the package and the CLI)
         # can be told apart from the peak during it
-        peak_probe = ("import resource, sys; from courier_fast.cli import main; "
-                      "print('BASE_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); rc = main(sys.argv[1:]); "
-                      "print('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
+        # (VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork + exec from this parent)
+        peak_probe = ("import sys; from courier_fast.cli import main\n"
+                      "def kb(f): return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(f))\n"
+                      "print('BASE_KB', kb('VmHWM:')); rc = main(sys.argv[1:]); print('PEAK_KB', kb('VmHWM:')); "
+                      "sys.exit(rc)")
         cmd = [sys.executable, "-c", peak_probe, "import", "--interactions", log, "--items", items_csv,
                "--images", os.path.join(root, "path", "images"), "--out", out, "--memory-limit", args.memory_limit,
                "--threads", str(args.threads), "--no-progress"]

@@ -1,10 +1,13 @@
 """Resident memory with items by reference (image files on disk) vs image bytes in items.parquet.
 
-Builds, in --workdir, a world of N items (32 px JPEG files, ~1 KB each) and 20 k request rows,
+Builds, in --workdir, a world of N items (160 px JPEG files, ~9 KB each; real catalogues are
+~30 KB) and 20 k request rows,
 once with items.parquet naming the files (image_path) and once holding the bytes, then in a
 fresh process per (layout, N) measures VmRSS after: importing torch + courier_fast,
-load_dataset, 100 SessionLoader batches (64 rows), and embedding the whole catalogue with
-`embed_catalogue` (a random test_efficientnet encoder, 32 k-means clusters), plus the peak RSS.
+load_dataset, 100 SessionLoader batches (64 rows, resized to 32 px), and embedding the whole
+catalogue with `embed_catalogue` (a random test_efficientnet encoder at 32 px, 32 k-means
+clusters), plus the peak RSS and the size of the item table (the id index: ids, categories,
+titles and, in path mode, the path strings).
 Writes bench/results/<device>-items_rss.json.
 
     python bench/bench_items_rss.py --items 20000 200000
@@ -13,7 +16,6 @@ import argparse
 import io
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -24,12 +26,17 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 
-def _rss_mb():
+def _rss_mb(field="VmRSS"):
+    """This process's resident MB now (VmRSS) or at its peak (VmHWM). Not ru_maxrss: Linux carries
+    it over fork + exec, so a child would report the parent's peak (here, the world builder's)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+SIDE = 160
 
 
 def build(root, n, rows=20_000, seed=0):
@@ -44,8 +51,8 @@ def build(root, n, rows=20_000, seed=0):
     rng = np.random.default_rng(seed)
     base = []
     for k in range(1000):  # distinct JPEGs, cycled over the catalogue
-        lin = np.linspace(0, 1, 32)
-        img = (np.outer(lin, rng.random(3))[:, None, :] * 255 + rng.integers(0, 40, (32, 32, 3))).clip(0, 255)
+        lin = np.linspace(0, 1, SIDE)
+        img = (np.outer(lin, rng.random(3))[:, None, :] * 255 + rng.integers(0, 64, (SIDE, SIDE, 3))).clip(0, 255)
         buf = io.BytesIO()
         Image.fromarray(img.astype(np.uint8)).save(buf, format="JPEG", quality=85)
         base.append(buf.getvalue())
@@ -82,7 +89,8 @@ def one(data, checkpoint, out):
     d = load_dataset(data, ("pretrain",))
     seconds = {"load_dataset": time.perf_counter() - t0}
     rss["after_load_dataset"] = _rss_mb()
-    loader = SessionLoader(d["items"], d["pretrain"], batch_size=64, decoder=ImageDecoder(backend="pil"), seed=0)
+    loader = SessionLoader(d["items"], d["pretrain"], batch_size=64, decoder=ImageDecoder(backend="pil", size=32),
+                           seed=0)
     t0 = time.perf_counter()
     for _, batch in zip(range(100), loader):
         pass
@@ -95,7 +103,7 @@ def one(data, checkpoint, out):
     manifest = embed_catalogue(checkpoint, data, out, clusters=32, batch_size=512, device="cpu")
     seconds["embed_catalogue"] = time.perf_counter() - t0
     rss["after_embed"] = _rss_mb()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _rss_mb("VmHWM")
     print(json.dumps({"items": n_items, "items_table_mb": round(table_mb, 1), "parts": len(manifest["parts"]),
                       "kmeans": manifest["kmeans"], "rss_mb": {k: round(v, 1) for k, v in rss.items()},
                       "peak_rss_mb": round(peak, 1), "seconds": {k: round(v, 1) for k, v in seconds.items()},
@@ -105,7 +113,7 @@ def one(data, checkpoint, out):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--items", type=int, nargs="+", default=[20_000, 200_000])
-    ap.add_argument("--workdir", default="/tmp/courier_items_rss")
+    ap.add_argument("--workdir", default="/tmp/courier_items_rss160")
     ap.add_argument("--one", nargs=3, metavar=("DATA", "CHECKPOINT", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -124,7 +132,7 @@ def main():
         print(f"{n} items built in {time.perf_counter() - t0:.0f} s", flush=True)
         ckpt = train(TrainConfig(data=os.path.join(root, "bytes"), out=os.path.join(root, "run"),
                                  method="random_encoder", encoder="test_efficientnet", embed_dim=64,
-                                 progress=False))["checkpoint"]
+                                 image_size=32, progress=False))["checkpoint"]
         for layout in ("path", "bytes"):
             out = os.path.join(root, f"emb-{layout}")
             shutil.rmtree(out, ignore_errors=True)
