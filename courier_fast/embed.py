@@ -208,11 +208,13 @@ def embed(checkpoint, data, out, clusters=32, batch_size=256, device="auto", see
 
     if is_directory_out(out):
         return embed_catalogue(checkpoint, data, out, clusters, batch_size, device, seed, **catalogue_options)
+    import torch.distributed as dist
+
     check_out_path(out)
     work = f"{out}.parts"
-    manifest = embed_catalogue(checkpoint, data, work, clusters, batch_size, device, seed, **catalogue_options)
-    if manifest is None:  # not rank 0
-        return None
+    embed_catalogue(checkpoint, data, work, clusters, batch_size, device, seed, **catalogue_options)
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return None  # rank 0 assembles the file
     emb = ItemEmbeddings.load(work)
     emb.save(out)
     import shutil

@@ -175,6 +175,10 @@ def _embed_rank(rank, port, world, checkpoint, out):
     manifest = embed_catalogue(checkpoint, world, out, clusters=3, device="cpu", chunk_size=16, kmeans="sklearn")
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(manifest, f)
+    # a file output: the same parts under <file>.parts, assembled by rank 0 alone
+    got = embed(checkpoint, world, os.path.join(out, "all.parquet"), clusters=3, device="cpu", chunk_size=16,
+                kmeans="sklearn")
+    assert (got is None) == (rank != 0)
     dist.destroy_process_group()
 
 
@@ -186,10 +190,13 @@ def test_two_ranks_share_the_parts(world, checkpoint, tmp_path):
     m0, m1 = (json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(2))
     assert m0 == m1 and m0["world_size"] == 2 and len(m0["parts"]) == 4
     embed_catalogue(checkpoint, world, one, clusters=3, device="cpu", chunk_size=16, kmeans="sklearn")
-    a, b = _by_id(ItemEmbeddings.load(out)), _by_id(ItemEmbeddings.load(one))
-    np.testing.assert_array_equal(a[0], b[0])
-    np.testing.assert_allclose(a[1], b[1], rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(a[2], b[2])
+    b = _by_id(ItemEmbeddings.load(one))
+    for got in (ItemEmbeddings.load(out), ItemEmbeddings.load(os.path.join(out, "all.parquet"))):
+        a = _by_id(got)
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_allclose(a[1], b[1], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(a[2], b[2])
+    assert not os.path.exists(os.path.join(out, "all.parquet.parts"))
 
 
 # ----------------------------------------------------------------------------- k-means
