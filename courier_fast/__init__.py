@@ -16,9 +16,20 @@ from courier_fast.attention import reconstruction_attention
 from courier_fast.contrastive import contrastive_loss
 from courier_fast.dispatch import backends
 from courier_fast.info import build_info
-from courier_fast.model import CourierModel
-from courier_fast.train import TrainConfig, train
 
 __version__ = "0.1.0"
+
+# The model and training API need the data stack (pyarrow, timm, torchvision): imported on
+# first use, so that the ops above work with nothing but torch (e.g. a CPU-only torch).
+_LAZY = {"CourierModel": "courier_fast.model", "TrainConfig": "courier_fast.train",
+         "train": "courier_fast.train"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'courier_fast' has no attribute {name!r}")
 __all__ = ["contrastive_loss", "reconstruction_attention", "nn", "backends", "build_info",
            "set_input_checks", "CourierModel", "TrainConfig", "train", "__version__"]

@@ -63,8 +63,11 @@ def backends():
     if not _extension.loaded():
         out["cuda"] = (False, f"courier_fast._C is not loaded: {_extension.LOAD_ERROR}")
     elif not _extension.cuda_compiled():
-        out["cuda"] = (False, "courier_fast._C was built without CUDA (no matching nvcc at build "
-                              "time, or COURIER_FAST_BUILD_CUDA=0)")
+        build = _extension.BUILD
+        why = (f"the CUDA sources failed to compile at build time: {build['cuda_build_error']}"
+               if build.get("cuda_build_error") else
+               f"courier_fast._C was built without CUDA: {build.get('cuda_skip_reason') or 'unknown reason'}")
+        out["cuda"] = (False, why)
     elif not torch.cuda.is_available():
         out["cuda"] = (False, f"compiled for CUDA {_extension.cuda_version()}, but no CUDA GPU is visible")
     else:
