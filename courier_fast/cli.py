@@ -17,7 +17,12 @@ def main(argv=None):
     gen.add_argument("--users", type=int, help="number of users")
     gen.add_argument("--requests-per-user", type=int)
     gen.add_argument("--image-size", type=int, help="rendered image side in pixels")
-    _add_train(sub)
+    try:
+        _add_train(sub)
+    except ImportError as exc:  # a torch-only install: `info` and the ops work, train says why not
+        tr = sub.add_parser("train", help=f"unavailable here ({exc})", prefix_chars="\0", add_help=False)
+        tr.add_argument("rest", nargs="*")
+        tr.set_defaults(unavailable=exc)
     emb = sub.add_parser("embed", help="L2-normalised item embeddings + k-means cluster IDs from a checkpoint")
     emb.add_argument("--checkpoint", required=True, help="checkpoint.pt written by `courier-fast train`")
     emb.add_argument("--data", required=True, help="a data directory (items.parquet)")
@@ -41,9 +46,15 @@ def main(argv=None):
     dm.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "unavailable", None):
+            raise args.unavailable
         return _run(parser, args)
     except (FileNotFoundError, ValueError, KeyError) as exc:
         print(f"courier-fast {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ImportError as exc:  # the model/data stack is not installed (e.g. --no-deps)
+        print(f"courier-fast {args.command}: error: {exc}; install the package's dependencies "
+              "(pip install -e . without --no-deps, see README 'Installing')", file=sys.stderr)
         return 2
 
 

@@ -131,10 +131,14 @@ def test_ops_import_without_the_data_stack():
         attn = cf.nn.ReconstructionAttention(4, 2)
         print(float(cf.contrastive_loss(torch.randn(4, 3), torch.randn(4, 3))), attn(torch.randn(1, 2, 4), torch.randn(1, 3, 4)).shape)
         assert "pyarrow" not in sys.modules and "timm" not in sys.modules
+        from courier_fast.cli import main
+        assert main(["info"]) == 0  # the diagnostic works on a torch-only install
+        assert main(["train", "--data", "d", "--out", "o"]) == 2  # and train says what is missing
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert "torch.Size([1, 2, 4])" in out.stdout
+    assert "torch.Size([1, 2, 4])" in out.stdout and "backends:" in out.stdout
+    assert "courier-fast train: error: " in out.stderr and "simulated: not installed" in out.stderr
 
 
 @pytest.mark.parametrize("value", ["yes", "2"])
