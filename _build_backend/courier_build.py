@@ -17,6 +17,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cuda_toolchain  # noqa: E402
 
 
+def _installed(dist):
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def _cuda_requirements():
     if os.environ.get("COURIER_FAST_BUILD_CUDA", "").strip() == "0":
         return []
@@ -24,7 +33,11 @@ def _cuda_requirements():
         import torch
     except ImportError:
         return []
-    return cuda_toolchain.pip_requirements(torch.version.cuda)
+    # A package torch already brought (torch 2.15 pulls nvidia-cuda-cccl 13.3 for CUDA 13.2) is
+    # not asked for again: a second, pinned version would make pip reject the build environment.
+    # setup.py then checks the versions it finds (same CUDA major) and never fails the install.
+    return [req for req in cuda_toolchain.pip_requirements(torch.version.cuda)
+            if _installed(req.split("==")[0]) is None]
 
 
 def get_requires_for_build_wheel(config_settings=None):
