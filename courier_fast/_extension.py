@@ -68,6 +68,12 @@ except Exception as exc:  # ImportError, or OSError for an ABI / missing-library
     warnings.warn(load_failure_message(LOAD_ERROR, BUILD, torch.__version__, _path),
                   RuntimeWarning, stacklevel=2)
 else:
+    if BUILD.get("torch") and BUILD["torch"] != torch.__version__:
+        # It loaded, but torch's C++ ABI is not stable across releases: say so once.
+        warnings.warn(f"courier_fast: courier_fast._C was compiled against torch {BUILD['torch']} but "
+                      f"torch {torch.__version__} is running; it loaded, but may misbehave. Rebuild it "
+                      f"against this torch, from the source checkout: `{REBUILD}`",
+                      RuntimeWarning, stacklevel=2)
     if BUILD.get("cuda_build_error") and torch.cuda.is_available():
         warnings.warn("courier_fast: this install's CUDA sources failed to compile, so the `cuda` "
                       f"backend is unavailable on this GPU (first error: {BUILD['cuda_build_error']}). "

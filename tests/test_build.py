@@ -96,6 +96,47 @@ def test_abi_mismatch_message_names_both_torches_and_the_fix():
     assert "not built" in unbuilt and "pip install --no-build-isolation --no-deps -e ." in unbuilt
 
 
+def _warnings_of_import(prelude):
+    code = textwrap.dedent("""
+        import json, warnings
+        import torch
+        built = torch.__version__
+        torch.__version__ = "9.9.9"  # the running torch is now another one than _C was built against
+        PRELUDE
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import courier_fast as cf
+        print(json.dumps({"built": built, "loaded": cf.build_info()["extension_loaded"],
+                          "msgs": [str(w.message) for w in caught if "courier_fast._C" in str(w.message)],
+                          "loss": float(cf.contrastive_loss(torch.randn(4, 3), torch.randn(4, 3)))}))
+    """).replace("PRELUDE", prelude)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    import json
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_torch_changed_since_the_build_warns_once_naming_both_versions():
+    got = _warnings_of_import("")
+    assert got["loaded"] and len(got["msgs"]) == 1, got
+    assert got["built"] in got["msgs"][0] and "9.9.9" in got["msgs"][0]
+    assert "pip install --no-build-isolation --no-deps -e ." in got["msgs"][0]
+
+
+def test_torch_changed_and_extension_unloadable_warns_once_and_the_package_works():
+    block = ("import sys\n"
+             "class Block:\n"
+             "    def find_spec(self, name, path=None, target=None):\n"
+             "        if name == 'courier_fast._C':\n"
+             "            raise ImportError('simulated: undefined symbol _ZN3c10')\n"
+             "sys.meta_path.insert(0, Block())\n")
+    got = _warnings_of_import(block)
+    assert not got["loaded"] and len(got["msgs"]) == 1, got
+    msg = got["msgs"][0]
+    assert got["built"] in msg and "9.9.9" in msg and "fails to load" in msg and "undefined symbol" in msg
+    assert "pip install --no-build-isolation --no-deps -e ." in msg
+
+
 def test_unloadable_extension_warns_once_with_the_fix_and_the_package_still_works():
     code = textwrap.dedent("""
         import sys, warnings
