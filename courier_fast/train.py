@@ -145,6 +145,14 @@ def load_checkpoint(path):
     return ckpt
 
 
+def make_loader(cfg, data, device, rank=0, world=1):
+    """The SessionLoader of `cfg` over data["pretrain"]; it decodes on `device` itself (cuda:k for
+    local rank k), not on the default GPU."""
+    decoder = ImageDecoder(backend=cfg.decoder, device=device, size=cfg.image_size)
+    return SessionLoader(data["items"], data["pretrain"], batch_size=cfg.batch_size, decoder=decoder, seed=cfg.seed,
+                         rank=rank, world_size=world, drop_last=world > 1)
+
+
 def train(config):
     """Pre-train `config.method` on `config.data`/pretrain.parquet; returns a summary dict."""
     cfg = config if isinstance(config, TrainConfig) else TrainConfig(**config)
@@ -161,9 +169,7 @@ def train(config):
 
     data = load_dataset(cfg.data, tables=("pretrain",))
     items = data["items"]
-    decoder = ImageDecoder(backend=cfg.decoder, device=device.type, size=cfg.image_size)
-    loader = SessionLoader(items, data["pretrain"], batch_size=cfg.batch_size, decoder=decoder, seed=cfg.seed,
-                           rank=rank, world_size=world, drop_last=world > 1)
+    loader = make_loader(cfg, data, device, rank, world)
     per_epoch = len(loader)
     if per_epoch == 0:
         raise ValueError(f"data: {cfg.data}/pretrain.parquet has fewer rows than one batch per rank")

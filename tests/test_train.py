@@ -259,3 +259,12 @@ def test_two_rank_images_seen_is_exact(world, two_rank_run):
     r0, r1 = (torch.load(os.path.join(two_rank_run, f"rank{r}.pt"), weights_only=False) for r in range(2))
     assert r0["summary"]["images_seen"] == r1["summary"]["images_seen"] == _true_images(world, 2)
     assert ckpt["images_seen"] == _true_images(world, 2)
+
+
+def test_each_rank_decodes_on_its_own_gpu(world, tmp_path, monkeypatch):
+    """Rank k's loader decodes on cuda:k (checked on CPU with a pretend GPU: nothing is decoded)."""
+    from courier_fast.train import make_loader
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg = TrainConfig(data=world, out=str(tmp_path / "run"), decoder="pil", **SMALL)
+    loader = make_loader(cfg, load_dataset(world, tables=("pretrain",)), torch.device("cuda", 1), rank=1, world=2)
+    assert loader.decoder.device == torch.device("cuda", 1)
