@@ -19,7 +19,8 @@ def main(argv=None):
     gen.add_argument("--image-size", type=int, help="rendered image side in pixels")
     _add_train(sub)
     emb = sub.add_parser("embed", help="L2-normalised item embeddings + k-means cluster IDs from a checkpoint")
-    emb.add_argument("--checkpoint", required=True, help="checkpoint.pt written by `courier-fast train`")
+    emb.add_argument("--checkpoint", required=True,
+                     help="checkpoint.pt or encoder.safetensors written by `courier-fast train` (only the encoder is used)")
     emb.add_argument("--data", required=True, help="a data directory (items.parquet)")
     emb.add_argument("--out", required=True, help="output file: .safetensors or .parquet")
     emb.add_argument("--clusters", type=int, default=32, help="k of k-means (0: no cluster IDs)")

@@ -26,6 +26,8 @@ Queries (`query=`):
 * "target_image": the paper's literal form, the target's own image embedding as the query.
   Kept for reproduction; our measurements show it learns a shortcut (see the README).
 """
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,6 +43,8 @@ class ImageEncoder(nn.Module):
 
     Images are uint8 (normalised here) or ImageNet-normalised float. `pretrained` is a path to
     local backbone weights (a torch or safetensors state_dict); nothing is downloaded.
+    `.config` holds the arguments that fix the architecture (what courier_fast.checkpoint needs
+    to rebuild it): encoder, embed_dim, channels_last and the timm keyword arguments.
     """
 
     def __init__(self, encoder="resnet18", embed_dim=256, pretrained=None, grad_checkpointing=False,
@@ -61,6 +65,7 @@ class ImageEncoder(nn.Module):
         self.channels_last = channels_last
         self.head = nn.Linear(self.backbone.num_features, embed_dim)
         self.embed_dim = embed_dim
+        self.config = {"encoder": encoder, "embed_dim": embed_dim, "channels_last": channels_last, **timm_kwargs}
 
     def train(self, mode=True):
         super().train(mode)
@@ -76,18 +81,34 @@ class ImageEncoder(nn.Module):
 
 
 def load_backbone_weights(backbone, path):
-    """Load a local state_dict into a timm backbone; classifier keys are ignored."""
-    if str(path).endswith(".safetensors"):
-        from safetensors.torch import load_file
-        state = load_file(str(path))
-    else:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
+    """Load a local state_dict into a timm backbone. Every backbone tensor must be there with its
+    shape (BatchNorm's num_batches_tracked counters may be absent); extra keys, such as an
+    ImageNet classifier's, are ignored. A partial match is a ValueError naming what is missing."""
+    path = str(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"pretrained: {path} does not exist")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state) if isinstance(state, dict) else state
+    except Exception as exc:  # noqa: BLE001  (torch.load and safetensors raise many types)
+        raise ValueError(f"pretrained={path!r} is not a state_dict file ({exc})") from exc
+    if not isinstance(state, dict):
+        raise ValueError(f"pretrained={path!r} holds a {type(state).__name__}, not a state_dict")
     own = backbone.state_dict()
-    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    if not usable:
-        raise ValueError(f"pretrained={path!r} has no tensor matching the backbone's names and shapes")
-    backbone.load_state_dict(usable, strict=False)
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    wrong = [f"{k} {tuple(state[k].shape)} (backbone {tuple(own[k].shape)})"
+             for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or wrong:
+        def names(keys):
+            return ", ".join(keys[:10]) + (f", ... ({len(keys) - 10} more)" if len(keys) > 10 else "")
+        problems = ([f"{len(missing)} of {len(own)} backbone tensors missing: {names(missing)}"] if missing else []) + \
+                   ([f"{len(wrong)} with another shape: {names(wrong)}"] if wrong else [])
+        raise ValueError(f"pretrained={path!r} does not fit the backbone: " + "; ".join(problems))
+    backbone.load_state_dict({k: state[k] for k in own if k in state}, strict=False)
 
 
 def candidate_mask(index, anchor, valid):

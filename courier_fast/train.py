@@ -4,8 +4,9 @@
     summary = courier_fast.train(cfg)          # or: courier-fast train --data world --out runs/courier
 
 Writes into `out`: config.json, metrics.jsonl (one JSON line every `log_every` steps: losses,
-lr, images/s, the fraction of time spent waiting for data) and checkpoint.pt, replaced
-atomically every `checkpoint_every` steps and at the end. `resume=True` continues from
+lr, images/s, the fraction of time spent waiting for data), checkpoint.pt, replaced
+atomically every `checkpoint_every` steps and at the end, and encoder.safetensors (the encoder
+alone, at the end; see courier_fast.checkpoint). `resume=True` continues from
 checkpoint.pt to the same result as an uninterrupted run: the data order is a function of
 (seed, epoch), augmentation draws from a generator seeded by (seed, step), and model,
 optimiser and scaler states are restored. Launched by torchrun (WORLD_SIZE > 1) it joins the
@@ -21,12 +22,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from courier_fast.checkpoint import CHECKPOINT, ENCODER_FILE, load_checkpoint, save_checkpoint, save_encoder
 from courier_fast.data import SessionLoader, load_dataset
 from courier_fast.data.decode import ImageDecoder
 from courier_fast.data.format import atomic_path
 from courier_fast.methods import METHODS, build_method
 
-CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 
 
@@ -91,11 +92,6 @@ class TrainConfig:
         return kw
 
 
-def _atomic_save(obj, path):
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
 def _atomic_write_text(text, path):
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         f.write(text)
@@ -132,23 +128,10 @@ def _truncate_metrics(path, step):
     _atomic_write_text("".join(keep), path)
 
 
-def load_checkpoint(path):
-    """The dict train() saves: config, method, method_kwargs, step, model, optimizer, ..."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint: {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise ValueError(f"checkpoint: {path} is not a courier_fast checkpoint ({exc})") from exc
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "method" not in ckpt:
-        raise ValueError(f"checkpoint: {path} is not a courier_fast checkpoint (no model/method)")
-    return ckpt
-
-
 def make_loader(cfg, data, device, rank=0, world=1):
     """The SessionLoader of `cfg` over data["pretrain"]; it decodes on `device` itself (cuda:k for
     local rank k), not on the default GPU."""
-    decoder = ImageDecoder(backend=cfg.decoder, device=device, size=cfg.image_size)
+    decoder = ImageDecoder(backend=cfg.decoder, device=device, size=cfg.image_size or None)
     return SessionLoader(data["items"], data["pretrain"], batch_size=cfg.batch_size, decoder=decoder, seed=cfg.seed,
                          rank=rank, world_size=world, drop_last=world > 1)
 
@@ -208,10 +191,12 @@ def train(config):
 
     def save(complete):
         if rank == 0:
-            _atomic_save({"method": cfg.method, "method_kwargs": cfg.method_kwargs(), "config": dataclasses.asdict(cfg),
-                          "step": step, "images_seen": images_seen, "complete": complete,
-                          "model": method.state_dict(), "optimizer": optimizer.state_dict(),
-                          "scaler": scaler.state_dict()}, ckpt_path)
+            save_checkpoint({"method": cfg.method, "method_kwargs": cfg.method_kwargs(), "config": dataclasses.asdict(cfg),
+                             "encoder": method.encoder.config, "step": step, "images_seen": images_seen,
+                             "complete": complete, "model": method.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scaler": scaler.state_dict()}, ckpt_path)
+            if complete:
+                save_encoder(method.encoder, os.path.join(cfg.out, ENCODER_FILE), cfg.image_size or None)
         if world > 1:
             dist.barrier()
 
