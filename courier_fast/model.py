@@ -111,17 +111,19 @@ def load_backbone_weights(backbone, path):
     backbone.load_state_dict({k: state[k] for k in own if k in state}, strict=False)
 
 
-def candidate_mask(index, anchor, valid):
+def candidate_mask(index, anchor, valid, num_items=None):
     """One candidate per distinct item: (K,) slots -> (K,) bool.
 
-    index: item row of each slot; anchor: bool, the slot is an anchor; valid: bool. Keeps every
-    anchor slot (each needs its own positive) and the first slot of each item no anchor uses.
+    index: item row of each slot (int64 in [0, num_items)); anchor: bool, the slot is an anchor;
+    valid: bool. Keeps every anchor slot (each needs its own positive) and the first slot of each
+    item no anchor uses. Give num_items to avoid reading index.max() back from the device.
     """
     k = index.numel()
     pos = torch.arange(k, device=index.device)
-    size = int(index.max()) + 1 if k else 1
+    size = num_items if num_items is not None else (int(index.max()) + 1 if k else 1)
     first = torch.full((size,), k, device=index.device).scatter_reduce(0, index, pos, "amin")
-    anchored = torch.zeros(size, dtype=torch.bool, device=index.device).index_fill(0, index[anchor], True)
+    anchored = torch.zeros(size, dtype=torch.long, device=index.device).scatter_reduce(
+        0, index, anchor.long(), "amax").bool()  # no boolean indexing: that reads the mask back
     return valid & (anchor | ((pos == first[index]) & ~anchored[index]))
 
 
@@ -189,8 +191,9 @@ class CourierModel(nn.Module):
         r = self.attention(self.queries(e, batch.pv_category), h, key_padding_mask=hist_pad)
         out = {}
         w = self.weights
+        rows = emb.shape[0]  # distinct items + the padding row: every index is below it
         if w["contrastive"]:
-            cand = candidate_mask(pv_idx.reshape(-1), clicked.reshape(-1), valid.reshape(-1))
+            cand = candidate_mask(pv_idx.reshape(-1), clicked.reshape(-1), valid.reshape(-1), rows)
             out["contrastive"] = self.infonce(r.reshape(-1, d), e.reshape(-1, d),
                                               anchor_weight=clicked.reshape(-1), candidate_mask=cand)
         if w["history"]:
@@ -198,12 +201,13 @@ class CourierModel(nn.Module):
             hvalid = ~hist_pad
             # a position is an anchor when it and at least one earlier position are valid
             anchor = hvalid & (torch.cumsum(hvalid.int(), 1) > 1)
-            cand = candidate_mask(hist_idx.reshape(-1), anchor.reshape(-1), hvalid.reshape(-1))
+            cand = candidate_mask(hist_idx.reshape(-1), anchor.reshape(-1), hvalid.reshape(-1), rows)
             out["history"] = self.infonce(rh.reshape(-1, d), h.reshape(-1, d),
                                           anchor_weight=anchor.reshape(-1), candidate_mask=cand)
         if w["ctr"]:
             logits = self.ctr_head(torch.cat([r, e], -1)).squeeze(-1).float()
-            out["ctr"] = (F.binary_cross_entropy_with_logits(logits[valid], clicks[valid])
-                          if bool(valid.any()) else logits.sum() * 0)
+            bce = F.binary_cross_entropy_with_logits(logits, clicks, reduction="none")
+            # mean over valid slots, 0 when there is none; no boolean indexing (a host sync)
+            out["ctr"] = (bce * valid).sum() / valid.sum().clamp(min=1)
         out["loss"] = sum(w[k] * v for k, v in out.items())
         return out

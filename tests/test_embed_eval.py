@@ -129,7 +129,7 @@ def test_simscore_equals_cosine_loop(rng):
 def checkpoint(world, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("run"))
     return train(TrainConfig(data=world, out=out, encoder="test_efficientnet", embed_dim=32, batch_size=8,
-                             steps=2, progress=False))["checkpoint"]
+                             steps=2, image_size=0, progress=False))["checkpoint"]
 
 
 @pytest.mark.parametrize("suffix,clusters", [(".safetensors", 5), (".parquet", 0)])
