@@ -12,8 +12,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
-def rng():
-    return np.random.default_rng()
+def rng(seed):
+    return np.random.default_rng(seed)
 
 
 def _random_embeddings(rng, n=20, d=6, clusters=None):
