@@ -284,10 +284,17 @@ def train(config):
     images = _ImageCounter(images_seen, world, device, every_step=cfg.max_images is not None)
     first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
 
-    def check_finite():
-        bad = int(first_bad)
+    def check_finite():  # on every rank together, so that all of them stop
+        bad = first_bad
+        if world > 1:
+            never = torch.iinfo(torch.long).max
+            bad = torch.where(bad < 0, never, bad)
+            dist.all_reduce(bad, op=dist.ReduceOp.MIN)
+            bad = torch.where(bad == never, -1, bad)
+        bad = int(bad)
         if bad >= 0:
-            raise FloatingPointError(f"loss became NaN or Inf at step {bad}; last checkpoint: {ckpt_path}")
+            raise FloatingPointError(f"loss became NaN or Inf at step {bad} (on some rank); "
+                                     f"last checkpoint: {ckpt_path}")
 
     def save(complete):
         check_finite()

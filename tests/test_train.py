@@ -417,3 +417,31 @@ def test_a_step_reads_nothing_back_beyond_logging(world, tmp_path):
         if r in extra:
             extra.remove(r)
     assert len(counts[6]) == len(counts[2]), f"per-step host reads: {extra[:5]}"
+
+
+def test_non_finite_loss_is_reported_with_its_step_and_never_saved(world, tmp_path, monkeypatch):
+    built = _capture_method(monkeypatch)
+    import importlib
+    tr = importlib.import_module("courier_fast.train")
+    build = tr.build_method
+
+    def poisoned(*a, **k):  # the loss of the 3rd step is NaN
+        m = build(*a, **k)
+        forward, calls = m.forward, []
+
+        def forward_nan(*args, **kwargs):
+            out = forward(*args, **kwargs)
+            calls.append(1)
+            if len(calls) == 3:
+                out["loss"] = out["loss"] * float("nan")
+            return out
+
+        m.forward = forward_nan
+        return m
+
+    monkeypatch.setattr(tr, "build_method", poisoned)
+    out = str(tmp_path / "run")
+    with pytest.raises(FloatingPointError, match="step 3"):
+        train(TrainConfig(data=world, out=out, steps=8, log_every=4, checkpoint_every=2, **SMALL))
+    assert built and load_checkpoint(os.path.join(out, "checkpoint.pt"))["step"] == 2  # not the NaN model
+    assert not os.path.exists(os.path.join(out, "metrics.jsonl")) or _metrics(out) == []
