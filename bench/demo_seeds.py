@@ -8,7 +8,9 @@ bench/results/<device>-demo.json under "quick" or "full". `courier` is the defau
 
 With --runs NAME ... it trains, embeds and evaluates only those runs of courier_fast.demo.RUNS
 (e.g. courier_target_image, the paper's literal query, which the demo leaves out) on each seed's
-world, with the demo's budget, and merges per-seed AUC / GAUC under "<mode>_runs".
+world, with the demo's budget, and merges per-seed AUC / GAUC into
+bench/results/<device>-demo_runs.json under "<mode>" / <run> (a file of its own: its header
+names the torch and commit of these runs, not of the demo's).
 
     python bench/demo_seeds.py --quick --seeds 0 1 2
     python bench/demo_seeds.py --quick --seeds 0 1 2 --runs courier_target_image
@@ -43,35 +45,32 @@ def summarise(reports):
 
 
 def extra_runs(names, seeds, quick, workdir):
-    """{"seeds", "seconds", "auc": {run: [per seed]}, "gauc": {...}} of RUNS outside the demo."""
+    """{run: {"seeds", "seconds", "auc", "gauc"} (lists per seed)} of RUNS outside the demo."""
     mode = "quick" if quick else "full"
-    out = {"seeds": list(seeds), "seconds": {n: [] for n in names}, "auc": {n: [] for n in names},
-           "gauc": {n: [] for n in names}}
+    out = {n: {"seeds": list(seeds), "seconds": [], "auc": [], "gauc": []} for n in names}
     for s in seeds:
         wd = os.path.join(workdir, f"{mode}-seed{s}")
         world = _world(wd, s, quick)
         for name in names:
             start = time.time()
             metrics = evaluate(world, run_method(name, world, wd, s, quick, progress=False))
-            out["seconds"][name].append(round(time.time() - start, 1))
-            out["auc"][name].append(metrics["auc"])
-            out["gauc"][name].append(metrics["gauc"])
+            out[name]["seconds"].append(round(time.time() - start, 1))
+            out[name]["auc"].append(metrics["auc"])
+            out[name]["gauc"].append(metrics["gauc"])
             print(f"seed {s} {name:<24} AUC {metrics['auc']:.4f} GAUC {metrics['gauc']:.4f}")
     return out
 
 
-def _results_path():
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{harness.device_name()}-demo.json")
-
-
-def _merge(key, value):
-    path = _results_path()
+def _merge(bench, key, value, per_run=False):
+    """Set rows[key] = value in bench/results/<device>-<bench>.json (per_run: rows[key][run] for
+    each run of value, keeping the other runs already there)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{harness.device_name()}-{bench}.json")
     merged = {}
     if os.path.exists(path):
         with open(path) as f:
             merged = json.load(f).get("rows", {})
-    merged[key] = value
-    print("wrote", harness.write_results("demo", {}, merged, path=path))
+    merged[key] = {**merged.get(key, {}), **value} if per_run else value
+    print("wrote", harness.write_results(bench, {}, merged, path=path))
 
 
 def main():
@@ -85,10 +84,10 @@ def main():
     if args.runs:
         out = extra_runs(args.runs, args.seeds, args.quick, args.workdir)
         for name in args.runs:
-            a = np.array(out["auc"][name])
+            a = np.array(out[name]["auc"])
             print(f"{name:<24}" + "".join(f"{v:>10.4f}" for v in a)
                   + f"{a.mean():>11.4f} ± {a.std(ddof=1) if len(a) > 1 else 0:.4f}")
-        _merge(f"{mode}_runs", out)
+        _merge("demo_runs", mode, out, per_run=True)
         return
     reports = [demo(seed=s, quick=args.quick, workdir=os.path.join(args.workdir, f"{mode}-seed{s}"), progress=False)
                for s in args.seeds]
@@ -102,7 +101,7 @@ def main():
     print(f"courier - best generic: {margin.mean():+.4f} ± {sd:.4f} (per seed {', '.join(f'{v:+.4f}' for v in margin)}); "
           f"gap recovered {', '.join(f'{100 * v:.0f} %' for v in s['gap_recovered'])}; "
           f"seconds {', '.join(f'{v:.0f}' for v in s['seconds'])}")
-    _merge(mode, s)
+    _merge("demo", mode, s)
 
 
 if __name__ == "__main__":
