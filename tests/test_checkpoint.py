@@ -124,3 +124,16 @@ def test_pretrained_shape_mismatch_is_named(tmp_path, backbone_state):
 def test_pretrained_missing_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         ImageEncoder("test_efficientnet", 16, pretrained=str(tmp_path / "nope.pt"))
+
+
+def test_checkpoint_without_encoder_entry_still_loads(world, clip_run, tmp_path):
+    """Checkpoints written before the "encoder" entry: rebuilt from their method_kwargs."""
+    ckpt = load_checkpoint(clip_run)
+    del ckpt["encoder"]
+    old = str(tmp_path / "old.pt")
+    save_checkpoint(ckpt, old)
+    a, _ = load_encoder(old)
+    b, _ = load_encoder(clip_run)
+    assert a.config == b.config
+    for (k, v), (k2, v2) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
