@@ -24,7 +24,8 @@ def main(argv=None):
         tr.add_argument("rest", nargs="*")
         tr.set_defaults(unavailable=exc)
     emb = sub.add_parser("embed", help="L2-normalised item embeddings + k-means cluster IDs from a checkpoint")
-    emb.add_argument("--checkpoint", required=True, help="checkpoint.pt written by `courier-fast train`")
+    emb.add_argument("--checkpoint", required=True,
+                     help="checkpoint.pt or encoder.safetensors written by `courier-fast train` (only the encoder is used)")
     emb.add_argument("--data", required=True, help="a data directory (items.parquet)")
     emb.add_argument("--out", required=True, help="output file: .safetensors or .parquet")
     emb.add_argument("--clusters", type=int, default=32, help="k of k-means (0: no cluster IDs)")
@@ -63,7 +64,8 @@ def _add_train(sub):
 
     from courier_fast.methods import METHODS
     from courier_fast.model import QUERIES
-    from courier_fast.train import TrainConfig
+    from courier_fast.dispatch import BACKENDS
+    from courier_fast.train import LOSS_WEIGHTS, LR_SCHEDULES, TrainConfig
 
     # an option not given is not passed: its default is TrainConfig's, kept in one place
     defaults = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(TrainConfig)
@@ -78,7 +80,9 @@ def _add_train(sub):
     tr.add_argument("--num-heads", type=int)
     tr.add_argument("--query", choices=QUERIES)
     tr.add_argument("--pretrained", help="local backbone weights (.pth/.safetensors); nothing is downloaded")
-    tr.add_argument("--image-size", type=int)
+    tr.add_argument("--image-size", type=int, help="resize + centre-crop to S x S (0: the stored size)")
+    tr.add_argument("--history-len", type=int, help="newest history clicks per row")
+    tr.add_argument("--pv-len", type=int, help="page-view slots per row (default: the longest page)")
     tr.add_argument("--batch-size", type=int, help="request rows per process and step")
     tr.add_argument("--steps", type=int, help="optimiser steps (default: --epochs passes)")
     tr.add_argument("--epochs", type=int)
@@ -86,6 +90,13 @@ def _add_train(sub):
     tr.add_argument("--lr", type=float)
     tr.add_argument("--weight-decay", type=float)
     tr.add_argument("--warmup-steps", type=int)
+    tr.add_argument("--lr-schedule", choices=LR_SCHEDULES, help="after warm-up (decay to 0 at the last step)")
+    tr.add_argument("--grad-clip", type=float, help="clip the global gradient norm to this")
+    tr.add_argument("--temperature", type=float, help="InfoNCE temperature (default: the method's)")
+    for name in LOSS_WEIGHTS:
+        tr.add_argument(f"--{name.replace('_', '-')}", type=float, help="courier's loss weight (default 1)")
+    tr.add_argument("--backend", choices=("auto",) + BACKENDS, help="contrastive loss / attention backend")
+    tr.add_argument("--ring", action="store_true", help="across ranks, pass negatives around a ring")
     tr.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"))
     tr.add_argument("--grad-checkpointing", action="store_true")
     tr.add_argument("--freeze-backbone", action="store_true")
@@ -95,6 +106,7 @@ def _add_train(sub):
     tr.add_argument("--seed", type=int)
     tr.add_argument("--device", choices=("auto", "cpu", "cuda"))
     tr.add_argument("--decoder", choices=("auto", "dali", "pil", "torchvision"))
+    tr.add_argument("--on-error", choices=("raise", "skip"), help="a corrupt image: raise, or skip it (padding)")
     tr.add_argument("--no-progress", action="store_true")
 
 

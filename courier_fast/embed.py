@@ -100,7 +100,7 @@ def encode_items(encoder, items, image_size=None, batch_size=256, device="cpu", 
     """ItemEmbeddings of every item of the item table with `encoder` (an ImageEncoder) in eval mode."""
     from courier_fast.data.decode import ImageDecoder
 
-    dec = ImageDecoder(backend=decoder, device=torch.device(device).type, size=image_size)
+    dec = ImageDecoder(backend=decoder, device=device, size=image_size)
     ids = items.column("item_id").to_numpy()
     images = items.column("image")
     was_training = encoder.training
@@ -124,18 +124,16 @@ def simscore(emb, history_ids, pv_ids):
 
 
 def embed_checkpoint(checkpoint, data, clusters=32, batch_size=256, device="auto", seed=0):
-    """ItemEmbeddings of every item of `data` with a train() checkpoint's encoder (+ k-means
-    cluster IDs when clusters > 0), at the image size the checkpoint was trained at."""
+    """ItemEmbeddings of every item of `data` with the encoder of a train() checkpoint.pt or an
+    encoder.safetensors (+ k-means cluster IDs when clusters > 0), at the image size it was
+    trained at. Only the encoder is rebuilt (courier_fast.checkpoint.load_encoder)."""
+    from courier_fast.checkpoint import load_encoder
     from courier_fast.data import read_items
-    from courier_fast.methods import build_method
-    from courier_fast.train import load_checkpoint
 
-    ckpt = load_checkpoint(checkpoint)
+    encoder, image_size = load_encoder(checkpoint)
     items = read_items(os.path.join(data, "items.parquet"))
     dev = "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
-    method = build_method(ckpt["method"], items, **ckpt["method_kwargs"])
-    method.load_state_dict(ckpt["model"])
-    emb = encode_items(method.encoder.to(dev), items, ckpt["config"].get("image_size"), batch_size, dev)
+    emb = encode_items(encoder.to(dev), items, image_size, batch_size, dev)
     return emb.with_clusters(clusters, seed) if clusters else emb
 
 
