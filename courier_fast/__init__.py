@@ -6,7 +6,7 @@
     recon = attn(pv_emb, history_emb, key_padding_mask=history_pad)
     cf.backends()                                    # {name: (available, reason)}
     model = cf.CourierModel("resnet18", query="learned")  # timm encoder + attention + COURIER losses
-    cf.train(cf.TrainConfig(data="world/", out="runs/courier"))  # resumable, torchrun-able
+    cf.train(cf.TrainConfig(data="world/", out="runs/courier", image_size=0))  # 0: stored size; resumable, torchrun-able
 """
 from courier_fast import _extension  # noqa: F401  (loads courier_fast._C, warns once if missing)
 from courier_fast import _ops  # noqa: F401  (fake kernels + autograd for the compiled ops)
