@@ -6,6 +6,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "contrastive_lse.h"
+
 #ifdef COURIER_WITH_CUDA
 #include <cuda.h>
 #endif
@@ -25,6 +27,14 @@ PyObject* PyInit__C(void) {
   return m;
 }
 }
+
+namespace {
+// Rows per logits tile the chunked contrastive driver uses on a CPU or CUDA device (the CUDA
+// policy is exposed here so that CPU machines can test it).
+int64_t lse_tile_rows(int64_t n, int64_t m, bool cuda) {
+  return courier_fast::chunk_rows(n, m, cuda ? courier_fast::kCudaTiles : courier_fast::kCpuTiles);
+}
+}  // namespace
 
 TORCH_LIBRARY(courier_fast, m) {
   // Masked log-sum-exp of the scaled cosine-similarity matrix S = scale * x_hat @ y_hat.T
@@ -47,4 +57,5 @@ TORCH_LIBRARY(courier_fast, m) {
   m.def("attention_core_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
         "Tensor lse, Tensor? key_padding_mask, bool causal, float sm_scale) "
         "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+  m.def("lse_tile_rows(int n, int m, bool cuda) -> int", &lse_tile_rows);
 }
