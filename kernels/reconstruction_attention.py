@@ -28,8 +28,12 @@ from courier_fast.kernels._launch import device_guard
 INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
 MAX_HEAD_DIM = 256
 TILE_BUDGET = 128 * 128  # (BLOCK_P + 2 BLOCK_L) * BLOCK_DH elements of q, k, v tiles per program
-NUM_WARPS = 4
 NUM_STAGES = 2
+
+
+def num_warps(block_p, block_l):
+    """4 warps; 8 for 64 x 64 score tiles (4 spill registers in the sm_80 dK/dV kernel)."""
+    return 8 if block_p * block_l >= 64 * 64 else 4
 
 
 @triton.jit
@@ -184,10 +188,9 @@ def _tile(n, options):
 
 
 def block_options(block_dh):
-    """(BLOCK_P options, BLOCK_L options) the host may launch for a padded head dim: tiles
-    shrink as the head dim grows so that (BLOCK_P + 2 BLOCK_L) * BLOCK_DH <= TILE_BUDGET."""
-    if INTERPRET:
-        return (16,), (16,)
+    """(BLOCK_P options, BLOCK_L options) the host may launch on a GPU for a padded head dim:
+    tiles shrink as the head dim grows so that (BLOCK_P + 2 BLOCK_L) * BLOCK_DH <= TILE_BUDGET.
+    (The interpreter always uses 16 x 16 tiles, for speed.)"""
     if block_dh <= 32:
         return (16, 64), (16, 64, 128)
     return {64: ((16, 64), (16, 64)), 128: ((16, 64), (16, 32)), 256: ((16, 32), (16,))}[block_dh]
@@ -199,7 +202,7 @@ def blocks(p, length, dh):
         raise ValueError(f"the triton attention core supports head dim <= {MAX_HEAD_DIM} "
                          f"(embed_dim / num_heads), got {dh}")
     block_dh = max(16, triton.next_power_of_2(dh))
-    p_opts, l_opts = block_options(block_dh)
+    p_opts, l_opts = ((16,), (16,)) if INTERPRET else block_options(block_dh)
     return _tile(p, p_opts), _tile(length, l_opts), block_dh
 
 
@@ -251,7 +254,7 @@ def attention_forward(q, k, v, key_padding_mask, causal, sm_scale):
                 q, k, v, mask, o_view, lse, h, p, length, dh, float(sm_scale), int(causal),
                 *_strides(q), *_strides(k), *_strides(v), stride_mb, *_strides(o_view),
                 DOT_FP32=_dot_fp32(q.dtype), BLOCK_P=block_p, BLOCK_L=block_l, BLOCK_DH=block_dh,
-                num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+                num_warps=num_warps(block_p, block_l), num_stages=NUM_STAGES)
     return o.reshape(b, p, h * dh).to(out_dtype), lse
 
 
@@ -270,7 +273,7 @@ def attention_backward(grad_o, q, k, v, o, lse, key_padding_mask, causal, sm_sca
     dv = torch.zeros_like(dk)
     mask, stride_mb = _mask_arg(key_padding_mask, b, length, q.device)
     common = dict(DOT_FP32=_dot_fp32(q.dtype), BLOCK_P=block_p, BLOCK_L=block_l, BLOCK_DH=block_dh,
-                  num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+                  num_warps=num_warps(block_p, block_l), num_stages=NUM_STAGES)
     args = (h, p, length, dh, float(sm_scale), int(causal),
             *_strides(q), *_strides(k), *_strides(v), stride_mb, *_strides(do))
     if p > 0 and length > 0 and b * h > 0:
