@@ -19,6 +19,7 @@ the user cache directory ($COURIER_FAST_CACHE_DIR, else $XDG_CACHE_HOME/courier_
 (backend="auto") calls trusted(), which runs the check of one backend the first time it is
 needed. COURIER_FAST_VALIDATE=0 trusts without checking; =force re-checks once per process.
 """
+import contextlib
 import functools
 import glob
 import hashlib
@@ -28,6 +29,8 @@ import json
 import math
 import os
 import platform
+import sys
+import types
 import warnings
 
 import torch
@@ -171,7 +174,18 @@ def _rel_errors(got, want):
 
 
 def check_backend(op, backend, device):
-    """{"ok", "worst_error", "reason"} of one backend of op on device (runs the problems)."""
+    """{"ok", "worst_error", "reason"} of one backend of op on device (runs the problems).
+    Independent of the caller's context: it may be reached from inside no_grad, inference
+    mode or autocast (the first backend="auto" call of a training or evaluation step)."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(torch.enable_grad())
+        for kind in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
+            stack.enter_context(torch.autocast(kind, enabled=False))
+        return _check_backend(op, backend, device)
+
+
+def _check_backend(op, backend, device):
     problems, make = CASES[op]
     dev = torch.device(device)
     worst, worst_what = 0.0, ""
@@ -366,3 +380,14 @@ def selftest(device="cuda", force=False):
     backend of device; cached verdicts unless force."""
     return {op: {name: verdict(op, name, device, force=force) for name in names}
             for op, names in registered(device).items()}
+
+
+class _CallableModule(types.ModuleType):
+    """`courier_fast.selftest(device="cuda", force=False)` calls selftest() while the module's
+    other functions (verdict, trusted, cache_file, ...) stay reachable as attributes."""
+
+    def __call__(self, device="cuda", force=False):
+        return selftest(device, force)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -133,3 +133,20 @@ def test_cli_selftest_on_cpu_runs_the_interpreter_and_passes(tmp_path):
     for per_backend in verdicts.values():
         for v in per_backend.values():
             assert v["ok"] and set(v) == {"ok", "worst_error", "reason"}
+
+
+def test_check_is_independent_of_the_callers_grad_mode(cache):
+    """The first auto call may come from an evaluation loop under no_grad / inference_mode."""
+    with torch.inference_mode():
+        v = selftest.check_backend(OP, "chunked", "cpu")
+    assert v["ok"], v
+
+
+def test_module_is_callable_as_the_issue_spells_it(cache, monkeypatch):
+    """courier_fast.selftest(device, force) -> {op: {backend: {ok, worst_error, reason}}}."""
+    seen = []
+    monkeypatch.setattr(selftest, "verdict", lambda op, backend, device, force=False: seen.append(
+        (op, backend, device, force)) or {"ok": True, "worst_error": 0.0, "reason": "stub"})
+    out = selftest("cpu", force=True)
+    assert set(out) == set(dispatch.ops()) and {"cpu", "chunked"} <= set(out[OP])
+    assert "reference" not in out[OP] and all(f for *_, f in seen)
