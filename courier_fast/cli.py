@@ -9,6 +9,7 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="versions, compiled extension and available backends")
     info.add_argument("--json", action="store_true", help="print build_info() and backends as JSON")
+    _add_selftest(sub)
     gen = sub.add_parser("generate", help="write the generated visual-CTR world (parquet + JPEGs)")
     gen.add_argument("--out", required=True, help="output directory")
     gen.add_argument("--seed", type=int, default=0)
@@ -57,6 +58,41 @@ def main(argv=None):
         print(f"courier-fast {args.command}: error: {exc}; install the package's dependencies "
               "(pip install -e . without --no-deps, see README 'Installing')", file=sys.stderr)
         return 2
+
+
+def _add_selftest(sub):
+    st = sub.add_parser("selftest", help="check every kernel backend against the float64 reference on a device "
+                                         "(verdicts cached; backend='auto' uses only backends that passed)")
+    st.add_argument("--device", default=None, choices=("cuda", "cpu"),
+                    help="default: cuda when a GPU is visible, else cpu (Triton in its interpreter)")
+    st.add_argument("--force", action="store_true", help="re-run the checks instead of reading the cache")
+    st.add_argument("--json", action="store_true", help="print the verdicts as JSON")
+
+
+def _selftest(args):
+    import os
+    import subprocess
+
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        # the kernels read TRITON_INTERPRET when they are defined: run in a fresh process
+        argv = [sys.executable, "-m", "courier_fast", "selftest", "--device", "cpu"]
+        argv += ["--force"] * args.force + ["--json"] * args.json
+        return subprocess.call(argv, env={**os.environ, "TRITON_INTERPRET": "1"})
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is visible")
+    from courier_fast.selftest import cache_file, selftest
+    verdicts = selftest(device, force=args.force)
+    if args.json:
+        print(json.dumps(verdicts, indent=2))
+    else:
+        print(f"self-check on {device} (cache: {cache_file(device)[0]})")
+        for op, per_backend in verdicts.items():
+            for name, v in per_backend.items():
+                print(f"  {op:<26}{name:<9}{'ok  ' if v['ok'] else 'FAIL'}  {v['reason']}")
+    return 0 if all(v["ok"] for per in verdicts.values() for v in per.values()) else 1
 
 
 def _add_train(sub):
@@ -138,6 +174,8 @@ def _run(parser, args):
         return 0
     if args.command == "embed":
         return _embed(args)
+    if args.command == "selftest":
+        return _selftest(args)
     if args.command == "eval":
         from courier_fast.evaluate import evaluate, oracle_embeddings
         if args.oracle and args.embeddings:

@@ -61,8 +61,27 @@ def report() -> str:
     lines += ["", "backends:"]
     for name, (ok, reason) in dispatch.backends().items():
         lines.append(f"  {name:<10} {'available  ' if ok else 'unavailable'}  {reason}")
+    verdicts = selftest_verdicts()
     for op in dispatch.ops():
         lines += ["", f"{op}:"]
         for name, (ok, reason) in dispatch.op_backends(op).items():
             lines.append(f"  {name:<10} {'yes' if ok else 'no '}  {reason}")
+            for device, v in verdicts.get(op, {}).get(name, {}).items():
+                lines.append(f"  {'':<10}      self-check on {device}: " + (
+                    "not run yet (`courier-fast selftest`)" if v is None else
+                    f"{'passed' if v['ok'] else 'FAILED'}, worst error {v['worst_error']:.3g} x allowed"))
     return "\n".join(lines)
+
+
+def selftest_verdicts():
+    """{op: {backend: {device: cached verdict or None}}} for this machine's devices; the checks
+    themselves run on first use by backend='auto' or with `courier-fast selftest`."""
+    from courier_fast import selftest
+
+    devices = (["cuda"] if torch.cuda.is_available() else []) + ["cpu"]
+    out = {}
+    for device in devices:
+        for op, names in selftest.registered(device).items():
+            for name in names:
+                out.setdefault(op, {}).setdefault(name, {})[device] = selftest.cached_verdict(op, name, device)
+    return out
