@@ -1,149 +1,214 @@
-"""Builds courier_fast._C.
+"""Builds courier_fast._C: the C++ ops always, the CUDA sources in csrc/cuda/ when they can be.
 
-C++ CPU ops are always built. The CUDA sources in csrc/cuda/ are built when torch is a CUDA
-build and an nvcc whose version matches torch.version.cuda is found (the pip package
-nvidia-cuda-nvcc that our build backend requests, CUDA_HOME, PATH or /usr/local/cuda).
-COURIER_FAST_BUILD_CUDA=0 skips the CUDA build; =1 makes a missing nvcc an error.
+CUDA is compiled when torch is a CUDA build and an nvcc of torch's CUDA version is found
+(the pip packages our build backend requests, CUDA_HOME, PATH or /usr/local/cuda). If the
+CUDA sources cannot be compiled, the install does not fail: a CPU-only _C is built, one
+warning is printed, and the compiler's first error line is recorded in the extension
+(courier_fast.build_info()["cuda_build_error"], `courier-fast info`).
+
+    COURIER_FAST_BUILD_CUDA=1   the CUDA build must succeed (a missing nvcc or a compile error fails)
+    COURIER_FAST_BUILD_CUDA=0   skip CUDA: CPU-only _C
+    TORCH_CUDA_ARCH_LIST        architectures (default: the visible GPUs; with none, every
+                                architecture torch was built for that nvcc supports, +PTX
+                                for the newest)
 """
+import contextlib
 import glob
+import json
 import os
-import re
 import shutil
-import subprocess
 import sys
+import threading
 
 from setuptools import setup
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "_build_backend"))
+import cuda_toolchain as toolchain  # noqa: E402
+
+MODE = os.environ.get("COURIER_FAST_BUILD_CUDA", "").strip()
+if MODE not in ("", "0", "1"):
+    sys.exit(f"COURIER_FAST_BUILD_CUDA must be 0, 1 or unset; got {MODE!r}")
 
 
 def _log(msg):
     print(f"[courier_fast build] {msg}", file=sys.stderr, flush=True)
 
 
-def _nvcc_version(nvcc):
-    try:
-        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    m = re.search(r"release (\d+)\.(\d+)", out)
-    return f"{m.group(1)}.{m.group(2)}" if m else None
-
-
-def _candidate_cuda_homes():
-    """Yield directories that may hold bin/nvcc, most specific first."""
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(var):
-            yield os.environ[var]
-    major = torch.version.cuda.split(".")[0]
-    # pip's nvidia-cuda-nvcc puts nvcc under site-packages/nvidia/cu<major>/ (CUDA >= 13)
-    # or site-packages/nvidia/cuda_nvcc/ (CUDA 12); search every sys.path entry.
-    for entry in sys.path:
-        for sub in (f"nvidia/cu{major}", "nvidia/cuda_nvcc"):
-            yield os.path.join(entry, sub)
-    which = shutil.which("nvcc")
-    if which:
-        yield os.path.dirname(os.path.dirname(os.path.realpath(which)))
-    yield "/usr/local/cuda"
-    yield from sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
-
-
-def find_cuda_home():
-    """Return (cuda_home, reason). cuda_home is None when no usable nvcc was found."""
+def plan_cuda():
+    """(cuda_home, nvcc, skip_reason): where nvcc is and which, or why CUDA is not attempted."""
+    if MODE == "0":
+        return None, None, "COURIER_FAST_BUILD_CUDA=0"
     if not torch.version.cuda:
-        return None, "torch is not a CUDA build"
-    want = ".".join(torch.version.cuda.split(".")[:2])
-    seen, same_major = set(), None
-    for home in _candidate_cuda_homes():
-        nvcc = os.path.join(home, "bin", "nvcc")
-        if home in seen or not os.path.isfile(nvcc):
-            continue
-        seen.add(home)
-        got = _nvcc_version(nvcc)
-        if got == want:
-            return home, f"nvcc {got} at {nvcc}"
-        if got and got.split(".")[0] == want.split(".")[0] and same_major is None:
-            same_major = (home, f"nvcc {got} at {nvcc} (torch wants {want}; same major)")
-    if same_major:
-        return same_major
-    return None, f"no nvcc {want} found (torch.version.cuda = {torch.version.cuda}); looked in {sorted(seen) or 'CUDA_HOME, pip nvidia-cuda-nvcc, PATH, /usr/local/cuda'}"
+        return None, None, f"torch {torch.__version__} is a CPU-only build"
+    home, reason = toolchain.find_cuda_home(torch.version.cuda)
+    if home is None:
+        return None, None, reason
+    if int(torch.version.cuda.split(".")[0]) >= 13 and not toolchain.has_cccl(home, torch.version.cuda):
+        mm = toolchain.major_minor(torch.version.cuda)
+        return None, reason, (f"{reason}, but the CCCL headers (nv/target) are missing: "
+                              f"pip install 'nvidia-cuda-cccl=={mm}.*'")
+    return home, reason, None
 
 
-def _runtime_lib_dir(cuda_home):
-    """Directory with libcudart.so.<major> (pip's nvidia-cuda-runtime has no unversioned link)."""
+def resolve_arch_list():
+    """TORCH_CUDA_ARCH_LIST as given, or our default (cuda_toolchain.arch_list)."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return os.environ["TORCH_CUDA_ARCH_LIST"]
+    visible = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())] \
+        if torch.cuda.is_available() else []
+    torch_archs = torch.cuda.get_arch_list() or torch._C._cuda_getArchFlags().split()
+    supported = toolchain.nvcc_archs(os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc"))
+    return toolchain.arch_list(torch_archs, visible, supported)
+
+
+CUDA_HOME, NVCC, SKIP_REASON = plan_cuda()
+if CUDA_HOME is None and MODE == "1":
+    raise RuntimeError(f"COURIER_FAST_BUILD_CUDA=1 but the CUDA build is impossible: {SKIP_REASON}")
+ARCHS = None
+if CUDA_HOME:
+    # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
+    os.environ["CUDA_HOME"] = CUDA_HOME
+    os.environ["PATH"] = os.path.join(CUDA_HOME, "bin") + os.pathsep + os.environ.get("PATH", "")
+    ARCHS = os.environ["TORCH_CUDA_ARCH_LIST"] = resolve_arch_list()
+    _log(f"CUDA build: {NVCC}; architectures {ARCHS}")
+else:
+    _log(f"CPU-only build: {SKIP_REASON}")
+
+from torch.utils import cpp_extension  # noqa: E402  (after CUDA_HOME is set)
+
+CXX_FLAGS = ["-O3"]  # the C++ standard comes from torch.utils.cpp_extension
+
+
+def cpu_extension():
+    return cpp_extension.CppExtension("courier_fast._C", sorted(glob.glob("csrc/*.cpp")),
+                                      extra_compile_args={"cxx": list(CXX_FLAGS)})
+
+
+def cuda_extension():
     major = torch.version.cuda.split(".")[0]
-    dirs = [os.path.join(cuda_home, d) for d in ("lib64", "lib")]
-    dirs += [os.path.join(e, f"nvidia/cu{major}/lib") for e in sys.path]
-    dirs += [os.path.join(e, "nvidia/cuda_runtime/lib") for e in sys.path]
-    for d in dirs:
-        if glob.glob(os.path.join(d, f"libcudart.so.{major}*")):
-            return d
-    return None
+    libdir = toolchain.runtime_lib_dir(CUDA_HOME, torch.version.cuda)
+    ext = cpp_extension.CUDAExtension(
+        "courier_fast._C",
+        sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu")),
+        include_dirs=toolchain.include_dirs(CUDA_HOME, torch.version.cuda),
+        define_macros=[("COURIER_WITH_CUDA", None)],
+        extra_compile_args={"cxx": list(CXX_FLAGS), "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
+        library_dirs=[libdir] if libdir else [],
+        extra_link_args=[f"-l:libcudart.so.{major}"] if libdir else [],
+    )
+    # CUDAExtension adds `-lcudart`, which needs an unversioned libcudart.so that pip's
+    # runtime package lacks; we link the versioned file explicitly instead.
+    if libdir:
+        ext.libraries = [lib for lib in ext.libraries if lib != "cudart"]
+    return ext
 
 
-def _pip_cuda_include_dirs(cuda_home):
-    """Header dirs of pip's CUDA packages that are not under cuda_home. In pip's isolated build
-    env, nvcc (backend requirement) and the runtime/cuBLAS/cuSPARSE headers (torch's own
-    dependencies) are installed into two different prefixes."""
-    major = torch.version.cuda.split(".")[0]
-    dirs = []
-    for entry in sys.path:
-        inc = os.path.join(entry, f"nvidia/cu{major}/include")
-        if os.path.isdir(inc) and not os.path.realpath(inc).startswith(os.path.realpath(cuda_home)):
-            dirs.append(inc)
-            if os.path.isdir(os.path.join(inc, "cccl")):  # thrust / cub / libcu++ (CUDA >= 13)
-                dirs.append(os.path.join(inc, "cccl"))
-    return list(dict.fromkeys(dirs))
+def build_info(cuda_compiled, cuda_build_error=None):
+    """What the extension records about its own build (read back by courier_fast._extension,
+    also from the file when the extension fails to load)."""
+    return {
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_compiled": cuda_compiled,
+        "nvcc": NVCC,
+        "cuda_archs": ARCHS.split(";") if cuda_compiled else [],
+        "cuda_build_error": cuda_build_error,
+        "cuda_skip_reason": SKIP_REASON,
+    }
 
 
-def build_extension():
-    mode = os.environ.get("COURIER_FAST_BUILD_CUDA", "").strip()
-    cuda_home, reason = (None, "COURIER_FAST_BUILD_CUDA=0") if mode == "0" else find_cuda_home()
-    if cuda_home is None and mode == "1":
-        raise RuntimeError(f"COURIER_FAST_BUILD_CUDA=1 but the CUDA build is impossible: {reason}")
-    if cuda_home:
-        # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
-        os.environ["CUDA_HOME"] = cuda_home
-        os.environ["PATH"] = os.path.join(cuda_home, "bin") + os.pathsep + os.environ.get("PATH", "")
-        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-            # No GPU to ask: build for Hopper (our GPU machines) and embed PTX for newer ones.
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0+PTX"
-    _log(("CUDA build: " if cuda_home else "CPU-only build: ") + reason)
+def write_info_header(directory, info):
+    """csrc/courier_fast.cpp includes this generated header: the build info as a C string."""
+    os.makedirs(directory, exist_ok=True)
+    text = json.dumps(info, sort_keys=True)
+    literal = '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    with open(os.path.join(directory, "courier_build_info.h"), "w") as f:
+        f.write(f"#pragma once\n#define COURIER_BUILD_INFO_JSON {literal}\n")
 
-    from torch.utils import cpp_extension
 
-    sources = sorted(glob.glob("csrc/*.cpp"))
-    cxx_flags = ["-O3"]  # the C++ standard comes from torch.utils.cpp_extension (C++20 for torch >= 2.10)
-    # The torch the extension is compiled against: a different torch at run time is reported.
-    define_macros = [("COURIER_TORCH_VERSION", f'"{torch.__version__}"')]
-    if cuda_home:
-        sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        major = torch.version.cuda.split(".")[0]
-        libdir = _runtime_lib_dir(cuda_home)
-        ext = cpp_extension.CUDAExtension(
-            "courier_fast._C",
-            sources,
-            include_dirs=_pip_cuda_include_dirs(cuda_home),
-            define_macros=define_macros + [("COURIER_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
-            libraries=[],  # cudart is linked by its versioned name below
-            library_dirs=[libdir] if libdir else [],
-            extra_link_args=[f"-l:libcudart.so.{major}"] if libdir else [],
-        )
-        # CUDAExtension adds `-lcudart`, which needs an unversioned libcudart.so that pip's
-        # runtime package lacks; we link the versioned file explicitly instead.
-        if libdir:
-            ext.libraries = [lib for lib in ext.libraries if lib != "cudart"]
-    else:
-        ext = cpp_extension.CppExtension(
-            "courier_fast._C", sources, define_macros=define_macros,
-            extra_compile_args={"cxx": cxx_flags},
-        )
-    return ext, cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
+def _printable(text, limit=500):
+    return "".join(c if 32 <= ord(c) < 127 else " " for c in text)[:limit]
+
+
+@contextlib.contextmanager
+def tee_output(log):
+    """Pass everything written to fds 1 and 2 (compiler subprocesses included) through to
+    stderr while collecting it into log (a list of bytes), to find the first error line."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    read_fd, write_fd = os.pipe()
+    saved = (os.dup(1), os.dup(2))
+
+    def pump():
+        while True:
+            data = os.read(read_fd, 1 << 16)
+            if not data:
+                return
+            log.append(data)
+            os.write(saved[1], data)
+
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    os.dup2(write_fd, 1)
+    os.dup2(write_fd, 2)
+    os.close(write_fd)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        thread.join(timeout=30)
+        for fd in (read_fd, *saved):
+            os.close(fd)
+
+
+BUILD_FIELDS = ("sources", "include_dirs", "define_macros", "library_dirs", "libraries",
+                "runtime_library_dirs", "extra_compile_args", "extra_link_args", "language")
+
+
+class BuildExtension(cpp_extension.BuildExtension):
+    """torch's BuildExtension plus the build-info header and the CPU-only fallback."""
+
+    def _build(self, info):
+        generated = os.path.join(self.build_temp, "generated")
+        write_info_header(generated, info)
+        ext = self.extensions[0]
+        ext.include_dirs = list(ext.include_dirs) + [os.path.abspath(generated)]
+        super().build_extensions()
+
+    def build_extensions(self):
+        if not CUDA_HOME:
+            return self._build(build_info(False))
+        compiler, ext = self.compiler, self.extensions[0]
+        saved = (compiler.compile, compiler._compile, list(compiler.src_extensions))
+        log = []
+        try:
+            with tee_output(log):
+                return self._build(build_info(True))
+        except Exception as exc:  # a compiler error, a CUDA-version check, a link failure
+            if MODE == "1":
+                raise
+            text = b"".join(log).decode(errors="replace")
+            error = _printable(toolchain.first_error_line(text) or f"{type(exc).__name__}: {exc}")
+        compiler.compile, compiler._compile, compiler.src_extensions = saved
+        # setuptools has already finalised this Extension object: turn it into the CPU-only one
+        # in place, and build it in a separate directory so that no CUDA object is reused.
+        cpu = cpu_extension()
+        for field in BUILD_FIELDS:
+            setattr(ext, field, getattr(cpu, field))
+        self.build_temp = os.path.join(self.build_temp, "cpu-only")
+        _log("WARNING: the CUDA sources of courier_fast._C failed to compile, so this install "
+             "has the CPU ops only (the cuda backend is unavailable; triton and the pure-PyTorch "
+             f"backends are unaffected). First error: {error}  -- `courier-fast info` shows it "
+             "again; COURIER_FAST_BUILD_CUDA=1 turns this into a build error, =0 skips CUDA.")
+        self._build(build_info(False, cuda_build_error=error))
 
 
 os.chdir(HERE)
-_ext, _build_ext = build_extension()
-setup(ext_modules=[_ext], cmdclass={"build_ext": _build_ext})
+setup(ext_modules=[cuda_extension() if CUDA_HOME else cpu_extension()],
+      cmdclass={"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)})

@@ -77,7 +77,8 @@ def courier(mha, backend):
 
 def implementations(mha, device):
     from courier_fast import dispatch
-    impls = {"official": official(mha), "mha_masked": mha_masked(mha), "sdpa": sdpa(mha), "flex": flex(mha)}
+    impls = {"official": official(mha), "mha_masked": mha_masked(mha), "sdpa": sdpa(mha), "flex": flex(mha),
+             "courier_fast:auto": courier(mha, "auto")}
     for name, (ok, _) in dispatch.op_backends("reconstruction_attention").items():
         impl = dispatch._REGISTRY["reconstruction_attention"].get(name)
         if ok and impl and device in impl.devices:

@@ -1,6 +1,7 @@
 """Contrastive loss: courier_fast backends side by side with peers, same inputs, one run.
 
-Peers: naive (F.normalize + matmul + F.cross_entropy), official (COURIER's dense log_softmax
+courier_fast:auto is what backend="auto" picks here (on a GPU: the self-checked cuda, then
+triton, then chunked). Peers: naive (F.normalize + matmul + F.cross_entropy), official (COURIER's dense log_softmax
 pattern with click-masked mean), inf_cl and memeff (pip, Triton: GPU only), open_clip's
 ClipLoss (symmetric). Timing: median of several runs after warm-up (CUDA events on GPU).
 Peak memory: on CUDA max_memory_allocated above the inputs; on CPU each row runs in a fresh
@@ -76,7 +77,7 @@ SYMMETRIC_PEERS = {"memeff", "open_clip"}
 def implementations(device):
     """{key: fn}. Keys ending in ':symmetric' are our op with symmetric=True."""
     from courier_fast import dispatch
-    impls = {"naive": naive, "official": official}
+    impls = {"naive": naive, "official": official, "courier_fast:auto": courier("auto")}
     for name, (ok, _) in dispatch.op_backends("contrastive_loss").items():
         impl = dispatch._REGISTRY["contrastive_loss"].get(name)
         if ok and impl and device in impl.devices:

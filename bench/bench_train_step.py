@@ -15,6 +15,7 @@ the training loop waited for the next batch). Writes bench/results/<device>-trai
     python bench/bench_train_step.py                  # GPU: Swin-T at 224 px, bf16
 """
 import argparse
+import itertools
 import os
 import sys
 import tempfile
@@ -31,11 +32,13 @@ from courier_fast.methods import build_method  # noqa: E402
 from courier_fast.model import ImageEncoder  # noqa: E402
 
 
-def _timed_steps(step, batches, device, warmup):
-    """Run step(batch) over `batches` (an iterator); -> (seconds after warm-up, waited seconds, images)."""
+def timed_steps(step, batches, device, warmup):
+    """Run step(batch) over `batches` (an iterator; step returns its image count) and time the
+    steps after the first `warmup`: -> {"steps", "seconds", "waited", "images", "images_per_s",
+    "images_per_step", "data_wait_fraction"}, every rate divided by the steps actually timed."""
     total = wait = 0.0
-    images = 0
-    for k in range(10**9):
+    images = steps = 0
+    for k in itertools.count():
         t0 = time.perf_counter()
         batch = next(batches, None)
         if batch is None:
@@ -48,7 +51,11 @@ def _timed_steps(step, batches, device, warmup):
             total += t2 - t0
             wait += t1 - t0
             images += n
-    return total, wait, images
+            steps += 1
+    if steps == 0:
+        raise ValueError(f"no step was timed: the iterator held no more than warmup={warmup} batches")
+    return {"steps": steps, "seconds": total, "waited": wait, "images": images, "images_per_s": images / total,
+            "images_per_step": images / steps, "data_wait_fraction": wait / total}
 
 
 def main():
@@ -111,11 +118,11 @@ def main():
     rows = []
     for impl, step, batches in (("encoder_only", encoder_step, iter([x] * n_batches)),
                                 ("courier_resident", courier_step, iter(resident)),
-                                ("courier_loader", courier_step, iter(loader().batches()))):
-        seconds, waited, images = _timed_steps(step, batches, device, args.warmup)
-        rows.append({"impl": impl, "images_per_s": images / seconds, "data_wait_fraction": waited / seconds,
-                     "encoder": encoder, "image_size": size, "batch_rows": args.batch_size,
-                     "images_per_step": images / max(1, steps), "dtype": str(amp or torch.float32).replace("torch.", "")})
+                                ("courier_loader", courier_step, itertools.islice(loader().batches(), n_batches))):
+        t = timed_steps(step, batches, device, args.warmup)
+        rows.append({"impl": impl, "images_per_s": t["images_per_s"], "data_wait_fraction": t["data_wait_fraction"],
+                     "encoder": encoder, "image_size": size, "batch_rows": args.batch_size, "steps": t["steps"],
+                     "images_per_step": t["images_per_step"], "dtype": str(amp or torch.float32).replace("torch.", "")})
     for r in rows:
         r["fraction_of_encoder_only"] = r["images_per_s"] / rows[0]["images_per_s"]
     print(f"{'impl':<18}{'images/s':>10}{'of encoder-only':>17}{'data wait':>11}   ({encoder}, {size} px, "

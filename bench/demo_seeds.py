@@ -3,21 +3,31 @@
 Runs `courier-fast demo` for each seed (resuming finished runs in <workdir>/<mode>-seed<S>),
 prints per-seed AUCs, mean ± std, COURIER's margin over the best generic baseline and the
 share of the no_image -> oracle gap it recovers, and merges the summary into
-bench/results/<device>-demo.json under "quick" or "full".
+bench/results/<device>-demo.json under "quick" or "full". `courier` is the default run
+(courier_learned_query), listed once; "courier_query" names its query.
+
+With --runs NAME ... it trains, embeds and evaluates only those runs of courier_fast.demo.RUNS
+(e.g. courier_target_image, the paper's literal query, which the demo leaves out) on each seed's
+world, with the demo's budget, and merges per-seed AUC / GAUC into
+bench/results/<device>-demo_runs.json under "<mode>" / <run> (a file of its own: its header
+names the torch and commit of these runs, not of the demo's).
 
     python bench/demo_seeds.py --quick --seeds 0 1 2
+    python bench/demo_seeds.py --quick --seeds 0 1 2 --runs courier_target_image
 """
 import argparse
 import json
 import os
 import sys
+import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
-from courier_fast.demo import GENERIC, ORDER, demo  # noqa: E402
+from courier_fast.demo import COURIER_QUERY, GENERIC, ORDER, RUNS, _world, demo, label, run_method  # noqa: E402
+from courier_fast.evaluate import evaluate  # noqa: E402
 
 
 def summarise(reports):
@@ -28,9 +38,39 @@ def summarise(reports):
     gap = np.array(per_seed["oracle_attributes"]) - np.array(per_seed["no_image"])
     recovered = (courier - np.array(per_seed["no_image"])) / gap
     return {"seeds": [r["seed"] for r in reports], "seconds": [r["seconds"] for r in reports],
+            "courier_query": COURIER_QUERY,
             "auc": per_seed, "gauc": {m: [r["results"][m]["gauc"] for r in reports] for m in ORDER},
             "margin_over_best_generic": margin.tolist(), "gap_recovered": recovered.tolist(),
             "over_no_image": (courier - np.array(per_seed["no_image"])).tolist()}
+
+
+def extra_runs(names, seeds, quick, workdir):
+    """{run: {"seeds", "seconds", "auc", "gauc"} (lists per seed)} of RUNS outside the demo."""
+    mode = "quick" if quick else "full"
+    out = {n: {"seeds": list(seeds), "seconds": [], "auc": [], "gauc": []} for n in names}
+    for s in seeds:
+        wd = os.path.join(workdir, f"{mode}-seed{s}")
+        world = _world(wd, s, quick)
+        for name in names:
+            start = time.time()
+            metrics = evaluate(world, run_method(name, world, wd, s, quick, progress=False))
+            out[name]["seconds"].append(round(time.time() - start, 1))
+            out[name]["auc"].append(metrics["auc"])
+            out[name]["gauc"].append(metrics["gauc"])
+            print(f"seed {s} {name:<24} AUC {metrics['auc']:.4f} GAUC {metrics['gauc']:.4f}")
+    return out
+
+
+def _merge(bench, key, value, per_run=False):
+    """Set rows[key] = value in bench/results/<device>-<bench>.json (per_run: rows[key][run] for
+    each run of value, keeping the other runs already there)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{harness.device_name()}-{bench}.json")
+    merged = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            merged = json.load(f).get("rows", {})
+    merged[key] = {**merged.get(key, {}), **value} if per_run else value
+    print("wrote", harness.write_results(bench, {}, merged, path=path))
 
 
 def main():
@@ -38,27 +78,30 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--workdir", default="courier_demo")
+    ap.add_argument("--runs", nargs="+", choices=sorted(RUNS), help="only these runs (not the whole demo)")
     args = ap.parse_args()
     mode = "quick" if args.quick else "full"
+    if args.runs:
+        out = extra_runs(args.runs, args.seeds, args.quick, args.workdir)
+        for name in args.runs:
+            a = np.array(out[name]["auc"])
+            print(f"{name:<24}" + "".join(f"{v:>10.4f}" for v in a)
+                  + f"{a.mean():>11.4f} ± {a.std(ddof=1) if len(a) > 1 else 0:.4f}")
+        _merge("demo_runs", mode, out, per_run=True)
+        return
     reports = [demo(seed=s, quick=args.quick, workdir=os.path.join(args.workdir, f"{mode}-seed{s}"), progress=False)
                for s in args.seeds]
     s = summarise(reports)
     print(f"\n{'method':<24}" + "".join(f"{'seed ' + str(k):>10}" for k in s["seeds"]) + f"{'mean ± std':>18}")
     for m in ORDER:
         a = np.array(s["auc"][m])
-        print(f"{m:<24}" + "".join(f"{v:>10.4f}" for v in a) + f"{a.mean():>11.4f} ± {a.std(ddof=1) if len(a) > 1 else 0:.4f}")
+        print(f"{label(m):<24}" + "".join(f"{v:>10.4f}" for v in a) + f"{a.mean():>11.4f} ± {a.std(ddof=1) if len(a) > 1 else 0:.4f}")
     margin = np.array(s["margin_over_best_generic"])
     sd = margin.std(ddof=1) if len(margin) > 1 else float("nan")
     print(f"courier - best generic: {margin.mean():+.4f} ± {sd:.4f} (per seed {', '.join(f'{v:+.4f}' for v in margin)}); "
           f"gap recovered {', '.join(f'{100 * v:.0f} %' for v in s['gap_recovered'])}; "
           f"seconds {', '.join(f'{v:.0f}' for v in s['seconds'])}")
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{harness.device_name()}-demo.json")
-    merged = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            merged = json.load(f).get("rows", {})
-    merged[mode] = s
-    print("wrote", harness.write_results("demo", {}, merged, path=path))
+    _merge("demo", mode, s)
 
 
 if __name__ == "__main__":

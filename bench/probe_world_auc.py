@@ -2,18 +2,25 @@
 with category + quality features vs the same plus oracle-attribute history features (hue
 cosine, same pattern, same frequency class between the candidate and each history item). A
 crude stand-in for the downstream CTR harness; it only checks that the world leaves room for
-image features.
+image features. Each seed's AUCs are merged into bench/results/<device>-probe_world.json under
+"quick" or "full" (a --quick run too: the numbers do not depend on the machine).
 
-    python bench/probe_world_auc.py --seed 0 [--quick]
+    python bench/probe_world_auc.py --seeds 0 1 2 [--quick]
 """
 import argparse
+import json
+import os
+import sys
 import tempfile
 import time
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from courier_fast.data.generate import SHAPES, generate
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+from courier_fast.data.generate import SHAPES, generate  # noqa: E402
 
 
 def features(root, table, oracle, attrs):
@@ -52,21 +59,39 @@ def auc(scores, labels):
     return (ranks[labels == 1].sum() - n1 * (n1 + 1) / 2) / (n1 * (len(labels) - n1))
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args()
+def probe(seed, quick):
+    """{"category+quality": AUC, "category+quality+oracle attrs": AUC, "test_rows", "ctr", "seconds"}."""
     root = tempfile.mkdtemp(prefix="courier_world_")
     start = time.time()
-    generate(root, seed=args.seed, quick=args.quick)
-    print(f"generated in {time.time() - start:.1f} s at {root}")
+    generate(root, seed=seed, quick=quick)
+    print(f"seed {seed}: generated in {time.time() - start:.1f} s at {root}")
     attrs = pq.read_table(f"{root}/oracle.parquet").to_pydict()
+    out = {}
     for oracle in (False, True):
         x, y = features(root, "ctr_train", oracle, attrs)
         xt, yt = features(root, "ctr_test", oracle, attrs)
         name = "category+quality+oracle attrs" if oracle else "category+quality"
-        print(f"{name:<32} cold-item AUC {auc(logistic_scores(x, y, xt), yt):.4f}  (test rows {len(yt)}, CTR {yt.mean():.3f})")
+        out[name] = float(auc(logistic_scores(x, y, xt), yt))
+        out["test_rows"], out["ctr"] = int(len(yt)), float(yt.mean())
+        print(f"{name:<32} cold-item AUC {out[name]:.4f}  (test rows {len(yt)}, CTR {yt.mean():.3f})")
+    out["seconds"] = round(time.time() - start, 1)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    mode = "quick" if args.quick else "full"
+    path = os.path.join(harness.HERE, "results", f"{harness.device_name()}-probe_world.json")
+    merged = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            merged = json.load(f).get("rows", {})
+    for seed in args.seeds:
+        merged.setdefault(mode, {})[str(seed)] = probe(seed, args.quick)
+    print("wrote", harness.write_results("probe_world", {}, merged, path=path))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
     recon = attn(pv_emb, history_emb, key_padding_mask=history_pad)
     cf.backends()                                    # {name: (available, reason)}
     model = cf.CourierModel("resnet18", query="learned")  # timm encoder + attention + COURIER losses
-    cf.train(cf.TrainConfig(data="world/", out="runs/courier"))  # resumable, torchrun-able
+    cf.train(cf.TrainConfig(data="world/", out="runs/courier", image_size=0))  # 0: stored size; resumable, torchrun-able
 """
 from courier_fast import _extension  # noqa: F401  (loads courier_fast._C, warns once if missing)
 from courier_fast import _ops  # noqa: F401  (fake kernels + autograd for the compiled ops)
@@ -16,9 +16,20 @@ from courier_fast.attention import reconstruction_attention
 from courier_fast.contrastive import contrastive_loss
 from courier_fast.dispatch import backends
 from courier_fast.info import build_info
-from courier_fast.model import CourierModel
-from courier_fast.train import TrainConfig, train
 
 __version__ = "0.1.0"
+
+# The model and training API need the data stack (pyarrow, timm, torchvision): imported on
+# first use, so that the ops above work with nothing but torch (e.g. a CPU-only torch).
+_LAZY = {"CourierModel": "courier_fast.model", "TrainConfig": "courier_fast.train",
+         "train": "courier_fast.train"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'courier_fast' has no attribute {name!r}")
 __all__ = ["contrastive_loss", "reconstruction_attention", "nn", "backends", "build_info",
            "set_input_checks", "CourierModel", "TrainConfig", "train", "__version__"]

@@ -14,6 +14,7 @@ from courier_fast.kernels import contrastive_lse as _k
 from courier_fast.kernels import reconstruction_attention as _attn
 
 INTERPRET = _k.INTERPRET
+ATTENTION_MAX_HEAD_DIM = _attn.MAX_HEAD_DIM
 
 
 @torch.library.custom_op("courier_fast::contrastive_lse_triton", mutates_args=())

@@ -4,6 +4,7 @@ Data-dependent checks (NaN/Inf, negative weights) read the tensors; they are ski
 torch.compile traces (they would break the graph) and can be turned off with
 `courier_fast.set_input_checks(False)` once a pipeline is known to be clean.
 """
+import contextlib
 import math
 import numbers
 
@@ -18,6 +19,18 @@ def set_input_checks(enabled: bool) -> None:
     """Turn the data-dependent input checks (NaN/Inf, negative weights) on or off globally."""
     global _DATA_CHECKS
     _DATA_CHECKS = bool(enabled)
+
+
+@contextlib.contextmanager
+def input_checks(enabled: bool):
+    """set_input_checks(enabled) inside a `with` block, the previous setting restored after it."""
+    global _DATA_CHECKS
+    before = _DATA_CHECKS
+    _DATA_CHECKS = bool(enabled)
+    try:
+        yield
+    finally:
+        _DATA_CHECKS = before
 
 
 def _data_checks_on() -> bool:

@@ -36,7 +36,8 @@ def reconstruction_attention(targets, history, in_proj_weight, in_proj_bias, out
                 num_heads, key_padding_mask, causal, backend)
     if lengths is not None:
         key_padding_mask = _lengths_to_mask(lengths, history, key_padding_mask)
-    fn = dispatch.select(OP, backend, targets.device)
+    fn = dispatch.select(OP, backend, targets.device,
+                         probe={"targets": targets, "num_heads": num_heads})
     return fn(targets, history, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias,
               num_heads, key_padding_mask=key_padding_mask, causal=causal)
 
@@ -111,17 +112,22 @@ def _projected_attention(core):
     return attention
 
 
-dispatch.register(OP, "reference", reconstruction_attention_reference, devices=("cpu", "cuda"))
+def _head_dim_at_most(limit):
+    return lambda targets, num_heads, **_: targets.shape[-1] // num_heads <= limit
+
+
+dispatch.register(OP, "reference", reconstruction_attention_reference, devices=("cpu", "cuda"),
+                  validate=False)
 if _extension.cuda_compiled():
     dispatch.register(OP, "cuda", _projected_attention(_ops.attention_core), devices=("cuda",),
-                      auto=False, note="CUDA attention core (warp per target / history item, online "
-                                       "softmax, atomics-free backward); compiled, not yet validated "
-                                       "on a GPU")
+                      supports=_head_dim_at_most(256),
+                      note="CUDA attention core (warp per target / history item, online softmax, "
+                           "atomics-free backward)")
 if importlib.util.find_spec("triton") is not None:
     from courier_fast import _triton_ops
 
     dispatch.register(OP, "triton", _projected_attention(_triton_ops.attention_core),
-                      devices=("cuda", "cpu") if _triton_ops.INTERPRET else ("cuda",), auto=False,
+                      devices=("cuda", "cpu") if _triton_ops.INTERPRET else ("cuda",),
+                      supports=_head_dim_at_most(_triton_ops.ATTENTION_MAX_HEAD_DIM),
                       note="Triton attention core (online softmax over history tiles, masks, "
-                           "causal, atomics-free backward); interpreter-tested, not yet validated "
-                           "on a GPU")
+                           "causal, atomics-free backward, 16-bit MMA for 16-bit inputs)")

@@ -94,7 +94,8 @@ def embed_catalogue(checkpoint, data, out, clusters=32, batch_size=256, device="
     what a previous run of the same plan left; -> the manifest dict (on every rank)."""
     from courier_fast import cluster
     from courier_fast.data import read_items
-    from courier_fast.embed import encoded_batches, load_encoder, resolve_device
+    from courier_fast.checkpoint import load_encoder
+    from courier_fast.embed import encoded_batches, resolve_device
     from courier_fast.train import _setup_distributed
 
     if clusters < 0 or batch_size <= 0 or chunk_size <= 0:
@@ -129,7 +130,8 @@ def embed_catalogue(checkpoint, data, out, clusters=32, batch_size=256, device="
     mine = [c for c in range(rank, n_chunks, world)]
     todo = [c for c in mine if not (os.path.exists(_part(out, c, "part")) or os.path.exists(_part(out, c, "emb")))]
     if todo:
-        encoder, image_size = load_encoder(checkpoint, items, dev)
+        encoder, image_size = load_encoder(checkpoint)
+        encoder = encoder.to(dev)
         bar = None
         if progress and rank == 0:
             from tqdm.auto import tqdm

@@ -9,6 +9,7 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="versions, compiled extension and available backends")
     info.add_argument("--json", action="store_true", help="print build_info() and backends as JSON")
+    _add_selftest(sub)
     gen = sub.add_parser("generate", help="write the generated visual-CTR world (parquet + JPEGs)")
     gen.add_argument("--out", required=True, help="output directory")
     gen.add_argument("--seed", type=int, default=0)
@@ -20,11 +21,17 @@ def main(argv=None):
     gen.add_argument("--layout", choices=("parquet", "files"), default="parquet",
                      help="parquet: our format; files: a public-dataset layout (images/<item_id>.jpg, items.csv, "
                           "interactions.csv with timestamps, no impressions) for `courier-fast import`")
-    _add_import(sub)
-    _add_train(sub)
+    for add, name in ((_add_import, "import"), (_add_train, "train")):
+        try:
+            add(sub)
+        except ImportError as exc:  # a torch-only install: `info` and the ops work, this command says why not
+            unavailable = sub.add_parser(name, help=f"unavailable here ({exc})", prefix_chars="\0", add_help=False)
+            unavailable.add_argument("rest", nargs="*")
+            unavailable.set_defaults(unavailable=exc)
     emb = sub.add_parser("embed", help="L2-normalised item embeddings + k-means cluster IDs from a checkpoint "
                                        "(streamed, resumable, torchrun-able)")
-    emb.add_argument("--checkpoint", required=True, help="checkpoint.pt written by `courier-fast train`")
+    emb.add_argument("--checkpoint", required=True,
+                     help="checkpoint.pt or encoder.safetensors written by `courier-fast train` (only the encoder is used)")
     emb.add_argument("--data", required=True, help="a data directory (items.parquet)")
     emb.add_argument("--out", required=True, help="output: a .safetensors or .parquet file, or a directory (no "
                                                   "suffix) of parts + manifest.json for catalogue-scale runs")
@@ -54,10 +61,51 @@ def main(argv=None):
     dm.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "unavailable", None):
+            raise args.unavailable
         return _run(parser, args)
     except (FileNotFoundError, ValueError, KeyError) as exc:
         print(f"courier-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except ImportError as exc:  # the model/data stack is not installed (e.g. --no-deps)
+        print(f"courier-fast {args.command}: error: {exc}; install the package's dependencies "
+              "(pip install -e . without --no-deps, see README 'Installing')", file=sys.stderr)
+        return 2
+
+
+def _add_selftest(sub):
+    st = sub.add_parser("selftest", help="check every kernel backend against the float64 reference on a device "
+                                         "(verdicts cached; backend='auto' uses only backends that passed)")
+    st.add_argument("--device", default=None, choices=("cuda", "cpu"),
+                    help="default: cuda when a GPU is visible, else cpu (Triton in its interpreter)")
+    st.add_argument("--force", action="store_true", help="re-run the checks instead of reading the cache")
+    st.add_argument("--json", action="store_true", help="print the verdicts as JSON")
+
+
+def _selftest(args):
+    import os
+    import subprocess
+
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        # the kernels read TRITON_INTERPRET when they are defined: run in a fresh process
+        argv = [sys.executable, "-m", "courier_fast", "selftest", "--device", "cpu"]
+        argv += ["--force"] * args.force + ["--json"] * args.json
+        return subprocess.call(argv, env={**os.environ, "TRITON_INTERPRET": "1"})
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is visible")
+    from courier_fast.selftest import cache_file, selftest
+    verdicts = selftest(device, force=args.force)
+    if args.json:
+        print(json.dumps(verdicts, indent=2))
+    else:
+        print(f"self-check on {device} (cache: {cache_file(device)[0]})")
+        for op, per_backend in verdicts.items():
+            for name, v in per_backend.items():
+                print(f"  {op:<26}{name:<9}{'ok  ' if v['ok'] else 'FAIL'}  {v['reason']}")
+    return 0 if all(v["ok"] for per in verdicts.values() for v in per.values()) else 1
 
 
 def _add_import(sub):
@@ -120,7 +168,8 @@ def _add_train(sub):
 
     from courier_fast.methods import METHODS
     from courier_fast.model import QUERIES
-    from courier_fast.train import TrainConfig
+    from courier_fast.dispatch import BACKENDS
+    from courier_fast.train import LOSS_WEIGHTS, LR_SCHEDULES, TrainConfig
 
     # an option not given is not passed: its default is TrainConfig's, kept in one place
     defaults = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(TrainConfig)
@@ -135,7 +184,9 @@ def _add_train(sub):
     tr.add_argument("--num-heads", type=int)
     tr.add_argument("--query", choices=QUERIES)
     tr.add_argument("--pretrained", help="local backbone weights (.pth/.safetensors); nothing is downloaded")
-    tr.add_argument("--image-size", type=int)
+    tr.add_argument("--image-size", type=int, help="resize + centre-crop to S x S (0: the stored size)")
+    tr.add_argument("--history-len", type=int, help="newest history clicks per row")
+    tr.add_argument("--pv-len", type=int, help="page-view slots per row (default: the longest page)")
     tr.add_argument("--batch-size", type=int, help="request rows per process and step")
     tr.add_argument("--steps", type=int, help="optimiser steps (default: --epochs passes)")
     tr.add_argument("--epochs", type=int)
@@ -143,6 +194,13 @@ def _add_train(sub):
     tr.add_argument("--lr", type=float)
     tr.add_argument("--weight-decay", type=float)
     tr.add_argument("--warmup-steps", type=int)
+    tr.add_argument("--lr-schedule", choices=LR_SCHEDULES, help="after warm-up (decay to 0 at the last step)")
+    tr.add_argument("--grad-clip", type=float, help="clip the global gradient norm to this")
+    tr.add_argument("--temperature", type=float, help="InfoNCE temperature (default: the method's)")
+    for name in LOSS_WEIGHTS:
+        tr.add_argument(f"--{name.replace('_', '-')}", type=float, help="courier's loss weight (default 1)")
+    tr.add_argument("--backend", choices=("auto",) + BACKENDS, help="contrastive loss / attention backend")
+    tr.add_argument("--ring", action="store_true", help="across ranks, pass negatives around a ring")
     tr.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"))
     tr.add_argument("--grad-checkpointing", action="store_true")
     tr.add_argument("--freeze-backbone", action="store_true")
@@ -152,6 +210,7 @@ def _add_train(sub):
     tr.add_argument("--seed", type=int)
     tr.add_argument("--device", choices=("auto", "cpu", "cuda"))
     tr.add_argument("--decoder", choices=("auto", "dali", "pil", "torchvision"))
+    tr.add_argument("--on-error", choices=("raise", "skip"), help="a corrupt image: raise, or skip it (padding)")
     tr.add_argument("--no-progress", action="store_true")
 
 
@@ -199,6 +258,8 @@ def _run(parser, args):
         return 0
     if args.command == "embed":
         return _embed(args)
+    if args.command == "selftest":
+        return _selftest(args)
     if args.command == "eval":
         from courier_fast.evaluate import evaluate, oracle_embeddings
         if args.oracle and args.embeddings:

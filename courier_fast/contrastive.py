@@ -1,7 +1,8 @@
 """courier_fast.contrastive_loss: the public op, its validation and its backends.
 
 Every backend computes the same per-anchor terms (reference: dense PyTorch; cpu / cuda: the
-chunked LSE op of courier_fast._C; triton: the kernels in kernels/); weighting, reduction and
+chunked LSE op of courier_fast._C; triton: the kernels in kernels/; chunked: ATen row tiles,
+courier_fast.chunked); weighting, reduction and
 the cross-process gather are shared and live here and in courier_fast.reference /
 courier_fast.distributed.
 """
@@ -10,7 +11,7 @@ import importlib.util
 import torch
 import torch.distributed as dist
 
-from courier_fast import _extension, _ops, _validate, dispatch
+from courier_fast import _extension, _ops, _validate, chunked, dispatch
 from courier_fast.distributed import GatheredBatch, ring_lse, world_size
 from courier_fast.reference import (contrastive_terms_reference, effective_weight,
                                     positive_logits, reduce_terms)
@@ -37,10 +38,12 @@ def contrastive_loss(anchors, candidates, *, temperature=0.05, anchor_weight=Non
         group: a torch.distributed process group: candidates (and anchors when symmetric) are
             gathered from all ranks with gradient; ranks may hold different N. The ranks'
             mean loss and DDP-averaged gradients equal one process on the whole batch.
-        backend: "auto", "reference", "cpu", "triton" or "cuda" (see courier_fast.backends()).
+        backend: "auto", "reference", "cpu", "triton", "cuda" or "chunked" (see
+            courier_fast.backends()). auto: on CUDA the self-checked cuda, then triton, then
+            chunked; on CPU cpu, then chunked; the dense reference only for small N.
         ring: with a group, pass candidate blocks around a ring of point-to-point exchanges
             instead of all-gathering them (Inf-CL style): a rank never holds more than two
-            ranks' candidates. Needs a kernel backend (cpu, cuda or triton).
+            ranks' candidates. Needs a kernel backend (cpu, cuda, triton or chunked).
 
     Returns a scalar (or (N,) for "none"): float32, or float64 for float64 inputs.
     The N x N logits are never materialised except by the reference backend.
@@ -50,7 +53,8 @@ def contrastive_loss(anchors, candidates, *, temperature=0.05, anchor_weight=Non
     scale = 1.0 / float(temperature)
     n = anchors.shape[0]
     weight = effective_weight(anchor_weight, candidate_mask, n, anchors)
-    terms_fn = dispatch.select(OP, backend, anchors.device)
+    terms_fn = dispatch.select(OP, backend, anchors.device,
+                               probe={"anchors": anchors, "candidates": candidates})
 
     world = world_size(group)
     if world == 1:
@@ -59,7 +63,7 @@ def contrastive_loss(anchors, candidates, *, temperature=0.05, anchor_weight=Non
         return reduce_terms(terms, weight, reduction)
 
     if ring and getattr(terms_fn, "lse_ops", None) is None:
-        raise ValueError("ring=True needs a kernel backend (cpu, cuda or triton), not the dense reference")
+        raise ValueError("ring=True needs a kernel backend (cpu, cuda, triton or chunked), not the dense reference")
     batch = GatheredBatch(n, group, anchors.device)
     if ring:
         terms = _ring_terms(terms_fn.lse_ops, anchors, candidates, candidate_mask, scale, normalize,
@@ -133,20 +137,31 @@ def _reference_terms(*args, single_process):  # the dense reference needs no fus
     return contrastive_terms_reference(*args)
 
 
-dispatch.register(OP, "reference", _reference_terms, devices=("cpu", "cuda"))
+REFERENCE_AUTO_MAX = 4096  # auto never picks the dense reference for more anchors x candidates
+
+
+def _small(anchors, candidates, **_):
+    return anchors.shape[0] * candidates.shape[0] <= REFERENCE_AUTO_MAX ** 2
+
+
+dispatch.register(OP, "reference", _reference_terms, devices=("cpu", "cuda"), validate=False,
+                  supports=_small, note="dense N x N logits; auto only up to N = "
+                                        f"{REFERENCE_AUTO_MAX} (the ground truth of the tests)")
+dispatch.register(OP, "chunked", _terms_from_lse(chunked.contrastive_lse, chunked.lse_backward),
+                  devices=("cpu", "cuda"), validate=False,
+                  note="ATen row tiles + recomputing autograd; O(N d + tile) memory on any device")
 if _extension.loaded():
     _compiled = _terms_from_lse(_ops.contrastive_lse, torch.ops.courier_fast.contrastive_lse_backward)
-    dispatch.register(OP, "cpu", _compiled, devices=("cpu",),
+    dispatch.register(OP, "cpu", _compiled, devices=("cpu",), validate=False,
                       note="C++ chunked online-LSE op (ATen GEMMs on row tiles)")
     if _extension.cuda_compiled():
         dispatch.register(OP, "cuda", _compiled, devices=("cuda",),
-                          auto=False, note="cuBLAS row tiles + fused CUDA epilogues; compiled, "
-                                           "not yet validated on a GPU")
+                          note="cuBLAS row tiles + fused CUDA epilogues")
 if importlib.util.find_spec("triton") is not None:
     from courier_fast import _triton_ops
 
     dispatch.register(OP, "triton", _terms_from_lse(_triton_ops.contrastive_lse,
                                                     _triton_ops.contrastive_lse_backward),
-                      devices=("cuda", "cpu") if _triton_ops.INTERPRET else ("cuda",), auto=False,
+                      devices=("cuda", "cpu") if _triton_ops.INTERPRET else ("cuda",),
                       note="fused Triton kernels (normalise, mask, online LSE, atomics-free "
-                           "backward); interpreter-tested, not yet validated on a GPU")
+                           "backward, 16-bit MMA for 16-bit inputs)")

@@ -5,11 +5,13 @@ items, fits the same CTR model with each method's image features and prints cold
 GAUC / logloss, a PNG bar chart and a JSON file:
     {"seed", "quick", "seconds", "results": {<method>: {"auc", "gauc", "logloss"}}}
 Methods: no_image, random_encoder, category_supervised, simclr, clip_titles, courier (the
-package's default configuration: TrainConfig() with query="learned"), courier_target_query,
-courier_learned_query, oracle_attributes (true attributes: the ceiling). Runs resume: a method
-whose checkpoint is complete is not trained again. data=DIR runs on an existing data directory
-(e.g. one `courier-fast import` wrote) instead of generating the world; oracle_attributes is
-reported only where DIR has the world's oracle.parquet.
+package's default configuration, TrainConfig()'s query="learned": the run courier_learned_query,
+shown once, under this name, its query named in the table and in "courier_query" of the JSON),
+courier_target_query, oracle_attributes (true attributes: the ceiling). Runs resume: a method
+whose checkpoint is complete is not trained again. RUNS also holds runs the demo does not make
+(courier_target_image: the paper's literal query), for bench/demo_seeds.py --runs.
+data=DIR runs on an existing data directory (e.g. one `courier-fast import` wrote) instead of
+generating the world; oracle_attributes is reported only where DIR has the world's oracle.parquet.
 """
 import dataclasses
 import json
@@ -20,7 +22,7 @@ from courier_fast.data.format import atomic_path
 
 GENERIC = ("random_encoder", "category_supervised", "simclr", "clip_titles")
 PRETRAINED = GENERIC + ("courier_target_query", "courier_learned_query")
-ORDER = ("no_image",) + GENERIC + ("courier", "courier_target_query", "courier_learned_query", "oracle_attributes")
+ORDER = ("no_image",) + GENERIC + ("courier", "courier_target_query", "oracle_attributes")
 
 # Shared by every method: the encoder, its input size, rows per step, optimiser and budget.
 PRESETS = {
@@ -37,8 +39,15 @@ RUNS = {
     "clip_titles": ("clip_titles", {}),
     "courier_target_query": ("courier", {"query": "target"}),
     "courier_learned_query": ("courier", {"query": "learned"}),
+    "courier_target_image": ("courier", {"query": "target_image"}),  # not in the demo
 }
 DEFAULT_COURIER = "courier_learned_query"  # TrainConfig's (and CourierModel's) default query
+COURIER_QUERY = RUNS[DEFAULT_COURIER][1]["query"]
+
+
+def label(method):
+    """A method's name in the table: the default courier run names its query."""
+    return f"courier ({COURIER_QUERY} query)" if method == "courier" else method
 
 
 def _world(workdir, seed, quick):
@@ -92,10 +101,10 @@ def demo(seed=0, quick=False, workdir=None, json_path=None, png_path=None, progr
         emb = run_method(name, world, workdir, seed, quick, progress)
         results[name] = evaluate(world, emb)
         log(f"{name:<24} AUC {results[name]['auc']:.4f}  ({time.time() - t0:.0f} s)")
-    results["courier"] = dict(results[DEFAULT_COURIER])
+    results["courier"] = results.pop(DEFAULT_COURIER)
     if os.path.exists(os.path.join(world, "oracle.parquet")):
         results["oracle_attributes"] = evaluate(world, oracle_embeddings(world, PRESETS[quick]["clusters"], seed))
-    report = {"seed": seed, "quick": quick, "seconds": round(time.time() - start, 1),
+    report = {"seed": seed, "quick": quick, "seconds": round(time.time() - start, 1), "courier_query": COURIER_QUERY,
               "results": {m: {k: results[m][k] for k in ("auc", "gauc", "logloss")} for m in ORDER if m in results}}
     if data is not None:
         report["data"] = os.path.abspath(data)
@@ -119,7 +128,7 @@ def format_table(report):
         if m not in res:
             continue
         r = res[m]
-        lines.append(f"{m:<24}{r['auc']:>8.4f}{r['gauc']:>8.4f}{r['logloss']:>9.4f}{r['auc'] - base:>+13.4f}")
+        lines.append(f"{label(m):<24}{r['auc']:>8.4f}{r['gauc']:>8.4f}{r['logloss']:>9.4f}{r['auc'] - base:>+13.4f}")
     gap = res["oracle_attributes"]["auc"] - base if "oracle_attributes" in res else float("nan")
     c = res["courier"]["auc"]
     lines.append(f"courier - best generic baseline: {c - best_generic:+.4f} AUC; "
@@ -138,7 +147,7 @@ def plot(report, path):
     colour = {"no_image": "#999999", "oracle_attributes": "#31a354", **{m: "#6baed6" for m in GENERIC}}
     fig, ax = plt.subplots(figsize=(9, 4))
     ax.bar(range(len(names)), aucs, color=[colour.get(m, "#e6550d") for m in names])
-    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_xticks(range(len(names)), [label(m) for m in names], rotation=30, ha="right")
     lo = min(aucs)
     ax.set_ylim(lo - 0.02, max(aucs) + 0.01)
     for i, a in enumerate(aucs):

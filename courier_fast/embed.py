@@ -121,7 +121,7 @@ def encoded_batches(encoder, items, rows=None, image_size=None, batch_size=256, 
     from courier_fast.data.decode import ImageDecoder
     from courier_fast.data.images import ItemImages
 
-    dec = ImageDecoder(backend=decoder, device=torch.device(device).type, size=image_size)
+    dec = ImageDecoder(backend=decoder, device=device, size=image_size)
     images = ItemImages(items)
     ids = items.column("item_id").to_numpy()
     rows = np.arange(len(ids)) if rows is None else np.asarray(rows, dtype=np.int64)
@@ -174,27 +174,18 @@ def resolve_device(device):
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
-def load_encoder(checkpoint, items, device="cpu"):
-    """(the ImageEncoder of a train() checkpoint on `device`, the image size it was trained at)."""
-    from courier_fast.methods import build_method
-    from courier_fast.train import load_checkpoint
-
-    ckpt = load_checkpoint(checkpoint)
-    method = build_method(ckpt["method"], items, **ckpt["method_kwargs"])
-    method.load_state_dict(ckpt["model"])
-    return method.encoder.to(device), ckpt["config"].get("image_size")
-
-
 def embed_checkpoint(checkpoint, data, clusters=32, batch_size=256, device="auto", seed=0):
-    """ItemEmbeddings of every item of `data` with a train() checkpoint's encoder (+ k-means
-    cluster IDs when clusters > 0), at the image size the checkpoint was trained at; in memory
-    (catalogue.embed_catalogue streams to disk instead)."""
+    """ItemEmbeddings of every item of `data` with the encoder of a train() checkpoint.pt or an
+    encoder.safetensors (+ cluster IDs when clusters > 0), at the image size it was trained at;
+    in memory (catalogue.embed_catalogue streams to disk instead). Only the encoder is rebuilt
+    (courier_fast.checkpoint.load_encoder)."""
+    from courier_fast.checkpoint import load_encoder
     from courier_fast.data import read_items
 
+    encoder, image_size = load_encoder(checkpoint)
     items = read_items(os.path.join(data, "items.parquet"))
     dev = resolve_device(device)
-    encoder, image_size = load_encoder(checkpoint, items, dev)
-    emb = encode_items(encoder, items, image_size, batch_size, dev)
+    emb = encode_items(encoder.to(dev), items, image_size, batch_size, dev)
     return emb.with_clusters(clusters, seed) if clusters else emb
 
 

@@ -30,6 +30,10 @@ def build_info() -> dict:
         "cuda_compiled": _extension.cuda_compiled(),
         "cuda_version": _extension.cuda_version(),
         "compiled_torch": _extension.compiled_torch_version(),
+        "cuda_archs": _extension.BUILD.get("cuda_archs", []),
+        "cuda_build_error": _extension.BUILD.get("cuda_build_error"),
+        "cuda_skip_reason": _extension.BUILD.get("cuda_skip_reason"),
+        "nvcc": _extension.BUILD.get("nvcc"),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(),
@@ -45,17 +49,39 @@ def report() -> str:
     """Human-readable table of versions, backends and per-op implementations."""
     info = build_info()
     lines = ["courier_fast " + str(info["courier_fast"]), ""]
-    for key in ("torch", "torch_cuda", "triton", "cuda_compiled", "cuda_version", "compiled_torch",
-                "cuda_available", "gpu", "dali", "timm", "python"):
+    for key in ("torch", "torch_cuda", "triton", "cuda_compiled", "cuda_version", "cuda_archs",
+                "compiled_torch", "nvcc", "cuda_available", "gpu", "dali", "timm", "python"):
         value = info[key]
+        if isinstance(value, list):
+            value = " ".join(value) or None
         lines.append(f"  {key:<16} {'-' if value is None else value}")
-    if info["extension_error"]:
-        lines.append(f"  extension_error  {info['extension_error']}")
+    for key in ("extension_error", "cuda_build_error", "cuda_skip_reason"):
+        if info[key]:
+            lines.append(f"  {key:<16} {info[key]}")
     lines += ["", "backends:"]
     for name, (ok, reason) in dispatch.backends().items():
         lines.append(f"  {name:<10} {'available  ' if ok else 'unavailable'}  {reason}")
+    verdicts = selftest_verdicts()
     for op in dispatch.ops():
         lines += ["", f"{op}:"]
         for name, (ok, reason) in dispatch.op_backends(op).items():
             lines.append(f"  {name:<10} {'yes' if ok else 'no '}  {reason}")
+            for device, v in verdicts.get(op, {}).get(name, {}).items():
+                lines.append(f"  {'':<10}      self-check on {device}: " + (
+                    "not run yet (`courier-fast selftest`)" if v is None else
+                    f"{'passed' if v['ok'] else 'FAILED'}, worst error {v['worst_error']:.3g} x allowed"))
     return "\n".join(lines)
+
+
+def selftest_verdicts():
+    """{op: {backend: {device: cached verdict or None}}} for this machine's devices; the checks
+    themselves run on first use by backend='auto' or with `courier-fast selftest`."""
+    from courier_fast import selftest
+
+    devices = (["cuda"] if torch.cuda.is_available() else []) + ["cpu"]
+    out = {}
+    for device in devices:
+        for op, names in selftest.registered(device).items():
+            for name in names:
+                out.setdefault(op, {}).setdefault(name, {})[device] = selftest.cached_verdict(op, name, device)
+    return out

@@ -8,7 +8,8 @@ views counts both). `build_method(name, items, **kwargs)` makes one:
 * courier: CourierModel (the reconstruction losses), light augmentation.
 * simclr: two SimCLR-augmented views of each distinct item of the batch, a 2-layer projection
   head, symmetric InfoNCE (our contrastive_loss, temperature 0.1).
-Contrastive methods use every rank's items as negatives when torch.distributed is running.
+Contrastive methods use every rank's items as negatives when torch.distributed is running
+(all-gathered, or passed around a ring with ring=True) and take backend= for their loss.
 * category_supervised: a linear classifier on the embedding, cross-entropy on the category.
 * clip_titles: image-title InfoNCE (our symmetric loss, temperature 0.07); titles are encoded
   by a bag of word embeddings, the vocabulary taken from the item table.
@@ -49,12 +50,13 @@ class CourierMethod(_Method):
 
 
 class SimCLRMethod(_Method):
-    def __init__(self, items=None, temperature=0.1, **kw):
+    def __init__(self, items=None, temperature=0.1, backend="auto", ring=False, **kw):
         super().__init__()
         self.encoder = ImageEncoder(**kw)
         d = self.encoder.embed_dim
         self.projection = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d))
         self.augment, self.temperature = Augment.simclr(), temperature
+        self.loss_options = {"backend": backend, "ring": ring}
 
     def images_per_step(self, batch):
         return 2 * batch.images.shape[0]
@@ -64,7 +66,7 @@ class SimCLRMethod(_Method):
         z = self.projection(self.encoder(torch.cat([self.augment(x, generator), self.augment(x, generator)])))
         z1, z2 = z.chunk(2)
         return {"loss": contrastive_loss(z1, z2, temperature=self.temperature, symmetric=True,
-                                         group=_global_group())}
+                                         group=_global_group(), **self.loss_options)}
 
 
 class CategorySupervisedMethod(_Method):
@@ -83,8 +85,9 @@ class CategorySupervisedMethod(_Method):
 
 
 class ClipTitlesMethod(_Method):
-    def __init__(self, items=None, vocab=None, temperature=0.07, **kw):
+    def __init__(self, items=None, vocab=None, temperature=0.07, backend="auto", ring=False, **kw):
         super().__init__()
+        self.loss_options = {"backend": backend, "ring": ring}
         if vocab is None:
             vocab = sorted({w for t in items.column("title").to_pylist() for w in t.lower().split()})
         self.vocab = {w: i + 1 for i, w in enumerate(vocab)}  # 0 = unknown word
@@ -113,7 +116,7 @@ class ClipTitlesMethod(_Method):
         img = self.encoder(self.augment(to_float(batch.images), generator))
         txt = self.encode_titles(batch.image_ids)
         return {"loss": contrastive_loss(img, txt.to(img.dtype), temperature=self.temperature, symmetric=True,
-                                         group=_global_group())}
+                                         group=_global_group(), **self.loss_options)}
 
 
 class RandomEncoderMethod(_Method):

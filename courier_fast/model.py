@@ -26,6 +26,8 @@ Queries (`query=`):
 * "target_image": the paper's literal form, the target's own image embedding as the query.
   Kept for reproduction; our measurements show it learns a shortcut (see the README).
 """
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,6 +43,8 @@ class ImageEncoder(nn.Module):
 
     Images are uint8 (normalised here) or ImageNet-normalised float. `pretrained` is a path to
     local backbone weights (a torch or safetensors state_dict); nothing is downloaded.
+    `.config` holds the arguments that fix the architecture (what courier_fast.checkpoint needs
+    to rebuild it): encoder, embed_dim, channels_last and the timm keyword arguments.
     """
 
     def __init__(self, encoder="resnet18", embed_dim=256, pretrained=None, grad_checkpointing=False,
@@ -61,6 +65,7 @@ class ImageEncoder(nn.Module):
         self.channels_last = channels_last
         self.head = nn.Linear(self.backbone.num_features, embed_dim)
         self.embed_dim = embed_dim
+        self.config = {"encoder": encoder, "embed_dim": embed_dim, "channels_last": channels_last, **timm_kwargs}
 
     def train(self, mode=True):
         super().train(mode)
@@ -76,31 +81,49 @@ class ImageEncoder(nn.Module):
 
 
 def load_backbone_weights(backbone, path):
-    """Load a local state_dict into a timm backbone; classifier keys are ignored."""
-    if str(path).endswith(".safetensors"):
-        from safetensors.torch import load_file
-        state = load_file(str(path))
-    else:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
+    """Load a local state_dict into a timm backbone. Every backbone tensor must be there with its
+    shape (BatchNorm's num_batches_tracked counters may be absent); extra keys, such as an
+    ImageNet classifier's, are ignored. A partial match is a ValueError naming what is missing."""
+    path = str(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"pretrained: {path} does not exist")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state) if isinstance(state, dict) else state
+    except Exception as exc:  # noqa: BLE001  (torch.load and safetensors raise many types)
+        raise ValueError(f"pretrained={path!r} is not a state_dict file ({exc})") from exc
+    if not isinstance(state, dict):
+        raise ValueError(f"pretrained={path!r} holds a {type(state).__name__}, not a state_dict")
     own = backbone.state_dict()
-    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    if not usable:
-        raise ValueError(f"pretrained={path!r} has no tensor matching the backbone's names and shapes")
-    backbone.load_state_dict(usable, strict=False)
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    wrong = [f"{k} {tuple(state[k].shape)} (backbone {tuple(own[k].shape)})"
+             for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or wrong:
+        def names(keys):
+            return ", ".join(keys[:10]) + (f", ... ({len(keys) - 10} more)" if len(keys) > 10 else "")
+        problems = ([f"{len(missing)} of {len(own)} backbone tensors missing: {names(missing)}"] if missing else []) + \
+                   ([f"{len(wrong)} with another shape: {names(wrong)}"] if wrong else [])
+        raise ValueError(f"pretrained={path!r} does not fit the backbone: " + "; ".join(problems))
+    backbone.load_state_dict({k: state[k] for k in own if k in state}, strict=False)
 
 
-def candidate_mask(index, anchor, valid):
+def candidate_mask(index, anchor, valid, num_items=None):
     """One candidate per distinct item: (K,) slots -> (K,) bool.
 
-    index: item row of each slot; anchor: bool, the slot is an anchor; valid: bool. Keeps every
-    anchor slot (each needs its own positive) and the first slot of each item no anchor uses.
+    index: item row of each slot (int64 in [0, num_items)); anchor: bool, the slot is an anchor;
+    valid: bool. Keeps every anchor slot (each needs its own positive) and the first slot of each
+    item no anchor uses. Give num_items to avoid reading index.max() back from the device.
     """
     k = index.numel()
     pos = torch.arange(k, device=index.device)
-    size = int(index.max()) + 1 if k else 1
+    size = num_items if num_items is not None else (int(index.max()) + 1 if k else 1)
     first = torch.full((size,), k, device=index.device).scatter_reduce(0, index, pos, "amin")
-    anchored = torch.zeros(size, dtype=torch.bool, device=index.device).index_fill(0, index[anchor], True)
+    anchored = torch.zeros(size, dtype=torch.long, device=index.device).scatter_reduce(
+        0, index, anchor.long(), "amax").bool()  # no boolean indexing: that reads the mask back
     return valid & (anchor | ((pos == first[index]) & ~anchored[index]))
 
 
@@ -168,8 +191,9 @@ class CourierModel(nn.Module):
         r = self.attention(self.queries(e, batch.pv_category), h, key_padding_mask=hist_pad)
         out = {}
         w = self.weights
+        rows = emb.shape[0]  # distinct items + the padding row: every index is below it
         if w["contrastive"]:
-            cand = candidate_mask(pv_idx.reshape(-1), clicked.reshape(-1), valid.reshape(-1))
+            cand = candidate_mask(pv_idx.reshape(-1), clicked.reshape(-1), valid.reshape(-1), rows)
             out["contrastive"] = self.infonce(r.reshape(-1, d), e.reshape(-1, d),
                                               anchor_weight=clicked.reshape(-1), candidate_mask=cand)
         if w["history"]:
@@ -177,12 +201,13 @@ class CourierModel(nn.Module):
             hvalid = ~hist_pad
             # a position is an anchor when it and at least one earlier position are valid
             anchor = hvalid & (torch.cumsum(hvalid.int(), 1) > 1)
-            cand = candidate_mask(hist_idx.reshape(-1), anchor.reshape(-1), hvalid.reshape(-1))
+            cand = candidate_mask(hist_idx.reshape(-1), anchor.reshape(-1), hvalid.reshape(-1), rows)
             out["history"] = self.infonce(rh.reshape(-1, d), h.reshape(-1, d),
                                           anchor_weight=anchor.reshape(-1), candidate_mask=cand)
         if w["ctr"]:
             logits = self.ctr_head(torch.cat([r, e], -1)).squeeze(-1).float()
-            out["ctr"] = (F.binary_cross_entropy_with_logits(logits[valid], clicks[valid])
-                          if bool(valid.any()) else logits.sum() * 0)
+            bce = F.binary_cross_entropy_with_logits(logits, clicks, reduction="none")
+            # mean over valid slots, 0 when there is none; no boolean indexing (a host sync)
+            out["ctr"] = (bce * valid).sum() / valid.sum().clamp(min=1)
         out["loss"] = sum(w[k] * v for k, v in out.items())
         return out

@@ -4,16 +4,26 @@
     summary = courier_fast.train(cfg)          # or: courier-fast train --data world --out runs/courier
 
 Writes into `out`: config.json, metrics.jsonl (one JSON line every `log_every` steps: losses,
-lr, images/s, the fraction of time spent waiting for data) and checkpoint.pt, replaced
-atomically every `checkpoint_every` steps and at the end. `resume=True` continues from
+lr, images/s, the fraction of time spent waiting for data), checkpoint.pt, replaced
+atomically every `checkpoint_every` steps and at the end, and encoder.safetensors (the encoder
+alone, at the end; see courier_fast.checkpoint). `resume=True` continues from
 checkpoint.pt to the same result as an uninterrupted run: the data order is a function of
 (seed, epoch), augmentation draws from a generator seeded by (seed, step), and model,
 optimiser and scaler states are restored. Launched by torchrun (WORLD_SIZE > 1) it joins the
 process group (NCCL on GPUs, gloo on CPU), shards the rows, wraps the model in DDP and uses
-every rank's items as negatives. AdamW with linear warm-up to `lr`, then constant.
+every rank's items as negatives. AdamW with linear warm-up to `lr`, then constant, cosine or
+linear decay to 0 at the last step (`lr_schedule`), optional gradient-norm clipping.
+
+A step reads nothing back from the device: losses are materialised and checked for NaN/Inf
+every `log_every` steps and before each checkpoint (a non-finite loss is reported with the step
+it first appeared at and nothing after it is saved), the ops' data checks are off while
+training (courier_fast.set_input_checks) and, across ranks, image counts are summed at those
+points too, except under a `max_images` budget, which every rank must see reached at the same
+step (one small all-reduce per step). fp16 AMP's GradScaler still reads its overflow flag.
 """
 import dataclasses
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -21,13 +31,17 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from courier_fast import _validate, dispatch
+from courier_fast.checkpoint import CHECKPOINT, ENCODER_FILE, load_checkpoint, save_checkpoint, save_encoder
 from courier_fast.data import SessionLoader, load_dataset
 from courier_fast.data.decode import ImageDecoder
 from courier_fast.data.format import atomic_path
 from courier_fast.methods import METHODS, build_method
 
-CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
+CONTRASTIVE_METHODS = ("courier", "simclr", "clip_titles")  # the ones with an InfoNCE loss
+LOSS_WEIGHTS = ("contrastive_weight", "history_weight", "ctr_weight")  # CourierModel's
+LR_SCHEDULES = ("constant", "cosine", "linear")
 
 
 @dataclass
@@ -39,8 +53,10 @@ class TrainConfig:
     embed_dim: int = 256
     num_heads: int = 4
     query: str = "learned"           # CourierModel's query mode: learned | target | target_image
-    pretrained: str = None           # local backbone weights
-    image_size: int = None           # resize (None = the stored size)
+    pretrained: str = None           # local backbone weights (all of the backbone's tensors)
+    image_size: int = 224            # resize the shorter side and centre-crop (0 or None: the stored size)
+    history_len: int = 5             # newest history clicks per row (the paper's 5)
+    pv_len: int = None               # page-view slots per row (None: the longest page in the data)
     batch_size: int = 64             # request rows per process and step
     steps: int = None                # optimiser steps (None: `epochs` passes over the pretrain rows)
     epochs: int = 1
@@ -48,6 +64,14 @@ class TrainConfig:
     lr: float = 1e-4
     weight_decay: float = 1e-6
     warmup_steps: int = 50
+    lr_schedule: str = "constant"    # after warm-up: constant | cosine | linear (decay to 0 at the last step)
+    grad_clip: float = None          # clip the global gradient norm to this (None: no clipping)
+    temperature: float = None        # InfoNCE temperature of courier / simclr / clip_titles (None: the method's)
+    contrastive_weight: float = None # courier's loss weights (None: CourierModel's, 1 each)
+    history_weight: float = None
+    ctr_weight: float = None
+    backend: str = "auto"            # contrastive loss / attention backend (courier_fast.backends())
+    ring: bool = False               # across ranks, pass negatives around a ring instead of all-gathering
     amp: str = "auto"                # auto (bf16 on a GPU, off on CPU) | bf16 | fp16 | off
     grad_checkpointing: bool = False
     freeze_backbone: bool = False
@@ -58,42 +82,105 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"             # auto | cpu | cuda
     decoder: str = "auto"            # ImageDecoder backend
+    on_error: str = "raise"          # a corrupt image: raise | skip (its slots become padding)
     progress: bool = True
     method_options: dict = field(default_factory=dict)  # e.g. {"temperature": 0.1}
 
     def validate(self):
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        for name in ("batch_size", "embed_dim", "num_heads", "epochs", "checkpoint_every", "log_every"):
+        for name in ("batch_size", "embed_dim", "num_heads", "epochs", "checkpoint_every", "log_every",
+                     "history_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("pv_len", "temperature", "grad_clip"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be None or > 0, got {value}")
+        for name in LOSS_WEIGHTS:
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                raise ValueError(f"{name} must be None or >= 0, got {value}")
+        self._only_for(("temperature", "backend", "ring"), CONTRASTIVE_METHODS)
+        self._only_for(LOSS_WEIGHTS, ("courier",))
+        choices = {"amp": ("auto", "bf16", "fp16", "off"), "device": ("auto", "cpu", "cuda"),
+                   "on_error": ("raise", "skip"), "lr_schedule": LR_SCHEDULES,
+                   "backend": ("auto",) + dispatch.BACKENDS}
+        for name, options in choices.items():
+            if getattr(self, name) not in options:
+                raise ValueError(f"{name} must be one of {', '.join(options)}; got {getattr(self, name)!r}")
         for name in ("steps", "max_images", "image_size"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
         if self.lr <= 0 or self.weight_decay < 0 or self.warmup_steps < 0:
             raise ValueError("lr must be > 0 and weight_decay, warmup_steps >= 0")
-        if self.amp not in ("auto", "bf16", "fp16", "off"):
-            raise ValueError(f"amp must be auto, bf16, fp16 or off, got {self.amp!r}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if not os.path.isdir(self.data):
             raise FileNotFoundError(f"data: {self.data} is not a directory")
 
+    def _only_for(self, names, methods):
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name in names:
+            if self.method not in methods and getattr(self, name) != defaults[name]:
+                raise ValueError(f"{name} applies to method {' / '.join(methods)}, not {self.method!r}")
+
     def method_kwargs(self):
-        """Arguments of build_method(): the encoder's, the model's and method_options."""
+        """Arguments of build_method(): the encoder's, the model's, the loss options (those left
+        at None take the method's defaults) and method_options."""
         kw = {"encoder": self.encoder, "embed_dim": self.embed_dim, "pretrained": self.pretrained,
               "grad_checkpointing": self.grad_checkpointing, "freeze_backbone": self.freeze_backbone,
               "channels_last": self.channels_last}
+        if self.method in CONTRASTIVE_METHODS:
+            kw["backend"] = self.backend
+            if self.temperature is not None:
+                kw["temperature"] = self.temperature
         if self.method == "courier":
-            kw.update(num_heads=self.num_heads, query=self.query)
+            kw.update(num_heads=self.num_heads, query=self.query, gather="ring" if self.ring else True)
+            kw.update({name: getattr(self, name) for name in LOSS_WEIGHTS if getattr(self, name) is not None})
+        elif self.method in CONTRASTIVE_METHODS:
+            kw["ring"] = self.ring
         kw.update(self.method_options)
         return kw
 
 
-def _atomic_save(obj, path):
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+def lr_at(cfg, step, total_steps):
+    """Learning rate of optimiser step `step` (0-based) of `total_steps`: linear warm-up to cfg.lr
+    over cfg.warmup_steps, then constant, or cosine / linear decay towards 0 at total_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    t = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    return cfg.lr * (0.5 * (1 + math.cos(math.pi * t)) if cfg.lr_schedule == "cosine" else 1 - t)
+
+
+class _ImageCounter:
+    """Encoder image passes over every rank: `seen` (exact after flush()) and the current logging
+    window's count. With world > 1 each rank's count is summed across ranks at flush() (logs,
+    checkpoints), or every step when `every_step` (a max_images budget must stop all ranks at once)."""
+
+    def __init__(self, seen, world, device, every_step):
+        self.seen, self.window, self._pending = seen, 0, 0
+        self.world, self.device, self.every_step = world, device, every_step
+
+    def add(self, n):
+        self._pending += n
+        if self.world == 1 or self.every_step:
+            self.flush()
+
+    def flush(self):
+        n, self._pending = self._pending, 0
+        if self.world > 1:
+            count = torch.tensor([n], device=self.device)
+            dist.all_reduce(count)
+            n = int(count)
+        self.seen += n
+        self.window += n
+
+    def take_window(self):
+        self.flush()
+        n, self.window = self.window, 0
+        return n
 
 
 def _atomic_write_text(text, path):
@@ -132,17 +219,13 @@ def _truncate_metrics(path, step):
     _atomic_write_text("".join(keep), path)
 
 
-def load_checkpoint(path):
-    """The dict train() saves: config, method, method_kwargs, step, model, optimizer, ..."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint: {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise ValueError(f"checkpoint: {path} is not a courier_fast checkpoint ({exc})") from exc
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "method" not in ckpt:
-        raise ValueError(f"checkpoint: {path} is not a courier_fast checkpoint (no model/method)")
-    return ckpt
+def make_loader(cfg, data, device, rank=0, world=1):
+    """The SessionLoader of `cfg` over data["pretrain"]; it decodes on `device` itself (cuda:k for
+    local rank k), not on the default GPU."""
+    decoder = ImageDecoder(backend=cfg.decoder, device=device, size=cfg.image_size or None, on_error=cfg.on_error)
+    return SessionLoader(data["items"], data["pretrain"], batch_size=cfg.batch_size, history_len=cfg.history_len,
+                         pv_len=cfg.pv_len, decoder=decoder, seed=cfg.seed, rank=rank, world_size=world,
+                         drop_last=world > 1)
 
 
 def train(config):
@@ -161,9 +244,7 @@ def train(config):
 
     data = load_dataset(cfg.data, tables=("pretrain",))
     items = data["items"]
-    decoder = ImageDecoder(backend=cfg.decoder, device=device.type, size=cfg.image_size)
-    loader = SessionLoader(items, data["pretrain"], batch_size=cfg.batch_size, decoder=decoder, seed=cfg.seed,
-                           rank=rank, world_size=world, drop_last=world > 1)
+    loader = make_loader(cfg, data, device, rank, world)
     per_epoch = len(loader)
     if per_epoch == 0:
         raise ValueError(f"data: {cfg.data}/pretrain.parquet has fewer rows than one batch per rank")
@@ -200,16 +281,35 @@ def train(config):
         model = torch.nn.parallel.DistributedDataParallel(
             method, device_ids=[device.index] if device.type == "cuda" else None)
 
+    images = _ImageCounter(images_seen, world, device, every_step=cfg.max_images is not None)
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
+
+    def check_finite():  # on every rank together, so that all of them stop
+        bad = first_bad
+        if world > 1:
+            never = torch.iinfo(torch.long).max
+            bad = torch.where(bad < 0, never, bad)
+            dist.all_reduce(bad, op=dist.ReduceOp.MIN)
+            bad = torch.where(bad == never, -1, bad)
+        bad = int(bad)
+        if bad >= 0:
+            raise FloatingPointError(f"loss became NaN or Inf at step {bad} (on some rank); "
+                                     f"last checkpoint: {ckpt_path}")
+
     def save(complete):
+        check_finite()
+        images.flush()
         if rank == 0:
-            _atomic_save({"method": cfg.method, "method_kwargs": cfg.method_kwargs(), "config": dataclasses.asdict(cfg),
-                          "step": step, "images_seen": images_seen, "complete": complete,
-                          "model": method.state_dict(), "optimizer": optimizer.state_dict(),
-                          "scaler": scaler.state_dict()}, ckpt_path)
+            save_checkpoint({"method": cfg.method, "method_kwargs": cfg.method_kwargs(), "config": dataclasses.asdict(cfg),
+                             "encoder": method.encoder.config, "step": step, "images_seen": images.seen,
+                             "complete": complete, "model": method.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scaler": scaler.state_dict()}, ckpt_path)
+            if complete:
+                save_encoder(method.encoder, os.path.join(cfg.out, ENCODER_FILE), cfg.image_size or None)
         if world > 1:
             dist.barrier()
 
-    done = lambda: step >= total_steps or (cfg.max_images is not None and images_seen >= cfg.max_images)  # noqa: E731
+    done = lambda: step >= total_steps or (cfg.max_images is not None and images.seen >= cfg.max_images)  # noqa: E731
     if cfg.method == "random_encoder":
         total_steps = step = 0
     bar = None
@@ -217,55 +317,58 @@ def train(config):
         from tqdm.auto import tqdm
         bar = tqdm(total=total_steps, initial=step, desc=f"train {cfg.method}", unit="step", dynamic_ncols=True)
     method.train()
-    window = {"start": time.perf_counter(), "wait": 0.0, "images": 0}
+    window = {"start": time.perf_counter(), "wait": 0.0}
     last = {}
-    while not done():
-        epoch, start_batch = divmod(step, per_epoch)
-        loader.set_epoch(epoch)
-        batches = loader.batches(start=start_batch)
+    with _validate.input_checks(False):  # each would read a tensor back every step
         while not done():
-            t0 = time.perf_counter()
-            batch = next(batches, None)
-            if batch is None:
-                break
-            batch = batch.to(device, non_blocking=True)
-            window["wait"] += time.perf_counter() - t0
-            lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                losses = model(batch, _step_generator(cfg.seed, step))
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(losses["loss"]).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            n_img = method.images_per_step(batch)
-            if world > 1:  # every rank must stop at the same step: count the global images
-                count = torch.tensor([n_img], device=device)
-                dist.all_reduce(count)
-                n_img = int(count)
-            images_seen += n_img
-            window["images"] += n_img
-            step += 1
-            last = {k: float(v.detach()) for k, v in losses.items()}
-            if not torch.isfinite(torch.tensor(last["loss"])):
-                raise FloatingPointError(f"loss became {last['loss']} at step {step}; last checkpoint: {ckpt_path}")
-            if step % cfg.log_every == 0 or done():
-                elapsed = time.perf_counter() - window["start"]
-                row = {"step": step, "epoch": epoch, **last, "lr": lr, "images_seen": images_seen,
-                       "images_per_s": window["images"] / elapsed, "data_wait_fraction": window["wait"] / elapsed}
-                if rank == 0:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(row) + "\n")
+            epoch, start_batch = divmod(step, per_epoch)
+            loader.set_epoch(epoch)
+            batches = loader.batches(start=start_batch)
+            while not done():
+                t0 = time.perf_counter()
+                batch = next(batches, None)
+                if batch is None:
+                    break
+                batch = batch.to(device, non_blocking=True)
+                window["wait"] += time.perf_counter() - t0
+                lr = lr_at(cfg, step, total_steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                    losses = model(batch, _step_generator(cfg.seed, step))
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(losses["loss"]).backward()
+                grad_norm = None
+                if cfg.grad_clip is not None:
+                    scaler.unscale_(optimizer)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                images.add(method.images_per_step(batch))
+                step += 1
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(losses["loss"].detach()), step, first_bad)
+                if step % cfg.log_every == 0 or done():
+                    check_finite()
+                    last = {k: float(v.detach()) for k, v in losses.items()}
+                    if grad_norm is not None:
+                        last["grad_norm"] = float(grad_norm)
+                    window_images = images.take_window()
+                    elapsed = time.perf_counter() - window["start"]
+                    row = {"step": step, "epoch": epoch, **last, "lr": lr, "images_seen": images.seen,
+                           "images_per_s": window_images / elapsed, "data_wait_fraction": window["wait"] / elapsed}
+                    if rank == 0:
+                        with open(metrics_path, "a") as f:
+                            f.write(json.dumps(row) + "\n")
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{row['images_per_s']:.0f}")
+                    window = {"start": time.perf_counter(), "wait": 0.0}
                 if bar is not None:
-                    bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{row['images_per_s']:.0f}")
-                window = {"start": time.perf_counter(), "wait": 0.0, "images": 0}
-            if bar is not None:
-                bar.update(1)
-            if step % cfg.checkpoint_every == 0 and not done():
-                save(complete=False)
-        batches.close()
+                    bar.update(1)
+                if step % cfg.checkpoint_every == 0 and not done():
+                    save(complete=False)
+            batches.close()
     if bar is not None:
         bar.close()
     save(complete=True)
+    images_seen = images.seen
     return {"step": step, "images_seen": images_seen, "checkpoint": ckpt_path, "last": last}

@@ -1,6 +1,6 @@
 // The chunked contrastive log-sum-exp, shared by every C++ backend.
 //
-// Anchors are processed in row chunks of c rows: one GEMM gives the (c, M) tile of scaled
+// Anchors are processed in row chunks of c rows (chunk_rows): one GEMM gives the (c, M) tile of scaled
 // cosine logits, a backend-specific epilogue (TileOps) reduces it, and the tile is dropped.
 // Memory stays O(c * M + (N + M) * d); the N x M matrix never exists. The backward recomputes
 // each tile from the saved LSEs, turns it into dL/dS in place, and applies two GEMMs.
@@ -59,9 +59,18 @@ inline at::Tensor mask_bias(const std::optional<at::Tensor>& mask, const at::Ten
   return at::zeros(m.sizes(), opts).masked_fill_(m.logical_not(), -kInf);
 }
 
-// Rows per tile: about target_elems logits per tile, at least 16 rows for the GEMM.
-inline int64_t chunk_rows(int64_t n, int64_t m, int64_t target_elems) {
-  int64_t c = std::max<int64_t>(16, target_elems / std::max<int64_t>(m, 1));
+// Rows per logits tile: about target_elems logits, but never fewer than min_rows rows (a GEMM
+// with a handful of rows wastes the machine) nor more than there are. Extra memory is
+// O(rows * M): at M = 2^20 candidates the CUDA policy's 256 rows are a 1 GB fp32 tile.
+struct TilePolicy {
+  int64_t target_elems;
+  int64_t min_rows;
+};
+constexpr TilePolicy kCpuTiles{int64_t{1} << 21, 16};     // 8 MB fp32: stays in cache
+constexpr TilePolicy kCudaTiles{int64_t{1} << 26, 256};   // 256 MB fp32 while M <= 2^18
+
+inline int64_t chunk_rows(int64_t n, int64_t m, TilePolicy policy) {
+  int64_t c = std::max<int64_t>(policy.min_rows, policy.target_elems / std::max<int64_t>(m, 1));
   return std::max<int64_t>(1, std::min(n, c));
 }
 
@@ -105,7 +114,7 @@ std::tuple<at::Tensor, at::Tensor> contrastive_lse_forward(
     col_max = at::full({m}, -kInf, opts);
     col_sum = at::zeros({m}, opts);
   }
-  const int64_t c = chunk_rows(n, m, TileOps::kTileElems);
+  const int64_t c = chunk_rows(n, m, TileOps::kTiles);
   at::Tensor tile = at::empty({c, m}, opts);  // reused: no allocation (or page faults) per tile
   for (int64_t r0 = 0; r0 < n; r0 += c) {
     const int64_t r1 = std::min(n, r0 + c);
@@ -150,7 +159,7 @@ std::tuple<at::Tensor, at::Tensor> contrastive_lse_backward(
   }
   at::Tensor gx_hat = at::empty({n, x.size(1)}, opts);
   at::Tensor gy_hat = at::zeros({m, y.size(1)}, opts);
-  const int64_t c = chunk_rows(n, m, TileOps::kTileElems);
+  const int64_t c = chunk_rows(n, m, TileOps::kTiles);
   at::Tensor tile = at::empty({c, m}, opts);
   for (int64_t r0 = 0; r0 < n; r0 += c) {
     const int64_t r1 = std::min(n, r0 + c);

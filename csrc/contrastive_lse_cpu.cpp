@@ -192,7 +192,7 @@ const T* ptr_or_null(const at::Tensor& t) {
 struct CpuTileOps {
   // 2^21 logits (8 MB fp32) per tile: amortises the GEMM's re-packing of y per tile; measured
   // best of 2^20..2^22 at N = 16384, d = 64 on the 2-core CI machine.
-  static constexpr int64_t kTileElems = int64_t{1} << 21;
+  static constexpr TilePolicy kTiles = kCpuTiles;
   static constexpr int64_t kColBlock = 512;
 
   static void row_lse(at::Tensor& s, const at::Tensor& y_bias, at::Tensor& out) {

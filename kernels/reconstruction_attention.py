@@ -1,14 +1,20 @@
 """Triton kernels for the reconstruction-attention core (after the Q/K/V projections).
 
-For every (request row b, head) program block: P targets attend over that row's L history
-items, masked by key_padding_mask (True = padding) and, when causal, by s < t. K/V are read
-once per row (never copied per target); softmax is online over L tiles, so long histories
-(L up to thousands) need no L x P buffer, and short ones (L <= 64) use one right-sized tile.
+For every (request row b, head) and block of targets: P targets attend over that row's L
+history items, masked by key_padding_mask (True = padding) and, when causal, by s < t. K/V
+are read in place (never copied per target); softmax is online over L tiles, so long
+histories need no L x P buffer, and short ones (L <= 16) use one right-sized tile.
   forward   _attn_fwd_kernel: O (B, P, h*dh) in the inputs' dtype, LSE (B, h, P) fp32.
   backward  FlashAttention-2 style, atomics-free: _attn_bwd_dkdv_kernel (programs over L
             tiles) and _attn_bwd_dq_kernel (programs over P tiles) recompute P from the LSE.
-A target with no valid key gets O = 0 (the caller adds the output bias) and LSE = -inf.
-q/k/v are (B, h, T, dh) views with any batch/head/row strides (last dim contiguous).
+Every tl.dot runs at the input precision with fp32 accumulation (P and dS are cast to the
+input dtype for the second GEMMs); fp32 inputs, and every dot under TRITON_INTERPRET=1, use
+IEEE fp32. A target with no valid key gets O = 0 (the caller adds the output bias) and
+LSE = -inf. q/k/v are (B, h, T, dh) views with any batch/head/row strides (dh contiguous).
+
+Launch limits: (b, head) pairs run on grid axis 0 (2^31 - 1 programs; axes 1 and 2 stop at
+65535), offsets are computed in int64, and tiles shrink as the head dim grows (blocks());
+head dims above MAX_HEAD_DIM are rejected.
 """
 import math
 import os
@@ -17,45 +23,71 @@ import torch
 import triton
 import triton.language as tl
 
+from courier_fast.kernels._launch import device_guard
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
+MAX_HEAD_DIM = 256
+TILE_BUDGET = 128 * 128  # (BLOCK_P + 2 BLOCK_L) * BLOCK_DH elements of q, k, v tiles per program
+NUM_STAGES = 2
+
+
+def num_warps(block_p, block_l):
+    """4 warps; 8 for 64 x 64 score tiles (4 spill registers in the sm_80 dK/dV kernel)."""
+    return 8 if block_p * block_l >= 64 * 64 else 4
+
+
+@triton.jit
+def _dot(a, b, DOT_FP32: tl.constexpr):
+    """a @ b, fp32 accumulation; a must already be in b's dtype unless DOT_FP32."""
+    if DOT_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _cast(a, like, DOT_FP32: tl.constexpr):
+    """a in like's dtype for a 16-bit MMA (kept fp32 when DOT_FP32)."""
+    if DOT_FP32:
+        return a
+    else:
+        return a.to(like.dtype)
 
 
 @triton.jit
 def _load_rows(PTR, b, hd, idx, ok, stride_b, stride_h, stride_t, dh_idx, dh_ok):
-    """(len(idx), BLOCK_DH) tile of rows idx of head hd in request row b; 0 outside."""
-    return tl.load(PTR + b * stride_b + hd * stride_h + idx[:, None] * stride_t + dh_idx[None, :],
+    """(len(idx), BLOCK_DH) tile of rows idx of head hd in request row b; 0 outside.
+    b and hd are int64, so no offset wraps past 2^31 elements."""
+    base = PTR + b * stride_b + hd * stride_h
+    return tl.load(base + idx.to(tl.int64)[:, None] * stride_t + dh_idx[None, :],
                    mask=ok[:, None] & dh_ok[None, :], other=0.0)
 
 
 @triton.jit
-def _scores(q, K, b, hd, cols, col_ok, rows, MASK, stride_kb, stride_kh, stride_kt, stride_mb,
-            L, sm_scale, dh_idx, dh_ok, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
-            DOT_FP32: tl.constexpr):
-    """Masked scaled scores (BLOCK_P, BLOCK_L) of q rows against key tile `cols`; -inf masked."""
-    k = _load_rows(K, b, hd, cols, col_ok, stride_kb, stride_kh, stride_kt, dh_idx, dh_ok)
-    if DOT_FP32:
-        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-    else:
-        s = tl.dot(q, tl.trans(k))
-    s = s * sm_scale
-    keep = col_ok[None, :] & (rows[:, None] >= 0)
-    if HAS_MASK:
-        pad = tl.load(MASK + b * stride_mb + cols, mask=col_ok, other=1)
-        keep = keep & (pad == 0)[None, :]
-    if CAUSAL:
-        keep = keep & (cols[None, :] < rows[:, None])
+def _scores(q, k, b, cols, col_ok, rows, MASK, stride_mb, sm_scale, causal, DOT_FP32: tl.constexpr):
+    """Masked scaled scores (BLOCK_P, BLOCK_L) of q rows against key tile k; -inf masked."""
+    s = _dot(q, tl.trans(k), DOT_FP32) * sm_scale
+    pad = tl.load(MASK + b * stride_mb + cols, mask=col_ok, other=1)
+    keep = (col_ok & (pad == 0))[None, :] & (rows[:, None] >= 0)
+    keep = keep & ((cols[None, :] < rows[:, None]) | (causal == 0))
     return tl.where(keep, s, float("-inf"))
 
 
 @triton.jit
-def _attn_fwd_kernel(Q, K, V, MASK, O, LSE, H, P, L, DH, sm_scale,
+def _program_ids(H):
+    """(b, head, (b, head) index) of this program, as int64."""
+    pid_bh = tl.program_id(0).to(tl.int64)
+    return pid_bh // H, pid_bh % H, pid_bh
+
+
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, MASK, O, LSE, H, P, L, DH, sm_scale, causal,
                      stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                      stride_vb, stride_vh, stride_vt, stride_mb, stride_ob, stride_oh, stride_ot,
-                     HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr,
-                     BLOCK_P: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_DH: tl.constexpr):
-    pid_p, pid_bh = tl.program_id(0), tl.program_id(1)
-    b, hd = pid_bh // H, pid_bh % H
-    rows = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+                     DOT_FP32: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_L: tl.constexpr,
+                     BLOCK_DH: tl.constexpr):
+    b, hd, pid_bh = _program_ids(H)
+    rows = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     row_ok = rows < P
     dh_idx = tl.arange(0, BLOCK_DH)
     dh_ok = dh_idx < DH
@@ -66,52 +98,39 @@ def _attn_fwd_kernel(Q, K, V, MASK, O, LSE, H, P, L, DH, sm_scale,
     for c0 in range(0, L, BLOCK_L):
         cols = c0 + tl.arange(0, BLOCK_L)
         col_ok = cols < L
-        s = _scores(q, K, b, hd, cols, col_ok, rows, MASK, stride_kb, stride_kh, stride_kt,
-                    stride_mb, L, sm_scale, dh_idx, dh_ok, HAS_MASK, CAUSAL, DOT_FP32)
+        k = _load_rows(K, b, hd, cols, col_ok, stride_kb, stride_kh, stride_kt, dh_idx, dh_ok)
+        s = _scores(q, k, b, cols, col_ok, rows, MASK, stride_mb, sm_scale, causal, DOT_FP32)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp(s - shift[:, None])
         alpha = tl.exp(m_i - shift)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = _load_rows(V, b, hd, cols, col_ok, stride_vb, stride_vh, stride_vt, dh_idx, dh_ok)
-        if DOT_FP32:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + _dot(_cast(p, v, DOT_FP32), v, DOT_FP32)
         m_i = m_new
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    tl.store(O + b * stride_ob + hd * stride_oh + rows[:, None] * stride_ot + dh_idx[None, :],
-             out.to(O.dtype.element_ty), mask=row_ok[:, None] & dh_ok[None, :])
+    o_ptr = O + b * stride_ob + hd * stride_oh + rows.to(tl.int64)[:, None] * stride_ot + dh_idx[None, :]
+    tl.store(o_ptr, out.to(O.dtype.element_ty), mask=row_ok[:, None] & dh_ok[None, :])
     lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
     tl.store(LSE + pid_bh * P + rows, lse, mask=row_ok)
 
 
 @triton.jit
-def _probs(q, K, b, hd, cols, col_ok, rows, MASK, stride_kb, stride_kh, stride_kt, stride_mb, L,
-           sm_scale, dh_idx, dh_ok, lse, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
-           DOT_FP32: tl.constexpr):
-    """Softmax probabilities recomputed from the saved LSE (lse = +inf for empty rows -> 0)."""
-    s = _scores(q, K, b, hd, cols, col_ok, rows, MASK, stride_kb, stride_kh, stride_kt, stride_mb,
-                L, sm_scale, dh_idx, dh_ok, HAS_MASK, CAUSAL, DOT_FP32)
-    return tl.exp(s - lse[:, None])
-
-
-@triton.jit
-def _attn_bwd_dkdv_kernel(Q, K, V, MASK, DO, LSE, DELTA, DK, DV, H, P, L, DH, sm_scale,
+def _attn_bwd_dkdv_kernel(Q, K, V, MASK, DO, LSE, DELTA, DK, DV, H, P, L, DH, sm_scale, causal,
                           stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                           stride_vb, stride_vh, stride_vt, stride_mb, stride_ob, stride_oh,
-                          stride_ot, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
-                          DOT_FP32: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_L: tl.constexpr,
-                          BLOCK_DH: tl.constexpr):
-    """dV = P^T dO, dK = sm_scale * dS^T Q for one tile of keys, looping over all targets."""
-    pid_l, pid_bh = tl.program_id(0), tl.program_id(1)
-    b, hd = pid_bh // H, pid_bh % H
-    cols = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+                          stride_ot, DOT_FP32: tl.constexpr, BLOCK_P: tl.constexpr,
+                          BLOCK_L: tl.constexpr, BLOCK_DH: tl.constexpr):
+    """dV = P^T dO, dK = sm_scale * dS^T Q for one tile of keys, looping over all targets.
+    LSE arrives with -inf replaced by +inf (a target without keys: P = 0)."""
+    b, hd, pid_bh = _program_ids(H)
+    cols = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
     col_ok = cols < L
     dh_idx = tl.arange(0, BLOCK_DH)
     dh_ok = dh_idx < DH
-    v = _load_rows(V, b, hd, cols, col_ok, stride_vb, stride_vh, stride_vt, dh_idx, dh_ok).to(tl.float32)
+    k = _load_rows(K, b, hd, cols, col_ok, stride_kb, stride_kh, stride_kt, dh_idx, dh_ok)
+    v = _load_rows(V, b, hd, cols, col_ok, stride_vb, stride_vh, stride_vt, dh_idx, dh_ok)
     dk = tl.zeros([BLOCK_L, BLOCK_DH], dtype=tl.float32)
     dv = tl.zeros([BLOCK_L, BLOCK_DH], dtype=tl.float32)
     for r0 in range(0, P, BLOCK_P):
@@ -119,65 +138,83 @@ def _attn_bwd_dkdv_kernel(Q, K, V, MASK, DO, LSE, DELTA, DK, DV, H, P, L, DH, sm
         row_ok = rows < P
         q = _load_rows(Q, b, hd, rows, row_ok, stride_qb, stride_qh, stride_qt, dh_idx, dh_ok)
         lse = tl.load(LSE + pid_bh * P + rows, mask=row_ok, other=float("inf"))
-        p = _probs(q, K, b, hd, cols, col_ok, rows, MASK, stride_kb, stride_kh, stride_kt,
-                   stride_mb, L, sm_scale, dh_idx, dh_ok, lse, HAS_MASK, CAUSAL, DOT_FP32)
-        do = _load_rows(DO, b, hd, rows, row_ok, stride_ob, stride_oh, stride_ot, dh_idx, dh_ok).to(tl.float32)
-        dv += tl.dot(tl.trans(p), do, input_precision="ieee" if DOT_FP32 else "tf32")
-        dp = tl.dot(do, tl.trans(v), input_precision="ieee" if DOT_FP32 else "tf32")
+        p = tl.exp(_scores(q, k, b, cols, col_ok, rows, MASK, stride_mb, sm_scale, causal, DOT_FP32)
+                   - lse[:, None])
+        do = _load_rows(DO, b, hd, rows, row_ok, stride_ob, stride_oh, stride_ot, dh_idx, dh_ok)
+        dv += _dot(_cast(tl.trans(p), do, DOT_FP32), do, DOT_FP32)
+        dp = _dot(do, tl.trans(v), DOT_FP32)
         delta = tl.load(DELTA + pid_bh * P + rows, mask=row_ok, other=0.0)
         ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds), q.to(tl.float32), input_precision="ieee" if DOT_FP32 else "tf32")
-    base = pid_bh * L * DH + cols[:, None] * DH + dh_idx[None, :]
+        dk += _dot(_cast(tl.trans(ds), q, DOT_FP32), q, DOT_FP32)
+    base = pid_bh * L * DH + cols.to(tl.int64)[:, None] * DH + dh_idx[None, :]
     tl.store(DK + base, dk * sm_scale, mask=col_ok[:, None] & dh_ok[None, :])
     tl.store(DV + base, dv, mask=col_ok[:, None] & dh_ok[None, :])
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(Q, K, V, MASK, DO, LSE, DELTA, DQ, H, P, L, DH, sm_scale,
+def _attn_bwd_dq_kernel(Q, K, V, MASK, DO, LSE, DELTA, DQ, H, P, L, DH, sm_scale, causal,
                         stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                         stride_vb, stride_vh, stride_vt, stride_mb, stride_ob, stride_oh,
-                        stride_ot, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
-                        DOT_FP32: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_L: tl.constexpr,
-                        BLOCK_DH: tl.constexpr):
+                        stride_ot, DOT_FP32: tl.constexpr, BLOCK_P: tl.constexpr,
+                        BLOCK_L: tl.constexpr, BLOCK_DH: tl.constexpr):
     """dQ = sm_scale * dS K for one tile of targets, looping over all keys."""
-    pid_p, pid_bh = tl.program_id(0), tl.program_id(1)
-    b, hd = pid_bh // H, pid_bh % H
-    rows = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    b, hd, pid_bh = _program_ids(H)
+    rows = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     row_ok = rows < P
     dh_idx = tl.arange(0, BLOCK_DH)
     dh_ok = dh_idx < DH
     q = _load_rows(Q, b, hd, rows, row_ok, stride_qb, stride_qh, stride_qt, dh_idx, dh_ok)
-    do = _load_rows(DO, b, hd, rows, row_ok, stride_ob, stride_oh, stride_ot, dh_idx, dh_ok).to(tl.float32)
+    do = _load_rows(DO, b, hd, rows, row_ok, stride_ob, stride_oh, stride_ot, dh_idx, dh_ok)
     lse = tl.load(LSE + pid_bh * P + rows, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + pid_bh * P + rows, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_P, BLOCK_DH], dtype=tl.float32)
     for c0 in range(0, L, BLOCK_L):
         cols = c0 + tl.arange(0, BLOCK_L)
         col_ok = cols < L
-        p = _probs(q, K, b, hd, cols, col_ok, rows, MASK, stride_kb, stride_kh, stride_kt,
-                   stride_mb, L, sm_scale, dh_idx, dh_ok, lse, HAS_MASK, CAUSAL, DOT_FP32)
-        v = _load_rows(V, b, hd, cols, col_ok, stride_vb, stride_vh, stride_vt, dh_idx, dh_ok).to(tl.float32)
-        k = _load_rows(K, b, hd, cols, col_ok, stride_kb, stride_kh, stride_kt, dh_idx, dh_ok).to(tl.float32)
-        dp = tl.dot(do, tl.trans(v), input_precision="ieee" if DOT_FP32 else "tf32")
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds, k, input_precision="ieee" if DOT_FP32 else "tf32")
-    base = pid_bh * P * DH + rows[:, None] * DH + dh_idx[None, :]
+        k = _load_rows(K, b, hd, cols, col_ok, stride_kb, stride_kh, stride_kt, dh_idx, dh_ok)
+        p = tl.exp(_scores(q, k, b, cols, col_ok, rows, MASK, stride_mb, sm_scale, causal, DOT_FP32)
+                   - lse[:, None])
+        v = _load_rows(V, b, hd, cols, col_ok, stride_vb, stride_vh, stride_vt, dh_idx, dh_ok)
+        ds = p * (_dot(do, tl.trans(v), DOT_FP32) - delta[:, None])
+        dq += _dot(_cast(ds, k, DOT_FP32), k, DOT_FP32)
+    base = pid_bh * P * DH + rows.to(tl.int64)[:, None] * DH + dh_idx[None, :]
     tl.store(DQ + base, dq * sm_scale, mask=row_ok[:, None] & dh_ok[None, :])
 
 
 # ----------------------------------------------------------------------------- host side
-def _blocks(p, length, dh):
-    cap = 16 if INTERPRET else 64
-    block_p = max(16, min(cap, triton.next_power_of_2(max(p, 1))))
-    block_l = max(16, min(cap if INTERPRET else 128, triton.next_power_of_2(max(length, 1))))
-    return block_p, block_l, max(16, triton.next_power_of_2(dh))
+def _tile(n, options):
+    """The smallest option >= n (the largest when none is)."""
+    return next((o for o in options if o >= n), options[-1])
 
 
-def _mask_arg(mask, like):
-    if mask is None:
-        return like.new_empty(0, dtype=torch.uint8), 0, False
-    m = mask.to(torch.uint8).contiguous()
-    return m, m.stride(0), True
+def block_options(block_dh):
+    """(BLOCK_P options, BLOCK_L options) the host may launch on a GPU for a padded head dim:
+    tiles shrink as the head dim grows so that (BLOCK_P + 2 BLOCK_L) * BLOCK_DH <= TILE_BUDGET.
+    (The interpreter always uses 16 x 16 tiles, for speed.)"""
+    if block_dh <= 32:
+        return (16, 64), (16, 64, 128)
+    return {64: ((16, 64), (16, 64)), 128: ((16, 64), (16, 32)), 256: ((16, 32), (16,))}[block_dh]
+
+
+def blocks(p, length, dh):
+    """(BLOCK_P, BLOCK_L, BLOCK_DH) for P targets, L history items, head dim dh."""
+    if dh > MAX_HEAD_DIM:
+        raise ValueError(f"the triton attention core supports head dim <= {MAX_HEAD_DIM} "
+                         f"(embed_dim / num_heads), got {dh}")
+    block_dh = max(16, triton.next_power_of_2(dh))
+    p_opts, l_opts = ((16,), (16,)) if INTERPRET else block_options(block_dh)
+    return _tile(p, p_opts), _tile(length, l_opts), block_dh
+
+
+def supports(targets, num_heads, **_):
+    """Whether this backend handles the call (used by backend='auto')."""
+    return targets.shape[-1] // num_heads <= MAX_HEAD_DIM
+
+
+def _mask_arg(mask, b, length, device):
+    """(B, L) uint8, 1 = padding (all 0 without a mask), and its row stride."""
+    m = torch.zeros(b, length, dtype=torch.uint8, device=device) if mask is None else mask.to(torch.uint8).contiguous()
+    return m, m.stride(0)
 
 
 def _strides(t):
@@ -189,24 +226,35 @@ def _compute(t):
     return t.float() if t.dtype == torch.float64 else t
 
 
+def _dot_fp32(dtype):
+    return INTERPRET or dtype == torch.float32
+
+
+def grid(b, h, tiles):
+    """(b * h, tiles): the many (row, head) pairs on axis 0, whose limit is 2^31 - 1."""
+    if tiles > 65535:
+        raise ValueError(f"too many target or history tiles per row ({tiles} > 65535)")
+    return (b * h, tiles)
+
+
 def attention_forward(q, k, v, key_padding_mask, causal, sm_scale):
     """q (B, h, P, dh), k/v (B, h, L, dh) -> O (B, P, h*dh) in q's dtype, LSE (B, h, P) fp32."""
     out_dtype = q.dtype
     q, k, v = _compute(q), _compute(k), _compute(v)
     b, h, p, dh = q.shape
     length = k.shape[2]
+    block_p, block_l, block_dh = blocks(p, length, dh)
     o = torch.empty(b, p, h, dh, device=q.device, dtype=q.dtype)
     o_view = o.transpose(1, 2)  # (B, h, P, dh) view of the (B, P, h, dh) buffer
     lse = torch.empty(b, h, p, device=q.device, dtype=torch.float32)
-    block_p, block_l, block_dh = _blocks(p, length, dh)
-    mask, stride_mb, has_mask = _mask_arg(key_padding_mask, q)
-    grid = (triton.cdiv(p, block_p), b * h)
+    mask, stride_mb = _mask_arg(key_padding_mask, b, length, q.device)
     if p > 0 and b * h > 0:
-        _attn_fwd_kernel[grid](q, k, v, mask, o_view, lse, h, p, length, dh, float(sm_scale),
-                               *_strides(q), *_strides(k), *_strides(v), stride_mb, *_strides(o_view),
-                               HAS_MASK=has_mask, CAUSAL=causal,
-                               DOT_FP32=INTERPRET or q.dtype == torch.float32,
-                               BLOCK_P=block_p, BLOCK_L=block_l, BLOCK_DH=block_dh)
+        with device_guard(q):
+            _attn_fwd_kernel[grid(b, h, triton.cdiv(p, block_p))](
+                q, k, v, mask, o_view, lse, h, p, length, dh, float(sm_scale), int(causal),
+                *_strides(q), *_strides(k), *_strides(v), stride_mb, *_strides(o_view),
+                DOT_FP32=_dot_fp32(q.dtype), BLOCK_P=block_p, BLOCK_L=block_l, BLOCK_DH=block_dh,
+                num_warps=num_warps(block_p, block_l), num_stages=NUM_STAGES)
     return o.reshape(b, p, h * dh).to(out_dtype), lse
 
 
@@ -216,22 +264,24 @@ def attention_backward(grad_o, q, k, v, o, lse, key_padding_mask, causal, sm_sca
     q, k, v = _compute(q), _compute(k), _compute(v)
     b, h, p, dh = q.shape
     length = k.shape[2]
+    block_p, block_l, block_dh = blocks(p, length, dh)
     do = grad_o.to(q.dtype).reshape(b, p, h, dh).transpose(1, 2)
     delta = (do.float() * o.float().reshape(b, p, h, dh).transpose(1, 2)).sum(-1).contiguous()
     lse_safe = torch.where(torch.isinf(lse), torch.full_like(lse, float("inf")), lse).contiguous()
     dq = torch.zeros(b, h, p, dh, device=q.device, dtype=torch.float32)
     dk = torch.zeros(b, h, length, dh, device=q.device, dtype=torch.float32)
     dv = torch.zeros_like(dk)
-    block_p, block_l, block_dh = _blocks(p, length, dh)
-    mask, stride_mb, has_mask = _mask_arg(key_padding_mask, q)
-    common = dict(HAS_MASK=has_mask, CAUSAL=causal, DOT_FP32=INTERPRET or q.dtype == torch.float32,
-                  BLOCK_P=block_p, BLOCK_L=block_l, BLOCK_DH=block_dh)
-    args = (*_strides(q), *_strides(k), *_strides(v), stride_mb, *_strides(do))
+    mask, stride_mb = _mask_arg(key_padding_mask, b, length, q.device)
+    common = dict(DOT_FP32=_dot_fp32(q.dtype), BLOCK_P=block_p, BLOCK_L=block_l, BLOCK_DH=block_dh,
+                  num_warps=num_warps(block_p, block_l), num_stages=NUM_STAGES)
+    args = (h, p, length, dh, float(sm_scale), int(causal),
+            *_strides(q), *_strides(k), *_strides(v), stride_mb, *_strides(do))
     if p > 0 and length > 0 and b * h > 0:
-        _attn_bwd_dkdv_kernel[(triton.cdiv(length, block_l), b * h)](
-            q, k, v, mask, do, lse_safe, delta, dk, dv, h, p, length, dh, float(sm_scale), *args, **common)
-        _attn_bwd_dq_kernel[(triton.cdiv(p, block_p), b * h)](
-            q, k, v, mask, do, lse_safe, delta, dq, h, p, length, dh, float(sm_scale), *args, **common)
+        with device_guard(q):
+            _attn_bwd_dkdv_kernel[grid(b, h, triton.cdiv(length, block_l))](
+                q, k, v, mask, do, lse_safe, delta, dk, dv, *args, **common)
+            _attn_bwd_dq_kernel[grid(b, h, triton.cdiv(p, block_p))](
+                q, k, v, mask, do, lse_safe, delta, dq, *args, **common)
     return dq.to(dtypes[0]), dk.to(dtypes[1]), dv.to(dtypes[2])
 
 

@@ -1,7 +1,17 @@
 """Shared test helpers: which backends run here, fresh random inputs, tolerances, and the tiny
-generated world (+ a one-thread fixture) of the model / train / embed / CLI tests."""
-import os
+generated world (+ a one-thread fixture) of the model / train / embed / CLI tests.
 
+Seeds: every run draws one base seed (or reads COURIER_TEST_SEED), prints it in the header and
+with every failure; each test's seed is a hash of it and the test's id, and torch, numpy and
+random are seeded with it before the test (the `seed` fixture returns it, `gen` is a torch
+Generator seeded with it). COURIER_TEST_SEED=<printed seed> reruns with the same inputs.
+"""
+import os
+import random
+import secrets
+import zlib
+
+import numpy as np
 import pytest
 import torch
 
@@ -10,6 +20,36 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from courier_fast import dispatch  # noqa: E402
+
+
+BASE_SEED = int(os.environ.get("COURIER_TEST_SEED") or secrets.randbelow(2**31))
+
+
+def seed_of(nodeid):
+    """The seed of the test with this id under BASE_SEED."""
+    return zlib.crc32(f"{BASE_SEED}:{nodeid}".encode()) & 0x7FFFFFFF
+
+
+def pytest_report_header(config):
+    return f"courier_fast tests: COURIER_TEST_SEED={BASE_SEED} (set it to rerun with the same random inputs)"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    if report.failed:
+        report.sections.append(("courier_fast seed", f"COURIER_TEST_SEED={BASE_SEED} reproduces this test "
+                                                      f"(its own seed: {seed_of(item.nodeid)})"))
+
+
+@pytest.fixture(autouse=True)
+def seed(request):
+    """This test's seed; torch, numpy and random are seeded with it before the test runs."""
+    s = seed_of(request.node.nodeid)
+    torch.manual_seed(s)
+    np.random.seed(s)
+    random.seed(s)
+    return s
 
 
 @pytest.fixture(scope="session")
@@ -56,11 +96,9 @@ def backend_params(op):
 
 
 @pytest.fixture
-def gen():
-    """A fresh, differently seeded generator per test (g.initial_seed() reproduces a failure)."""
-    seed = int(torch.randint(0, 2**31 - 1, ()).item())
-    g = torch.Generator().manual_seed(seed)
-    return g
+def gen(seed):
+    """A torch Generator seeded with the test's seed (a different stream per test)."""
+    return torch.Generator().manual_seed(seed)
 
 
 def randn(gen, *shape, dtype=torch.float32, device="cpu", requires_grad=False):

@@ -15,7 +15,7 @@ from courier_fast.data.format import SESSION_SCHEMA
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TRAIN = ["--encoder", "test_efficientnet", "--embed-dim", "32", "--batch-size", "8", "--no-progress"]
+TRAIN = ["--encoder", "test_efficientnet", "--embed-dim", "32", "--batch-size", "8", "--image-size", "0", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
@@ -164,3 +164,23 @@ def test_module_eval_subprocess(world):
                           text=True, timeout=300, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr
     assert "auc" in done.stdout and "gauc" in done.stdout and "logloss" in done.stdout
+
+
+def test_train_options_reach_the_config(world, tmp_path):
+    out = tmp_path / "r"
+    opts = ["--history-len", "3", "--pv-len", "4", "--temperature", "0.2", "--contrastive-weight", "0.5",
+            "--history-weight", "0", "--ctr-weight", "2", "--backend", "reference", "--ring", "--on-error", "skip",
+            "--lr-schedule", "cosine", "--grad-clip", "1.5"]
+    assert main(["train", "--data", world, "--out", str(out), "--steps", "1", *TRAIN, *opts]) == 0
+    with open(out / "config.json") as f:
+        cfg = json.load(f)
+    assert {k: cfg[k] for k in ("history_len", "pv_len", "temperature", "contrastive_weight", "history_weight",
+                                "ctr_weight", "backend", "ring", "on_error", "lr_schedule", "grad_clip")} == {
+        "history_len": 3, "pv_len": 4, "temperature": 0.2, "contrastive_weight": 0.5, "history_weight": 0.0,
+        "ctr_weight": 2.0, "backend": "reference", "ring": True, "on_error": "skip", "lr_schedule": "cosine",
+        "grad_clip": 1.5}
+
+
+def test_train_bad_option_names_it(capsys, world, tmp_path):
+    _fails(capsys, ["train", "--data", world, "--out", str(tmp_path / "r"), *TRAIN, "--temperature", "0"],
+           "temperature")

@@ -84,7 +84,8 @@ def test_mixed_sizes_without_resize_is_an_error(gen):
 @pytest.mark.parametrize("kwargs,msg", [({"backend": "opencv"}, "backend must be"),
                                         ({"size": 0}, "size must be"),
                                         ({"on_error": "ignore"}, "on_error must be"),
-                                        ({"device": "tpu"}, "device")])
+                                        ({"device": "tpu"}, "device"),
+                                        ({"max_batch": 0}, "max_batch")])
 def test_bad_arguments(kwargs, msg):
     with pytest.raises((ValueError, RuntimeError), match=msg):
         ImageDecoder(**kwargs)
@@ -97,3 +98,38 @@ def test_empty_batch_is_an_error():
 
 def test_auto_prefers_dali_when_installed():
     assert ImageDecoder().backend == ("dali" if dali_available() else "pil")
+
+
+@pytest.mark.skipif(not dali_available(), reason="nvidia-dali is not installed")
+def test_dali_keeps_one_pipeline_for_any_batch_size(gen, monkeypatch):
+    """Batches longer than max_batch are split, not given a pipeline of their own each."""
+    from nvidia.dali import Pipeline
+    builds = []
+    build = Pipeline.build
+    monkeypatch.setattr(Pipeline, "build", lambda self: builds.append(self) or build(self))
+    pool = [_jpeg(gen, 24 + 8 * (i % 3), 24, smooth=True) for i in range(11)]
+    dec = ImageDecoder(backend="dali", size=16, max_batch=4)
+    for n in (3, 9, 5, 1, 11, 4):
+        images = pool[:n]
+        out = dec(images)
+        assert out.shape == (n, 3, 16, 16)
+        ref = ImageDecoder(backend="pil", size=16)(images).float()
+        assert (out.float() - ref).abs().mean() < 3  # same images, same order across chunks
+    assert len({id(p) for p in builds}) == 1  # build() is re-entered per run; one pipeline object
+
+
+@pytest.mark.skipif(not dali_available(), reason="nvidia-dali is not installed")
+def test_dali_drops_a_pipeline_that_raised(gen):
+    good = [_jpeg(gen, 32, 32) for _ in range(2)]
+    dec = ImageDecoder(backend="dali", on_error="skip", max_batch=2)
+    dec(good)
+    first = dec._pipe
+    assert dec([good[0], b"garbage", good[1]]).shape[0] == 2
+    assert dec._pipe is not first  # the failed one was released, a fresh one decoded the rest
+
+
+def test_cuda_without_index_is_pinned_to_the_current_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert ImageDecoder(backend="pil", device="cuda").device == torch.device("cuda", 1)
+    assert ImageDecoder(backend="pil", device="cuda:2").device == torch.device("cuda", 2)

@@ -12,8 +12,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
-def rng():
-    return np.random.default_rng()
+def rng(seed):
+    return np.random.default_rng(seed)
 
 
 def _random_embeddings(rng, n=20, d=6, clusters=None):
@@ -129,7 +129,7 @@ def test_simscore_equals_cosine_loop(rng):
 def checkpoint(world, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("run"))
     return train(TrainConfig(data=world, out=out, encoder="test_efficientnet", embed_dim=32, batch_size=8,
-                             steps=2, progress=False))["checkpoint"]
+                             steps=2, image_size=0, progress=False))["checkpoint"]
 
 
 @pytest.mark.parametrize("suffix,clusters", [(".safetensors", 5), (".parquet", 0)])

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from courier_fast.data import DecodeError, ImageDecoder
+from courier_fast.data import DecodeError, ImageDecoder, dali_available
 from courier_fast.data.format import ITEM_SCHEMA, SESSION_SCHEMA
 from courier_fast.data.loader import SessionLoader
 
@@ -122,3 +122,53 @@ def test_bad_arguments(world):
         SessionLoader(items, sessions, batch_size=2, rank=3, world_size=3)
     with pytest.raises(ValueError, match="batch_size"):
         SessionLoader(items, sessions, batch_size=0)
+
+
+@pytest.mark.parametrize("backend", ["pil"] + (["dali"] if dali_available() else []))
+def test_skipped_image_becomes_padding_in_every_row(world, backend):
+    """on_error="skip" inside multi-row batches: the bad item's slots are padding and every
+    other slot still shows its own image (indices into `images` stay aligned)."""
+    items, sessions = world
+    bad_id = 105
+    images = items["image"].to_pylist()
+    images[bad_id - 100] = images[bad_id - 100][:40]  # a truncated JPEG
+    broken = items.set_column(1, "image", pa.array(images, pa.binary()))
+    pixel = {int(i): ImageDecoder(backend="pil")([img])[0]
+             for i, img in zip(items["item_id"].to_pylist(), items["image"].to_pylist()) if i != bad_id}
+    dec = ImageDecoder(backend=backend, on_error="skip")
+    loader = SessionLoader(broken, sessions, batch_size=8, decoder=dec, shuffle=False, prefetch=0)
+    rows_with_bad = batches_with_bad = 0
+    for start, batch in zip(range(0, sessions.num_rows, 8), loader):
+        rows = sessions.slice(start, 8).to_pylist()
+        hits = [bad_id in r["history"][-5:] + r["pv_items"] for r in rows]
+        rows_with_bad += sum(hits)
+        batches_with_bad += any(hits)
+        assert bad_id not in batch.image_ids.tolist() and batch.images.shape[0] == len(batch.image_ids)
+        for ids, pad, gathered in ((batch.history_ids, batch.history_pad, batch.history),
+                                   (batch.pv_ids, batch.pv_pad, batch.pv)):
+            assert torch.equal(pad, ids < 0)
+            for k, j in zip(*torch.nonzero(~pad, as_tuple=True)):
+                assert (gathered[k, j].int() - pixel[int(ids[k, j])].int()).abs().max() <= 3
+            assert gathered[pad].abs().sum() == 0
+        assert batch.clicks[batch.pv_pad].abs().sum() == 0
+        for k, r in enumerate(rows):  # the other slots keep their place
+            assert batch.pv_ids[k, :len(r["pv_items"])].tolist() == [i if i != bad_id else -1 for i in r["pv_items"]]
+    assert rows_with_bad > 1 and dec.skipped == batches_with_bad > 0  # it sat in several rows
+
+
+def test_prefetch_thread_decodes_on_the_decoders_gpu(world, monkeypatch):
+    """The prefetch thread makes the decoder's device current (a new thread starts on GPU 0)."""
+    import threading
+    items, sessions = world
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append((threading.current_thread().name, d)))
+    pil = ImageDecoder(backend="pil")
+
+    class OnGpu1:  # a decoder made with device="cuda:1" (it decodes on the CPU here)
+        device = torch.device("cuda", 1)
+
+        def __call__(self, images, item_ids=None):
+            return pil(images, item_ids)
+
+    list(SessionLoader(items, sessions, batch_size=8, decoder=OnGpu1(), prefetch=2))
+    assert calls == [("courier-fast-prefetch", torch.device("cuda", 1))]

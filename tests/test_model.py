@@ -21,11 +21,11 @@ def world(world):
 
 
 @pytest.fixture
-def batch(world):
+def batch(world, seed):
     """8 random request rows (a fresh draw per test; at least one click and one history anchor)."""
     loader = SessionLoader(world["items"], world["pretrain"], batch_size=8, prefetch=0,
                            decoder=ImageDecoder(backend="pil"))
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(seed)
     while True:
         b = loader.make_batch(rng.choice(loader.num_rows, 8, replace=False))
         if b.clicks.sum() > 0 and ((~b.history_pad).sum(1) > 1).any():

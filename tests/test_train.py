@@ -17,7 +17,8 @@ from courier_fast.train import TrainConfig, load_checkpoint, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SMALL = {"encoder": "test_efficientnet", "embed_dim": 32, "num_heads": 4, "batch_size": 8, "progress": False}
+SMALL = {"encoder": "test_efficientnet", "embed_dim": 32, "num_heads": 4, "batch_size": 8, "progress": False,
+         "image_size": 0}  # the world's 16 px
 TIMING = ("images_per_s", "data_wait_fraction")
 
 
@@ -84,7 +85,7 @@ def test_resume_equals_uninterrupted_in_process(world, reference_run, tmp_path, 
 
 def _cli(world, out, *extra):
     return [sys.executable, "-m", "courier_fast", "train", "--data", world, "--out", out, "--encoder",
-            "test_efficientnet", "--embed-dim", "32", "--batch-size", "8", "--steps", "12", "--checkpoint-every", "4",
+            "test_efficientnet", "--embed-dim", "32", "--batch-size", "8", "--steps", "12", "--checkpoint-every", "4", "--image-size", "0",
             "--lr", "1e-3", "--log-every", "2", "--no-progress", *extra]
 
 
@@ -181,6 +182,9 @@ def test_baseline_trains_with_bf16_autocast(world, tmp_path):
     ("batch_size", 0, ValueError), ("embed_dim", -1, ValueError), ("method", "x", ValueError),
     ("amp", "fp8", ValueError), ("device", "tpu", ValueError), ("steps", -1, ValueError),
     ("max_images", -5, ValueError), ("data", "/nonexistent/courier/world", FileNotFoundError),
+    ("history_len", 0, ValueError), ("pv_len", 0, ValueError), ("temperature", 0.0, ValueError),
+    ("grad_clip", -1.0, ValueError), ("ctr_weight", -1.0, ValueError), ("on_error", "ignore", ValueError),
+    ("lr_schedule", "step", ValueError), ("backend", "fast", ValueError),
 ])
 def test_config_validation_names_the_field(world, tmp_path, field, value, error):
     kwargs = {"data": world, "out": str(tmp_path / "run"), field: value}
@@ -259,3 +263,185 @@ def test_two_rank_images_seen_is_exact(world, two_rank_run):
     r0, r1 = (torch.load(os.path.join(two_rank_run, f"rank{r}.pt"), weights_only=False) for r in range(2))
     assert r0["summary"]["images_seen"] == r1["summary"]["images_seen"] == _true_images(world, 2)
     assert ckpt["images_seen"] == _true_images(world, 2)
+
+
+def test_each_rank_decodes_on_its_own_gpu(world, tmp_path, monkeypatch):
+    """Rank k's loader decodes on cuda:k (checked on CPU with a pretend GPU: nothing is decoded)."""
+    from courier_fast.train import make_loader
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg = TrainConfig(data=world, out=str(tmp_path / "run"), decoder="pil", **SMALL)
+    loader = make_loader(cfg, load_dataset(world, tables=("pretrain",)), torch.device("cuda", 1), rank=1, world=2)
+    assert loader.decoder.device == torch.device("cuda", 1)
+
+
+# ----------------------------------------------------------------------------- options
+def _capture_method(monkeypatch):
+    """Make train() record the method it builds (and its initial parameters)."""
+    import importlib
+    tr = importlib.import_module("courier_fast.train")
+    built = []
+    build = tr.build_method
+
+    def recording(*a, **k):
+        m = build(*a, **k)
+        built.append((m, {n: p.detach().clone() for n, p in m.named_parameters()}))
+        return m
+
+    monkeypatch.setattr(tr, "build_method", recording)
+    return built
+
+
+def test_courier_options_reach_the_loader_and_the_model(world, tmp_path, monkeypatch):
+    import importlib
+    tr = importlib.import_module("courier_fast.train")
+    built, loaders = _capture_method(monkeypatch), []
+    make = tr.make_loader
+    monkeypatch.setattr(tr, "make_loader", lambda *a, **k: loaders.append(make(*a, **k)) or loaders[-1])
+    opts = dict(history_len=3, pv_len=4, temperature=0.2, contrastive_weight=0.5, history_weight=0.0,
+                ctr_weight=2.0, backend="reference", ring=True, on_error="skip")
+    summary = train(TrainConfig(data=world, out=str(tmp_path / "run"), steps=1, **SMALL, **opts))
+    model = built[0][0].model
+    assert model.infonce.temperature == 0.2 and model.infonce.gather == "ring"
+    assert model.weights == {"contrastive": 0.5, "history": 0.0, "ctr": 2.0}
+    assert model.attention.backend == "reference" and model.infonce.backend == "reference"
+    loader = loaders[0]
+    assert loader.history_len == 3 and loader.pv_len == 4 and loader.decoder.on_error == "skip"
+    assert set(summary["last"]) == {"contrastive", "ctr", "loss"}  # history weight 0: not computed
+    with open(tmp_path / "run" / "config.json") as f:
+        saved = json.load(f)
+    assert {k: saved[k] for k in opts} == opts
+
+
+@pytest.mark.parametrize("method", ["simclr", "clip_titles"])
+def test_baseline_loss_options(world, tmp_path, monkeypatch, method):
+    built = _capture_method(monkeypatch)
+    train(TrainConfig(data=world, out=str(tmp_path / "run"), method=method, steps=1, temperature=0.3,
+                      backend="reference", **SMALL))
+    m = built[0][0]
+    assert m.temperature == 0.3 and m.loss_options == {"backend": "reference", "ring": False}
+
+
+@pytest.mark.parametrize("field,value,method", [("temperature", 0.1, "category_supervised"),
+                                                ("ctr_weight", 0.5, "simclr"), ("ring", True, "random_encoder"),
+                                                ("backend", "cpu", "category_supervised")])
+def test_option_of_another_method_is_an_error(world, tmp_path, field, value, method):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(data=world, out=str(tmp_path / "run"), method=method, **{field: value}).validate()
+
+
+def test_image_size_defaults_to_224_and_0_keeps_the_stored_size(world, tmp_path):
+    from courier_fast.train import make_loader
+    data = load_dataset(world, tables=("pretrain",))
+    cfg = TrainConfig(data=world, out=str(tmp_path / "run"))
+    assert make_loader(cfg, data, torch.device("cpu")).decoder.size == 224
+    for stored in (0, None):
+        cfg = TrainConfig(data=world, out=str(tmp_path / "run"), image_size=stored)
+        assert make_loader(cfg, data, torch.device("cpu")).decoder.size is None
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "linear"])
+def test_lr_schedule(world, tmp_path, schedule):
+    import math
+    from courier_fast.train import lr_at
+    cfg = TrainConfig(data=world, out=str(tmp_path / "run"), lr=1.0, warmup_steps=4, lr_schedule=schedule)
+    total = 14
+    lrs = [lr_at(cfg, s, total) for s in range(total)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    t = [(s - 4) / 10 for s in range(4, total)]
+    want = {"constant": [1.0] * 10, "cosine": [0.5 * (1 + math.cos(math.pi * x)) for x in t],
+            "linear": [1 - x for x in t]}[schedule]
+    np.testing.assert_allclose(lrs[4:], want)
+    assert all(lr > 0 for lr in lrs)
+    out = str(tmp_path / "run")
+    train(TrainConfig(data=world, out=out, steps=6, log_every=1, lr=1e-2, warmup_steps=2, lr_schedule=schedule,
+                      **SMALL))
+    cfg = TrainConfig(data=world, out=out, lr=1e-2, warmup_steps=2, lr_schedule=schedule)
+    np.testing.assert_allclose([r["lr"] for r in _metrics(out)], [lr_at(cfg, s, 6) for s in range(6)])
+
+
+def test_grad_clip_bounds_the_update(world, tmp_path, monkeypatch):
+    """Adam's first update is lr * g / (|g| + eps): ~lr unclipped, ~lr * 1e-4 with |g| <= 1e-12."""
+    built = _capture_method(monkeypatch)
+    moved = {}
+    for clip in (None, 1e-12):
+        train(TrainConfig(data=world, out=str(tmp_path / f"run{clip}"), steps=1, lr=1e-2, warmup_steps=0,
+                          grad_clip=clip, **SMALL))
+        method, before = built[-1]
+        moved[clip] = max((p.detach() - before[n]).abs().max().item() for n, p in method.named_parameters()
+                          if p.requires_grad)
+    assert moved[None] > 5e-3 and moved[1e-12] < 1e-5
+    assert "grad_norm" in _metrics(str(tmp_path / "run1e-12"))[-1]
+
+
+class _HostReads:
+    """Counts, in this thread, the ops that read tensor values back to the host, which on a GPU
+    make the CPU wait for the device: scalar reads (item / float / bool / int), data-dependent
+    shapes (nonzero, masked_select, boolean indexing) and torch.equal. Reads of the optimiser's
+    step counters (CPU tensors on a GPU too) are left out."""
+
+    READS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::equal", "aten::is_nonzero"}
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        reads = self.reads = []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                import traceback
+                name = func._schema.name
+                bool_index = name == "aten::index" and any(
+                    isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])
+                if name in _HostReads.READS or bool_index:
+                    stack = traceback.extract_stack()
+                    if not any("torch/optim/" in f.filename for f in stack):
+                        reads.append(f"{name} at " + " < ".join(f"{os.path.basename(f.filename)}:{f.lineno}"
+                                                                for f in stack[-8:-1][::-1]))
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+
+
+def test_a_step_reads_nothing_back_beyond_logging(world, tmp_path):
+    """Host reads grow with the number of logs and checkpoints, not with the number of steps."""
+    counts = {}
+    for steps in (2, 6):
+        reads = _HostReads()
+        cfg = TrainConfig(data=world, out=str(tmp_path / f"run{steps}"), steps=steps, log_every=steps,
+                          checkpoint_every=1000, lr_schedule="cosine", grad_clip=1.0, **SMALL)
+        with reads.mode:
+            train(cfg)
+        counts[steps] = reads.reads
+    extra = list(counts[6])
+    for r in counts[2]:
+        if r in extra:
+            extra.remove(r)
+    assert len(counts[6]) == len(counts[2]), f"per-step host reads: {extra[:5]}"
+
+
+def test_non_finite_loss_is_reported_with_its_step_and_never_saved(world, tmp_path, monkeypatch):
+    built = _capture_method(monkeypatch)
+    import importlib
+    tr = importlib.import_module("courier_fast.train")
+    build = tr.build_method
+
+    def poisoned(*a, **k):  # the loss of the 3rd step is NaN
+        m = build(*a, **k)
+        forward, calls = m.forward, []
+
+        def forward_nan(*args, **kwargs):
+            out = forward(*args, **kwargs)
+            calls.append(1)
+            if len(calls) == 3:
+                out["loss"] = out["loss"] * float("nan")
+            return out
+
+        m.forward = forward_nan
+        return m
+
+    monkeypatch.setattr(tr, "build_method", poisoned)
+    out = str(tmp_path / "run")
+    with pytest.raises(FloatingPointError, match="step 3"):
+        train(TrainConfig(data=world, out=out, steps=8, log_every=4, checkpoint_every=2, **SMALL))
+    assert built and load_checkpoint(os.path.join(out, "checkpoint.pt"))["step"] == 2  # not the NaN model
+    assert not os.path.exists(os.path.join(out, "metrics.jsonl")) or _metrics(out) == []

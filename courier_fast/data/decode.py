@@ -9,6 +9,12 @@ ImageNet-normalised values, otherwise uint8. A corrupt or unreadable image raise
 DecodeError (a ValueError) with .index (and .item_id when item ids are given), or, with
 on_error="skip", is left out and counted in .skipped (indices of the last call in
 .last_skipped).
+
+DALI keeps one pipeline per decoder, built for `max_batch` images; a longer call is decoded in
+chunks of at most `max_batch`, so memory stays bounded whatever the batch sizes (a pipeline per
+distinct size would grow without end). A pipeline that raised is dropped and rebuilt. On a GPU
+the decoder works on its own device (device="cuda" means the current device when it is made),
+whatever thread calls it.
 """
 import importlib.util
 import io
@@ -53,6 +59,10 @@ class ImageDecoder:
             raise ValueError(f"size must be None or a positive int, got {size!r}")
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch <= 0:
+            raise ValueError(f"max_batch must be a positive int, got {max_batch!r}")
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())  # pin it: threads differ
         if backend == "auto":
             backend = "dali" if dali_available() else "pil"
         if backend == "dali" and not dali_available():
@@ -60,7 +70,7 @@ class ImageDecoder:
         self.backend, self.size, self.normalize, self.on_error = backend, size, normalize, on_error
         self.num_threads, self.max_batch = num_threads, max_batch
         self.skipped, self.last_skipped = 0, []
-        self._pipes = {}
+        self._pipe = None  # the DALI pipeline (batch_size = max_batch), built on first use
 
     def __repr__(self):
         return (f"ImageDecoder(backend={self.backend!r}, device={str(self.device)!r}, size={self.size}, "
@@ -79,7 +89,7 @@ class ImageDecoder:
         try:
             return self._finish(decode(images))
         except Exception as exc:  # find out whether (and which) images are at fault
-            self._pipes.clear()  # a DALI pipeline that raised is not reused
+            self._pipe = None  # a DALI pipeline that raised is not reused (dropped: freed)
             bad = self._find_bad(images)
             if not bad:
                 raise
@@ -158,40 +168,44 @@ class ImageDecoder:
             decoded = [decode_image(d, mode=ImageReadMode.RGB) for d in data]
         return self._stack([self._resize_crop_chw(x) for x in decoded])
 
-    def _dali_pipe(self, batch):
+    def _build_dali_pipe(self):
+        """A DALI pipeline for up to max_batch images on this decoder's device."""
         from nvidia.dali import fn, pipeline_def, types
-        cap = max(self.max_batch, batch)
-        if cap not in self._pipes:
-            gpu = self.device.type == "cuda"
-            device_id = (self.device.index or 0) if gpu else None
+        gpu = self.device.type == "cuda"
 
-            @pipeline_def(batch_size=cap, num_threads=self.num_threads, device_id=device_id,
-                          prefetch_queue_depth=1)
-            def pipe():
-                enc = fn.external_source(name="encoded", dtype=types.UINT8)
-                img = fn.decoders.image(enc, device="mixed" if gpu else "cpu", output_type=types.RGB)
-                if self.size is not None:
-                    img = fn.resize(img, resize_shorter=self.size, antialias=True)
-                    img = fn.crop(img, crop=(self.size, self.size))
-                return img
+        @pipeline_def(batch_size=self.max_batch, num_threads=self.num_threads,
+                      device_id=self.device.index if gpu else None, prefetch_queue_depth=1)
+        def pipe():
+            enc = fn.external_source(name="encoded", dtype=types.UINT8)
+            img = fn.decoders.image(enc, device="mixed" if gpu else "cpu", output_type=types.RGB)
+            if self.size is not None:
+                img = fn.resize(img, resize_shorter=self.size, antialias=True)
+                img = fn.crop(img, crop=(self.size, self.size))
+            return img
 
-            p = pipe()
-            p.build()
-            self._pipes[cap] = p
-        return self._pipes[cap]
+        p = pipe()
+        p.build()
+        return p
 
     def _decode_dali(self, images):
+        """Chunks of at most max_batch images through the one pipeline -> (B, 3, H, W) uint8."""
         import numpy as np
-        pipe = self._dali_pipe(len(images))
-        pipe.feed_input("encoded", [np.frombuffer(bytes(d), dtype=np.uint8) for d in images])
-        (out,) = pipe.run()
-        if self.device.type == "cuda":  # copy each decoded sample into a torch tensor on the GPU
-            from nvidia.dali.plugin.pytorch import feed_ndarray
-            tensors = []
-            for i in range(len(images)):
-                t = torch.empty(out[i].shape(), dtype=torch.uint8, device=self.device)
-                feed_ndarray(out[i], t, cuda_stream=torch.cuda.current_stream())
-                tensors.append(t.permute(2, 0, 1))
-        else:
-            tensors = [torch.from_numpy(np.array(out[i])).permute(2, 0, 1) for i in range(len(images))]
+        if self._pipe is None:
+            self._pipe = self._build_dali_pipe()
+        tensors = []
+        for start in range(0, len(images), self.max_batch):
+            chunk = images[start:start + self.max_batch]
+            self._pipe.feed_input("encoded", [np.frombuffer(bytes(d), dtype=np.uint8) for d in chunk])
+            (out,) = self._pipe.run()
+            if self.device.type == "cuda":  # copy each decoded sample into a torch tensor on the GPU
+                from nvidia.dali.plugin.pytorch import feed_ndarray
+                stream = torch.cuda.current_stream(self.device)
+                for i in range(len(chunk)):
+                    t = torch.empty(out[i].shape(), dtype=torch.uint8, device=self.device)
+                    feed_ndarray(out[i], t, cuda_stream=stream)
+                    tensors.append(t.permute(2, 0, 1))
+                if start + self.max_batch < len(images):
+                    stream.synchronize()  # the next run() may reuse the buffers being copied
+            else:
+                tensors += [torch.from_numpy(np.array(out[i])).permute(2, 0, 1) for i in range(len(chunk))]
         return self._stack(tensors)

@@ -19,6 +19,9 @@ prepares the next `prefetch`
 batches while the caller computes. Order is a permutation fixed by (seed, epoch); with
 world_size > 1 rank r takes positions r, r + W, ... of it: shards are disjoint and together
 complete (drop_last=True trims every shard to the same number of full batches, for DDP).
+An image the decoder skips (ImageDecoder(on_error="skip")) is left out of `images` and every
+slot that shows it becomes padding (id -1, pad True, click 0), so padding may then sit between
+valid slots. On a GPU the prefetch thread decodes on the decoder's device (decoder.device).
 """
 import queue
 import threading
@@ -101,6 +104,13 @@ def padded_column(column, width=None, newest=False):
     return _pad_rows(flat, offsets, np.arange(len(offsets) - 1), width, newest)
 
 
+def _use_device_of(decoder):
+    """Make the decoder's CUDA device current in this thread (a new thread starts on GPU 0)."""
+    device = getattr(decoder, "device", None)
+    if isinstance(device, torch.device) and device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
 class SessionLoader:
     def __init__(self, items, sessions, *, batch_size, image_size=None, history_len=5, pv_len=None,
                  decoder=None, shuffle=True, seed=0, rank=0, world_size=1, drop_last=False,
@@ -165,6 +175,7 @@ class SessionLoader:
 
         def produce():
             try:
+                _use_device_of(self.decoder)
                 for c in chunks:
                     if stop.is_set():
                         return
@@ -200,6 +211,17 @@ class SessionLoader:
         unique = unique[unique >= 0]
         pos = self._order[np.searchsorted(self._sorted_ids, unique)]
         images = self.decoder(self._images.read(pos), item_ids=unique)
+        skipped = list(getattr(self.decoder, "last_skipped", None) or ())
+        if skipped:  # those items' slots become padding; `unique` keeps the decoded ones, in order
+            gone = unique[skipped]
+            hist_ids = np.where(np.isin(hist_ids, gone), -1, hist_ids)
+            pv_ids = np.where(np.isin(pv_ids, gone), -1, pv_ids)
+            keep = np.ones(len(unique), dtype=bool)
+            keep[skipped] = False
+            unique, pos = unique[keep], pos[keep]
+        if images.shape[0] != len(unique):
+            raise ValueError(f"decoder returned {images.shape[0]} images for {len(unique)} items "
+                             f"(and reported {len(skipped)} skipped in .last_skipped)")
 
         def index(ids):  # position in `unique`, len(unique) for padding
             return torch.from_numpy(np.where(ids >= 0, np.searchsorted(unique, ids), len(unique)))

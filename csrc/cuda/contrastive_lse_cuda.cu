@@ -100,7 +100,7 @@ const T* ptr_or_null(const at::Tensor& t) {
 }
 
 struct CudaTileOps {
-  static constexpr int64_t kTileElems = int64_t{1} << 24;  // 64 MB of fp32 logits per tile
+  static constexpr TilePolicy kTiles = kCudaTiles;  // by rows: >= 256 rows per GEMM
 
   static void row_lse(at::Tensor& s, const at::Tensor& y_bias, at::Tensor& out) {
     const int64_t rows = s.size(0), cols = s.size(1);

@@ -1,0 +1,388 @@
+"""Compile evidence and a work model for every GPU kernel of both ops, on a CPU machine.
+
+    python bench/kernel_report.py [--out PATH] [--quick] [--no-cuda] [--jobs N]
+
+Triton: every kernel of kernels/contrastive_lse.py and kernels/reconstruction_attention.py,
+for every autotune config (contrastive: config_table() per feature-dim class) or every block
+combination the host can launch (attention: block_options()), every constexpr flag, fp32 /
+bf16 / fp16 inputs, compiled ahead of time for sm_80 and sm_90a (bench/triton_aot.py). Each row
+records registers, spills and shared memory (ptxas -v; Triton's launch metadata), the MMA
+instructions of the PTX and their input precision, and every tl.dot of the TTGIR (operand
+dtype; whether it became tensor-core MMA).
+CUDA: csrc/cuda/*.cu through nvcc -Xptxas -v for sm_80 and sm_90 (slow: minutes on 2 cores;
+--no-cuda skips it).
+Work model: executed MMA FLOP per forward + backward over the floor, and bytes requested by
+the programs over the byte floor, per op and shape class (see work_rows()).
+
+Writes bench/results/static-kernels.json. --quick: the CI subset of triton_tasks().
+Nothing here runs a kernel: it is compile evidence, not a measurement.
+"""
+import argparse
+import concurrent.futures
+import datetime
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+SMEM_LIMIT = {"sm_80": 163 * 1024, "sm_90a": 227 * 1024, "sm_90": 227 * 1024}  # A100, H100 opt-in
+MMA_DTYPE = {"bf16": "bf16", "f16": "fp16", "tf32": "tf32", "f32": "fp32", "e4m3": "fp8", "e5m2": "fp8"}
+
+
+# ----------------------------------------------------------------------------- Triton rows
+INT_ARGS = {"contrastive_loss": {"N", "M", "D"}, "reconstruction_attention": {"H", "P", "L", "DH", "causal"}}
+
+
+def _signature(fn, dtype, kind, op):
+    """Triton signature of a kernel: input-dtype pointers, fp32 / u8 pointers, i32, fp32, constexpr."""
+    el = DTYPES[dtype]
+    inputs = {"X", "Y", "Q", "K", "V", "DO", "O"}
+    sig = {}
+    for name in fn.arg_names:
+        if name in kind:
+            sig[name] = "constexpr"
+        elif name in INT_ARGS[op] or name.startswith("stride_"):
+            sig[name] = "i32"
+        elif name in ("scale", "sm_scale"):
+            sig[name] = "fp32"
+        elif name in inputs:
+            sig[name] = f"*{el}"
+        elif name == "MASK":
+            sig[name] = "*u8"
+        else:  # norms, biases, LSEs, upstream gradients, fp32 outputs
+            sig[name] = "*fp32"
+    return sig
+
+
+def _aligned(sig):
+    """Arguments the JIT would specialise as 16-divisible for typical shapes (d % 16 == 0)."""
+    ints = {"D", "DH", "stride_x", "stride_y"} | {n for n in sig if n.startswith("stride_") and n != "stride_mb"}
+    return [n for n, t in sig.items() if t.startswith("*") or n in ints]
+
+
+def triton_tasks(quick=False):
+    """[(op, kernel name, dtype, constexprs, num_warps, num_stages, class label)]: every variant
+    the host code can launch on a GPU. quick: per kernel the largest feature class with its
+    first config (contrastive: d = 512 and the d > 512 split; attention: head dim 64 and 256,
+    largest tiles), bf16 only: the subset tests/test_kernel_report.py compiles in CI."""
+    from courier_fast.kernels import contrastive_lse as lse
+    from courier_fast.kernels import reconstruction_attention as attn
+
+    dtypes = ("bfloat16",) if quick else tuple(DTYPES)
+    tasks = []
+    for cls in ((512, "split") if quick else lse.D_CLASSES):
+        d = 1024 if cls == "split" else cls
+        for kernel in ("row_lse", "grad_x", "grad_y"):
+            table = lse.config_table(kernel, cls)
+            table = table[:1] if quick else table
+            flags = [{}] if kernel == "row_lse" else [{"HAS_COLS": c} for c in ((True,) if quick else (False, True))]
+            base = lse.forward_constexprs(d) if kernel == "row_lse" else lse.grad_constexprs(d)
+            for bn, bm, warps, stages in table:
+                for flag in flags:
+                    for dt in dtypes:
+                        cx = {**base, **flag, "DOT_FP32": dt == "float32", "BLOCK_N": bn, "BLOCK_M": bm}
+                        tasks.append(("contrastive_loss", kernel, dt, cx, warps, stages, f"d_class={cls}"))
+    for block_dh in ((64, 256) if quick else (16, 32, 64, 128, 256)):
+        p_opts, l_opts = attn.block_options(block_dh)
+        combos = [(p, l) for p in p_opts for l in l_opts]
+        for bp, bl in (combos[-1:] if quick else combos):
+            for kernel in ("attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq"):
+                for dt in dtypes:
+                    cx = {"DOT_FP32": dt == "float32", "BLOCK_P": bp, "BLOCK_L": bl, "BLOCK_DH": block_dh}
+                    tasks.append(("reconstruction_attention", kernel, dt, cx, attn.num_warps(bp, bl), attn.NUM_STAGES,
+                                  f"head_dim<={block_dh}"))
+    return tasks
+
+
+def kernel_sources_hash():
+    """sha256 of the Triton kernel sources the rows were compiled from."""
+    import hashlib
+    digest = hashlib.sha256()
+    for name in ("contrastive_lse.py", "reconstruction_attention.py"):
+        with open(os.path.join(ROOT, "kernels", name), "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()
+
+
+def _kernel_fn(op, kernel):
+    from courier_fast.kernels import contrastive_lse as lse
+    from courier_fast.kernels import reconstruction_attention as attn
+    mod = lse if op == "contrastive_loss" else attn
+    return getattr(mod, f"_{kernel}_kernel")
+
+
+def mma_instructions(ptx):
+    """{instruction shape: input precision} of the PTX's wgmma / mma.sync instructions."""
+    found = {}
+    for m in re.finditer(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)\.(\w+)\.(\w+)\.(\w+)", ptx):
+        found[f"wgmma.{m.group(1)}.{m.group(3)}"] = MMA_DTYPE.get(m.group(3), m.group(3))
+    for m in re.finditer(r"mma\.sync\.aligned\.(m\d+n\d+k\d+)\.row\.col\.(\w+)\.(\w+)\.(\w+)\.(\w+)", ptx):
+        found[f"mma.sync.{m.group(1)}.{m.group(3)}"] = MMA_DTYPE.get(m.group(3), m.group(3))
+    return found
+
+
+def ttgir_dots(ttgir):
+    """[{"operands": dtype, "mma": bool}] for every dot op of the TTGIR."""
+    dots = []
+    for line in ttgir.splitlines():
+        if not re.search(r"= (tt\.dot|ttng\.warp_group_dot) ", line):
+            continue
+        types = line.split(" : ", 1)[1]
+        operand, result = types.split("->", 1)
+        el = re.findall(r"\d+x\d+x(\w+)", operand)
+        dots.append({"operands": MMA_DTYPE.get(el[0], el[0]) if el else "?", "mma": "#mma" in result})
+    return dots
+
+
+def compile_row(task, arch):
+    """One report row (runs in a worker process)."""
+    import triton_aot
+
+    op, kernel, dtype, cx, warps, stages, label = task
+    fn = _kernel_fn(op, kernel)
+    sig = _signature(fn, dtype, cx, op)
+    row = {"op": op, "kernel": kernel, "arch": arch, "dtype": dtype,
+           "config": {**{k: v for k, v in cx.items()}, "num_warps": warps, "num_stages": stages, "class": label}}
+    try:
+        c = triton_aot.compile_kernel(fn, sig, cx, arch, warps, stages, aligned=_aligned(sig))
+    except Exception as exc:  # a config that does not compile is a finding, not a crash
+        return {**row, "error": f"{type(exc).__name__}: {str(exc)[:300]} ... {str(exc)[-300:]}"}
+    mma = mma_instructions(c.ptx)
+    return {**row, "registers": c.registers, "spills": c.spill_bytes, "stack_bytes": c.stack_bytes,
+            "shared_bytes": c.shared_bytes, "mma_precisions": sorted(set(mma.values())),
+            "mma_instructions": sorted(mma), "dots": ttgir_dots(c.ttgir)}
+
+
+def _compile_pair(task):
+    return [compile_row(task, arch) for arch in ("sm_90a", "sm_80")]
+
+
+def triton_rows(quick=False, jobs=2):
+    tasks = triton_tasks(quick)
+    rows = []
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs) as pool:
+        for i, pair in enumerate(pool.map(_compile_pair, tasks, chunksize=4)):
+            rows += pair
+            if (i + 1) % 50 == 0:
+                print(f"  compiled {i + 1}/{len(tasks)} kernel variants x 2 archs", flush=True)
+    return rows
+
+
+def problems(row):
+    """Why a row fails the report's bar (empty when it passes)."""
+    if "error" in row:
+        return [row["error"]]
+    out = []
+    if row["shared_bytes"] > SMEM_LIMIT[row["arch"]]:
+        out.append(f"shared memory {row['shared_bytes']} B > {SMEM_LIMIT[row['arch']]} B")
+    if row["spills"]:
+        out.append(f"{row['spills']} bytes of register spills")
+    if row["dtype"] in ("bfloat16", "float16") and row.get("dots") is not None:
+        want = DTYPES[row["dtype"]]
+        bad = [d for d in row["dots"] if not (d["mma"] and d["operands"] == want)]
+        if bad or not row["dots"] or set(row["mma_precisions"]) != {want}:
+            out.append(f"GEMMs outside {want} MMA: dots {row['dots']}, PTX MMA {row['mma_precisions']}")
+    return out
+
+
+# ----------------------------------------------------------------------------- CUDA rows
+CUDA_OPS = {"contrastive_lse_cuda": "contrastive_loss", "attention_core_cuda": "reconstruction_attention"}
+
+
+def _nvcc():
+    for cand in (os.environ.get("CUDA_HOME", ""), "/usr/local/cuda"):
+        path = os.path.join(cand, "bin", "nvcc")
+        if cand and os.path.isfile(path):
+            return cand, path
+    return None, None
+
+
+def _cuda_compile(path):
+    """ptxas -v output of one .cu for sm_80 and sm_90 (host code is not compiled further)."""
+    from torch.utils import cpp_extension
+
+    home, nvcc = _nvcc()
+    try:
+        includes = cpp_extension.include_paths(device_type="cuda")
+    except TypeError:  # torch < 2.6
+        includes = cpp_extension.include_paths(cuda=True)
+    includes = includes + [os.path.join(home, "include", "cccl")]
+    flags = ["-O3", "--expt-relaxed-constexpr", "-std=c++20", "-Xptxas", "-v", "-DTORCH_API_INCLUDE_EXTENSION_H",
+             "-DTORCH_EXTENSION_NAME=_C", "-D_GLIBCXX_USE_CXX11_ABI=1", *cpp_extension.COMMON_NVCC_FLAGS,
+             "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90"]
+    with tempfile.TemporaryDirectory() as tmp:
+        run = subprocess.run([nvcc, *flags, *[f"-I{i}" for i in includes], "-c", path, "-o",
+                              os.path.join(tmp, "k.o")], capture_output=True, text=True)
+    if run.returncode:
+        raise RuntimeError(run.stderr[-2000:])
+    return run.stderr
+
+
+def parse_nvcc_ptxas(log, op):
+    """Rows from nvcc's ptxas -v log (entry functions only, names demangled)."""
+    rows, current = [], None
+    names = re.findall(r"Compiling entry function '(\w+)' for '(sm_\d+)'", log)
+    demangled = subprocess.run(["c++filt"], input="\n".join(n for n, _ in names), capture_output=True,
+                               text=True).stdout.splitlines() if names else []
+    pretty = dict(zip((n for n, _ in names), demangled))
+    for line in log.splitlines():
+        m = re.search(r"Compiling entry function '(\w+)' for '(sm_\d+)'", line)
+        if m:
+            name = pretty.get(m.group(1), m.group(1))
+            kernel = re.sub(r"^.*::", "", name.split("<")[0].split("(")[0])
+            dtype = "float64" if "<double" in name else "float16" if "Half" in name else \
+                "bfloat16" if "BFloat16" in name else "float32"
+            current = {"op": op, "kernel": kernel, "arch": m.group(2), "dtype": dtype,
+                       "config": {"source": "csrc/cuda", "signature": name[:160]},
+                       "registers": None, "spills": 0, "shared_bytes": 0, "mma_precisions": []}
+            rows.append(current)
+            continue
+        if current is None:
+            continue
+        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            current["spills"] = int(m.group(1)) + int(m.group(2))
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            current["registers"] = int(m.group(1))
+            smem = re.search(r"(\d+) bytes smem", line)
+            current["shared_bytes"] = int(smem.group(1)) if smem else 0
+    return rows
+
+
+def cuda_rows():
+    home, nvcc = _nvcc()
+    if nvcc is None:
+        return [], "no nvcc found (CUDA_HOME, /usr/local/cuda)"
+    rows = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))):
+        stem = os.path.splitext(os.path.basename(path))[0]
+        rows += parse_nvcc_ptxas(_cuda_compile(path), CUDA_OPS.get(stem, stem))
+    return rows, f"nvcc at {nvcc}; GEMMs of the contrastive CUDA backend are cuBLAS calls in fp32 (inputs upcast), not in these rows"
+
+
+# ----------------------------------------------------------------------------- work model
+def _pad(n, block):
+    return -(-n // block) * block
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def contrastive_work(n, d, symmetric, elem_bytes=2):
+    """Executed MMA FLOP and bytes the programs request (loads + stores, mostly L2 hits) of
+    one forward + backward of the Triton loss at N = M = n, for the worst (most padded /
+    most traffic) config each autotuner may pick. Floors: 8 N^2 d FLOP; reading x and y twice
+    and writing their gradients once."""
+    from courier_fast.kernels import contrastive_lse as lse
+
+    cls, e = lse.d_class(d), elem_bytes
+    fwd, grad = lse.forward_constexprs(d), lse.grad_constexprs(d)
+    passes = 2 if symmetric else 1
+    fwd_flop = fwd_bytes = 0
+    k = _pad(d, fwd["BLOCK_K"])
+    for bn, bm, _, _ in lse.config_table("row_lse", cls):
+        programs, tiles = _cdiv(n, bn), _cdiv(n, bm)
+        per_tile = bm * k * e + (0 if fwd["ONE_K"] else bn * k * e)
+        fwd_flop = max(fwd_flop, passes * programs * tiles * 2 * bn * bm * k)
+        fwd_bytes = max(fwd_bytes, passes * programs * (tiles * per_tile + (bn * k * e if fwd["ONE_K"] else 0) + bn * 4))
+    k, dv = _pad(d, grad["BLOCK_K"]), grad["BLOCK_DV"]
+    chunks = _cdiv(d, dv)
+    bwd_flop = bwd_bytes = 0
+    for bn, bm, _, _ in lse.config_table("grad_x", cls):  # grad_y: the same with rows and columns swapped
+        programs, tiles = _cdiv(n, bn) * chunks, _cdiv(n, bm)
+        per_tile = bm * k * e if grad["FUSED"] else (bn + bm) * k * e + bm * dv * e
+        own = bn * k * e if grad["FUSED"] else 0
+        bwd_flop = max(bwd_flop, 2 * programs * tiles * 2 * bn * bm * (k + dv))
+        bwd_bytes = max(bwd_bytes, 2 * programs * (tiles * per_tile + own + bn * dv * 4))
+    floor_flop, byte_floor = 8 * n * n * d, 2 * n * d * e * 3
+    total, total_bytes = fwd_flop + bwd_flop, fwd_bytes + bwd_bytes
+    return {"op": "contrastive_loss", "d": d, "symmetric": symmetric, "shape": {"N": n, "M": n},
+            "executed_mma_flop": total, "floor_flop": floor_flop, "ratio": round(total / floor_flop, 4),
+            "bytes_requested": total_bytes, "byte_floor": byte_floor,
+            "byte_ratio": round(total_bytes / byte_floor, 1)}
+
+
+def attention_work(b, p, length, d, h, elem_bytes=2):
+    """Projections (ATen GEMMs, exact) + the Triton core: forward 2 GEMMs, backward 7 (dK/dV
+    kernel: S, dV, dP, dK; dQ kernel: S, dP, dQ) on padded tiles."""
+    from courier_fast.kernels import reconstruction_attention as attn
+
+    dh = d // h
+    bp, bl, bdh = attn.blocks(p, length, dh) if not attn.INTERPRET else (16, 16, max(16, dh))
+    proj = 2 * b * (p * d * d + length * 2 * d * d + p * d * d)
+    gemm = 2 * b * h * _pad(p, bp) * _pad(length, bl) * bdh
+    executed = 3 * proj + 9 * gemm
+    floor = 3 * proj + 3 * 4 * b * p * length * d
+    io = (b * p * d + b * length * d) * elem_bytes
+    return {"op": "reconstruction_attention", "d": d, "symmetric": None,
+            "shape": {"B": b, "P": p, "L": length, "h": h, "blocks": [bp, bl, bdh]},
+            "executed_mma_flop": executed, "floor_flop": floor, "ratio": round(executed / floor, 4),
+            "bytes_requested": None, "byte_floor": 3 * io, "byte_ratio": None}
+
+
+def work_rows():
+    rows = [contrastive_work(65536, d, sym) for d in (64, 128, 256, 512, 100, 384, 1024) for sym in (False, True)]
+    rows += [attention_work(64, 5, 5, 256, 4), attention_work(4096, 10, 50, 256, 4),
+             attention_work(1024, 64, 1024, 256, 4), attention_work(1024, 64, 1024, 256, 2)]
+    return rows
+
+
+# ----------------------------------------------------------------------------- main
+def report(quick=False, cuda=True, jobs=2):
+    import torch
+    import triton_aot
+
+    rows = triton_rows(quick, jobs)
+    cuda_note = "skipped (--no-cuda)"
+    if cuda:
+        try:
+            cuda_part, cuda_note = cuda_rows()
+            rows += cuda_part
+        except Exception as exc:
+            cuda_note = f"nvcc failed: {type(exc).__name__}: {str(exc)[-500:]}"
+    failing = [{"row": i, "problems": problems(r)} for i, r in enumerate(rows)
+               if r["op"] and "source" not in r.get("config", {}) and problems(r)]
+    return {"triton": triton_aot.triton_version(), "torch": torch.__version__,
+            "date": datetime.date.today().isoformat(), "quick": quick,
+            "kernel_sources_sha256": kernel_sources_hash(),
+            "smem_limits": SMEM_LIMIT, "cuda_sources": cuda_note, "failing": failing,
+            "note": "compiled ahead of time on a CPU machine; nothing ran on a GPU",
+            "rows": rows, "work": work_rows()}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "static-kernels.json"))
+    ap.add_argument("--quick", action="store_true", help="the CI subset: largest classes, bf16, first config")
+    ap.add_argument("--no-cuda", action="store_true", help="skip the nvcc part")
+    ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    args = ap.parse_args()
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("kernel_report: unset TRITON_INTERPRET (the interpreter replaces the compiler)")
+    result = report(args.quick, not args.no_cuda, args.jobs)
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, args.out)
+    n_fail = len(result["failing"])
+    print(f"wrote {args.out}: {len(result['rows'])} rows, {n_fail} failing the bar")
+    for w in result["work"]:
+        print(f"  {w['op']:<26} d={w['d']:<5} symmetric={w['symmetric']!s:<5} executed/floor {w['ratio']:.3f}")
+    for f in result["failing"][:20]:
+        r = result["rows"][f["row"]]
+        print(f"  FAIL {r['op']} {r['kernel']} {r['arch']} {r['dtype']} {r['config']}: {f['problems']}")
+    return 1 if n_fail else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""The `chunked` backend of the contrastive masked log-sum-exp: ATen ops only, any device.
+
+Same contract as the compiled op courier_fast::contrastive_lse (csrc/courier_fast.cpp):
+    row_lse[j] = log sum_{i : y_mask[i]} exp(S[j, i])    (N,)  -inf for an empty set
+    col_lse[i] = log sum_{j : x_mask[j]} exp(S[j, i])    (M,)  only when with_columns
+with S = scale * x_hat @ y_hat.T (x_hat, y_hat L2-normalised when normalize). x (N, d) and
+y (M, d) are float16/bfloat16/float32/float64; LSEs and the arithmetic are float32 (float64 for
+float64 inputs), gradients come back in the inputs' dtypes.
+
+Anchors are processed in row tiles of tile_rows(N, M, device) rows: a (rows, M) logits tile is
+one GEMM, reduced and dropped, so memory is O((N + M) d + rows * M), never N x M. The backward
+(a custom autograd Function) recomputes each tile from the saved LSEs, turns it into dL/dS and
+applies two GEMMs. Because it is plain ATen, its behaviour on a GPU follows from its CPU tests.
+"""
+import torch
+
+from courier_fast.reference import NORM_EPS, compute_dtype
+
+# Logits elements per tile (fp32: 16 MB on CPU, 256 MB on CUDA) and the fewest rows per tile
+# (thin GEMMs waste a GPU); both bound the extra memory at O(rows * M).
+TILE_ELEMS = {"cpu": 1 << 22, "cuda": 1 << 26}
+MIN_ROWS = {"cpu": 16, "cuda": 128}
+
+
+def tile_rows(n, m, device_type):
+    """Rows per logits tile for N anchors and M candidates on a device type."""
+    elems, min_rows = TILE_ELEMS.get(device_type, TILE_ELEMS["cpu"]), MIN_ROWS.get(device_type, 16)
+    return max(1, min(n, max(min_rows, elems // max(m, 1))))
+
+
+def inverse_norms(x):
+    """(N,) fp32/fp64: 1 / max(||x_j||, eps), as torch.nn.functional.normalize."""
+    return torch.linalg.vector_norm(x.to(compute_dtype(x.dtype)), dim=1).clamp_min(NORM_EPS).reciprocal()
+
+
+def normalize_backward(g_hat, x, inv):
+    """dL/dx for x_hat = x * inv (inv = 1 / max(||x||, eps)), given g_hat = dL/dx_hat. Where the
+    norm is clamped (||x|| <= eps) x_hat = x / eps is linear in x."""
+    x_hat = x.to(g_hat.dtype) * inv[:, None]
+    tangential = (g_hat - x_hat * (g_hat * x_hat).sum(1, keepdim=True)) * inv[:, None]
+    clamped = (inv >= 1.0 / NORM_EPS)[:, None]
+    return torch.where(clamped, g_hat * inv[:, None], tangential)
+
+
+def _rows(x, normalize):
+    """(x_hat, inv) in the compute dtype; inv is None without normalisation."""
+    xc = x.to(compute_dtype(x.dtype))
+    if not normalize:
+        return xc, None
+    inv = inverse_norms(x)
+    return xc * inv[:, None], inv
+
+
+def _bias(mask, like):
+    """0 where kept, -inf where masked out; None for no mask."""
+    if mask is None:
+        return None
+    return torch.zeros(mask.shape, dtype=like.dtype, device=like.device).masked_fill_(~mask.bool(), float("-inf"))
+
+
+def _tiles(n, m, device):
+    """(rows per tile, [(r0, r1)]) covering n anchor rows."""
+    step = tile_rows(n, m, device.type)
+    return step, [(r0, min(n, r0 + step)) for r0 in range(0, n, step)]
+
+
+def _shift(m):
+    """A max usable as a shift: 0 where it is -inf (an empty set), so no inf - inf appears."""
+    return torch.where(torch.isinf(m), torch.zeros_like(m), m)
+
+
+def lse_forward(x, y, x_mask, y_mask, scale, normalize, with_columns):
+    """(row_lse, col_lse) without autograd; col_lse is empty unless with_columns.
+    Peak extra memory: one (rows, M) tile (two with columns) plus O((N + M) d)."""
+    xh, _ = _rows(x, normalize)
+    yh, _ = _rows(y, normalize)
+    xs, yt = xh * scale, yh.t()
+    x_bias, y_bias = _bias(x_mask, xs), _bias(y_mask, xs)
+    n, m = xs.shape[0], yh.shape[0]
+    row = xs.new_empty(n)
+    step, tiles = _tiles(n, m, x.device)
+    buf = xs.new_empty(step, m)  # reused by every tile: no allocation per tile
+    tmp = xs.new_empty(step, m) if with_columns else None
+    col_max = xs.new_full((m,), float("-inf")) if with_columns else None
+    col_sum = xs.new_zeros(m) if with_columns else None
+    for r0, r1 in tiles:
+        s = torch.mm(xs[r0:r1], yt, out=buf[: r1 - r0])  # (rows, M) scaled logits
+        if with_columns:
+            t = tmp[: r1 - r0].copy_(s)
+            if x_bias is not None:
+                t += x_bias[r0:r1, None]
+            new_max = torch.maximum(col_max, t.amax(0))
+            shift = _shift(new_max)
+            col_sum = col_sum * (col_max - shift).exp() + t.sub_(shift).exp_().sum(0)
+            col_max = new_max
+        if y_bias is not None:
+            s += y_bias
+        shift = _shift(s.amax(1))
+        row[r0:r1] = s.sub_(shift[:, None]).exp_().sum(1).log_() + shift  # -inf for an empty row
+    if not with_columns:
+        return row, xs.new_empty(0)
+    return row, torch.where(torch.isinf(col_max), col_max, col_max + col_sum.log())
+
+
+def lse_backward(grad_row, grad_col, x, y, x_mask, y_mask, row_lse, col_lse, scale, normalize,
+                 with_columns):
+    """Gradients of sum(grad_row * row_lse) + sum(grad_col * col_lse) w.r.t. x and y.
+    Rows / columns whose LSE is -inf (empty set) get no gradient."""
+    xh, inv_x = _rows(x, normalize)
+    yh, inv_y = _rows(y, normalize)
+    xs, yt = xh * scale, yh.t()
+    x_bias, y_bias = _bias(x_mask, xs), _bias(y_mask, xs)
+    safe = lambda lse: torch.where(torch.isinf(lse), torch.full_like(lse, float("inf")), lse).to(xs.dtype)
+    g, rl = grad_row.to(xs.dtype), safe(row_lse)
+    if with_columns:
+        h, cl = grad_col.to(xs.dtype), safe(col_lse)
+    n, m = xs.shape[0], yh.shape[0]
+    gx, gy = torch.empty_like(xh), torch.zeros_like(yh)
+    step, tiles = _tiles(n, m, x.device)
+    buf = xs.new_empty(step, m)
+    tmp = xs.new_empty(step, m) if with_columns else None
+    for r0, r1 in tiles:
+        s = torch.mm(xs[r0:r1], yt, out=buf[: r1 - r0])
+        if with_columns:  # h_i exp(S - col_lse_i) over kept rows
+            t = torch.sub(s, cl, out=tmp[: r1 - r0])
+            if x_bias is not None:
+                t += x_bias[r0:r1, None]
+            t.exp_().mul_(h)
+        s -= rl[r0:r1, None]  # s becomes dL/dS in place: g_j exp(S - row_lse_j) over kept columns
+        if y_bias is not None:
+            s += y_bias
+        s.exp_().mul_(g[r0:r1, None])
+        if with_columns:
+            s += t
+        torch.mm(s, yh, out=gx[r0:r1]).mul_(scale)
+        gy.addmm_(s.t(), xh[r0:r1], alpha=scale)
+    if normalize:
+        gx, gy = normalize_backward(gx, x, inv_x), normalize_backward(gy, y, inv_y)
+    return gx.to(x.dtype), gy.to(y.dtype)
+
+
+class _ChunkedLSE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, y, x_mask, y_mask, scale, normalize, with_columns):
+        row, col = lse_forward(x, y, x_mask, y_mask, scale, normalize, with_columns)
+        ctx.save_for_backward(x, y, x_mask, y_mask, row, col)
+        ctx.scale, ctx.normalize, ctx.with_columns = scale, normalize, with_columns
+        return row, col
+
+    @staticmethod
+    def backward(ctx, grad_row, grad_col):
+        x, y, x_mask, y_mask, row, col = ctx.saved_tensors
+        grad_row = torch.zeros_like(row) if grad_row is None else grad_row
+        grad_col = torch.zeros_like(col) if grad_col is None else grad_col
+        gx, gy = lse_backward(grad_row, grad_col, x, y, x_mask, y_mask, row, col, ctx.scale,
+                              ctx.normalize, ctx.with_columns)
+        return gx, gy, None, None, None, None, None
+
+
+def contrastive_lse(x, y, x_mask, y_mask, scale, normalize, with_columns):
+    """Differentiable (row_lse, col_lse); see the module docstring."""
+    return _ChunkedLSE.apply(x, y, x_mask, y_mask, scale, normalize, with_columns)

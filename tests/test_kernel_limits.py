@@ -1,0 +1,176 @@
+"""Launch limits a GPU user hits first, checked on CPU by arithmetic and the Triton interpreter
+(issue 13, item 2): int64 offsets, CUDA grid limits, head-dim tiles, the device guard, and the
+CUDA contrastive tile size."""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import courier_fast as cf
+from courier_fast import dispatch
+from courier_fast.reference import reconstruction_attention_reference
+
+from conftest import rand_mask, randn
+
+triton = pytest.importorskip("triton")
+from courier_fast.kernels import contrastive_lse as lse_kernels  # noqa: E402
+from courier_fast.kernels import reconstruction_attention as attn_kernels  # noqa: E402
+
+CUDA_GRID_YZ = 65535  # gridDim.y / gridDim.z limit (gridDim.x: 2^31 - 1)
+ATTN_KERNELS = ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
+
+
+class _Recorder:
+    """Stands in for a Triton kernel: records the grid (and whether it was launched inside the
+    device guard) instead of running."""
+
+    def __init__(self, log, guard_state):
+        self.log, self.guard_state = log, guard_state
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            meta = {"BLOCK_N": 16, "BLOCK_M": 16, **kwargs}
+            self.log.append((grid(meta) if callable(grid) else grid, self.guard_state["inside"]))
+        return launch
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """Replace every Triton kernel launcher by a recorder; the device guard marks its scope."""
+    log, state = [], {"inside": False}
+
+    class Guard:
+        def __init__(self, t):
+            self.t = t
+
+        def __enter__(self):
+            state["inside"] = True
+
+        def __exit__(self, *exc):
+            state["inside"] = False
+
+    for name in ATTN_KERNELS:
+        monkeypatch.setattr(attn_kernels, name, _Recorder(log, state))
+    monkeypatch.setattr(attn_kernels, "device_guard", Guard)
+    monkeypatch.setattr(lse_kernels, "tuned", lambda kernel, cls: _Recorder(log, state))
+    monkeypatch.setattr(lse_kernels, "device_guard", Guard)
+    return log
+
+
+def _attn_inputs(b, h, p, length, dh, dtype=torch.float32):
+    q = torch.zeros(b, h, p, dh, dtype=dtype)
+    k, v = torch.zeros(b, h, length, dh, dtype=dtype), torch.zeros(b, h, length, dh, dtype=dtype)
+    return q, k, v
+
+
+def test_attention_grid_keeps_batch_times_heads_off_the_limited_axes(recorded):
+    """B*h = 70000 programs: they must sit on grid axis 0 (axis 1 and 2 stop at 65535)."""
+    q, k, v = _attn_inputs(17500, 4, 1, 3, 16)
+    out, lse = attn_kernels.attention_forward(q, k, v, None, False, 0.25)
+    attn_kernels.attention_backward(torch.zeros_like(out), q, k, v, out, lse, None, False, 0.25)
+    assert len(recorded) == 3
+    for grid, _ in recorded:
+        assert all(n <= CUDA_GRID_YZ for n in grid[1:]), grid
+        assert grid[0] * (grid[1] if len(grid) > 1 else 1) >= 70000
+
+
+def test_every_triton_launch_is_inside_the_device_guard(recorded):
+    q, k, v = _attn_inputs(2, 2, 3, 5, 8)
+    out, lse = attn_kernels.attention_forward(q, k, v, None, True, 0.25)
+    attn_kernels.attention_backward(torch.zeros_like(out), q, k, v, out, lse, None, True, 0.25)
+    x, y = torch.randn(5, 8), torch.randn(6, 8)
+    row, col = lse_kernels.lse_forward(x, y, None, None, 2.0, True, True)
+    lse_kernels.lse_backward(torch.ones(5), torch.ones(6), x, y, None, None, row, col, 2.0, True, True)
+    assert len(recorded) == 3 + 2 + 2
+    assert all(inside for _, inside in recorded)
+
+
+@pytest.mark.parametrize("dh", [64, 128, 256])
+def test_attention_tiles_are_capped_for_large_head_dims(dh):
+    """Register/shared-memory budget: the q/k/v tiles a program holds stay bounded for any
+    P and L (the compile report checks the resulting kernels for spills)."""
+    for p, length in ((1, 1), (10, 50), (1000, 1000), (5, 4096)):
+        block_p, block_l, block_dh = attn_kernels.blocks(p, length, dh)
+        assert block_dh >= dh
+        assert (block_p + 2 * block_l) * block_dh <= attn_kernels.TILE_BUDGET, (p, length, dh)
+
+
+def test_attention_rejects_head_dims_above_the_tile_limit():
+    q, k, v = _attn_inputs(1, 1, 2, 2, attn_kernels.MAX_HEAD_DIM + 8)
+    with pytest.raises(ValueError, match="head dim"):
+        attn_kernels.attention_forward(q, k, v, None, False, 0.1)
+    impl = dispatch._REGISTRY["reconstruction_attention"]["triton"]
+    assert not impl.supports(torch.zeros(1, 2, 2 * (attn_kernels.MAX_HEAD_DIM + 8)), num_heads=2)
+
+
+def _triton_usable():
+    return dispatch.op_backends("reconstruction_attention")["triton"][0]
+
+
+@pytest.mark.skipif(not _triton_usable(), reason="triton backend not usable here")
+@pytest.mark.parametrize("d,h,causal", [(256, 4, False), (256, 4, True), (256, 1, False)])
+def test_interpreter_model_default_head_dims(gen, d, h, causal):
+    """d = 256 with dh = 64 (the model default) and dh = 256, forward and backward."""
+    b, length = 2, 7
+    p = length if causal else 5
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (), generator=gen)))
+    m = cf.nn.ReconstructionAttention(d, h, dtype=torch.float64)
+    params = [m.in_proj_weight, m.in_proj_bias, m.out_proj.weight, m.out_proj.bias]
+    t, hist = randn(gen, b, p, d, dtype=torch.float64), randn(gen, b, length, d, dtype=torch.float64)
+    pad = rand_mask(gen, b, length, p=0.3)
+    pad[1] = True  # an empty history row
+    ref_in = [x.detach().clone().requires_grad_() for x in (t, hist, *params)]
+    ref = reconstruction_attention_reference(*ref_in, h, key_padding_mask=pad, causal=causal)
+    ours_in = [x.detach().float().requires_grad_() for x in ref_in]
+    out = cf.reconstruction_attention(*ours_in, h, key_padding_mask=pad, causal=causal, backend="triton")
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-4, atol=1e-4)
+    g = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    for got, want in zip(torch.autograd.grad(out, ours_in, g.float()), torch.autograd.grad(ref, ref_in, g)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * max(1.0, want.abs().max().item()))
+
+
+_BIG_STRIDE = textwrap.dedent("""
+    import os, sys, torch
+    os.environ["TRITON_INTERPRET"] = "1"
+    from courier_fast.kernels import reconstruction_attention as attn
+    b, length, dh = 3, 4, 16
+    stride_b = 2**30 + 64  # fits int32, but (b - 1) * stride_b does not
+    big = torch.empty((b - 1) * stride_b + length * dh, dtype=torch.float16)  # virtual, untouched
+    views = [big.as_strided((b, 1, length, dh), (stride_b, length * dh, dh, 1), o) for o in (0, 0)]
+    g = torch.Generator().manual_seed(0)
+    for row in range(b):
+        big[row * stride_b: row * stride_b + length * dh] = torch.randn(length * dh, generator=g).half()
+    k = v = views[0]
+    q = torch.randn(b, 1, 2, dh, generator=g).half()
+    out, lse = attn.attention_forward(q, k, v, None, False, 0.25)
+    kc = k.contiguous().float()
+    s = (q.float() @ kc.transpose(-1, -2)) * 0.25
+    want = (torch.softmax(s, -1) @ kc).transpose(1, 2).reshape(b, 2, dh)
+    err = (out.float() - want).abs().max().item()
+    dq, dk, dv = attn.attention_backward(torch.ones_like(out), q, k, v, out, lse, None, False, 0.25)
+    ok = err < 1e-2 and all(bool(torch.isfinite(t.float()).all()) for t in (dq, dk, dv))
+    print("max error", err)
+    sys.exit(0 if ok else 1)
+""")
+
+
+def test_attention_offsets_are_int64_beyond_2_to_31_elements():
+    """History rows 2^30 elements apart (a (B, L, 2d) K/V buffer past 2^31 elements): int32
+    offsets wrap around and read the wrong memory (or crash, hence the subprocess)."""
+    run = subprocess.run([sys.executable, "-c", _BIG_STRIDE], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr[-2000:]
+
+
+@pytest.mark.skipif(not cf.build_info()["extension_loaded"], reason="courier_fast._C not built")
+def test_cuda_contrastive_tiles_are_sized_by_rows():
+    """At M = 2^20 candidates a fixed 2^24-element tile is 16 rows: GEMMs that thin waste the
+    GPU. The CUDA driver keeps at least CUDA_MIN_TILE_ROWS rows per tile; memory stays
+    O(rows * M)."""
+    rows = torch.ops.courier_fast.lse_tile_rows
+    min_rows = 256
+    assert rows(2**20, 2**20, True) >= min_rows
+    assert rows(100, 2**20, True) == 100  # never more rows than there are
+    assert rows(2**20, 1000, True) * 1000 <= 2**26  # small M: the element budget, not rows
+    assert rows(2**20, 2**20, False) >= 16  # CPU keeps its cache-sized tiles

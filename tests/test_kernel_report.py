@@ -1,0 +1,90 @@
+"""bench/kernel_report.py: the GPU kernels compile for sm_80 and sm_90a on this CPU machine within
+shared memory, without spills, with 16-bit GEMMs in 16-bit MMA; and the loss's work model
+meets its targets. CI compiles the largest variants live; the committed JSON (every variant)
+must match the current kernel sources and pass the same bar."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import kernel_report  # noqa: E402
+
+COMMITTED = os.path.join(ROOT, "bench", "results", "static-kernels.json")
+ROW_KEYS = {"op", "kernel", "arch", "dtype", "config", "registers", "spills", "shared_bytes", "mma_precisions"}
+
+
+def _key(row):
+    config = {k: v for k, v in row["config"].items()}
+    return row["op"], row["kernel"], row["arch"], row["dtype"], json.dumps(config, sort_keys=True)
+
+
+def _expected(quick):
+    keys = set()
+    for op, kernel, dtype, cx, warps, stages, label in kernel_report.triton_tasks(quick):
+        config = {**cx, "num_warps": warps, "num_stages": stages, "class": label}
+        for arch in ("sm_90a", "sm_80"):
+            keys.add((op, kernel, arch, dtype, json.dumps(config, sort_keys=True)))
+    return keys
+
+
+def test_largest_variants_compile_for_hopper_and_ampere_and_pass(tmp_path):
+    out = tmp_path / "report.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "kernel_report.py"), "--quick", "--no-cuda",
+                          "--out", str(out)], capture_output=True, text=True, env=env, timeout=1200)
+    data = json.loads(out.read_text()) if out.exists() else {}
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert {_key(r) for r in data["rows"]} == _expected(quick=True)
+    for row in data["rows"]:
+        assert ROW_KEYS <= set(row) and kernel_report.problems(row) == [], row
+        assert row["registers"] > 0 and row["mma_precisions"] == ["bf16"]
+    assert {r["arch"] for r in data["rows"]} == {"sm_80", "sm_90a"}
+    assert any(i.startswith("wgmma") for r in data["rows"] if r["arch"] == "sm_90a" for i in r["mma_instructions"])
+
+
+def test_committed_report_covers_every_variant_of_the_current_kernels():
+    data = json.load(open(COMMITTED))
+    assert data["kernel_sources_sha256"] == kernel_report.kernel_sources_hash(), \
+        "kernels/ changed since bench/results/static-kernels.json: run python bench/kernel_report.py"
+    triton_rows = [r for r in data["rows"] if r["config"].get("source") != "csrc/cuda"]
+    assert {_key(r) for r in triton_rows} == _expected(quick=False)
+    for row in triton_rows:
+        assert kernel_report.problems(row) == [], row
+    for dtype in ("float32", "bfloat16", "float16"):
+        assert any(r["dtype"] == dtype for r in triton_rows)
+    cuda = [r for r in data["rows"] if r["config"].get("source") == "csrc/cuda"]
+    assert {r["arch"] for r in cuda} == {"sm_80", "sm_90"}, data["cuda_sources"]
+    assert all(r["spills"] == 0 and r["registers"] for r in cuda)
+    assert not data["failing"]
+
+
+@pytest.mark.parametrize("d", [64, 128, 256, 512])
+def test_contrastive_work_meets_the_targets(d):
+    """Executed MMA FLOP <= 1.25x the 8 N^2 d floor (1.5x symmetric) for d <= 512."""
+    assert kernel_report.contrastive_work(65536, d, symmetric=False)["ratio"] <= 1.25
+    assert kernel_report.contrastive_work(65536, d, symmetric=True)["ratio"] <= 1.5
+
+
+def test_the_bar_rejects_what_it_should():
+    good = {"op": "contrastive_loss", "arch": "sm_80", "dtype": "bfloat16", "shared_bytes": 1000, "spills": 0,
+            "mma_precisions": ["bf16"], "dots": [{"operands": "bf16", "mma": True}]}
+    assert kernel_report.problems(good) == []
+    bad = [dict(good, shared_bytes=170 * 1024),  # fits an H100, not an A100
+           dict(good, spills=8),
+           dict(good, mma_precisions=["bf16", "tf32"]),
+           dict(good, dots=[{"operands": "bf16", "mma": True}, {"operands": "fp32", "mma": False}]),
+           dict(good, dots=[], mma_precisions=[])]
+    for row in bad:
+        assert kernel_report.problems(row), row
+    assert kernel_report.problems(dict(good, arch="sm_90a", shared_bytes=170 * 1024)) == []
+
+
+def test_mma_parsing():
+    ptx = ("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {...}\n"
+           "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {...}")
+    assert kernel_report.mma_instructions(ptx) == {"wgmma.m64n128k16.bf16": "bf16", "mma.sync.m16n8k8.tf32": "tf32"}
