@@ -13,6 +13,7 @@ from courier_fast import _ops  # noqa: F401  (fake kernels + autograd for the co
 from courier_fast import nn
 from courier_fast._validate import set_input_checks
 from courier_fast.attention import reconstruction_attention
+from courier_fast.backend_check import selftest
 from courier_fast.contrastive import contrastive_loss
 from courier_fast.dispatch import backends
 from courier_fast.info import build_info
@@ -32,4 +33,4 @@ def __getattr__(name):
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'courier_fast' has no attribute {name!r}")
 __all__ = ["contrastive_loss", "reconstruction_attention", "nn", "backends", "build_info",
-           "set_input_checks", "CourierModel", "TrainConfig", "train", "__version__"]
+           "set_input_checks", "selftest", "CourierModel", "TrainConfig", "train", "__version__"]

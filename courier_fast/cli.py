@@ -96,7 +96,7 @@ def _selftest(args):
         return subprocess.call(argv, env={**os.environ, "TRITON_INTERPRET": "1"})
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA GPU is visible")
-    from courier_fast.selftest import cache_file, selftest
+    from courier_fast.backend_check import cache_file, selftest
     verdicts = selftest(device, force=args.force)
     if args.json:
         print(json.dumps(verdicts, indent=2))

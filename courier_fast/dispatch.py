@@ -125,10 +125,10 @@ def select(op, backend, device, probe=None):
     impls = _REGISTRY[op]
     dev = device.type
     if backend == "auto":
-        from courier_fast import selftest
+        from courier_fast import backend_check
 
         for name in candidates(op, device, probe):
-            if not impls[name].validate or selftest.trusted(op, name, device):
+            if not impls[name].validate or backend_check.trusted(op, name, device):
                 return impls[name].fn
         raise RuntimeError(f"{op}: no backend can run this call on {device} here "
                            f"(candidates: {candidates(op, device, probe) or 'none'}; see `courier-fast info`)")

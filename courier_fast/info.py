@@ -76,12 +76,12 @@ def report() -> str:
 def selftest_verdicts():
     """{op: {backend: {device: cached verdict or None}}} for this machine's devices; the checks
     themselves run on first use by backend='auto' or with `courier-fast selftest`."""
-    from courier_fast import selftest
+    from courier_fast import backend_check
 
     devices = (["cuda"] if torch.cuda.is_available() else []) + ["cpu"]
     out = {}
     for device in devices:
-        for op, names in selftest.registered(device).items():
+        for op, names in backend_check.registered(device).items():
             for name in names:
-                out.setdefault(op, {}).setdefault(name, {})[device] = selftest.cached_verdict(op, name, device)
+                out.setdefault(op, {}).setdefault(name, {})[device] = backend_check.cached_verdict(op, name, device)
     return out

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import courier_fast as cf
-from courier_fast import dispatch, selftest
+from courier_fast import backend_check, dispatch
 
 OP = "contrastive_loss"
 
@@ -20,8 +20,8 @@ def cache(monkeypatch, tmp_path):
     """A private verdict cache and fresh per-process memo for one test."""
     monkeypatch.setenv("COURIER_FAST_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("COURIER_FAST_VALIDATE", raising=False)
-    monkeypatch.setattr(selftest, "_MEMORY", {})
-    monkeypatch.setattr(selftest, "_TRUSTED", {})
+    monkeypatch.setattr(backend_check, "_MEMORY", {})
+    monkeypatch.setattr(backend_check, "_TRUSTED", {})
     return tmp_path
 
 
@@ -49,7 +49,7 @@ def test_wrong_implementation_is_rejected_and_never_picked_by_auto(cache, wrong_
         fn = dispatch.select(OP, "auto", torch.device("cpu"), probe=_probe(8))
     assert fn is not wrong_cpu_backend
     assert fn is dispatch._REGISTRY[OP]["chunked"].fn  # the next backend in AUTO_ORDER
-    v = selftest.verdict(OP, "cpu", "cpu")
+    v = backend_check.verdict(OP, "cpu", "cpu")
     assert v["ok"] is False and v["worst_error"] > 1 and "FAILED" in v["reason"]
     # and a real call through auto gives the right loss
     a, c = torch.randn(9, 5), torch.randn(9, 5)
@@ -63,27 +63,27 @@ def test_failing_backend_warns_once(cache, wrong_cpu_backend, recwarn):
 
 
 def test_correct_backend_passes_and_verdict_is_cached_on_disk(cache, monkeypatch):
-    v = selftest.verdict(OP, "chunked", "cpu")
+    v = backend_check.verdict(OP, "chunked", "cpu")
     assert v["ok"] and 0 <= v["worst_error"] <= 1, v
-    path, env = selftest.cache_file("cpu")
+    path, env = backend_check.cache_file("cpu")
     data = json.loads(open(path).read())
     assert data["environment"] == env and data["verdicts"][OP]["chunked"]["ok"]
     assert not [f for f in os.listdir(cache) if ".tmp" in f]  # atomic: no leftovers
-    monkeypatch.setattr(selftest, "_MEMORY", {})  # a new process: the disk cache answers
-    monkeypatch.setattr(selftest, "check_backend", lambda *a: pytest.fail("re-ran a cached check"))
-    assert selftest.verdict(OP, "chunked", "cpu") == v
+    monkeypatch.setattr(backend_check, "_MEMORY", {})  # a new process: the disk cache answers
+    monkeypatch.setattr(backend_check, "check_backend", lambda *a: pytest.fail("re-ran a cached check"))
+    assert backend_check.verdict(OP, "chunked", "cpu") == v
 
 
 def test_cache_key_covers_the_environment(cache):
-    env = selftest.environment("cpu")
+    env = backend_check.environment("cpu")
     for key in ("device", "capability", "driver", "torch", "triton", "cuda", "courier_fast", "sources"):
         assert key in env
 
 
 def test_validate_0_trusts_and_force_rechecks(cache, wrong_cpu_backend, monkeypatch):
     calls = []
-    real_check = selftest.check_backend
-    monkeypatch.setattr(selftest, "check_backend", lambda *a: calls.append(a) or real_check(*a))
+    real_check = backend_check.check_backend
+    monkeypatch.setattr(backend_check, "check_backend", lambda *a: calls.append(a) or real_check(*a))
     monkeypatch.setenv("COURIER_FAST_VALIDATE", "0")
     assert dispatch.select(OP, "auto", torch.device("cpu"), probe=_probe(8)) is wrong_cpu_backend
     assert not calls
@@ -105,7 +105,7 @@ def test_a_crashing_backend_fails_with_its_message(cache, monkeypatch):
         raise RuntimeError("no kernel image is available for execution on the device")
 
     dispatch.register(OP, "cpu", broken, devices=("cpu",))
-    v = selftest.verdict(OP, "cpu", "cpu")
+    v = backend_check.verdict(OP, "cpu", "cpu")
     assert not v["ok"] and v["worst_error"] == float("inf") and "no kernel image" in v["reason"]
 
 
@@ -138,15 +138,15 @@ def test_cli_selftest_on_cpu_runs_the_interpreter_and_passes(tmp_path):
 def test_check_is_independent_of_the_callers_grad_mode(cache):
     """The first auto call may come from an evaluation loop under no_grad / inference_mode."""
     with torch.inference_mode():
-        v = selftest.check_backend(OP, "chunked", "cpu")
+        v = backend_check.check_backend(OP, "chunked", "cpu")
     assert v["ok"], v
 
 
-def test_module_is_callable_as_the_issue_spells_it(cache, monkeypatch):
+def test_selftest_function_returns_every_backend_verdict(cache, monkeypatch):
     """courier_fast.selftest(device, force) -> {op: {backend: {ok, worst_error, reason}}}."""
     seen = []
-    monkeypatch.setattr(selftest, "verdict", lambda op, backend, device, force=False: seen.append(
+    monkeypatch.setattr(backend_check, "verdict", lambda op, backend, device, force=False: seen.append(
         (op, backend, device, force)) or {"ok": True, "worst_error": 0.0, "reason": "stub"})
-    out = selftest("cpu", force=True)
+    out = cf.selftest("cpu", force=True)
     assert set(out) == set(dispatch.ops()) and {"cpu", "chunked"} <= set(out[OP])
     assert "reference" not in out[OP] and all(f for *_, f in seen)

@@ -29,8 +29,6 @@ import json
 import math
 import os
 import platform
-import sys
-import types
 import warnings
 
 import torch
@@ -381,13 +379,3 @@ def selftest(device="cuda", force=False):
     return {op: {name: verdict(op, name, device, force=force) for name in names}
             for op, names in registered(device).items()}
 
-
-class _CallableModule(types.ModuleType):
-    """`courier_fast.selftest(device="cuda", force=False)` calls selftest() while the module's
-    other functions (verdict, trusted, cache_file, ...) stay reachable as attributes."""
-
-    def __call__(self, device="cuda", force=False):
-        return selftest(device, force)
-
-
-sys.modules[__name__].__class__ = _CallableModule
