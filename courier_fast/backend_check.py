@@ -301,7 +301,7 @@ def _read(path):
 def _write(path, env, op, backend, verdict):
     """Merge one verdict into the cache file (atomic replace; a lost race loses nothing but a
     re-check)."""
-    from courier_fast.data.format import atomic_path
+    from courier_fast.atomic import atomic_path
 
     os.makedirs(os.path.dirname(path), exist_ok=True)
     data = _read(path) or {"environment": env, "verdicts": {}}

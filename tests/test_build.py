@@ -159,7 +159,7 @@ def test_unloadable_extension_warns_once_with_the_fix_and_the_package_still_work
     assert out.returncode == 0, out.stderr
 
 
-def test_ops_import_without_the_data_stack():
+def test_ops_import_without_the_data_stack(tmp_path):
     """contrastive_loss and the attention need torch only: the model/training API is lazy."""
     code = textwrap.dedent("""
         import sys
@@ -175,9 +175,15 @@ def test_ops_import_without_the_data_stack():
         from courier_fast.cli import main
         assert main(["info"]) == 0  # the diagnostic works on a torch-only install
         assert main(["train", "--data", "d", "--out", "o"]) == 2  # and train says what is missing
+        assert main(["import", "--interactions", "f", "--items", "f", "--images", "d", "--out", "o"]) == 2
+        from courier_fast import backend_check  # the self-check and its cache need torch only too
+        assert backend_check.verdict("contrastive_loss", "chunked", "cpu", force=True)["ok"]
+        assert "pyarrow" not in sys.modules
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "COURIER_FAST_CACHE_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr
+    assert any(f.startswith("selftest-") for f in os.listdir(tmp_path))
     assert "torch.Size([1, 2, 4])" in out.stdout and "backends:" in out.stdout
     assert "courier-fast train: error: " in out.stderr and "simulated: not installed" in out.stderr
 

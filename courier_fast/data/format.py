@@ -14,7 +14,6 @@ image files that do not exist (a ValueError naming the item and path, or with
 on_missing="skip" the item is left out, its history / page-view slots dropped and counted).
 Writes are atomic (temporary file, then rename).
 """
-import contextlib
 import os
 import warnings
 
@@ -22,6 +21,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from courier_fast.atomic import atomic_path  # noqa: F401  (the data modules write through it)
 
 SESSION_TABLES = ("pretrain", "ctr_train", "ctr_test")
 PATH_CHUNK = 65536  # image paths resolved and checked this many at a time
@@ -31,19 +32,6 @@ ITEM_PATH_SCHEMA = pa.schema([("item_id", pa.int64()), ("image_path", pa.string(
                               ("title", pa.string())])
 SESSION_SCHEMA = pa.schema([("user_id", pa.int64()), ("history", pa.list_(pa.int64())),
                             ("pv_items", pa.list_(pa.int64())), ("clicks", pa.list_(pa.int8()))])
-
-
-@contextlib.contextmanager
-def atomic_path(path):
-    """Yield a temporary path beside `path`; it replaces `path` when the block succeeds and is
-    removed when it fails, so readers never see a half-written file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def write_table(table, path):
