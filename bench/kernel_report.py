@@ -3,9 +3,10 @@
     python bench/kernel_report.py [--out PATH] [--quick] [--no-cuda] [--jobs N]
 
 Triton: every kernel of kernels/contrastive_lse.py and kernels/reconstruction_attention.py,
-for every autotune config (contrastive: config_table() per feature-dim class) or every block
-combination the host can launch (attention: block_options()), every constexpr flag, fp32 /
-bf16 / fp16 inputs, compiled ahead of time for sm_80 and sm_90a (bench/triton_aot.py). Each row
+for every autotune config (contrastive: config_table() per feature-dim class and input kind) or
+every block combination the host can launch (attention: block_options()), every constexpr flag,
+bf16 / fp16 inputs and fp32 inputs where the host launches them (d <= FP32_MAX_D, head dim <=
+FP32_MAX_HEAD_DIM), compiled ahead of time for sm_80 and sm_90a (bench/triton_aot.py). Each row
 records registers, spills and shared memory (ptxas -v; Triton's launch metadata), the MMA
 instructions of the PTX and their input precision, and every tl.dot of the TTGIR (operand
 dtype; whether it became tensor-core MMA).
@@ -81,21 +82,24 @@ def triton_tasks(quick=False):
     for cls in ((512, "split") if quick else lse.D_CLASSES):
         d = 1024 if cls == "split" else cls
         for kernel in ("row_lse", "grad_x", "grad_y"):
-            table = lse.config_table(kernel, cls)
-            table = table[:1] if quick else table
             flags = [{}] if kernel == "row_lse" else [{"HAS_COLS": c} for c in ((True,) if quick else (False, True))]
             base = lse.forward_constexprs(d) if kernel == "row_lse" else lse.grad_constexprs(d)
-            for bn, bm, warps, stages in table:
-                for flag in flags:
-                    for dt in dtypes:
+            for dt in dtypes:
+                if dt == "float32" and (cls == "split" or cls > lse.FP32_MAX_D):
+                    continue  # the host never launches these (kernels/contrastive_lse.py: FP32_MAX_D)
+                table = lse.config_table(kernel, cls, fp32=dt == "float32")
+                for bn, bm, warps, stages in (table[:1] if quick else table):
+                    for flag in flags:
                         cx = {**base, **flag, "DOT_FP32": dt == "float32", "BLOCK_N": bn, "BLOCK_M": bm}
                         tasks.append(("contrastive_loss", kernel, dt, cx, warps, stages, f"d_class={cls}"))
     for block_dh in ((64, 256) if quick else (16, 32, 64, 128, 256)):
-        p_opts, l_opts = attn.block_options(block_dh)
-        combos = [(p, l) for p in p_opts for l in l_opts]
-        for bp, bl in (combos[-1:] if quick else combos):
-            for kernel in ("attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq"):
-                for dt in dtypes:
+        for dt in dtypes:
+            if dt == "float32" and block_dh > attn.FP32_MAX_HEAD_DIM:
+                continue  # the host never launches these (FP32_MAX_HEAD_DIM)
+            p_opts, l_opts = attn.block_options(block_dh, fp32=dt == "float32")
+            combos = [(p, l) for p in p_opts for l in l_opts]
+            for bp, bl in (combos[-1:] if quick else combos):
+                for kernel in ("attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq"):
                     cx = {"DOT_FP32": dt == "float32", "BLOCK_P": bp, "BLOCK_L": bl, "BLOCK_DH": block_dh}
                     tasks.append(("reconstruction_attention", kernel, dt, cx, attn.num_warps(bp, bl), attn.NUM_STAGES,
                                   f"head_dim<={block_dh}"))
@@ -198,11 +202,13 @@ CUDA_OPS = {"contrastive_lse_cuda": "contrastive_loss", "attention_core_cuda": "
 
 
 def _nvcc():
-    for cand in (os.environ.get("CUDA_HOME", ""), "/usr/local/cuda"):
-        path = os.path.join(cand, "bin", "nvcc")
-        if cand and os.path.isfile(path):
-            return cand, path
-    return None, None
+    """(CUDA home, nvcc) the package's build would use (setup.py's discovery), or (None, None)."""
+    import torch
+    sys.path.insert(0, os.path.join(ROOT, "_build_backend"))
+    import cuda_toolchain
+
+    home, _ = cuda_toolchain.find_cuda_home(torch.version.cuda or "13.0")
+    return (home, os.path.join(home, "bin", "nvcc")) if home else (None, None)
 
 
 def _cuda_compile(path):
@@ -214,7 +220,10 @@ def _cuda_compile(path):
         includes = cpp_extension.include_paths(device_type="cuda")
     except TypeError:  # torch < 2.6
         includes = cpp_extension.include_paths(cuda=True)
-    includes = includes + [os.path.join(home, "include", "cccl")]
+    import cuda_toolchain  # on sys.path since _nvcc()
+    import torch
+    # the build's header dirs: pip's CUDA headers (cuBLAS, cuSPARSE, ... come with torch) and CCCL
+    includes = includes + cuda_toolchain.include_dirs(home, torch.version.cuda or "13.0")
     flags = ["-O3", "--expt-relaxed-constexpr", "-std=c++20", "-Xptxas", "-v", "-DTORCH_API_INCLUDE_EXTENSION_H",
              "-DTORCH_EXTENSION_NAME=_C", "-D_GLIBCXX_USE_CXX11_ABI=1", *cpp_extension.COMMON_NVCC_FLAGS,
              "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90"]
@@ -237,7 +246,8 @@ def parse_nvcc_ptxas(log, op):
         m = re.search(r"Compiling entry function '(\w+)' for '(sm_\d+)'", line)
         if m:
             name = pretty.get(m.group(1), m.group(1))
-            kernel = re.sub(r"^.*::", "", name.split("<")[0].split("(")[0])
+            plain = name.replace("(anonymous namespace)::", "").split("<")[0].split("(")[0]
+            kernel = plain.split("::")[-1].split()[-1] if plain.strip() else m.group(1)
             dtype = "float64" if "<double" in name else "float16" if "Half" in name else \
                 "bfloat16" if "BFloat16" in name else "float32"
             current = {"op": op, "kernel": kernel, "arch": m.group(2), "dtype": dtype,
@@ -298,12 +308,16 @@ def contrastive_work(n, d, symmetric, elem_bytes=2):
     k, dv = _pad(d, grad["BLOCK_K"]), grad["BLOCK_DV"]
     chunks = _cdiv(d, dv)
     bwd_flop = bwd_bytes = 0
-    for bn, bm, _, _ in lse.config_table("grad_x", cls):  # grad_y: the same with rows and columns swapped
-        programs, tiles = _cdiv(n, bn) * chunks, _cdiv(n, bm)
-        per_tile = bm * k * e if grad["FUSED"] else (bn + bm) * k * e + bm * dv * e
-        own = bn * k * e if grad["FUSED"] else 0
-        bwd_flop = max(bwd_flop, 2 * programs * tiles * 2 * bn * bm * (k + dv))
-        bwd_bytes = max(bwd_bytes, 2 * programs * (tiles * per_tile + own + bn * dv * 4))
+    for kernel in ("grad_x", "grad_y"):  # grad_y: programs over column blocks, rows tiled
+        flop = nbytes = 0
+        for bn, bm, _, _ in lse.config_table(kernel, cls):
+            mine, other = (bn, bm) if kernel == "grad_x" else (bm, bn)
+            programs, tiles = _cdiv(n, mine) * chunks, _cdiv(n, other)
+            per_tile = other * k * e if grad["FUSED"] else (mine + other) * k * e + other * dv * e
+            own = mine * k * e if grad["FUSED"] else 0
+            flop = max(flop, programs * tiles * 2 * mine * other * (k + dv))
+            nbytes = max(nbytes, programs * (tiles * per_tile + own + mine * dv * 4))
+        bwd_flop, bwd_bytes = bwd_flop + flop, bwd_bytes + nbytes
     floor_flop, byte_floor = 8 * n * n * d, 2 * n * d * e * 3
     total, total_bytes = fwd_flop + bwd_flop, fwd_bytes + bwd_bytes
     return {"op": "contrastive_loss", "d": d, "symmetric": symmetric, "shape": {"N": n, "M": n},

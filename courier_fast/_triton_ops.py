@@ -14,7 +14,8 @@ from courier_fast.kernels import contrastive_lse as _k
 from courier_fast.kernels import reconstruction_attention as _attn
 
 INTERPRET = _k.INTERPRET
-ATTENTION_MAX_HEAD_DIM = _attn.MAX_HEAD_DIM
+contrastive_supports = _k.supports  # (anchors) -> bool: fp32 only up to d = FP32_MAX_D on a GPU
+attention_supports = _attn.supports  # (targets, num_heads) -> bool: the dtype / head-dim limits
 
 
 @torch.library.custom_op("courier_fast::contrastive_lse_triton", mutates_args=())

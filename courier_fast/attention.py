@@ -128,6 +128,6 @@ if importlib.util.find_spec("triton") is not None:
 
     dispatch.register(OP, "triton", _projected_attention(_triton_ops.attention_core),
                       devices=("cuda", "cpu") if _triton_ops.INTERPRET else ("cuda",),
-                      supports=_head_dim_at_most(_triton_ops.ATTENTION_MAX_HEAD_DIM),
+                      supports=_triton_ops.attention_supports,
                       note="Triton attention core (online softmax over history tiles, masks, "
                            "causal, atomics-free backward, 16-bit MMA for 16-bit inputs)")

@@ -31,6 +31,9 @@ from courier_fast.chunked import inverse_norms, normalize_backward
 from courier_fast.kernels._launch import device_guard
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
+# fp32 dots: 3xTF32 on tensor cores (about fp32 accuracy; IEEE FMA dots spill registers at
+# every useful tile size, see bench/results/static-kernels.json); IEEE in the interpreter.
+FP32_DOT = tl.constexpr("ieee" if INTERPRET else "tf32x3")
 MAX_FUSED_D = 512  # above: the gradient accumulator is split over feature chunks
 SPLIT_DV = 256  # feature chunk of the gradient accumulator when d > MAX_FUSED_D
 SPLIT_K = 128  # feature chunk of the logits GEMM when the features do not fit one tile
@@ -42,42 +45,68 @@ def _cfg(bn, bm, warps, stages):
     return triton.Config({"BLOCK_N": bn, "BLOCK_M": bm}, num_warps=warps, num_stages=stages)
 
 
-# (kernel, d class) -> the configs its autotuner may pick. d class = padded feature dim
-# (power of two, 16..MAX_FUSED_D) or "split" (d > MAX_FUSED_D). bench/kernel_report.py
-# compiles every entry for sm_80 and sm_90a and tests/test_kernel_report.py checks them.
+# (kernel, d class, 16-bit or fp32 inputs) -> the configs its autotuner may pick. d class =
+# padded feature dim (power of two, 16..MAX_FUSED_D) or "split" (d > MAX_FUSED_D). Every entry
+# is one that bench/kernel_report.py compiled for sm_80 and sm_90a without register spills and
+# within the A100's shared memory (tests/test_kernel_report.py checks the committed report);
+# configs that failed there were removed. fp32 inputs (3xTF32 dots: the operands are split in
+# two, so twice the registers and shared memory of a 16-bit tile) get smaller tiles.
 _FWD = [(128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4)]
 _FWD_WIDE = [(128, 64, 8, 3), (64, 64, 4, 3), (64, 128, 8, 3)]
-_GRAD_SMALL = [(128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 4)]
-_GRAD_128 = [(128, 64, 8, 3), (64, 64, 4, 3), (64, 128, 8, 2)]
-_GRAD_256 = [(64, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)]
-_GRAD_512 = [(64, 32, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2)]
-_GRAD_SPLIT = [(64, 64, 8, 2), (64, 32, 4, 2)]
+_GRAD = {  # 16-bit inputs, per d class: (kernel-independent) candidates, then per-kernel drops
+    "grad_x": {16: [(128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 4)],
+               32: [(128, 128, 8, 3), (64, 64, 4, 4)],
+               64: [(128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 4)],
+               128: [(128, 64, 8, 3), (64, 64, 4, 3), (64, 128, 8, 2)],
+               256: [(64, 64, 8, 2), (64, 32, 4, 2)],
+               512: [(64, 32, 8, 2), (32, 32, 4, 2)],
+               "split": [(64, 64, 8, 2)]},
+    "grad_y": {16: [(128, 64, 4, 3), (64, 64, 4, 4)],
+               32: [(128, 64, 4, 3), (64, 64, 4, 4)],
+               64: [(64, 64, 4, 4)],
+               128: [(128, 64, 8, 3), (64, 64, 4, 3)],
+               256: [(64, 32, 4, 2), (128, 32, 8, 2)],
+               512: [(64, 32, 8, 2), (32, 32, 4, 2)],
+               "split": [(64, 64, 8, 2)]},
+}
+_FP32 = {  # fp32 inputs: only d <= FP32_MAX_D compiled spill-free (see FP32_MAX_D)
+    "row_lse": {16: [(64, 64, 4, 3), (32, 64, 4, 3), (32, 32, 4, 2)],
+                32: [(64, 64, 4, 3), (32, 64, 4, 3), (32, 32, 4, 2)],
+                64: [(64, 64, 4, 3), (64, 32, 4, 3), (32, 64, 4, 3), (32, 32, 4, 2)]},
+    "grad_x": {16: [(64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)],
+               32: [(64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)],
+               64: [(32, 64, 4, 2), (32, 32, 4, 2)]},
+    "grad_y": {16: [(64, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2)],
+               32: [(64, 32, 4, 2), (32, 32, 4, 2)],
+               64: [(32, 32, 4, 2)]},
+}
+# Widest fp32 feature dim launched on a GPU: from d = 128 on, every tile tried (32..128 x
+# 32..64, 4-8 warps, with 3xTF32 and with IEEE dots) spilled registers in the gradient kernels
+# for sm_80 or sm_90a, so fp32 inputs wider than this go to the `cuda` / `chunked` backends
+# (cuBLAS fp32 GEMMs). 16-bit inputs have no such limit.
+FP32_MAX_D = 64
 D_CLASSES = (16, 32, 64, 128, 256, 512, "split")
 
 
-def _grad_table(d_class):
-    if d_class == "split":
-        return _GRAD_SPLIT
-    return {16: _GRAD_SMALL, 32: _GRAD_SMALL, 64: _GRAD_SMALL, 128: _GRAD_128, 256: _GRAD_256,
-            512: _GRAD_512}[d_class]
-
-
-def config_table(kernel, d_class):
+def config_table(kernel, d_class, fp32=False):
     """[(BLOCK_N, BLOCK_M, num_warps, num_stages)] the autotuner of `kernel` ('row_lse',
-    'grad_x', 'grad_y') may pick for feature dims of d_class."""
+    'grad_x', 'grad_y') may pick for feature dims of d_class and 16-bit (fp32=False) or fp32
+    inputs."""
+    if fp32:
+        return _FP32[kernel][d_class]
     if kernel == "row_lse":
         return _FWD if d_class != "split" and d_class <= FWD_ONE_K else _FWD_WIDE
-    return _grad_table(d_class)
+    return _GRAD[kernel][d_class]
 
 
 def d_class(d):
     return "split" if d > MAX_FUSED_D else max(16, triton.next_power_of_2(d))
 
 
-def _configs(kernel, cls):
+def _configs(kernel, cls, fp32):
     if INTERPRET:  # the interpreter runs every config it is given: one small one
         return [_cfg(16, 16, 4, 1)]
-    return [_cfg(*c) for c in config_table(kernel, cls)]
+    return [_cfg(*c) for c in config_table(kernel, cls, fp32)]
 
 
 # --------------------------------------------------------------------------- device code
@@ -85,7 +114,7 @@ def _configs(kernel, cls):
 def _dot(a, b, DOT_FP32: tl.constexpr):
     """a @ b, fp32 accumulation; a must already be in b's dtype unless DOT_FP32."""
     if DOT_FP32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=FP32_DOT)
     else:
         return tl.dot(a, b)
 
@@ -240,14 +269,15 @@ def _grad_y_kernel(X, Y, INV_X, INV_Y, X_BIAS, Y_BIAS, G, LSE_R, H, LSE_C, G_MAX
 _TUNED = {}
 
 
-def tuned(kernel, cls):
-    """The autotuned launcher of `kernel` ('row_lse', 'grad_x', 'grad_y') for d class `cls`:
-    one Autotuner per (kernel, class), so it can only pick configs of config_table()."""
-    if (kernel, cls) not in _TUNED:
+def tuned(kernel, cls, fp32):
+    """The autotuned launcher of `kernel` ('row_lse', 'grad_x', 'grad_y') for d class `cls` and
+    fp32 (else 16-bit) inputs: one Autotuner per (kernel, class, fp32), so it can only pick
+    configs of config_table()."""
+    if (kernel, cls, fp32) not in _TUNED:
         fn, key = {"row_lse": (_row_lse_kernel, ["M", "D"]), "grad_x": (_grad_x_kernel, ["M", "D"]),
                    "grad_y": (_grad_y_kernel, ["N", "D"])}[kernel]
-        _TUNED[kernel, cls] = triton.autotune(configs=_configs(kernel, cls), key=key)(fn)
-    return _TUNED[kernel, cls]
+        _TUNED[kernel, cls, fp32] = triton.autotune(configs=_configs(kernel, cls, fp32), key=key)(fn)
+    return _TUNED[kernel, cls, fp32]
 
 
 def forward_constexprs(d):
@@ -299,15 +329,28 @@ def _row_lse(x, inv_x, y, inv_y, y_bias, scale):
         return out
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)
     with device_guard(x):
-        tuned("row_lse", d_class(d))[grid](x, y, inv_x, inv_y, y_bias, out, n, m, d, x.stride(0),
+        tuned("row_lse", d_class(d), x.dtype == torch.float32)[grid](x, y, inv_x, inv_y, y_bias, out, n, m, d, x.stride(0),
                                             y.stride(0), float(scale), DOT_FP32=dot_fp32(x.dtype),
                                             **forward_constexprs(d))
     return out
 
 
+def supports(x):
+    """Whether this backend launches for anchors x (N, d) here (used by backend='auto')."""
+    return INTERPRET or x.dtype not in (torch.float32, torch.float64) or x.shape[-1] <= FP32_MAX_D
+
+
+def _check_launchable(x):
+    if not supports(x):
+        raise ValueError(f"the triton contrastive kernels take {x.dtype} inputs only up to d = {FP32_MAX_D} "
+                         f"features on a GPU (wider fp32 tiles spill registers; bench/results/static-kernels.json), "
+                         f"got d = {x.shape[-1]}: pass bf16/fp16 inputs, or use backend='cuda' or 'chunked'")
+
+
 def lse_forward(x, y, x_mask, y_mask, scale, normalize, with_columns):
     """(row_lse (N,), col_lse (M,) or empty), fp32: logsumexp over kept y_i (resp. x_j) of
     scale * <x_hat_j, y_hat_i>; -inf for an empty set."""
+    _check_launchable(x)
     (xk, inv_x, _), (yk, inv_y, _) = _prep(x, normalize), _prep(y, normalize)
     row = _row_lse(xk, inv_x, yk, inv_y, _bias(y_mask, y.shape[0], x.device), scale)
     if not with_columns:
@@ -324,6 +367,7 @@ def lse_backward(grad_row, grad_col, x, y, x_mask, y_mask, row_lse_, col_lse, sc
                  with_columns):
     """(dL/dx, dL/dy) in the dtypes of x and y for upstream gradients grad_row (N,) and
     grad_col (M,, used only with columns)."""
+    _check_launchable(x)
     (xk, inv_x, true_inv_x), (yk, inv_y, true_inv_y) = _prep(x, normalize), _prep(y, normalize)
     n, m, d = xk.shape[0], yk.shape[0], xk.shape[1]
     dev = xk.device
@@ -341,9 +385,9 @@ def lse_backward(grad_row, grad_col, x, y, x_mask, y_mask, row_lse_, col_lse, sc
         common = dict(HAS_COLS=with_columns, DOT_FP32=dot_fp32(xk.dtype), **c)
         chunks = triton.cdiv(d, c["BLOCK_DV"])
         with device_guard(xk):
-            tuned("grad_x", d_class(d))[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), chunks)](
+            tuned("grad_x", d_class(d), xk.dtype == torch.float32)[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), chunks)](
                 *args, _abs_max(h), gx_hat, n, m, d, xk.stride(0), yk.stride(0), float(scale), **common)
-            tuned("grad_y", d_class(d))[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), chunks)](
+            tuned("grad_y", d_class(d), xk.dtype == torch.float32)[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), chunks)](
                 *args, _abs_max(g), gy_hat, n, m, d, xk.stride(0), yk.stride(0), float(scale), **common)
     if normalize:
         gx_hat = normalize_backward(gx_hat, x, true_inv_x)

@@ -26,6 +26,9 @@ import triton.language as tl
 from courier_fast.kernels._launch import device_guard
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
+# fp32 dots: 3xTF32 on tensor cores (about fp32 accuracy; IEEE FMA dots spill registers at
+# every useful tile size, see bench/results/static-kernels.json); IEEE in the interpreter.
+FP32_DOT = tl.constexpr("ieee" if INTERPRET else "tf32x3")
 MAX_HEAD_DIM = 256
 TILE_BUDGET = 128 * 128  # (BLOCK_P + 2 BLOCK_L) * BLOCK_DH elements of q, k, v tiles per program
 NUM_STAGES = 2
@@ -40,7 +43,7 @@ def num_warps(block_p, block_l):
 def _dot(a, b, DOT_FP32: tl.constexpr):
     """a @ b, fp32 accumulation; a must already be in b's dtype unless DOT_FP32."""
     if DOT_FP32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=FP32_DOT)
     else:
         return tl.dot(a, b)
 
@@ -187,28 +190,49 @@ def _tile(n, options):
     return next((o for o in options if o >= n), options[-1])
 
 
-def block_options(block_dh):
-    """(BLOCK_P options, BLOCK_L options) the host may launch on a GPU for a padded head dim:
-    tiles shrink as the head dim grows so that (BLOCK_P + 2 BLOCK_L) * BLOCK_DH <= TILE_BUDGET.
+# padded head dim -> (BLOCK_P options, BLOCK_L options) for 16-bit inputs; the host launches any
+# pair. Every pair is one that bench/kernel_report.py compiled for sm_80 and sm_90a (forward,
+# dK/dV and dQ kernels) without register spills and within the A100's shared memory; pairs
+# that failed there were removed (64-row target tiles with head dim >= 32 spilled in dQ or dK/dV).
+_BLOCKS = {16: ((16, 64), (16, 128)), 32: ((16,), (16, 64, 128)), 64: ((16,), (16, 64)),
+           128: ((16,), (16, 32)), 256: ((16, 32), (16,))}
+# fp32 inputs (3xTF32 dots: twice the operand registers): only head dims <= FP32_MAX_HEAD_DIM
+# compiled spill-free; from 128 on every tile tried (16..64 x 16..64) spilled in the backward.
+_BLOCKS_FP32 = {16: ((16, 32), (16, 32, 64)), 32: ((16,), (16, 32)), 64: ((16, 32), (16,))}
+FP32_MAX_HEAD_DIM = 64
+
+
+def block_options(block_dh, fp32=False):
+    """(BLOCK_P options, BLOCK_L options) the host may launch on a GPU for a padded head dim and
+    16-bit (fp32=False) or fp32 inputs; within (BLOCK_P + 2 BLOCK_L) * BLOCK_DH <= TILE_BUDGET.
     (The interpreter always uses 16 x 16 tiles, for speed.)"""
-    if block_dh <= 32:
-        return (16, 64), (16, 64, 128)
-    return {64: ((16, 64), (16, 64)), 128: ((16, 64), (16, 32)), 256: ((16, 32), (16,))}[block_dh]
+    return (_BLOCKS_FP32 if fp32 else _BLOCKS)[block_dh]
 
 
-def blocks(p, length, dh):
-    """(BLOCK_P, BLOCK_L, BLOCK_DH) for P targets, L history items, head dim dh."""
+def blocks(p, length, dh, fp32=False):
+    """(BLOCK_P, BLOCK_L, BLOCK_DH) for P targets, L history items, head dim dh, fp32 (else
+    16-bit) inputs."""
     if dh > MAX_HEAD_DIM:
         raise ValueError(f"the triton attention core supports head dim <= {MAX_HEAD_DIM} "
                          f"(embed_dim / num_heads), got {dh}")
+    if fp32 and dh > FP32_MAX_HEAD_DIM and not INTERPRET:
+        raise ValueError(f"the triton attention core takes float32 inputs only up to head dim "
+                         f"{FP32_MAX_HEAD_DIM} on a GPU (wider fp32 tiles spill registers; "
+                         f"bench/results/static-kernels.json), got {dh}: use bf16/fp16 (autocast) or backend='cuda'")
     block_dh = max(16, triton.next_power_of_2(dh))
-    p_opts, l_opts = ((16,), (16,)) if INTERPRET else block_options(block_dh)
+    p_opts, l_opts = ((16,), (16,)) if INTERPRET else block_options(block_dh, fp32)
     return _tile(p, p_opts), _tile(length, l_opts), block_dh
 
 
 def supports(targets, num_heads, **_):
-    """Whether this backend handles the call (used by backend='auto')."""
-    return targets.shape[-1] // num_heads <= MAX_HEAD_DIM
+    """Whether this backend handles the call (used by backend='auto'): head dim <= MAX_HEAD_DIM,
+    and <= FP32_MAX_HEAD_DIM when the projections give fp32 (no CUDA autocast to 16 bits)."""
+    dh = targets.shape[-1] // num_heads
+    dtype = targets.dtype
+    if targets.is_cuda and torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")
+    fp32 = dtype in (torch.float32, torch.float64) and not INTERPRET
+    return dh <= (FP32_MAX_HEAD_DIM if fp32 else MAX_HEAD_DIM)
 
 
 def _mask_arg(mask, b, length, device):
@@ -243,7 +267,7 @@ def attention_forward(q, k, v, key_padding_mask, causal, sm_scale):
     q, k, v = _compute(q), _compute(k), _compute(v)
     b, h, p, dh = q.shape
     length = k.shape[2]
-    block_p, block_l, block_dh = blocks(p, length, dh)
+    block_p, block_l, block_dh = blocks(p, length, dh, q.dtype == torch.float32)
     o = torch.empty(b, p, h, dh, device=q.device, dtype=q.dtype)
     o_view = o.transpose(1, 2)  # (B, h, P, dh) view of the (B, P, h, dh) buffer
     lse = torch.empty(b, h, p, device=q.device, dtype=torch.float32)
@@ -264,7 +288,7 @@ def attention_backward(grad_o, q, k, v, o, lse, key_padding_mask, causal, sm_sca
     q, k, v = _compute(q), _compute(k), _compute(v)
     b, h, p, dh = q.shape
     length = k.shape[2]
-    block_p, block_l, block_dh = blocks(p, length, dh)
+    block_p, block_l, block_dh = blocks(p, length, dh, q.dtype == torch.float32)
     do = grad_o.to(q.dtype).reshape(b, p, h, dh).transpose(1, 2)
     delta = (do.float() * o.float().reshape(b, p, h, dh).transpose(1, 2)).sum(-1).contiguous()
     lse_safe = torch.where(torch.isinf(lse), torch.full_like(lse, float("inf")), lse).contiguous()

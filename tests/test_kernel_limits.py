@@ -54,7 +54,7 @@ def recorded(monkeypatch):
     for name in ATTN_KERNELS:
         monkeypatch.setattr(attn_kernels, name, _Recorder(log, state))
     monkeypatch.setattr(attn_kernels, "device_guard", Guard)
-    monkeypatch.setattr(lse_kernels, "tuned", lambda kernel, cls: _Recorder(log, state))
+    monkeypatch.setattr(lse_kernels, "tuned", lambda kernel, cls, fp32: _Recorder(log, state))
     monkeypatch.setattr(lse_kernels, "device_guard", Guard)
     return log
 
@@ -174,3 +174,29 @@ def test_cuda_contrastive_tiles_are_sized_by_rows():
     assert rows(100, 2**20, True) == 100  # never more rows than there are
     assert rows(2**20, 1000, True) * 1000 <= 2**26  # small M: the element budget, not rows
     assert rows(2**20, 2**20, False) >= 16  # CPU keeps its cache-sized tiles
+
+
+def test_fp32_inputs_wider_than_the_spill_free_tiles_are_not_launched_on_a_gpu(monkeypatch):
+    """On a GPU (INTERPRET off) the Triton kernels launch fp32 only where the compile report
+    found spill-free tiles; wider fp32 calls are declined by supports() (auto moves on) and are
+    a clear error when asked for by name. 16-bit inputs have no such limit."""
+    monkeypatch.setattr(lse_kernels, "INTERPRET", False)
+    monkeypatch.setattr(attn_kernels, "INTERPRET", False)
+    wide, narrow = lse_kernels.FP32_MAX_D + 1, lse_kernels.FP32_MAX_D
+    assert lse_kernels.supports(torch.zeros(4, narrow)) and not lse_kernels.supports(torch.zeros(4, wide))
+    assert not lse_kernels.supports(torch.zeros(4, wide, dtype=torch.float64))
+    assert lse_kernels.supports(torch.zeros(4, 1024, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="bf16/fp16"):
+        lse_kernels.lse_forward(torch.zeros(4, wide), torch.zeros(4, wide), None, None, 1.0, True, False)
+    dh = attn_kernels.FP32_MAX_HEAD_DIM
+    assert attn_kernels.supports(torch.zeros(1, 2, 2 * dh), num_heads=2)
+    assert not attn_kernels.supports(torch.zeros(1, 2, 4 * dh), num_heads=2)
+    assert attn_kernels.supports(torch.zeros(1, 2, 4 * dh, dtype=torch.bfloat16), num_heads=2)
+    with pytest.raises(ValueError, match="float32 inputs only up to head dim"):
+        attn_kernels.blocks(4, 8, 2 * dh, fp32=True)
+    assert attn_kernels.blocks(4, 8, 2 * dh, fp32=False)[2] == 2 * dh
+    for block_dh in (16, 32, 64):  # the fp32 tables exist exactly where fp32 is launched
+        assert attn_kernels.block_options(block_dh, fp32=True)
+    for cls in (16, 32, 64):
+        for kernel in ("row_lse", "grad_x", "grad_y"):
+            assert lse_kernels.config_table(kernel, cls, fp32=True)
