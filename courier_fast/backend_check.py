@@ -183,18 +183,30 @@ def check_backend(op, backend, device):
         return _check_backend(op, backend, device)
 
 
+def _probe(op, spec, leaves):
+    """The keyword arguments dispatch gives the backends' supports() for this problem."""
+    if op == "contrastive_loss":
+        return {"anchors": leaves[0], "candidates": leaves[1]}
+    return {"targets": leaves[0], "num_heads": spec["h"]}
+
+
 def _check_backend(op, backend, device):
     problems, make = CASES[op]
     dev = torch.device(device)
-    worst, worst_what = 0.0, ""
+    supports = dispatch._REGISTRY[op][backend].supports
+    worst, worst_what, ran, declined = 0.0, "", 0, []
     labels = ("forward",) + tuple(f"grad {i}" for i in range(8))
     for name, spec in problems():
         dtype = getattr(torch, spec["dtype"])
         run, inputs64, yardstick = make(name, spec, dev)
         leaves64 = [x.clone().requires_grad_() for x in inputs64]  # exactly representable in dtype
+        leaves = [x.to(device=dev, dtype=dtype).requires_grad_() for x in inputs64]
+        if supports is not None and not supports(**_probe(op, spec, leaves)):
+            declined.append(name)  # auto never sends this problem to this backend
+            continue
+        ran += 1
         try:
             want = [w.detach() for w in run("reference", torch.float64, leaves64, "cpu")]
-            leaves = [x.to(device=dev, dtype=dtype).requires_grad_() for x in inputs64]
             got = run(backend, dtype, leaves, dev)
         except Exception as exc:  # a crash is a failed check, reported with its message
             return {"ok": False, "worst_error": float("inf"),
@@ -207,10 +219,11 @@ def _check_backend(op, backend, device):
             ratio = err / tol
             if not ratio <= worst:  # also catches NaN
                 worst, worst_what = ratio, f"{name}, {label}: error {err:.3g} (allowed {tol:.3g})"
-    ok = worst <= 1.0
+    ok = worst <= 1.0 and ran > 0
     verdict = "passed" if ok else "FAILED"
+    skipped = f" ({len(declined)} outside its supports(), not run: {'; '.join(declined)})" if declined else ""
     return {"ok": ok, "worst_error": worst,
-            "reason": f"{verdict} {len(problems())} problems on {device}; worst: {worst_what}"}
+            "reason": f"{verdict} {ran} problems on {device}{skipped}; worst: {worst_what or 'none ran'}"}
 
 
 # ----------------------------------------------------------------------------- cache

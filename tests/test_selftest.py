@@ -1,5 +1,6 @@
 """Validated dispatch: the self-check, its cache, COURIER_FAST_VALIDATE, and auto skipping a
 backend that fails (here: a deliberately wrong implementation registered on CPU)."""
+import dataclasses
 import importlib.util
 import json
 import os
@@ -150,3 +151,21 @@ def test_selftest_function_returns_every_backend_verdict(cache, monkeypatch):
     out = cf.selftest("cpu", force=True)
     assert set(out) == set(dispatch.ops()) and {"cpu", "chunked"} <= set(out[OP])
     assert "reference" not in out[OP] and all(f for *_, f in seen)
+
+
+def test_problems_outside_a_backends_supports_are_not_run(cache, monkeypatch):
+    """A backend that declines some calls (e.g. Triton with wide fp32 inputs on a GPU) is checked
+    on the problems auto would send it, and the verdict names the ones it skipped."""
+    impl = dispatch._REGISTRY[OP]["chunked"]
+    calls = []
+
+    def fn(*args, **kwargs):
+        calls.append(args[0].shape[-1])
+        return impl.fn(*args, **kwargs)
+
+    only_narrow = lambda anchors, **_: anchors.shape[-1] <= 64
+    monkeypatch.setitem(dispatch._REGISTRY[OP], "chunked", dataclasses.replace(impl, fn=fn, supports=only_narrow))
+    v = backend_check.check_backend(OP, "chunked", "cpu")
+    assert v["ok"], v
+    assert "outside its supports(), not run" in v["reason"] and "d=100" in v["reason"]
+    assert calls and max(calls) <= 64
