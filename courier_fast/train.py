@@ -315,7 +315,9 @@ def train(config):
     bar = None
     if cfg.progress and rank == 0 and not done():
         from tqdm.auto import tqdm
-        bar = tqdm(total=total_steps, initial=step, desc=f"train {cfg.method}", unit="step", dynamic_ncols=True)
+        # under an image budget the step count is not known ahead (the demo passes steps=10**9)
+        bar = tqdm(total=None if cfg.max_images is not None else total_steps, initial=step,
+                   desc=f"train {cfg.method}", unit="step", dynamic_ncols=True)
     method.train()
     window = {"start": time.perf_counter(), "wait": 0.0}
     last = {}
