@@ -6,8 +6,10 @@ with every failure; each test's seed is a hash of it and the test's id, and torc
 random are seeded with it before the test (the `seed` fixture returns it, `gen` is a torch
 Generator seeded with it). COURIER_TEST_SEED=<printed seed> reruns with the same inputs.
 """
+import importlib.util
 import os
 import random
+import sys
 import secrets
 import zlib
 
@@ -74,6 +76,24 @@ def one_thread():
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+
+
+def import_bench(name):
+    """bench/<name>.py as a module, leaving sys.path as it was. The bench scripts put bench/ on
+    sys.path themselves; left there, spawned test workers would import bench/conftest.py as
+    `conftest` instead of this file."""
+    before = list(sys.path)
+    sys.path.insert(0, BENCH)
+    try:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(BENCH, f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path[:] = before
 
 
 def usable_backends(op, device="cpu"):

@@ -1,24 +1,12 @@
 """bench/bench_train_step.py's timing helper: rates are divided by the steps it actually timed."""
-import importlib.util
-import os
-import sys
-
 import pytest
 import torch
-
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+from conftest import import_bench
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, BENCH)
-    try:
-        spec = importlib.util.spec_from_file_location("bench_train_step", os.path.join(BENCH, "bench_train_step.py"))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:  # the module adds bench/ itself: left there, spawned test workers import bench/conftest.py
-        sys.path[:] = [p for p in sys.path if os.path.abspath(p) != BENCH]
+    return import_bench("bench_train_step")
 
 
 @pytest.mark.parametrize("sizes", [[5, 7, 9, 11], [3, 4, 6, 8, 10, 12, 14]])  # fewer / more batches than asked

@@ -137,28 +137,6 @@ def test_torch_changed_and_extension_unloadable_warns_once_and_the_package_works
     assert "pip install --no-build-isolation --no-deps -e ." in msg
 
 
-def test_unloadable_extension_warns_once_with_the_fix_and_the_package_still_works():
-    code = textwrap.dedent("""
-        import sys, warnings
-        class Block:
-            def find_spec(self, name, path=None, target=None):
-                if name == "courier_fast._C":
-                    raise ImportError("simulated: undefined symbol _ZN3c10")
-        sys.meta_path.insert(0, Block())
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            import courier_fast as cf
-        msgs = [str(w.message) for w in caught if "courier_fast._C" in str(w.message)]
-        assert len(msgs) == 1, msgs
-        assert "pip install --no-build-isolation --no-deps -e ." in msgs[0], msgs[0]
-        assert cf.build_info()["compiled_torch"], "build info read from the file"
-        import torch
-        print(float(cf.contrastive_loss(torch.randn(4, 3), torch.randn(4, 3))))
-    """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-
-
 def test_ops_import_without_the_data_stack(tmp_path):
     """contrastive_loss and the attention need torch only: the model/training API is lazy."""
     code = textwrap.dedent("""

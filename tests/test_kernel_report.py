@@ -10,13 +10,10 @@ import sys
 import pytest
 
 pytest.importorskip("triton")
+from conftest import import_bench  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BENCH = os.path.join(ROOT, "bench")
-sys.path.insert(0, BENCH)
-try:
-    import kernel_report  # noqa: E402
-finally:  # bench/ must not stay on sys.path: spawned test workers would import bench/conftest.py
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p) != BENCH]
+kernel_report = import_bench("kernel_report")
 
 COMMITTED = os.path.join(ROOT, "bench", "results", "static-kernels.json")
 ROW_KEYS = {"op", "kernel", "arch", "dtype", "config", "registers", "spills", "shared_bytes", "mma_precisions"}

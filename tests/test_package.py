@@ -67,7 +67,7 @@ def test_kernels_package_importable():
     assert os.path.basename(os.path.dirname(k.__file__)) == "kernels"
 
 
-def test_import_without_extension_warns_once_and_reference_works():
+def test_unloadable_extension_warns_once_with_the_fix_and_the_reference_works():
     out = _run("""
         import sys, warnings
         class Block:
@@ -81,8 +81,10 @@ def test_import_without_extension_warns_once_and_reference_works():
             import courier_fast.nn
         msgs = [str(w.message) for w in caught if "courier_fast._C" in str(w.message)]
         assert len(msgs) == 1, msgs
+        assert "pip install --no-build-isolation --no-deps -e ." in msgs[0], msgs[0]
         import torch
         assert cf.build_info()["extension_loaded"] is False
+        assert cf.build_info()["compiled_torch"], "build info read from the binary's file"
         assert cf.backends()["cpu"][0] is False and "simulated" in cf.backends()["cpu"][1]
         a, c = torch.randn(5, 3), torch.randn(5, 3)
         print(float(cf.contrastive_loss(a, c)))  # auto falls back to the reference
