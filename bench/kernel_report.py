@@ -32,6 +32,8 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(ROOT, "_build_backend"))
+import cuda_toolchain  # noqa: E402  (the build's own nvcc discovery and header dirs)
 
 DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 SMEM_LIMIT = {"sm_80": 163 * 1024, "sm_90a": 227 * 1024, "sm_90": 227 * 1024}  # A100, H100 opt-in
@@ -202,26 +204,21 @@ CUDA_OPS = {"contrastive_lse_cuda": "contrastive_loss", "attention_core_cuda": "
 
 
 def _nvcc():
-    """(CUDA home, nvcc) the package's build would use (setup.py's discovery), or (None, None)."""
+    """(CUDA home or None, where it was found or looked for): setup.py's own discovery."""
     import torch
-    sys.path.insert(0, os.path.join(ROOT, "_build_backend"))
-    import cuda_toolchain
 
-    home, _ = cuda_toolchain.find_cuda_home(torch.version.cuda or "13.0")
-    return (home, os.path.join(home, "bin", "nvcc")) if home else (None, None)
+    return cuda_toolchain.find_cuda_home(torch.version.cuda or "13.0")
 
 
-def _cuda_compile(path):
+def _cuda_compile(path, home, nvcc):
     """ptxas -v output of one .cu for sm_80 and sm_90 (host code is not compiled further)."""
+    import torch
     from torch.utils import cpp_extension
 
-    home, nvcc = _nvcc()
     try:
         includes = cpp_extension.include_paths(device_type="cuda")
     except TypeError:  # torch < 2.6
         includes = cpp_extension.include_paths(cuda=True)
-    import cuda_toolchain  # on sys.path since _nvcc()
-    import torch
     # the build's header dirs: pip's CUDA headers (cuBLAS, cuSPARSE, ... come with torch) and CCCL
     includes = includes + cuda_toolchain.include_dirs(home, torch.version.cuda or "13.0")
     flags = ["-O3", "--expt-relaxed-constexpr", "-std=c++20", "-Xptxas", "-v", "-DTORCH_API_INCLUDE_EXTENSION_H",
@@ -269,13 +266,14 @@ def parse_nvcc_ptxas(log, op):
 
 
 def cuda_rows():
-    home, nvcc = _nvcc()
-    if nvcc is None:
-        return [], "no nvcc found (CUDA_HOME, /usr/local/cuda)"
+    home, found = _nvcc()
+    if home is None:
+        return [], found
+    nvcc = os.path.join(home, "bin", "nvcc")
     rows = []
     for path in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))):
         stem = os.path.splitext(os.path.basename(path))[0]
-        rows += parse_nvcc_ptxas(_cuda_compile(path), CUDA_OPS.get(stem, stem))
+        rows += parse_nvcc_ptxas(_cuda_compile(path, home, nvcc), CUDA_OPS.get(stem, stem))
     return rows, f"nvcc at {nvcc}; GEMMs of the contrastive CUDA backend are cuBLAS calls in fp32 (inputs upcast), not in these rows"
 
 
