@@ -112,7 +112,7 @@ def kernel_sources_hash():
     """sha256 of the Triton kernel sources the rows were compiled from."""
     import hashlib
     digest = hashlib.sha256()
-    for name in ("contrastive_lse.py", "reconstruction_attention.py"):
+    for name in ("contrastive_lse.py", "reconstruction_attention.py", "_mma.py"):
         with open(os.path.join(ROOT, "kernels", name), "rb") as f:
             digest.update(f.read())
     return digest.hexdigest()

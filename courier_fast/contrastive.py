@@ -163,6 +163,6 @@ if importlib.util.find_spec("triton") is not None:
     dispatch.register(OP, "triton", _terms_from_lse(_triton_ops.contrastive_lse,
                                                     _triton_ops.contrastive_lse_backward),
                       devices=("cuda", "cpu") if _triton_ops.INTERPRET else ("cuda",),
-                      supports=lambda anchors, **_: _triton_ops.contrastive_supports(anchors),
+                      supports=_triton_ops.contrastive_supports,
                       note="fused Triton kernels (normalise, mask, online LSE, atomics-free "
                            "backward, 16-bit MMA for 16-bit inputs)")

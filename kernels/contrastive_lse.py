@@ -29,11 +29,9 @@ import triton.language as tl
 
 from courier_fast.chunked import inverse_norms, normalize_backward
 from courier_fast.kernels._launch import device_guard
+from courier_fast.kernels._mma import dot as _dot
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
-# fp32 dots: 3xTF32 on tensor cores (about fp32 accuracy; IEEE FMA dots spill registers at
-# every useful tile size, see bench/results/static-kernels.json); IEEE in the interpreter.
-FP32_DOT = tl.constexpr("ieee" if INTERPRET else "tf32x3")
 MAX_FUSED_D = 512  # above: the gradient accumulator is split over feature chunks
 SPLIT_DV = 256  # feature chunk of the gradient accumulator when d > MAX_FUSED_D
 SPLIT_K = 128  # feature chunk of the logits GEMM when the features do not fit one tile
@@ -110,15 +108,6 @@ def _configs(kernel, cls, fp32):
 
 
 # --------------------------------------------------------------------------- device code
-@triton.jit
-def _dot(a, b, DOT_FP32: tl.constexpr):
-    """a @ b, fp32 accumulation; a must already be in b's dtype unless DOT_FP32."""
-    if DOT_FP32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=FP32_DOT)
-    else:
-        return tl.dot(a, b)
-
-
 @triton.jit
 def _load_tile(PTR, idx, ok, stride, ks, D):
     """(len(idx), len(ks)) tile of rows idx, features ks; 0 outside. Offsets in int64."""
@@ -335,9 +324,9 @@ def _row_lse(x, inv_x, y, inv_y, y_bias, scale):
     return out
 
 
-def supports(x):
-    """Whether this backend launches for anchors x (N, d) here (used by backend='auto')."""
-    return INTERPRET or x.dtype not in (torch.float32, torch.float64) or x.shape[-1] <= FP32_MAX_D
+def supports(anchors, **_):
+    """Whether this backend launches for anchors (N, d) here (used by backend='auto')."""
+    return INTERPRET or anchors.dtype not in (torch.float32, torch.float64) or anchors.shape[-1] <= FP32_MAX_D
 
 
 def _check_launchable(x):

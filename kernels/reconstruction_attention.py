@@ -24,11 +24,9 @@ import triton
 import triton.language as tl
 
 from courier_fast.kernels._launch import device_guard
+from courier_fast.kernels._mma import dot as _dot
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
-# fp32 dots: 3xTF32 on tensor cores (about fp32 accuracy; IEEE FMA dots spill registers at
-# every useful tile size, see bench/results/static-kernels.json); IEEE in the interpreter.
-FP32_DOT = tl.constexpr("ieee" if INTERPRET else "tf32x3")
 MAX_HEAD_DIM = 256
 TILE_BUDGET = 128 * 128  # (BLOCK_P + 2 BLOCK_L) * BLOCK_DH elements of q, k, v tiles per program
 NUM_STAGES = 2
@@ -37,15 +35,6 @@ NUM_STAGES = 2
 def num_warps(block_p, block_l):
     """4 warps; 8 for 64 x 64 score tiles (4 spill registers in the sm_80 dK/dV kernel)."""
     return 8 if block_p * block_l >= 64 * 64 else 4
-
-
-@triton.jit
-def _dot(a, b, DOT_FP32: tl.constexpr):
-    """a @ b, fp32 accumulation; a must already be in b's dtype unless DOT_FP32."""
-    if DOT_FP32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=FP32_DOT)
-    else:
-        return tl.dot(a, b)
 
 
 @triton.jit
