@@ -122,7 +122,7 @@ def main():
 
     import harness
 
-    from courier_fast.train import TrainConfig, train
+    from courier_fast.training import TrainConfig, train
 
     rows = {}
     for n in args.items:

@@ -22,8 +22,8 @@ __version__ = "0.1.0"
 
 # The model and training API need the data stack (pyarrow, timm, torchvision): imported on
 # first use, so that the ops above work with nothing but torch (e.g. a CPU-only torch).
-_LAZY = {"CourierModel": "courier_fast.model", "TrainConfig": "courier_fast.train",
-         "train": "courier_fast.train"}
+_LAZY = {"CourierModel": "courier_fast.model", "TrainConfig": "courier_fast.training",
+         "train": "courier_fast.training"}
 
 
 def __getattr__(name):

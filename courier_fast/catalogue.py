@@ -96,7 +96,7 @@ def embed_catalogue(checkpoint, data, out, clusters=32, batch_size=256, device="
     from courier_fast.data import read_items
     from courier_fast.checkpoint import load_encoder
     from courier_fast.embed import encoded_batches, resolve_device
-    from courier_fast.train import _setup_distributed
+    from courier_fast.training import setup_distributed as _setup_distributed
 
     if clusters < 0 or batch_size <= 0 or chunk_size <= 0:
         raise ValueError("clusters must be >= 0, batch_size and chunk_size > 0")

@@ -169,7 +169,7 @@ def _add_train(sub):
     from courier_fast.methods import METHODS
     from courier_fast.model import QUERIES
     from courier_fast.dispatch import BACKENDS
-    from courier_fast.train import LOSS_WEIGHTS, LR_SCHEDULES, TrainConfig
+    from courier_fast.training import LOSS_WEIGHTS, LR_SCHEDULES, TrainConfig
 
     # an option not given is not passed: its default is TrainConfig's, kept in one place
     defaults = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(TrainConfig)
@@ -251,7 +251,7 @@ def _run(parser, args):
         return 0
 
     if args.command == "train":
-        from courier_fast.train import TrainConfig, train
+        from courier_fast.training import TrainConfig, train
         fields = {k: v for k, v in vars(args).items() if k not in ("command", "no_progress") and v is not None}
         summary = train(TrainConfig(progress=not args.no_progress, **fields))
         print(json.dumps(summary))

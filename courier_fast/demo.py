@@ -69,7 +69,7 @@ def _world(workdir, seed, quick):
 def run_method(name, world, workdir, seed, quick, progress=True):
     """Pre-train run `name` (RUNS) on `world` (resuming), embed every item; -> ItemEmbeddings."""
     from courier_fast.embed import embed_checkpoint
-    from courier_fast.train import TrainConfig, train
+    from courier_fast.training import TrainConfig, train
 
     p = PRESETS[quick]
     method, extra = RUNS[name]

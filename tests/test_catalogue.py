@@ -16,7 +16,7 @@ from courier_fast import cluster
 from courier_fast.catalogue import embed_catalogue
 from courier_fast.embed import ItemEmbeddings, embed, embed_checkpoint
 from courier_fast.evaluate import evaluate
-from courier_fast.train import TrainConfig, train
+from courier_fast.training import TrainConfig, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 BACKENDS = ["sklearn"] + (["faiss"] if cluster.faiss_available() else [])

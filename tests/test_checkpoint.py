@@ -13,7 +13,7 @@ from courier_fast.checkpoint import (ENCODER_FILE, export_encoder, load_checkpoi
 from courier_fast.data.format import write_table
 from courier_fast.embed import embed_checkpoint
 from courier_fast.model import ImageEncoder
-from courier_fast.train import TrainConfig, train
+from courier_fast.training import TrainConfig, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -2,7 +2,7 @@
 import dataclasses
 
 from courier_fast.demo import COURIER_QUERY, DEFAULT_COURIER, ORDER, RUNS, format_table
-from courier_fast.train import TrainConfig
+from courier_fast.training import TrainConfig
 
 
 def test_default_courier_is_trainconfigs_and_shown_once_naming_its_query():

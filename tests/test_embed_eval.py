@@ -6,7 +6,7 @@ from sklearn.metrics import roc_auc_score
 from courier_fast.data import load_dataset
 from courier_fast.embed import ItemEmbeddings, embed, simscore
 from courier_fast.evaluate import ctr_features, evaluate, gauc, oracle_embeddings
-from courier_fast.train import TrainConfig, train
+from courier_fast.training import TrainConfig, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 import courier_fast as cf
@@ -92,3 +93,30 @@ def test_unloadable_extension_warns_once_with_the_fix_and_the_reference_works():
     """)
     assert out.returncode == 0, out.stderr
     assert "torch.Size([1, 2, 4])" in out.stdout
+
+
+_CALL_TRAIN = """
+    def call_train():  # a data directory that does not exist: train() validates and raises at once
+        try:
+            cf.train({"data": missing, "out": missing})
+        except FileNotFoundError as exc:  # raised inside the function; a module would raise TypeError
+            assert "data:" in str(exc), exc
+            return "called"
+        raise AssertionError("cf.train returned without validating its config")
+"""
+
+
+@pytest.mark.parametrize("order", [
+    "cf.TrainConfig(data=missing, out=missing); print(call_train(), call_train())",
+    "print(call_train()); cf.TrainConfig(data=missing, out=missing); print(call_train())",
+    "import courier_fast.training; print(call_train(), call_train())",
+    "from courier_fast.training import train; print(call_train(), call_train())",
+])
+def test_cf_train_stays_the_function_whatever_is_imported_first(order, tmp_path):
+    """`cf.train` is the function in every import order: the module is courier_fast.training, so
+    importing it (lazily through cf.TrainConfig, or directly) does not rebind the package's `train`."""
+    missing = str(tmp_path / "no-such-dir")
+    out = _run(f"import courier_fast as cf\nmissing = {missing!r}\n" + textwrap.dedent(_CALL_TRAIN) + order +
+               "\nimport courier_fast.training as m\nassert cf.train is m.train and cf.TrainConfig is m.TrainConfig\n")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["called", "called"], out.stdout

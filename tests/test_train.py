@@ -1,4 +1,4 @@
-"""courier_fast.train: outputs, exact resume (in process and after SIGKILL), budgets, validation, 2 ranks."""
+"""courier_fast.training (cf.train): outputs, exact resume (in process and after SIGKILL), budgets, validation, 2 ranks."""
 import json
 import os
 import signal
@@ -13,7 +13,7 @@ import torch
 import torch.multiprocessing as mp
 
 from courier_fast.data import ImageDecoder, SessionLoader, load_dataset
-from courier_fast.train import TrainConfig, load_checkpoint, train
+from courier_fast.training import TrainConfig, load_checkpoint, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -208,7 +208,7 @@ def _train_rank(rank, port, world, out):
                       LOCAL_RANK=str(rank))
     import importlib
 
-    tr = importlib.import_module("courier_fast.train")  # the module (courier_fast.train is also the function)
+    tr = importlib.import_module("courier_fast.training")
 
     built = []
     build = tr.build_method
@@ -267,7 +267,7 @@ def test_two_rank_images_seen_is_exact(world, two_rank_run):
 
 def test_each_rank_decodes_on_its_own_gpu(world, tmp_path, monkeypatch):
     """Rank k's loader decodes on cuda:k (checked on CPU with a pretend GPU: nothing is decoded)."""
-    from courier_fast.train import make_loader
+    from courier_fast.training import make_loader
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     cfg = TrainConfig(data=world, out=str(tmp_path / "run"), decoder="pil", **SMALL)
     loader = make_loader(cfg, load_dataset(world, tables=("pretrain",)), torch.device("cuda", 1), rank=1, world=2)
@@ -278,7 +278,7 @@ def test_each_rank_decodes_on_its_own_gpu(world, tmp_path, monkeypatch):
 def _capture_method(monkeypatch):
     """Make train() record the method it builds (and its initial parameters)."""
     import importlib
-    tr = importlib.import_module("courier_fast.train")
+    tr = importlib.import_module("courier_fast.training")
     built = []
     build = tr.build_method
 
@@ -293,7 +293,7 @@ def _capture_method(monkeypatch):
 
 def test_courier_options_reach_the_loader_and_the_model(world, tmp_path, monkeypatch):
     import importlib
-    tr = importlib.import_module("courier_fast.train")
+    tr = importlib.import_module("courier_fast.training")
     built, loaders = _capture_method(monkeypatch), []
     make = tr.make_loader
     monkeypatch.setattr(tr, "make_loader", lambda *a, **k: loaders.append(make(*a, **k)) or loaders[-1])
@@ -330,7 +330,7 @@ def test_option_of_another_method_is_an_error(world, tmp_path, field, value, met
 
 
 def test_image_size_defaults_to_224_and_0_keeps_the_stored_size(world, tmp_path):
-    from courier_fast.train import make_loader
+    from courier_fast.training import make_loader
     data = load_dataset(world, tables=("pretrain",))
     cfg = TrainConfig(data=world, out=str(tmp_path / "run"))
     assert make_loader(cfg, data, torch.device("cpu")).decoder.size == 224
@@ -342,7 +342,7 @@ def test_image_size_defaults_to_224_and_0_keeps_the_stored_size(world, tmp_path)
 @pytest.mark.parametrize("schedule", ["constant", "cosine", "linear"])
 def test_lr_schedule(world, tmp_path, schedule):
     import math
-    from courier_fast.train import lr_at
+    from courier_fast.training import lr_at
     cfg = TrainConfig(data=world, out=str(tmp_path / "run"), lr=1.0, warmup_steps=4, lr_schedule=schedule)
     total = 14
     lrs = [lr_at(cfg, s, total) for s in range(total)]
@@ -422,7 +422,7 @@ def test_a_step_reads_nothing_back_beyond_logging(world, tmp_path):
 def test_non_finite_loss_is_reported_with_its_step_and_never_saved(world, tmp_path, monkeypatch):
     built = _capture_method(monkeypatch)
     import importlib
-    tr = importlib.import_module("courier_fast.train")
+    tr = importlib.import_module("courier_fast.training")
     build = tr.build_method
 
     def poisoned(*a, **k):  # the loss of the 3rd step is NaN

@@ -1,4 +1,4 @@
-"""courier_fast.train(config): resumable, optionally distributed pre-training of any method.
+"""courier_fast.training: train(config) (exported as courier_fast.train), resumable, optionally distributed pre-training.
 
     cfg = TrainConfig(data="world", out="runs/courier", steps=2000)
     summary = courier_fast.train(cfg)          # or: courier-fast train --data world --out runs/courier
@@ -188,7 +188,7 @@ def _atomic_write_text(text, path):
         f.write(text)
 
 
-def _setup_distributed(device_type):
+def setup_distributed(device_type):
     """(rank, world) — joins the process group when launched by torchrun with WORLD_SIZE > 1."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
@@ -234,7 +234,7 @@ def train(config):
     cfg.validate()
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
                           else "cpu" if cfg.device == "auto" else cfg.device)
-    rank, world = _setup_distributed(device.type)
+    rank, world = setup_distributed(device.type)
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
