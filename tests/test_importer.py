@@ -60,7 +60,14 @@ def _rows(out):
 
 
 # ----------------------------------------------------------------------------- the rules
+def _split_of(t, cuts):
+    return "pretrain" if t < cuts[0] else "ctr_train" if t < cuts[1] else "ctr_test"
+
+
 def test_rows_follow_the_log(files, imported):
+    """Every row against an independent reading of the log: its history, its split, and each
+    negative drawn as of the request (from the newest ceil(n / time_windows) events of its split
+    strictly before it, never a positive of the user up to then)."""
     out, report = imported
     log = _log(files)
     cuts = [datetime.datetime.fromisoformat(c) for c in _cuts()]
@@ -68,53 +75,117 @@ def test_rows_follow_the_log(files, imported):
     for k, (u, i, t) in enumerate(log):
         by_user[u].append((t, k, i))
     expected = {name: Counter() for name in ("pretrain", "ctr_train", "ctr_test")}
-    positives = defaultdict(set)
+    when = defaultdict(set)  # (user, positive, history) -> request times
     for u, events in by_user.items():
         events.sort()
         for t, _, i in events:
-            positives[u].add(i)
             history = tuple(j for s, _, j in events if s < t)[-4:]  # strictly earlier, newest 4
             if history:
-                split = "pretrain" if t < cuts[0] else "ctr_train" if t < cuts[1] else "ctr_test"
-                expected[split][(u, i, history)] += 1
+                expected[_split_of(t, cuts)][(u, i, history)] += 1
+                when[(u, i, history)].add(t)
+    split_events = {name: sorted((t, k, i) for k, (_, i, t) in enumerate(log) if _split_of(t, cuts) == name)
+                    for name in expected}
+    pool = {name: -(-len(ev) // 16) for name, ev in split_events.items()}  # time_windows = 16 (default)
+    assert report["negative_sampling"]["pool_events"] == pool
     got = _rows(out)
+    n_neg = 0
     for name, rows in got.items():
         seen = Counter()
         for r in rows:
             assert sum(r["clicks"]) == 1 and len(r["pv_items"]) == len(r["clicks"]) <= 4
             pos = r["pv_items"][r["clicks"].index(1)]
             negs = [i for i, c in zip(r["pv_items"], r["clicks"]) if not c]
-            assert len(set(negs)) == len(negs) and not set(negs) & positives[r["user_id"]]
-            seen[(r["user_id"], pos, tuple(r["history"]))] += 1
+            key = (r["user_id"], pos, tuple(r["history"]))
+            seen[key] += 1
+            (t,) = when[key]  # this world has one request time per (user, positive, history)
+            earlier = {i for _, _, i in [e for e in split_events[name] if e[0] < t][-pool[name]:]}
+            users_so_far = {i for s, _, i in by_user[r["user_id"]] if s <= t}
+            assert len(set(negs)) == len(negs) and set(negs) <= earlier - users_so_far, (name, r, t)
+            n_neg += len(negs)
         assert seen == expected[name], name
+    assert n_neg > 0
     assert report["rows"] == {k: sum(v.values()) for k, v in expected.items()}
     assert report["rows_short_of_negatives"] == sum(len(r["pv_items"]) < 4 for rows in got.values() for r in rows)
     assert report["dropped_short_history"] == len(log) - sum(report["rows"].values())
+    with open(os.path.join(out, "import.json")) as f:
+        assert json.load(f)["negative_sampling"] == report["negative_sampling"]
 
 
-def test_negatives_come_from_the_same_split(files, imported):
-    out, _ = imported
-    cuts = [datetime.datetime.fromisoformat(c) for c in _cuts()]
-    active = defaultdict(set)
-    for _, i, t in _log(files):
-        active["pretrain" if t < cuts[0] else "ctr_train" if t < cuts[1] else "ctr_test"].add(i)
-    n_neg = 0
-    for name, rows in _rows(out).items():
-        for r in rows:
-            negs = {i for i, c in zip(r["pv_items"], r["clicks"]) if not c}
-            assert negs <= active[name], name
-            n_neg += len(negs)
-    assert n_neg > 0
+def _numeric_import(tmp_path, log, header, **kw):
+    """Import a hand-written log (numeric times) over items 1..9 with split times 100 / 200."""
+    images = _tiny_images(tmp_path / "img", [f"{i}.jpg" for i in range(1, 10)])
+    items = _write(tmp_path / "items.csv", ["item_id"], [[i] for i in range(1, 10)])
+    inter = _write(tmp_path / "log.csv", header, log)
+    args = dict(interactions=inter, items=items, images=images, out=str(tmp_path / "d"), split_times=("100", "200"),
+                progress=False)
+    args.update(kw)
+    return import_dataset(ImportConfig(**args)), _rows(tmp_path / "d")
+
+
+def _pages(rows):
+    """{(user, positive): set of shown items} of rows with one click each."""
+    return {(r["user_id"], r["pv_items"][r["clicks"].index(1)]): set(r["pv_items"]) for r in rows}
+
+
+def test_negatives_are_drawn_as_of_the_request(tmp_path):
+    """A hand-built log where the old rule (the whole window, the user's positives at any time)
+    gives other pages: an item first seen after a request is never its negative, the user's
+    later positive is one, and no draw crosses a split."""
+    log = [  # user, item, time
+        [1, 1, 10], [2, 6, 21], [2, 6, 22], [2, 6, 25], [1, 2, 30], [2, 4, 40], [1, 6, 50], [3, 5, 60],
+        [4, 7, 110], [1, 8, 120],
+        [2, 9, 210], [3, 7, 220],
+    ]
+    report, rows = _numeric_import(tmp_path, log, ["user_id", "item_id", "timestamp"], negatives=2, time_windows=1,
+                                   min_history=0, seed=3)
+    first = {}
+    for u, i, t in log:
+        first.setdefault(i, t)
+    for name, table in rows.items():  # min_history=0: one row per event, in time order
+        events = [(u, i, t) for u, i, t in log if _split_of(t, (100, 200)) == name]
+        assert [(r["user_id"], r["pv_items"][r["clicks"].index(1)]) for r in table] == [(u, i) for u, i, _ in events]
+        for r, (_, pos, t) in zip(table, events):
+            assert all(first[i] < t for i in r["pv_items"] if i != pos), (name, r)  # as of the request
+    pages = {name: _pages(table) for name, table in rows.items()}
+    # user 1 at t=30: before it only items 1 (its own) and 6 (user 2's; user 1's own later, at 50);
+    # items 4 and 5 come after it. The old rule drew from {3, 4, 5} minus user 1's positives {1, 2, 6}.
+    assert pages["pretrain"][(1, 2)] == {2, 6}
+    assert pages["pretrain"][(1, 1)] == {1}  # nothing before it
+    assert pages["ctr_train"] == {(4, 7): {7}, (1, 8): {8, 7}}  # the pretrain items are not drawn
+    assert pages["ctr_test"] == {(2, 9): {9}, (3, 7): {7, 9}}
+    assert report["negative_sampling"]["pool_events"] == {"pretrain": 8, "ctr_train": 2, "ctr_test": 2}
+    assert report["negative_sampling"]["rule"].startswith("as-of")
+
+
+def test_cold_means_first_seen_after_the_split(tmp_path):
+    """Items 3 and 4 appear before the ctr_test cut only in rows that yield no session row (a
+    user's first positive, dropped for min_history; a shown, unclicked row): they are not cold.
+    Counted as "in no pretrain / ctr_train row", they would be."""
+    log = [  # user, item, time, click
+        [1, 1, 10, 1], [1, 2, 20, 1], [2, 3, 30, 1], [3, 4, 40, 0], [4, 1, 50, 1],
+        [1, 5, 110, 1],
+        [4, 3, 210, 1], [4, 4, 220, 1], [1, 7, 230, 1], [2, 7, 240, 1], [1, 2, 250, 1],
+    ]
+    report, rows = _numeric_import(tmp_path, log, ["user_id", "item_id", "timestamp", "click"], negatives=0,
+                                   min_history=1)
+    shown = [r["pv_items"][0] for r in rows["ctr_test"]]
+    assert shown == [3, 4, 7, 7, 2] and report["dropped_short_history"] == 3
+    assert report["cold_items_ctr_test"] == {"slots": 2 / 5, "items": 1 / 4, "cold_items": 1, "shown_items": 4}
+    in_kept_rows = {i for name in ("pretrain", "ctr_train") for r in rows[name] for i in r["pv_items"] + r["history"]}
+    assert np.mean([i not in in_kept_rows for i in shown]) == 4 / 5  # the other reading differs here
 
 
 def test_cold_share_and_items(files, imported):
     out, report = imported
     rows = _rows(out)
-    seen = {i for name in ("pretrain", "ctr_train") for r in rows[name] for i in r["pv_items"] + r["history"]}
+    cut = datetime.datetime.fromisoformat(_cuts()[1])
+    first = {}
+    for _, i, t in _log(files):
+        first[i] = min(t, first.get(i, t))
     shown = [i for r in rows["ctr_test"] for i in r["pv_items"]]
     cold = report["cold_items_ctr_test"]
-    assert cold["slots"] == pytest.approx(np.mean([i not in seen for i in shown]))
-    assert cold["items"] == pytest.approx(np.mean([i not in seen for i in set(shown)]))
+    assert cold["slots"] == pytest.approx(np.mean([first[i] >= cut for i in shown]))
+    assert cold["items"] == pytest.approx(np.mean([first[i] >= cut for i in set(shown)]))
     assert cold["slots"] > 0.9  # the generated world shows only cold items after the second cut
     data = load_dataset(out)  # validates every table
     items = pq.read_table(os.path.join(out, "items.parquet"))

@@ -9,17 +9,21 @@ Positives are the rows with click = 1 (every row when the log has no click colum
   (oldest -> newest); requests with fewer than `min_history` are left out.
 * Split by request time: before the first cut -> pretrain, before the second -> ctr_train,
   else ctr_test. The cuts are `split_times`, or the quantiles of `split` over request times.
-* Without impressions, pv_items = the positive plus `negatives` items drawn from the items with
-  positives in the same time window (`time_windows` equal-count windows per split, so no draw
-  crosses a split), with probability proportional to their positives there, never one of the
-  user's positives (any time), without repeats; the positive sits at a drawn position.
-  Draws come from hash(seed, request, draw): the same seed and DuckDB version give the same
-  tables. A window with too few items gives a row fewer negatives (counted).
+* Without impressions, pv_items = the positive plus `negatives` items sampled as of the request
+  (NEGATIVE_RULE): uniform draws among the positive events of the request's split strictly
+  before its time, the newest ceil(n_split / time_windows) of them (a trailing window: an item
+  is drawn with probability proportional to its positives there, so every drawn item was first
+  seen before the request and no draw crosses a split); an item the user had a positive for at
+  or before the request time is rejected (the user's later positives are legitimate negatives:
+  not clicked then); no repeats; the positive sits at a drawn position. Draws come from
+  hash(seed, request, draw): the same seed and DuckDB version give the same tables. A request
+  with too few earlier items (the first ones of each split) gets fewer negatives (counted).
 
 Leaves the table `sessions` (split 0/1/2, t, key, user_id, history BIGINT[], pv_items BIGINT[],
-clicks TINYINT[]) and returns the report's counts: rows per table, the split times, rows short
-of negatives, and the cold-item share of ctr_test (items shown there that no pretrain /
-ctr_train row shows or has in its history).
+clicks TINYINT[]) and returns the report's counts: rows per table, the split times, the
+negative-sampling rule and its pool sizes, rows short of negatives, and the cold-item share of
+ctr_test (cold = first seen at or after the ctr_test cut: the item's earliest usable log row,
+shown or clicked, is not before it).
 """
 from courier_fast.data.import_sources import one, sql_string
 
@@ -61,9 +65,11 @@ def build_sessions(con, cfg, impressions, time_mode, stages, time_sql):
     cuts = _cuts(con, cfg, time_mode, time_sql)
     split_sql = f"(CASE WHEN t < {cuts[0]!r} THEN 0 WHEN t < {cuts[1]!r} THEN 1 ELSE 2 END)"
     con.execute(f"CREATE TABLE req_rows AS SELECT r.*, h.history, {split_sql} AS split FROM req r JOIN req_hist h USING (key)")
-    short = 0
+    short, sampling = 0, {"rule": "impressions: each request's rows as logged (nothing sampled)"}
     if not impressions:
-        short = _negatives(con, cfg, split_sql)
+        short, pool_events = _negatives(con, cfg, split_sql)
+        sampling = {"rule": NEGATIVE_RULE, "negatives": int(cfg.negatives), "time_windows": int(cfg.time_windows),
+                    "pool_events": pool_events, "seed": int(cfg.seed)}
     stages.done()
 
     stages.start("split")
@@ -79,11 +85,11 @@ def build_sessions(con, cfg, impressions, time_mode, stages, time_sql):
     if empty:
         raise ValueError(f"{cfg.interactions}: {', '.join(empty)} would be empty with split times {cuts} "
                          f"({n_rows} requests); move --split-times or change --split")
-    cold = _cold_share(con)
+    cold = _cold_share(con, cuts[1])
     stages.done()
     return {"requests": int(n_req), "rows": {SPLITS[s]: int(counts[s]) for s in range(3)},
             "dropped_short_history": int(n_req - n_rows), "split_times": [_show_time(c, time_mode) for c in cuts],
-            "rows_short_of_negatives": int(short), "cold_items_ctr_test": cold}
+            "negative_sampling": sampling, "rows_short_of_negatives": int(short), "cold_items_ctr_test": cold}
 
 
 def _show_time(t, mode):
@@ -111,58 +117,62 @@ def _cuts(con, cfg, time_mode, time_sql):
     return tuple(float(x) for x in q[0])
 
 
+NEGATIVE_RULE = ("as-of: uniform draws among the positive events of the request's split strictly before its "
+                 "time, the newest ceil(events in the split / time_windows) of them (popularity-weighted, every "
+                 "drawn item first seen before the request); the user's positives at or before the request "
+                 "time rejected, later ones allowed; no repeats; seeded by hash(seed, request, draw)")
+
+
 def _negatives(con, cfg, split_sql):
-    """req_negs (key, negs BIGINT[], at INT: the positive's position); -> rows short of negatives."""
+    """req_negs (key, negs BIGINT[], at INT: the positive's position); -> (rows short of negatives,
+    {split name: pool size in events})."""
     W, K, seed = int(cfg.time_windows), int(cfg.negatives), int(cfg.seed)
-    # equal-count windows inside each split, from the quantiles of that split's positives
-    con.execute(f"CREATE TABLE pos_split AS SELECT *, {split_sql} AS split FROM pos")
-    fractions = ", ".join(repr(k / W) for k in range(1, W))
-    con.execute("CREATE TABLE bounds_all (split INTEGER, lo DOUBLE, w INTEGER)")
-    for s in range(3):
-        con.execute(f"INSERT INTO bounds_all VALUES ({s}, '-infinity'::DOUBLE, {s * W})")
-        if W > 1:
-            con.execute(f"""INSERT INTO bounds_all SELECT {s}, b, {s * W} + k::INTEGER FROM (
-                SELECT unnest(q) AS b, unnest(range(1, {W})) AS k
-                FROM (SELECT quantile_disc(t, [{fractions}]) AS q FROM pos_split WHERE split = {s})) WHERE b IS NOT NULL""")
-    # one window per boundary time, so that equal times always land in the same window
-    con.execute("CREATE TABLE bounds AS SELECT split, lo, max(w) AS w FROM bounds_all GROUP BY split, lo")
-    con.execute("""CREATE TABLE pos_w AS SELECT p.user_id, p.item_id, b.w FROM pos_split p
-        ASOF JOIN bounds b ON p.split = b.split AND p.t >= b.lo""")
-    # a uniform draw among a window's positive events picks an item with probability proportional
-    # to its positives there: number the events per window (in item order: the item at each
-    # number is then fixed) and join the drawn numbers to them (an equi-join, not a range join)
-    con.execute("""CREATE TABLE pos_num AS SELECT w, (row_number() OVER (PARTITION BY w ORDER BY item_id) - 1) AS idx,
-        item_id FROM pos_w""")
-    con.execute("CREATE TABLE window_n AS SELECT w, count(*) AS n FROM pos_w GROUP BY w")
-    con.execute("""CREATE TABLE req_w AS SELECT r.key, r.user_id, b.w FROM req_rows r
-        ASOF JOIN bounds b ON r.split = b.split AND r.t >= b.lo""")
-    con.execute("CREATE TABLE user_pos AS SELECT DISTINCT user_id, item_id FROM pos")
+    # the split's positive events numbered in time order (ties by file row): a uniform draw of a
+    # number picks an item with probability proportional to its events in the numbered range,
+    # and joining drawn numbers to the events is an equi-join, not a range join
+    con.execute(f"""CREATE TABLE pool AS SELECT {split_sql} AS split, t, item_id,
+        row_number() OVER (PARTITION BY {split_sql} ORDER BY t, row) AS n FROM pos""")
+    # per split and distinct time: how many of the split's events are at or before it
+    con.execute("CREATE TABLE pool_upto AS SELECT split, t, max(n) AS upto FROM pool GROUP BY split, t")
+    con.execute(f"CREATE TABLE pool_size AS SELECT split, ceil(count(*) / {W})::BIGINT AS m FROM pool GROUP BY split")
+    # each request's range of event numbers: the newest m events of its split strictly before its time
+    con.execute("""CREATE TABLE req_pool AS SELECT a.key, a.user_id, a.t, a.split, greatest(a.before - s.m, 0) AS lo,
+        a.before - greatest(a.before - s.m, 0) AS size
+        FROM (SELECT r.key, r.user_id, r.t, r.split, coalesce(u.upto, 0) AS before
+              FROM req_rows r ASOF LEFT JOIN pool_upto u ON r.split = u.split AND r.t > u.t) a
+        JOIN pool_size s USING (split)""")
+    # the time of each user's first positive of each item: rejected while it is <= the request's time
+    con.execute("CREATE TABLE user_first AS SELECT user_id, item_id, min(t) AS t0 FROM pos GROUP BY user_id, item_id")
     draws = 2 * K + 8 if K else 0  # popular items repeat and the user's own positives are rejected: oversample
-    # the earliest draw of each item that is not one of the user's positives survives; the first K are kept
+    # the earliest draw of each item that survives the rejection; the first K are kept
     con.execute(f"""CREATE TABLE req_negs AS SELECT r.key, coalesce(n.negs, []::BIGINT[]) AS negs,
         (hash({seed}, r.key, -1) % (len(coalesce(n.negs, []::BIGINT[])) + 1)::UBIGINT)::INTEGER AS at
         FROM req_rows r LEFT JOIN (
             SELECT key, arg_min(item_id, j, {max(K, 1)}) AS negs FROM (
-                SELECT c.key, c.item_id, min(c.j) AS j FROM (
-                    SELECT d.key, d.user_id, d.j, p.item_id FROM (
-                        SELECT r.key, r.user_id, r.w, d.j, (hash({seed}, r.key, d.j) % wn.n::UBIGINT)::BIGINT AS idx
-                        FROM req_w r JOIN window_n wn USING (w), range({draws}) d(j)
-                    ) d JOIN pos_num p ON p.w = d.w AND p.idx = d.idx
-                ) c ANTI JOIN user_pos USING (user_id, item_id)
-                GROUP BY c.key, c.item_id)
+                SELECT d.key, p.item_id, min(d.j) AS j FROM (
+                    SELECT q.key, q.user_id, q.t, q.split, d.j,
+                           q.lo + 1 + (hash({seed}, q.key, d.j) % q.size::UBIGINT)::BIGINT AS n
+                    FROM req_pool q, range({draws}) d(j) WHERE q.size > 0
+                ) d JOIN pool p ON p.split = d.split AND p.n = d.n
+                LEFT JOIN user_first f ON f.user_id = d.user_id AND f.item_id = p.item_id
+                WHERE f.t0 IS NULL OR f.t0 > d.t
+                GROUP BY d.key, p.item_id)
             GROUP BY key) n USING (key)""")
-    return one(con, f"SELECT count(*) FROM req_negs WHERE len(negs) < {K}")[0]
+    sizes = dict(con.execute("SELECT split, m FROM pool_size").fetchall())
+    short = one(con, f"SELECT count(*) FROM req_negs WHERE len(negs) < {K}")[0]
+    return short, {SPLITS[s]: int(sizes.get(s, 0)) for s in range(3)}
 
 
-def _cold_share(con):
+def _cold_share(con, ctr_test_start):
     """{'slots': share of ctr_test's shown slots whose item is cold, 'items': share of its distinct
-    shown items that are cold}; cold = in no pretrain / ctr_train row (shown or in history)."""
-    slots, cold_slots, items, cold_items = one(con, """
-        WITH seen AS (SELECT DISTINCT unnest(pv_items) AS item_id FROM sessions WHERE split < 2
-                      UNION SELECT DISTINCT unnest(history) FROM sessions WHERE split < 2),
+    shown items that are cold, 'cold_items', 'shown_items'}; cold = first seen at or after the
+    ctr_test cut (the item's earliest row of the usable log `inter`, shown or clicked, is not
+    before it), whether or not that earlier row became a session row."""
+    slots, cold_slots, items, cold_items = one(con, f"""
+        WITH first AS (SELECT item_id, min(t) AS t0 FROM inter GROUP BY item_id),
              shown AS (SELECT unnest(pv_items) AS item_id FROM sessions WHERE split = 2)
-        SELECT count(*), count(*) FILTER (s.item_id IS NULL), count(DISTINCT t.item_id),
-               count(DISTINCT t.item_id) FILTER (s.item_id IS NULL)
-        FROM shown t LEFT JOIN seen s USING (item_id)""")
+        SELECT count(*), count(*) FILTER (f.t0 >= {ctr_test_start!r}), count(DISTINCT s.item_id),
+               count(DISTINCT s.item_id) FILTER (f.t0 >= {ctr_test_start!r})
+        FROM shown s JOIN first f USING (item_id)""")
     return {"slots": cold_slots / slots if slots else 0.0, "items": cold_items / items if items else 0.0,
             "cold_items": int(cold_items), "shown_items": int(items)}

@@ -14,8 +14,9 @@ leaves nothing there): items.parquet with image_path (relative to `out`), pretra
 ctr_train / ctr_test.parquet (see import_sessions.py for the rows), categories.parquet
 (category int -> its name in the file), item_ids.parquet / user_ids.parquet (int id -> the
 file's id) when the file's ids are not integers, and import.json: counts, bad rows by reason
-with the first example (file, row, column), the split times, the cold-item share of ctr_test,
-seconds per stage.
+with the first example (file, row, column), the split times, the negative-sampling rule (as of
+each request: import_sessions.py) and its pool sizes, the cold-item share of ctr_test (items first
+seen at or after the ctr_test cut), seconds per stage.
 
 Bad rows (a null id or time, a time that does not parse, a click that is not 0/1, an item id
 the items file does not have, a duplicate item) are counted and left out, or with strict=True
