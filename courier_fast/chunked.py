@@ -14,7 +14,8 @@ applies two GEMMs. Because it is plain ATen, its behaviour on a GPU follows from
 """
 import torch
 
-from courier_fast.reference import NORM_EPS, compute_dtype
+from courier_fast.reference import compute_dtype
+from courier_fast.row_norms import inverse_norms, normalize_backward
 
 # Logits elements per tile (fp32: 16 MB on CPU, 256 MB on CUDA) and the fewest rows per tile
 # (thin GEMMs waste a GPU); both bound the extra memory at O(rows * M).
@@ -26,20 +27,6 @@ def tile_rows(n, m, device_type):
     """Rows per logits tile for N anchors and M candidates on a device type."""
     elems, min_rows = TILE_ELEMS.get(device_type, TILE_ELEMS["cpu"]), MIN_ROWS.get(device_type, 16)
     return max(1, min(n, max(min_rows, elems // max(m, 1))))
-
-
-def inverse_norms(x):
-    """(N,) fp32/fp64: 1 / max(||x_j||, eps), as torch.nn.functional.normalize."""
-    return torch.linalg.vector_norm(x.to(compute_dtype(x.dtype)), dim=1).clamp_min(NORM_EPS).reciprocal()
-
-
-def normalize_backward(g_hat, x, inv):
-    """dL/dx for x_hat = x * inv (inv = 1 / max(||x||, eps)), given g_hat = dL/dx_hat. Where the
-    norm is clamped (||x|| <= eps) x_hat = x / eps is linear in x."""
-    x_hat = x.to(g_hat.dtype) * inv[:, None]
-    tangential = (g_hat - x_hat * (g_hat * x_hat).sum(1, keepdim=True)) * inv[:, None]
-    clamped = (inv >= 1.0 / NORM_EPS)[:, None]
-    return torch.where(clamped, g_hat * inv[:, None], tangential)
 
 
 def _rows(x, normalize):

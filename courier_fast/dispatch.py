@@ -12,7 +12,6 @@ once per device and software version). COURIER_FAST_VALIDATE=0 trusts every back
 checking, =force re-checks once per process. A backend that fails is skipped with one warning.
 """
 import importlib.util
-import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -52,7 +51,9 @@ def ops():
 
 
 def _triton_interpreter() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "") == "1"
+    from courier_fast.kernels._launch import INTERPRET  # the mode the kernels were defined in
+
+    return INTERPRET
 
 
 def backends():

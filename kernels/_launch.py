@@ -1,7 +1,12 @@
-"""Launch helpers shared by the Triton wrappers in kernels/."""
+"""Launch helpers shared by the Triton wrappers in kernels/ (host side; no Triton import)."""
 import contextlib
+import os
 
 import torch
+
+# Triton reads TRITON_INTERPRET when a kernel is defined, so the mode is fixed at import: the
+# one place the package parses it (dispatch, the kernel files and their tests read this).
+INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
 def device_guard(t):

@@ -18,20 +18,18 @@ Work per forward + backward: 2 N M d (forward; 4 with columns) + 2 x (2 N M d re
 d <= 512 (MAX_FUSED_D). Above that the accumulator is split over feature chunks on grid
 axis 1 and S is recomputed per chunk. The second GEMM casts dS (rescaled per output row so
 that 16-bit values neither underflow nor overflow) to the input dtype, FlashAttention style:
-every tl.dot runs at the input precision with fp32 accumulation. fp32 inputs (and every dot
-under TRITON_INTERPRET=1, which gets 16-bit dots wrong) use IEEE fp32 dots.
+every tl.dot runs at the input precision with fp32 accumulation. fp32 inputs use 3xTF32 dots
+(IEEE fp32 under TRITON_INTERPRET=1, which emulates the 16-bit MMA: kernels/_mma.py).
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from courier_fast.chunked import inverse_norms, normalize_backward
-from courier_fast.kernels._launch import device_guard
+from courier_fast.kernels._launch import INTERPRET, device_guard
 from courier_fast.kernels._mma import dot as _dot
+from courier_fast.kernels._mma import to_16bit
+from courier_fast.row_norms import inverse_norms, normalize_backward
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
 MAX_FUSED_D = 512  # above: the gradient accumulator is split over feature chunks
 SPLIT_DV = 256  # feature chunk of the gradient accumulator when d > MAX_FUSED_D
 SPLIT_K = 128  # feature chunk of the logits GEMM when the features do not fit one tile
@@ -214,7 +212,7 @@ def _grad_x_kernel(X, Y, INV_X, INV_Y, X_BIAS, Y_BIAS, G, LSE_R, H, LSE_C, H_MAX
         s = s * row_scale[:, None] * inv_y[None, :]
         ds = _softmax_grad(s, G, LSE_R, H, LSE_C, X_BIAS, Y_BIAS, rows, cols, row_ok, col_ok, HAS_COLS)
         ds = ds * out_scale[:, None] * inv_y[None, :]
-        acc += _dot(ds if DOT_FP32 else ds.to(y.dtype), y, DOT_FP32)
+        acc += _dot(ds if DOT_FP32 else to_16bit(ds, y.dtype), y, DOT_FP32)
     acc = acc * (scale / out_scale)[:, None]
     offs = rows.to(tl.int64)[:, None] * D + dv[None, :]
     tl.store(GX + offs, acc, mask=row_ok[:, None] & (dv < D)[None, :])
@@ -248,7 +246,7 @@ def _grad_y_kernel(X, Y, INV_X, INV_Y, X_BIAS, Y_BIAS, G, LSE_R, H, LSE_C, G_MAX
         s = s * (inv_x * scale)[:, None] * inv_y[None, :]
         ds = _softmax_grad(s, G, LSE_R, H, LSE_C, X_BIAS, Y_BIAS, rows, cols, row_ok, col_ok, HAS_COLS)
         dst = tl.trans(ds * inv_x[:, None] * out_scale[None, :])
-        acc += _dot(dst if DOT_FP32 else dst.to(x.dtype), x, DOT_FP32)
+        acc += _dot(dst if DOT_FP32 else to_16bit(dst, x.dtype), x, DOT_FP32)
     acc = acc * (scale / out_scale)[:, None]
     offs = cols.to(tl.int64)[:, None] * D + dv[None, :]
     tl.store(GY + offs, acc, mask=col_ok[:, None] & (dv < D)[None, :])
@@ -286,7 +284,9 @@ def grad_constexprs(d):
 
 
 def dot_fp32(dtype):
-    return INTERPRET or dtype == torch.float32
+    """fp32 (3xTF32) dots for fp32 inputs; 16-bit inputs use 16-bit MMA (emulated in the
+    interpreter, kernels/_mma.py)."""
+    return dtype == torch.float32
 
 
 def _prep(x, normalize):

@@ -8,8 +8,8 @@ histories need no L x P buffer, and short ones (L <= 16) use one right-sized til
   backward  FlashAttention-2 style, atomics-free: _attn_bwd_dkdv_kernel (programs over L
             tiles) and _attn_bwd_dq_kernel (programs over P tiles) recompute P from the LSE.
 Every tl.dot runs at the input precision with fp32 accumulation (P and dS are cast to the
-input dtype for the second GEMMs); fp32 inputs, and every dot under TRITON_INTERPRET=1, use
-IEEE fp32. A target with no valid key gets O = 0 (the caller adds the output bias) and
+input dtype for the second GEMMs); fp32 inputs use 3xTF32 dots (kernels/_mma.py: IEEE fp32
+and an exact emulation of the 16-bit MMA under TRITON_INTERPRET=1). A target with no valid key gets O = 0 (the caller adds the output bias) and
 LSE = -inf. q/k/v are (B, h, T, dh) views with any batch/head/row strides (dh contiguous).
 
 Launch limits: (b, head) pairs run on grid axis 0 (2^31 - 1 programs; axes 1 and 2 stop at
@@ -17,16 +17,15 @@ Launch limits: (b, head) pairs run on grid axis 0 (2^31 - 1 programs; axes 1 and
 head dims above MAX_HEAD_DIM are rejected.
 """
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from courier_fast.kernels._launch import device_guard
+from courier_fast.kernels._launch import INTERPRET, device_guard
 from courier_fast.kernels._mma import dot as _dot
+from courier_fast.kernels._mma import to_16bit
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
 MAX_HEAD_DIM = 256
 TILE_BUDGET = 128 * 128  # (BLOCK_P + 2 BLOCK_L) * BLOCK_DH elements of q, k, v tiles per program
 NUM_STAGES = 2
@@ -43,7 +42,7 @@ def _cast(a, like, DOT_FP32: tl.constexpr):
     if DOT_FP32:
         return a
     else:
-        return a.to(like.dtype)
+        return to_16bit(a, like.dtype)
 
 
 @triton.jit
@@ -103,7 +102,7 @@ def _attn_fwd_kernel(Q, K, V, MASK, O, LSE, H, P, L, DH, sm_scale, causal,
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     o_ptr = O + b * stride_ob + hd * stride_oh + rows.to(tl.int64)[:, None] * stride_ot + dh_idx[None, :]
-    tl.store(o_ptr, out.to(O.dtype.element_ty), mask=row_ok[:, None] & dh_ok[None, :])
+    tl.store(o_ptr, to_16bit(out, O.dtype.element_ty), mask=row_ok[:, None] & dh_ok[None, :])
     lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
     tl.store(LSE + pid_bh * P + rows, lse, mask=row_ok)
 
@@ -198,18 +197,19 @@ def block_options(block_dh, fp32=False):
     return (_BLOCKS_FP32 if fp32 else _BLOCKS)[block_dh]
 
 
-def blocks(p, length, dh, fp32=False):
+def blocks(p, length, dh, fp32=False, *, gpu=not INTERPRET):
     """(BLOCK_P, BLOCK_L, BLOCK_DH) for P targets, L history items, head dim dh, fp32 (else
-    16-bit) inputs."""
+    16-bit) inputs: the GPU's tiles (block_options), or with gpu=False (the default under
+    TRITON_INTERPRET=1) the interpreter's 16 x 16 tiles, which keep it fast."""
     if dh > MAX_HEAD_DIM:
         raise ValueError(f"the triton attention core supports head dim <= {MAX_HEAD_DIM} "
                          f"(embed_dim / num_heads), got {dh}")
-    if fp32 and dh > FP32_MAX_HEAD_DIM and not INTERPRET:
+    if fp32 and dh > FP32_MAX_HEAD_DIM and gpu:
         raise ValueError(f"the triton attention core takes float32 inputs only up to head dim "
                          f"{FP32_MAX_HEAD_DIM} on a GPU (wider fp32 tiles spill registers; "
                          f"bench/results/static-kernels.json), got {dh}: use bf16/fp16 (autocast) or backend='cuda'")
     block_dh = max(16, triton.next_power_of_2(dh))
-    p_opts, l_opts = ((16,), (16,)) if INTERPRET else block_options(block_dh, fp32)
+    p_opts, l_opts = block_options(block_dh, fp32) if gpu else ((16,), (16,))
     return _tile(p, p_opts), _tile(length, l_opts), block_dh
 
 
@@ -240,7 +240,7 @@ def _compute(t):
 
 
 def _dot_fp32(dtype):
-    return INTERPRET or dtype == torch.float32
+    return dtype == torch.float32  # 16-bit: 16-bit MMA (emulated in the interpreter, kernels/_mma.py)
 
 
 def grid(b, h, tiles):
