@@ -1,38 +1,44 @@
 """Catalogue-scale embedding: stream the items, shard them over torchrun ranks, resume.
 
 embed_catalogue(checkpoint, data, out) embeds every item of data/items.parquet (images read
-lazily, data/images.py) into the directory `out`:
+lazily, data/images.py) into the directory `out` (the table format: embedding_files.py):
 
-    plan.json                  what is embedded (checkpoint, data, item count and id digest,
-                               chunk size, clusters, seed); a rerun with another plan is refused
+    plan.json                  what is embedded (the checkpoint's sha256 and path, data, item
+                               count and id digest, chunk size, clusters, seed); a rerun with
+                               another plan is refused (the checkpoint path may differ: its
+                               content is what counts)
     parts/part-000012.parquet  chunk 12 of the items in id order: item_id int64, embedding
                                fixed_size_list<float32>[d] (unit norm), cluster_id int64 (-1 when
-                               clusters=0)
+                               clusters=0); the checkpoint's sha256 in the parquet metadata
     centroids.safetensors      the k-means centres (k, d) float32
     manifest.json              written last, by rank 0: {"format", "items", "dim", "parts",
-                               "clusters", "kmeans", "chunk_size", "checkpoint", "data"}
+                               "clusters", "kmeans", "chunk_size", "world_size", "checkpoint",
+                               "checkpoint_sha256", "data"}
 
 Chunk c (`chunk_size` items) belongs to rank c mod W (W = WORLD_SIZE; under torchrun the ranks
-join a process group: gloo on CPU, NCCL on GPUs, and `out` must be a directory every rank sees).
-Phases, each skipped for what is already on disk, so a killed run started again continues:
-encode (rank r writes parts/emb-c.parquet atomically), fit centres (rank 0, on a seeded sample of
-every part: cluster.py), assign (rank r rewrites its parts as part-c.parquet), manifest.
-load_parts() reads the directory back, optionally only some item ids.
+join a process group: gloo on CPU, NCCL on GPUs, each rank on cuda:LOCAL_RANK, set before the
+first collective; `out` must be a directory every rank sees). The checkpoint file's sha256 is
+read once per run (rank 0, sent to the others). Phases, each skipped for what is already on disk,
+so a killed run started again continues: encode (rank r writes parts/emb-c.parquet atomically),
+fit centres (rank 0, on a seeded sample of every part: cluster.py), assign (rank r rewrites its
+parts as part-c.parquet), manifest. A part already on disk is reused only when its metadata holds
+this run's checkpoint sha256.
 """
 import hashlib
 import json
 import os
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
+from courier_fast import cluster
 from courier_fast.data.format import atomic_path, write_table
+from courier_fast.embedding_files import FORMAT, embedding_table, part_checkpoint, table_columns
+from courier_fast.embedding_files import is_parts_dir, load_parts  # noqa: F401  (catalogue.load_parts, as before)
+from courier_fast.encode import encoded_batches, resolve_device
 
-FORMAT = "courier_fast.item_embeddings/1"
 CHUNK_SIZE = 16384
 
 
@@ -45,19 +51,6 @@ def _write_json(obj, path):
         json.dump(obj, f, indent=2)
 
 
-def _part_table(ids, vectors, clusters):
-    d = vectors.shape[1]
-    emb = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(vectors, np.float32).reshape(-1)), d)
-    return pa.table({"item_id": pa.array(ids, pa.int64()), "embedding": emb, "cluster_id": pa.array(clusters, pa.int64())})
-
-
-def table_columns(t):
-    """(item_id (n,) int64, embedding (n, d) float32, cluster_id (n,) int64) of an embedding table."""
-    d = t.schema.field("embedding").type.list_size
-    vec = t.column("embedding").combine_chunks().flatten().to_numpy().astype(np.float32, copy=False).reshape(-1, d)
-    return t.column("item_id").to_numpy(), vec, t.column("cluster_id").to_numpy()
-
-
 def _read_vectors(path):
     return table_columns(pq.read_table(path))
 
@@ -67,36 +60,81 @@ def _barrier(world):
         dist.barrier()
 
 
-def _plan(checkpoint, data, ids, chunk_size, clusters, seed):
-    stat = os.stat(checkpoint)
-    return {"checkpoint": os.path.abspath(checkpoint), "checkpoint_bytes": stat.st_size,
-            "checkpoint_mtime_ns": stat.st_mtime_ns, "data": os.path.abspath(data), "items": int(len(ids)),
+def file_sha256(path, block=1 << 20):
+    """The sha256 hex digest of a file, read `block` bytes at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(block), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _checkpoint_sha256(checkpoint, rank, world):
+    """The checkpoint's sha256, read once per run: by rank 0, broadcast to the other ranks."""
+    digest = [file_sha256(checkpoint) if rank == 0 else None]
+    if world > 1:
+        dist.broadcast_object_list(digest, src=0)
+    return digest[0]
+
+
+def _plan(checkpoint, checkpoint_sha256, data, ids, chunk_size, clusters, seed):
+    return {"checkpoint": os.path.abspath(checkpoint), "checkpoint_sha256": checkpoint_sha256,
+            "data": os.path.abspath(data), "items": int(len(ids)),
             "item_ids_sha1": hashlib.sha1(np.ascontiguousarray(ids, np.int64).tobytes()).hexdigest(),
             "chunk_size": int(chunk_size), "clusters": int(clusters), "seed": int(seed)}
 
 
+_WHERE_ONLY = ("checkpoint",)  # the checkpoint's path: the same content elsewhere is the same run
+
+
 def _check_plan(out, plan):
+    """Whether `out` holds a plan.json; a different one is a ValueError naming what differs."""
     path = os.path.join(out, "plan.json")
     if not os.path.exists(path):
         return False
     with open(path) as f:
         old = json.load(f)
-    differ = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
+    if old.get("checkpoint_sha256") != plan["checkpoint_sha256"]:
+        raise ValueError(f"out: {out} holds parts embedded with checkpoint {old.get('checkpoint')} (sha256 "
+                         f"{old.get('checkpoint_sha256') or 'not recorded'}), not with {plan['checkpoint']} (sha256 "
+                         f"{plan['checkpoint_sha256']}); use a new --out or delete that directory")
+    differ = sorted(k for k in set(old) | set(plan) if k not in _WHERE_ONLY and old.get(k) != plan.get(k))
     if differ:
         raise ValueError(f"out: {out} holds another embedding run (it differs in {', '.join(differ)}); "
                          f"use a new --out or delete that directory")
     return True
 
 
+def _check_parts(out, chunks, plan):
+    """Every part of `chunks` already on disk must come from this run's checkpoint."""
+    for c in chunks:
+        for stage in ("emb", "part"):
+            path = _part(out, c, stage)
+            if os.path.exists(path) and part_checkpoint(path) != plan["checkpoint_sha256"]:
+                raise ValueError(f"out: {path} was embedded with a checkpoint of sha256 "
+                                 f"{part_checkpoint(path) or 'not recorded'}, "
+                                 f"not with {plan['checkpoint']} (sha256 {plan['checkpoint_sha256']}); use a new "
+                                 f"--out or delete that directory")
+
+
+def _place(device):
+    """The device string of this rank: "cuda" -> cuda:LOCAL_RANK. A CUDA device is made current
+    here, before any process group exists: NCCL collectives run on the current device."""
+    dev = resolve_device(device)
+    if dev == "cuda":
+        dev = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    if torch.device(dev).type == "cuda":
+        torch.cuda.set_device(torch.device(dev))
+    return dev
+
+
 def embed_catalogue(checkpoint, data, out, clusters=32, batch_size=256, device="auto", seed=0,
                     chunk_size=CHUNK_SIZE, kmeans="auto", progress=False):
     """Embed every item of `data` into the directory `out` (see the module docstring), resuming
     what a previous run of the same plan left; -> the manifest dict (on every rank)."""
-    from courier_fast import cluster
-    from courier_fast.data import read_items
     from courier_fast.checkpoint import load_encoder
-    from courier_fast.embed import encoded_batches, resolve_device
-    from courier_fast.training import setup_distributed as _setup_distributed
+    from courier_fast.data import read_items
+    from courier_fast.training import setup_distributed
 
     if clusters < 0 or batch_size <= 0 or chunk_size <= 0:
         raise ValueError("clusters must be >= 0, batch_size and chunk_size > 0")
@@ -107,13 +145,12 @@ def embed_catalogue(checkpoint, data, out, clusters=32, batch_size=256, device="
     if not os.path.isdir(parent):
         raise FileNotFoundError(f"out: directory {parent} does not exist")
     items = read_items(os.path.join(data, "items.parquet"))  # validates (and checks image files) first
-    dev = resolve_device(device)
-    rank, world = _setup_distributed(torch.device(dev).type)
-    if dev == "cuda":
-        dev = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    dev = _place(device)
+    rank, world = setup_distributed(torch.device(dev).type)
     order = np.argsort(items.column("item_id").to_numpy(), kind="stable")
     ids = items.column("item_id").to_numpy()[order]
-    plan = _plan(checkpoint, data, ids, chunk_size, clusters, seed)
+    plan = _plan(checkpoint, _checkpoint_sha256(checkpoint, rank, world), data, ids, chunk_size, clusters, seed)
+    sha = plan["checkpoint_sha256"]
     n_chunks = -(-len(ids) // chunk_size)
     manifest_path = os.path.join(out, "manifest.json")
     if rank == 0:
@@ -128,6 +165,7 @@ def embed_catalogue(checkpoint, data, out, clusters=32, batch_size=256, device="
             return json.load(f)
 
     mine = [c for c in range(rank, n_chunks, world)]
+    _check_parts(out, mine, plan)
     todo = [c for c in mine if not (os.path.exists(_part(out, c, "part")) or os.path.exists(_part(out, c, "emb")))]
     if todo:
         encoder, image_size = load_encoder(checkpoint)
@@ -143,8 +181,8 @@ def embed_catalogue(checkpoint, data, out, clusters=32, batch_size=256, device="
             got = list(encoded_batches(encoder, items, rows, image_size, batch_size, dev))
             vec = np.concatenate([v for _, v in got])
             vec /= np.maximum(np.linalg.norm(vec, axis=1, keepdims=True), 1e-12)
-            write_table(_part_table(ids[c * chunk_size:c * chunk_size + len(rows)], vec,
-                                    np.full(len(rows), -1, np.int64)), _part(out, c, "emb"))
+            write_table(embedding_table(ids[c * chunk_size:c * chunk_size + len(rows)], vec,
+                                        np.full(len(rows), -1, np.int64), sha), _part(out, c, "emb"))
             if bar is not None:
                 bar.update(len(rows))
         if bar is not None:
@@ -165,7 +203,7 @@ def embed_catalogue(checkpoint, data, out, clusters=32, batch_size=256, device="
         for c in mine:
             if not os.path.exists(_part(out, c, "part")):
                 part_ids, vec, _ = _read_vectors(_part(out, c, "emb"))
-                write_table(_part_table(part_ids, vec, cluster.assign(vec, centres)), _part(out, c, "part"))
+                write_table(embedding_table(part_ids, vec, cluster.assign(vec, centres), sha), _part(out, c, "part"))
             if os.path.exists(_part(out, c, "emb")):
                 os.remove(_part(out, c, "emb"))
     else:
@@ -178,7 +216,8 @@ def embed_catalogue(checkpoint, data, out, clusters=32, batch_size=256, device="
         _write_json({"format": FORMAT, "items": int(len(ids)), "dim": int(dim),
                      "parts": [os.path.relpath(_part(out, c, "part"), out) for c in range(n_chunks)],
                      "clusters": int(len(centres)) if clusters else 0, "kmeans": kmeans, "chunk_size": int(chunk_size),
-                     "world_size": world, "checkpoint": plan["checkpoint"], "data": plan["data"]}, manifest_path)
+                     "world_size": world, "checkpoint": plan["checkpoint"], "checkpoint_sha256": sha,
+                     "data": plan["data"]}, manifest_path)
     _barrier(world)
     with open(manifest_path) as f:
         return json.load(f)
@@ -186,8 +225,6 @@ def embed_catalogue(checkpoint, data, out, clusters=32, batch_size=256, device="
 
 def _sample_vectors(out, n_chunks, chunk_size, n, k, seed):
     """The rows cluster.sample() picks, read chunk by chunk from the emb- (or part-) files."""
-    from courier_fast import cluster
-
     rows = cluster.sample(n, k, seed)
     picked = []
     for c in range(n_chunks):
@@ -196,27 +233,3 @@ def _sample_vectors(out, n_chunks, chunk_size, n, k, seed):
             path = _part(out, c, "emb") if os.path.exists(_part(out, c, "emb")) else _part(out, c, "part")
             picked.append(_read_vectors(path)[1][rows[lo:hi] - c * chunk_size])
     return np.concatenate(picked)
-
-
-def is_parts_dir(path):
-    return os.path.isdir(path) and os.path.exists(os.path.join(path, "manifest.json"))
-
-
-def load_parts(path, item_ids=None):
-    """(item_ids (n,), vectors (n, d), cluster_ids (n,)) of a finished parts directory; only the
-    ids in `item_ids` when given (each part filtered as it is read)."""
-    with open(os.path.join(path, "manifest.json")) as f:
-        manifest = json.load(f)
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"embeddings: {path}/manifest.json is not a {FORMAT} manifest")
-    keep = None if item_ids is None else pa.array(np.unique(np.asarray(item_ids, np.int64)))
-    ids, vecs, clusters = [], [], []
-    for rel in manifest["parts"]:
-        t = pq.read_table(os.path.join(path, rel))
-        if keep is not None:
-            t = t.filter(pc.is_in(t.column("item_id"), keep))
-        i, v, c = table_columns(t)
-        ids.append(i)
-        vecs.append(v)
-        clusters.append(c)
-    return np.concatenate(ids), np.concatenate(vecs), np.concatenate(clusters)

@@ -6,13 +6,19 @@ float32 with unit L2 norm, and cluster_ids (n,) int64 from k-means over those ve
 (atomically), or as a directory of parts with a manifest (catalogue.py: streamed, sharded over
 torchrun ranks, resumable); load() reads all three. simscore() gives the paper's
 SimScore features: the cosine between a shown item's image and each history image.
+
+Imports go one way: embed -> catalogue -> (encode, embedding_files); encode.py holds the
+decode + encode loop (encoded_batches, resolve_device, also importable from here) and
+embedding_files.py the table format both write.
 """
 import os
 
 import numpy as np
-import torch
 
+from courier_fast.catalogue import embed_catalogue
 from courier_fast.data.format import atomic_path, write_table
+from courier_fast.embedding_files import embedding_table, is_parts_dir, load_parts, table_columns
+from courier_fast.encode import encoded_batches, resolve_device
 
 SUFFIXES = (".safetensors", ".parquet")
 
@@ -72,17 +78,12 @@ class ItemEmbeddings:
             with atomic_path(path) as tmp:
                 save_file({"item_id": self.item_ids, "embedding": self.vectors, "cluster_id": clusters}, tmp)
         else:
-            import pyarrow as pa
-            d = self.vectors.shape[1]
-            emb = pa.FixedSizeListArray.from_arrays(pa.array(self.vectors.reshape(-1)), d)
-            write_table(pa.table({"item_id": self.item_ids, "embedding": emb, "cluster_id": clusters}), path)
+            write_table(embedding_table(self.item_ids, self.vectors, clusters), path)
 
     @classmethod
     def load(cls, path, item_ids=None):
         """From a .safetensors / .parquet file or a parts directory (catalogue.py); with
         `item_ids`, only those (a directory is filtered part by part, never read whole)."""
-        from courier_fast.catalogue import is_parts_dir, load_parts, table_columns
-
         path = str(path)
         if not os.path.exists(path):
             raise FileNotFoundError(f"embeddings: {path} does not exist")
@@ -110,50 +111,6 @@ class ItemEmbeddings:
         return cls(ids, vec, None if len(clusters) == 0 or (clusters < 0).all() else clusters)
 
 
-def encoded_batches(encoder, items, rows=None, image_size=None, batch_size=256, device="cpu", decoder="auto",
-                    progress=False):
-    """Yield (item_ids (b,) int64, vectors (b, d) float32 numpy) for the item table's rows `rows`
-    (positions; default all, in table order), `batch_size` at a time, with `encoder` (an
-    ImageEncoder) in eval mode. Images are read lazily (bytes or files, see data/images.py) and
-    decoded one batch ahead in a background thread while the current batch is encoded."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from courier_fast.data.decode import ImageDecoder
-    from courier_fast.data.images import ItemImages
-
-    dec = ImageDecoder(backend=decoder, device=device, size=image_size)
-    images = ItemImages(items)
-    ids = items.column("item_id").to_numpy()
-    rows = np.arange(len(ids)) if rows is None else np.asarray(rows, dtype=np.int64)
-    chunks = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(rows), desc="embed", unit="item", dynamic_ncols=True)
-
-    def load(chunk):
-        return dec(images.read(chunk), item_ids=ids[chunk])
-
-    was_training = encoder.training
-    encoder.eval()
-    try:
-        with ThreadPoolExecutor(1, thread_name_prefix="courier-fast-decode") as pool:
-            nxt = pool.submit(load, chunks[0]) if chunks else None
-            for k, chunk in enumerate(chunks):
-                x = nxt.result().to(device)
-                nxt = pool.submit(load, chunks[k + 1]) if k + 1 < len(chunks) else None
-                with torch.no_grad():  # not around the yield: the caller's grad mode is its own
-                    vectors = encoder(x).float().cpu().numpy()
-                yield ids[chunk], vectors
-                if bar is not None:
-                    bar.update(len(chunk))
-    finally:
-        encoder.train(was_training)
-        images.close()
-        if bar is not None:
-            bar.close()
-
-
 def encode_items(encoder, items, image_size=None, batch_size=256, device="cpu", decoder="auto", progress=False):
     """ItemEmbeddings of every item of the item table with `encoder` (an ImageEncoder) in eval mode."""
     parts = list(encoded_batches(encoder, items, None, image_size, batch_size, device, decoder, progress))
@@ -167,11 +124,6 @@ def simscore(emb, history_ids, pv_ids):
     h_rows, p_rows = emb.rows(history_ids), emb.rows(pv_ids)
     table = np.vstack([emb.vectors, np.zeros((1, emb.vectors.shape[1]), np.float32)])  # row -1 = zeros
     return np.einsum("rpd,rld->rpl", table[p_rows], table[h_rows]).astype(np.float32)
-
-
-def resolve_device(device):
-    """"auto" -> "cuda" when a GPU is visible, else "cpu"."""
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
 def embed_checkpoint(checkpoint, data, clusters=32, batch_size=256, device="auto", seed=0):
@@ -195,8 +147,6 @@ def embed(checkpoint, data, out, clusters=32, batch_size=256, device="auto", see
     through catalogue.embed_catalogue, so both resume after a kill and shard over torchrun
     ranks (a file is assembled from `<out>.parts/` by rank 0 at the end; other ranks get None).
     catalogue_options: chunk_size, kmeans, progress."""
-    from courier_fast.catalogue import embed_catalogue
-
     if is_directory_out(out):
         return embed_catalogue(checkpoint, data, out, clusters, batch_size, device, seed, **catalogue_options)
     import torch.distributed as dist
