@@ -4,7 +4,8 @@ import in a fresh process with DuckDB capped at --memory-limit (it spills past i
 
 The log: users with power-law activity, Zipf item popularity, times uniform over 90 days,
 CSV (user_id, item_id, timestamp in unix seconds), no impressions; imported with the
-defaults (5 history items, 4 negatives, 16 windows per split, 0.5/0.25/0.25 by time).
+defaults (5 history items, 4 negatives sampled as of each request from the newest 1/16 of its
+split's earlier positives, 0.5/0.25/0.25 by time).
 Writes bench/results/<device>-import.json.
 
     python bench/bench_import.py --interactions 1000000 10000000
@@ -50,6 +51,7 @@ def main():
     ap.add_argument("--memory-limit", default="2GB")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workdir", default="/tmp/courier_items_rss")
+    ap.add_argument("--results", help="the JSON to write (default bench/results/<device>-import.json)")
     args = ap.parse_args()
     import harness
     import pyarrow.csv as pacsv
@@ -95,10 +97,12 @@ def main():
                         "rss_before_import_mb": round(kb["BASE_KB"] / 1024, 1),
                         "peak_rss_mb": round(kb["PEAK_KB"] / 1024, 1),
                         "memory_limit": args.memory_limit, "threads": args.threads, "rows": rep["rows"],
+                        "negative_sampling": rep["negative_sampling"],
+                        "rows_short_of_negatives": rep["rows_short_of_negatives"],
                         "cold_items_ctr_test": rep["cold_items_ctr_test"]}
         print(n, rows[f"{n}"], flush=True)
         shutil.rmtree(out)
-    print("wrote", harness.write_results("import", {}, rows))
+    print("wrote", harness.write_results("import", {}, rows, path=args.results))
 
 
 if __name__ == "__main__":

@@ -8,9 +8,12 @@ load_dataset, 100 SessionLoader batches (64 rows, resized to 32 px), and embeddi
 catalogue with `embed_catalogue` (a random test_efficientnet encoder at 32 px, 32 k-means
 clusters), plus the peak RSS and the size of the item table (the id index: ids, categories,
 titles and, in path mode, the path strings).
-Writes bench/results/<device>-items_rss.json.
+Writes bench/results/<device>-items_rss.json (or --results PATH) after every row, so each
+row in it is this script's own output: a row whose process failed holds {"error": its stderr's
+tail}, the run goes on, and the exit status is 1.
 
     python bench/bench_items_rss.py --items 20000 200000
+    python bench/bench_items_rss.py --items 20000 --layouts path --results /tmp/try.json  # a trial
 """
 import argparse
 import io
@@ -113,7 +116,9 @@ def one(data, checkpoint, out):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--items", type=int, nargs="+", default=[20_000, 200_000])
+    ap.add_argument("--layouts", nargs="+", choices=("path", "bytes"), default=["path", "bytes"])
     ap.add_argument("--workdir", default="/tmp/courier_items_rss160")
+    ap.add_argument("--results", help="the JSON to write (default bench/results/<device>-items_rss.json)")
     ap.add_argument("--one", nargs=3, metavar=("DATA", "CHECKPOINT", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -124,31 +129,34 @@ def main():
 
     from courier_fast.training import TrainConfig, train
 
-    rows = {}
+    rows, failed = {}, False
     for n in args.items:
         root = os.path.join(args.workdir, str(n))
         t0 = time.perf_counter()
         build(root, n)
         print(f"{n} items built in {time.perf_counter() - t0:.0f} s", flush=True)
+        images = os.path.join(root, "path", "images")
+        jpeg_mb = sum(os.path.getsize(os.path.join(images, f)) for f in os.listdir(images)) / 2**20
         ckpt = train(TrainConfig(data=os.path.join(root, "bytes"), out=os.path.join(root, "run"),
                                  method="random_encoder", encoder="test_efficientnet", embed_dim=64,
                                  image_size=32, progress=False))["checkpoint"]
-        for layout in ("path", "bytes"):
+        for layout in args.layouts:
             out = os.path.join(root, f"emb-{layout}")
             shutil.rmtree(out, ignore_errors=True)
+            t0 = time.perf_counter()
             done = subprocess.run([sys.executable, __file__, "--one", os.path.join(root, layout), ckpt, out],
                                   capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
-            if done.returncode != 0:
-                raise SystemExit(done.stderr[-2000:])
-            rows[f"{layout}-{n}"] = json.loads(done.stdout.strip().splitlines()[-1])
-            print(layout, n, rows[f"{layout}-{n}"], flush=True)
-    jpeg_mb = {n: sum(os.path.getsize(os.path.join(args.workdir, str(n), "path", "images", f))
-                      for f in os.listdir(os.path.join(args.workdir, str(n), "path", "images"))) / 2**20
-               for n in args.items}
-    for key, row in rows.items():
-        row["jpeg_mb_on_disk"] = round(jpeg_mb[int(key.split("-")[1])], 1)
-    print("wrote", harness.write_results("items_rss", {}, rows))
+            if done.returncode == 0:
+                row = json.loads(done.stdout.strip().splitlines()[-1])
+                row["jpeg_mb_on_disk"] = round(jpeg_mb, 1)
+            else:
+                failed, row = True, {"error": done.stderr.strip()[-2000:]}
+            row["wall_s"] = round(time.perf_counter() - t0, 1)
+            rows[f"{layout}-{n}"] = row
+            print(layout, n, row, flush=True)
+            print("wrote", harness.write_results("items_rss", {}, rows, path=args.results), flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,11 +1,13 @@
 """The round trip: the quick world written as public files, imported, and the quick demo on it.
 
 For each seed: `generate --layout files` (images/, items.csv, interactions.csv: clicks with
-timestamps, no impressions), `import` it with the native split times and 9 sampled negatives
-per click (pages of 10, as the native world shows), run the quick demo on the imported
-directory (the world's oracle.parquet copied in, for the ceiling) and on the native world;
-merges AUCs side by side, COURIER's margin over the best generic baseline on each, the import
-time and its report (rows, cold share) into bench/results/<device>-import_roundtrip.json.
+timestamps, no impressions), `import` it with the native split times and 9 negatives per click
+sampled as of the request (pages of 10, as the native world shows; an import left in --workdir
+by an importer with another sampling rule is redone, with the demo runs on it), run the quick
+demo on the imported directory (the world's oracle.parquet copied in, for the ceiling) and on
+the native world; merges AUCs side by side, COURIER's margin over the best generic baseline on
+each, the import time and its report (rows, sampling rule, cold share) into
+bench/results/<device>-import_roundtrip.json.
 
     python bench/import_roundtrip.py --seeds 0
 """
@@ -22,6 +24,7 @@ sys.path.insert(0, HERE)
 import harness  # noqa: E402
 
 from courier_fast.data.generate import EPOCH, WorldConfig, generate, split_days  # noqa: E402
+from courier_fast.data.import_sessions import NEGATIVE_RULE  # noqa: E402
 from courier_fast.data.importer import ImportConfig, import_dataset  # noqa: E402
 from courier_fast.demo import GENERIC, demo  # noqa: E402
 
@@ -31,13 +34,21 @@ def margin(report):
     return res["courier"]["auc"] - max(res[m]["auc"] for m in GENERIC)
 
 
+def _imported_rule(data):
+    """The negative-sampling rule of the import in `data`, or None when there is none."""
+    if not os.path.exists(os.path.join(data, "import.json")):
+        return None
+    with open(os.path.join(data, "import.json")) as f:
+        return json.load(f).get("negative_sampling", {}).get("rule")
+
+
 def run_seed(seed, workdir, negatives):
     files = os.path.join(workdir, f"files-seed{seed}")
     data = os.path.join(workdir, f"imported-seed{seed}", "data")
     if not os.path.exists(os.path.join(files, "interactions.csv")):
         generate(files, seed=seed, quick=True, layout="files")
-    if not os.path.exists(os.path.join(data, "import.json")):
-        shutil.rmtree(data, ignore_errors=True)
+    if _imported_rule(data) != NEGATIVE_RULE:  # not imported yet, or by an importer with another rule:
+        shutil.rmtree(os.path.dirname(data), ignore_errors=True)  # then the demo's runs on it are stale too
         os.makedirs(os.path.dirname(data), exist_ok=True)
         cuts = tuple((EPOCH + datetime.timedelta(days=d)).date().isoformat() for d in split_days(WorldConfig.quick()))
         t0 = time.perf_counter()
@@ -55,7 +66,8 @@ def run_seed(seed, workdir, negatives):
             "margin_over_best_generic": {"native": margin(native), "imported": margin(imported)},
             "demo_seconds": {"native": native["seconds"], "imported": imported["seconds"]},
             "import": {"seconds": imp["seconds"]["total"], "interactions": imp["interactions"], "rows": imp["rows"],
-                       "negatives": negatives, "rows_short_of_negatives": imp["rows_short_of_negatives"],
+                       "negatives": negatives, "negative_sampling": imp["negative_sampling"]["rule"],
+                       "rows_short_of_negatives": imp["rows_short_of_negatives"],
                        "cold_items_ctr_test": imp["cold_items_ctr_test"], "split_times": imp["split_times"]}}
 
 
@@ -64,8 +76,9 @@ def main():
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--negatives", type=int, default=9)
     ap.add_argument("--workdir", default="courier_demo/roundtrip")
+    ap.add_argument("--results", help="the JSON to merge into (default bench/results/<device>-import_roundtrip.json)")
     args = ap.parse_args()
-    path = os.path.join(HERE, "results", f"{harness.device_name()}-import_roundtrip.json")
+    path = args.results or os.path.join(HERE, "results", f"{harness.device_name()}-import_roundtrip.json")
     rows = {}
     if os.path.exists(path):
         with open(path) as f:
