@@ -4,6 +4,8 @@ Schemas live in csrc/courier_fast.cpp, device kernels in csrc/*.cpp (CPU) and cs
 (CUDA). Registering fake kernels and autograd here lets torch.compile trace the ops and
 torch.library.opcheck verify them.
 """
+import contextlib
+
 import torch
 
 from courier_fast import _extension
@@ -15,6 +17,21 @@ LSE = "courier_fast::contrastive_lse"
 def contrastive_lse(x, y, x_mask, y_mask, scale, normalize, with_columns):
     """Row (and optionally column) masked LSE of scale * x_hat @ y_hat.T; see the C++ schema."""
     return torch.ops.courier_fast.contrastive_lse(x, y, x_mask, y_mask, scale, normalize, with_columns)
+
+
+@contextlib.contextmanager
+def forced_lse_tile_rows(rows):
+    """Inside the block, every courier_fast::contrastive_lse call (forward and backward, CPU and
+    CUDA, any thread of this process) works on logits tiles of `rows` anchor rows instead of the
+    automatic size, so small problems take the multi-tile path; the previous setting comes back
+    on exit. For tests and the self-check (see csrc/contrastive_lse.h); rows: int >= 1."""
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+        raise ValueError(f"forced_lse_tile_rows: rows must be an int >= 1, got {rows!r}")
+    previous = torch.ops.courier_fast.set_lse_tile_rows(rows)
+    try:
+        yield
+    finally:
+        torch.ops.courier_fast.set_lse_tile_rows(previous)
 
 
 def register_lse_autograd(op, backward_op):

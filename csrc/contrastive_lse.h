@@ -10,11 +10,20 @@
 //   col_update(s, x_bias, col_max, col_sum)    online column max / sum over the tile's rows
 //   grad_tile(s, ...)                          s <- dL/ds (see contrastive_lse_backward)
 // Biases are 0 (kept) or -inf (masked out), or undefined tensors for "no mask".
+//
+// Forced tile rows (tests and the self-check only): courier_fast::set_lse_tile_rows(rows) makes
+// every later call in this process, on CPU and CUDA, use tiles of `rows` rows (0 restores the
+// automatic policy below), so that small problems run the multi-tile path (the online column
+// update across tiles, the gradient sums across tiles). It is process-wide state that only an
+// explicit call changes (no environment variable): use it through
+// courier_fast._ops.forced_lse_tile_rows, a context manager that restores the previous value.
+// courier_fast::lse_tile_rows reports the rows the driver uses, override included.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <atomic>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -69,8 +78,17 @@ struct TilePolicy {
 constexpr TilePolicy kCpuTiles{int64_t{1} << 21, 16};     // 8 MB fp32: stays in cache
 constexpr TilePolicy kCudaTiles{int64_t{1} << 26, 256};   // 256 MB fp32 while M <= 2^18
 
+// Rows per tile forced by set_lse_tile_rows; 0 = the automatic policy. One variable shared by
+// the CPU and CUDA objects (an inline function's static is one object per shared library).
+inline std::atomic<int64_t>& forced_tile_rows() {
+  static std::atomic<int64_t> rows{0};
+  return rows;
+}
+
 inline int64_t chunk_rows(int64_t n, int64_t m, TilePolicy policy) {
-  int64_t c = std::max<int64_t>(policy.min_rows, policy.target_elems / std::max<int64_t>(m, 1));
+  const int64_t forced = forced_tile_rows().load();
+  int64_t c = forced > 0 ? forced
+                         : std::max<int64_t>(policy.min_rows, policy.target_elems / std::max<int64_t>(m, 1));
   return std::max<int64_t>(1, std::min(n, c));
 }
 

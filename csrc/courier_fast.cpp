@@ -36,10 +36,17 @@ PyObject* PyInit__C(void) {
 }
 
 namespace {
-// Rows per logits tile the chunked contrastive driver uses on a CPU or CUDA device (the CUDA
-// policy is exposed here so that CPU machines can test it).
+// Rows per logits tile the chunked contrastive driver uses on a CPU or CUDA device, a forced
+// setting included (the CUDA policy is exposed here so that CPU machines can test it).
 int64_t lse_tile_rows(int64_t n, int64_t m, bool cuda) {
   return courier_fast::chunk_rows(n, m, cuda ? courier_fast::kCudaTiles : courier_fast::kCpuTiles);
+}
+
+// Forces the rows per tile of every later contrastive_lse call (0 = automatic); returns the
+// previous setting. For tests and the self-check: see contrastive_lse.h.
+int64_t set_lse_tile_rows(int64_t rows) {
+  TORCH_CHECK(rows >= 0, "set_lse_tile_rows: rows must be >= 0 (0 = automatic), got ", rows);
+  return courier_fast::forced_tile_rows().exchange(rows);
 }
 }  // namespace
 
@@ -65,4 +72,5 @@ TORCH_LIBRARY(courier_fast, m) {
         "Tensor lse, Tensor? key_padding_mask, bool causal, float sm_scale) "
         "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
   m.def("lse_tile_rows(int n, int m, bool cuda) -> int", &lse_tile_rows);
+  m.def("set_lse_tile_rows(int rows) -> int", &set_lse_tile_rows);
 }
