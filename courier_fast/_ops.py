@@ -24,7 +24,8 @@ def forced_lse_tile_rows(rows):
     """Inside the block, every courier_fast::contrastive_lse call (forward and backward, CPU and
     CUDA, any thread of this process) works on logits tiles of `rows` anchor rows instead of the
     automatic size, so small problems take the multi-tile path; the previous setting comes back
-    on exit. For tests and the self-check (see csrc/contrastive_lse.h); rows: int >= 1."""
+    on exit. A backward takes the setting current when it runs: run it inside the block too.
+    For tests and the self-check (see csrc/contrastive_lse.h); rows: int >= 1."""
     if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
         raise ValueError(f"forced_lse_tile_rows: rows must be an int >= 1, got {rows!r}")
     previous = torch.ops.courier_fast.set_lse_tile_rows(rows)
