@@ -21,7 +21,7 @@ OP = "contrastive_loss"
 
 def contrastive_loss(anchors, candidates, *, temperature=0.05, anchor_weight=None,
                      candidate_mask=None, normalize=True, symmetric=False, reduction="mean",
-                     group=None, backend="auto", ring=False):
+                     group=None, backend="auto", ring=False, capacity=None):
     """In-batch InfoNCE over every candidate of the (global) batch (DESIGN §3).
 
     Args:
@@ -44,12 +44,17 @@ def contrastive_loss(anchors, candidates, *, temperature=0.05, anchor_weight=Non
         ring: with a group, pass candidate blocks around a ring of point-to-point exchanges
             instead of all-gathering them (Inf-CL style): a rank never holds more than two
             ranks' candidates. Needs a kernel backend (cpu, cuda, triton or chunked).
+        capacity: with a group, an int >= every rank's N, the same on every rank (e.g. rows x
+            slots of a fixed batch geometry). Every rank's rows are gathered padded to it and
+            the padding is masked out, so the call reads nothing back from the device. None:
+            the ranks' largest N is exchanged and read back to the host, one device-to-host
+            read per call. Checked against N without a group too.
 
     Returns a scalar (or (N,) for "none"): float32, or float64 for float64 inputs.
     The N x N logits are never materialised except by the reference backend.
     """
     _check_args(anchors, candidates, temperature, anchor_weight, candidate_mask, normalize,
-                symmetric, reduction, group, backend, ring)
+                symmetric, reduction, group, backend, ring, capacity)
     scale = 1.0 / float(temperature)
     n = anchors.shape[0]
     weight = effective_weight(anchor_weight, candidate_mask, n, anchors)
@@ -64,31 +69,29 @@ def contrastive_loss(anchors, candidates, *, temperature=0.05, anchor_weight=Non
 
     if ring and getattr(terms_fn, "lse_ops", None) is None:
         raise ValueError("ring=True needs a kernel backend (cpu, cuda, triton or chunked), not the dense reference")
-    batch = GatheredBatch(n, group, anchors.device)
+    # every rank's rows padded to one capacity; padded rows are masked candidates (distributed.py)
+    batch = GatheredBatch(n, group, anchors.device, capacity, candidate_mask)
     if ring:
-        terms = _ring_terms(terms_fn.lse_ops, anchors, candidates, candidate_mask, scale, normalize,
-                            symmetric, batch)
+        terms = _ring_terms(terms_fn.lse_ops, anchors, candidates, scale, normalize, symmetric, batch)
         return reduce_terms(terms, weight, reduction, batch.total(weight.sum()), world)
     all_candidates = batch.with_grad(candidates)
     all_anchors = batch.with_grad(anchors) if symmetric else None
-    # bool tensors are not supported by every backend's all_gather: send them as uint8.
-    all_mask = None if candidate_mask is None else batch.no_grad(candidate_mask.to(torch.uint8)).bool()
-    terms = terms_fn(anchors, candidates, all_candidates, all_anchors, all_mask, scale, normalize,
+    terms = terms_fn(anchors, candidates, all_candidates, all_anchors, batch.keep(), scale, normalize,
                      symmetric, single_process=False)
     return reduce_terms(terms, weight, reduction, batch.total(weight.sum()), world)
 
 
-def _ring_terms(lse_ops, anchors, candidates, candidate_mask, scale, normalize, symmetric, batch):
+def _ring_terms(lse_ops, anchors, candidates, scale, normalize, symmetric, batch):
     positive = positive_logits(anchors, candidates, scale, normalize)
-    terms = ring_lse(anchors, candidates, candidate_mask, scale, normalize, batch, lse_ops) - positive
+    terms = ring_lse(anchors, candidates, scale, normalize, batch, lse_ops) - positive
     if symmetric:
-        reverse = ring_lse(candidates, anchors, candidate_mask, scale, normalize, batch, lse_ops) - positive
+        reverse = ring_lse(candidates, anchors, scale, normalize, batch, lse_ops) - positive
         terms = 0.5 * (terms + reverse)
     return terms
 
 
 def _check_args(anchors, candidates, temperature, anchor_weight, candidate_mask, normalize,
-                symmetric, reduction, group, backend, ring):
+                symmetric, reduction, group, backend, ring, capacity):
     v = _validate
     v.tensor("anchors", anchors, ndim=2)
     v.tensor("candidates", candidates, ndim=2)
@@ -109,6 +112,9 @@ def _check_args(anchors, candidates, temperature, anchor_weight, candidate_mask,
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     if group is not None and not (dist.is_available() and dist.is_initialized()):
         raise ValueError("group was given but torch.distributed is not initialized")
+    if capacity is not None and v.positive_int("capacity", capacity) < anchors.shape[0]:
+        raise ValueError(f"capacity must be >= the rows of anchors on every rank; got {capacity} with "
+                         f"{anchors.shape[0]} rows here")
     v.finite("anchors", anchors)
     v.finite("candidates", candidates)
 

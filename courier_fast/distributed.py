@@ -1,7 +1,15 @@
-"""Gathering the global batch across processes, with gradient.
+"""Gathering the global batch across processes, with gradient and without reading the device.
 
-all_gather_with_grad(x, group) concatenates every rank's x (ranks may hold different numbers of
-rows). Its backward sums, over ranks, the gradients each rank computed for this rank's rows
+Every rank's rows are gathered padded to one `capacity` (the most rows any rank holds): rank r's
+rows sit at [r * capacity, r * capacity + n_r) of the gathered batch and the rest is padding,
+carried as masked-out candidates instead of being trimmed. The loss over the padded batch is
+the loss over the concatenated rows, and no rank needs another rank's row count on the host.
+The capacity is the caller's when known up front (contrastive_loss(capacity=...), e.g. rows x
+slots of a fixed batch geometry, the same int on every rank: no communication, no host read);
+otherwise the ranks' largest row count is found by one all_reduce and read back to the host:
+the one device-to-host read of such a call.
+
+The gather's backward sums, over ranks, the gradients each rank computed for this rank's rows
 (an all-reduce of the gathered gradient, then this rank's slice): exactly the chain rule for a
 global loss, so that after DDP averages gradients they match one process on the whole batch.
 """
@@ -15,11 +23,11 @@ def world_size(group) -> int:
     return dist.get_world_size(group)
 
 
-def _rank_sizes(n, group, device):
-    local = torch.tensor([n], dtype=torch.int64, device=device)
-    sizes = [torch.zeros_like(local) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(sizes, local, group=group)
-    return [int(s.item()) for s in sizes]
+def largest_rows(n, group, device):
+    """max over the ranks of `n` (an int): one all_reduce, then one device-to-host read."""
+    rows = torch.tensor([n], dtype=torch.int64, device=device)
+    dist.all_reduce(rows, op=dist.ReduceOp.MAX, group=group)
+    return int(rows.item())
 
 
 def _padded(t, rows):
@@ -27,19 +35,19 @@ def _padded(t, rows):
     return t if t.shape[0] == rows else torch.cat([t, t.new_zeros((rows - t.shape[0],) + t.shape[1:])])
 
 
-def _gather(x, sizes, group):
-    """Concatenate every rank's x (first dim sizes[r]); pads to the largest for all_gather."""
-    padded = _padded(x, max(sizes))
-    parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded.contiguous(), group=group)
-    return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+def _gather_padded(x, capacity, group):
+    """(world * capacity, ...) every rank's x, each padded with zero rows to `capacity`."""
+    padded = _padded(x, capacity).contiguous()
+    parts = [torch.empty_like(padded) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat(parts)
 
 
 class _AllGatherWithGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, sizes, offset, group):
+    def forward(ctx, x, capacity, offset, group):
         ctx.group, ctx.offset, ctx.n = group, offset, x.shape[0]
-        return _gather(x, sizes, group)
+        return _gather_padded(x, capacity, group)
 
     @staticmethod
     def backward(ctx, grad):
@@ -49,18 +57,31 @@ class _AllGatherWithGrad(torch.autograd.Function):
 
 
 class GatheredBatch:
-    """This rank's place in the global batch: sizes per rank and this rank's row offset."""
+    """This rank's place in the padded global batch of a process group.
 
-    def __init__(self, n, group, device):
+    n: this rank's rows; capacity: rows per rank in the gathered batch, >= n and the same on
+    every rank (contrastive_loss checks n; None: largest_rows(), one host read); candidate_mask: None or (n,) bool, this rank's
+    candidates. `local_keep` is (capacity,) uint8, 1 for this rank's candidate rows and 0 for
+    masked or padded ones; keep() gathers it to (world * capacity,) bool, the mask of the
+    gathered batch (uint8 on the wire: not every backend's all_gather takes bool).
+    """
+
+    def __init__(self, n, group, device, capacity=None, candidate_mask=None):
         self.group = group
-        self.sizes = _rank_sizes(n, group, device)
-        self.offset = sum(self.sizes[:dist.get_rank(group)])
+        self.world = dist.get_world_size(group)
+        self.capacity = largest_rows(n, group, device) if capacity is None else capacity
+        self.offset = dist.get_rank(group) * self.capacity
+        own = (torch.ones(n, dtype=torch.uint8, device=device) if candidate_mask is None
+               else candidate_mask.to(torch.uint8))
+        self.local_keep = _padded(own, self.capacity)
 
     def with_grad(self, x):
-        return _AllGatherWithGrad.apply(x, self.sizes, self.offset, self.group)
+        """(world * capacity, d) every rank's x (n rows here) with gradient to this rank's rows."""
+        return _AllGatherWithGrad.apply(x, self.capacity, self.offset, self.group)
 
-    def no_grad(self, x):
-        return _gather(x.detach(), self.sizes, self.group)
+    def keep(self):
+        """(world * capacity,) bool: the gathered rows that are candidates (real and unmasked)."""
+        return _gather_padded(self.local_keep, self.capacity, self.group).bool()
 
     def total(self, value):
         """Sum a scalar tensor over ranks (no gradient)."""
@@ -86,47 +107,47 @@ def _ring_shift(tensors, group):
 
 class _RingLSE(torch.autograd.Function):
     """Row LSE of local x against every rank's y, passing y blocks around a ring (Inf-CL style):
-    a rank never holds more than its own and one visiting block. Backward passes the blocks
-    around again with a gradient buffer that accumulates every rank's contribution and arrives
-    back at the block's owner after a full turn."""
+    a rank never holds more than its own and one visiting block. Blocks are y padded to the
+    batch's capacity, with batch.local_keep as their mask. Backward passes the blocks around
+    again with a gradient buffer that accumulates every rank's contribution and arrives back at
+    the block's owner after a full turn."""
 
     @staticmethod
-    def forward(ctx, x, y, y_keep, scale, normalize, batch, lse_ops):
+    def forward(ctx, x, y, scale, normalize, batch, lse_ops):
         fwd, _ = lse_ops
-        rows = max(batch.sizes)  # blocks are padded (and masked) to the largest rank's size
-        blk, keep = _padded(y, rows), _padded(y_keep, rows)
+        blk, keep = _padded(y, batch.capacity), batch.local_keep
         lse = None
-        for step in range(len(batch.sizes)):
+        for step in range(batch.world):
             if step:
                 blk, keep = _ring_shift([blk, keep], batch.group)
             row, _ = fwd(x, blk, None, keep.bool(), scale, normalize, False)
             lse = row if lse is None else torch.logaddexp(lse, row)
-        ctx.save_for_backward(x, y, y_keep, lse)
+        ctx.save_for_backward(x, y, lse)
         ctx.scale, ctx.normalize, ctx.batch, ctx.lse_ops = scale, normalize, batch, lse_ops
         return lse
 
     @staticmethod
     def backward(ctx, grad):
-        x, y, y_keep, lse = ctx.saved_tensors
+        x, y, lse = ctx.saved_tensors
         _, bwd = ctx.lse_ops
-        rows = max(ctx.batch.sizes)
-        blk, keep = _padded(y, rows), _padded(y_keep, rows)
+        batch = ctx.batch
+        blk, keep = _padded(y, batch.capacity), batch.local_keep
         grad_blk = torch.zeros_like(blk)
         grad_x = torch.zeros_like(x)
         empty = lse.new_empty(0)
         grad = grad.to(lse.dtype).contiguous()
-        for step in range(len(ctx.batch.sizes)):
+        for step in range(batch.world):
             if step:
-                blk, keep, grad_blk = _ring_shift([blk, keep, grad_blk], ctx.batch.group)
+                blk, keep, grad_blk = _ring_shift([blk, keep, grad_blk], batch.group)
             gx, gy = bwd(grad, empty, x, blk, None, keep.bool(), lse, empty,
                          ctx.scale, ctx.normalize, False)
             grad_x += gx
             grad_blk += gy
-        (grad_blk,) = _ring_shift([grad_blk], ctx.batch.group)  # home to the block's owner
-        return grad_x, grad_blk[:y.shape[0]], None, None, None, None, None
+        (grad_blk,) = _ring_shift([grad_blk], batch.group)  # home to the block's owner
+        return grad_x, grad_blk[:y.shape[0]], None, None, None, None
 
 
-def ring_lse(x, y, y_mask, scale, normalize, batch, lse_ops):
-    """(n,) LSE of x's rows against all ranks' y (masked by their y_mask), ring exchange."""
-    keep = torch.ones(y.shape[0], dtype=torch.uint8, device=y.device) if y_mask is None else y_mask.to(torch.uint8)
-    return _RingLSE.apply(x, y, keep, scale, normalize, batch, lse_ops)
+def ring_lse(x, y, scale, normalize, batch, lse_ops):
+    """(n,) LSE of x's rows (n, d) against every rank's y (this rank's: (m, d), m <= capacity),
+    over the rows batch.local_keep marks on each rank; ring exchange."""
+    return _RingLSE.apply(x, y, scale, normalize, batch, lse_ops)

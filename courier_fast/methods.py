@@ -9,7 +9,9 @@ views counts both). `build_method(name, items, **kwargs)` makes one:
 * simclr: two SimCLR-augmented views of each distinct item of the batch, a 2-layer projection
   head, symmetric InfoNCE (our contrastive_loss, temperature 0.1).
 Contrastive methods use every rank's items as negatives when torch.distributed is running
-(all-gathered, or passed around a ring with ring=True) and take backend= for their loss.
+(all-gathered, or passed around a ring with ring=True) and take backend= for their loss and
+batch_rows= (the most rows of any rank's SessionBatch, the same on every rank, with fixed slot
+widths: the loss then gathers with no device-to-host read; train() passes its batch_size).
 * category_supervised: a linear classifier on the embedding, cross-entropy on the category.
 * clip_titles: image-title InfoNCE (our symmetric loss, temperature 0.07); titles are encoded
   by a bag of word embeddings, the vocabulary taken from the item table.
@@ -20,9 +22,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from courier_fast._validate import positive_int
 from courier_fast.augment import Augment, to_float
 from courier_fast.contrastive import contrastive_loss
-from courier_fast.model import CourierModel, ImageEncoder
+from courier_fast.model import CourierModel, ImageEncoder, gather_capacity
 
 METHODS = ("courier", "simclr", "category_supervised", "clip_titles", "random_encoder")
 
@@ -33,9 +36,18 @@ def _global_group():
 
 
 class _Method(nn.Module):
+    batch_rows = None
+
     def images_per_step(self, batch):
         """Encoder image passes of one step: each distinct item of the batch once."""
         return batch.images.shape[0]
+
+    def item_capacity(self, batch):
+        """Gather capacity of a loss over the batch's distinct items: batch_rows x (history +
+        page-view slots per row), the most distinct items such a batch can hold (None without
+        batch_rows: the loss reads the ranks' largest size back once per call)."""
+        rows, pv_slots = batch.pv_index.shape
+        return gather_capacity(self.batch_rows, rows, pv_slots + batch.history_index.shape[1])
 
 
 class CourierMethod(_Method):
@@ -50,8 +62,9 @@ class CourierMethod(_Method):
 
 
 class SimCLRMethod(_Method):
-    def __init__(self, items=None, temperature=0.1, backend="auto", ring=False, **kw):
+    def __init__(self, items=None, temperature=0.1, backend="auto", ring=False, batch_rows=None, **kw):
         super().__init__()
+        self.batch_rows = None if batch_rows is None else positive_int("batch_rows", batch_rows)
         self.encoder = ImageEncoder(**kw)
         d = self.encoder.embed_dim
         self.projection = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d))
@@ -65,8 +78,8 @@ class SimCLRMethod(_Method):
         x = to_float(batch.images)
         z = self.projection(self.encoder(torch.cat([self.augment(x, generator), self.augment(x, generator)])))
         z1, z2 = z.chunk(2)
-        return {"loss": contrastive_loss(z1, z2, temperature=self.temperature, symmetric=True,
-                                         group=_global_group(), **self.loss_options)}
+        return {"loss": contrastive_loss(z1, z2, temperature=self.temperature, symmetric=True, group=_global_group(),
+                                         capacity=self.item_capacity(batch), **self.loss_options)}
 
 
 class CategorySupervisedMethod(_Method):
@@ -85,8 +98,10 @@ class CategorySupervisedMethod(_Method):
 
 
 class ClipTitlesMethod(_Method):
-    def __init__(self, items=None, vocab=None, temperature=0.07, backend="auto", ring=False, **kw):
+    def __init__(self, items=None, vocab=None, temperature=0.07, backend="auto", ring=False, batch_rows=None,
+                 **kw):
         super().__init__()
+        self.batch_rows = None if batch_rows is None else positive_int("batch_rows", batch_rows)
         self.loss_options = {"backend": backend, "ring": ring}
         if vocab is None:
             vocab = sorted({w for t in items.column("title").to_pylist() for w in t.lower().split()})
@@ -116,7 +131,8 @@ class ClipTitlesMethod(_Method):
         img = self.encoder(self.augment(to_float(batch.images), generator))
         txt = self.encode_titles(batch.image_ids)
         return {"loss": contrastive_loss(img, txt.to(img.dtype), temperature=self.temperature, symmetric=True,
-                                         group=_global_group(), **self.loss_options)}
+                                         group=_global_group(), capacity=self.item_capacity(batch),
+                                         **self.loss_options)}
 
 
 class RandomEncoderMethod(_Method):

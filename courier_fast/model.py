@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from courier_fast._validate import positive_int
 from courier_fast.augment import to_float
 from courier_fast.nn import InBatchContrastiveLoss, ReconstructionAttention
 
@@ -127,6 +128,17 @@ def candidate_mask(index, anchor, valid, num_items=None):
     return valid & (anchor | ((pos == first[index]) & ~anchored[index]))
 
 
+def gather_capacity(batch_rows, rows, slots):
+    """batch_rows x slots: the contrastive_loss capacity of a loss over `slots` entries per batch
+    row when every rank's batch has at most batch_rows rows (None when batch_rows is None). This
+    batch's `rows` above batch_rows is a ValueError."""
+    if batch_rows is None:
+        return None
+    if rows > batch_rows:
+        raise ValueError(f"batch has {rows} rows, more than batch_rows={batch_rows}")
+    return batch_rows * slots
+
+
 class CourierModel(nn.Module):
     """COURIER pre-training: CourierModel(...)(batch) -> dict of losses ("loss" is their weighted sum).
 
@@ -134,17 +146,23 @@ class CourierModel(nn.Module):
     heads; query: "learned" | "target" | "target_image" (module docstring); pretrained: local
     backbone weights or None; category_buckets: size of the category embedding table (ids are
     taken modulo it). Other options are ImageEncoder's and the loss weights / temperature.
+    batch_rows: with negatives from several ranks (gather), the most rows of any rank's batch,
+    the same int on every rank whose batches all have the same slot widths (SessionLoader: fixed
+    history_len and pv_len; train() passes batch_size). The losses then gather every rank's
+    B x P page-view and B x L history slots padded to batch_rows x P and batch_rows x L, with no
+    device-to-host read. None: each of the two losses reads the ranks' largest size back once.
     """
 
     def __init__(self, encoder="resnet18", embed_dim=256, num_heads=4, query="learned", pretrained=None,
                  temperature=0.05, contrastive_weight=1.0, history_weight=1.0, ctr_weight=1.0,
                  category_buckets=1024, grad_checkpointing=False, freeze_backbone=False, channels_last=True,
-                 gather=True, backend="auto", **timm_kwargs):
+                 gather=True, backend="auto", batch_rows=None, **timm_kwargs):
         super().__init__()
         if query not in QUERIES:
             raise ValueError(f"query must be one of {QUERIES}, got {query!r}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.batch_rows = None if batch_rows is None else positive_int("batch_rows", batch_rows)
         weights = {"contrastive_weight": contrastive_weight, "history_weight": history_weight, "ctr_weight": ctr_weight}
         if min(weights.values()) < 0 or max(weights.values()) <= 0:
             raise ValueError(f"loss weights must be >= 0 with at least one > 0, got {weights}")
@@ -184,6 +202,8 @@ class CourierModel(nn.Module):
         hist_idx, pv_idx = batch.history_index.to(dev), batch.pv_index.to(dev)
         hist_pad, pv_pad = batch.history_pad.to(dev), batch.pv_pad.to(dev)
         clicks = batch.clicks.to(dev)
+        pv_capacity = gather_capacity(self.batch_rows, *pv_idx.shape)  # e's rows on the busiest rank
+        history_capacity = gather_capacity(self.batch_rows, *hist_idx.shape)
         h, e = emb[hist_idx], emb[pv_idx]
         d = e.shape[-1]
         valid = ~pv_pad
@@ -194,16 +214,16 @@ class CourierModel(nn.Module):
         rows = emb.shape[0]  # distinct items + the padding row: every index is below it
         if w["contrastive"]:
             cand = candidate_mask(pv_idx.reshape(-1), clicked.reshape(-1), valid.reshape(-1), rows)
-            out["contrastive"] = self.infonce(r.reshape(-1, d), e.reshape(-1, d),
-                                              anchor_weight=clicked.reshape(-1), candidate_mask=cand)
+            out["contrastive"] = self.infonce(r.reshape(-1, d), e.reshape(-1, d), anchor_weight=clicked.reshape(-1),
+                                              candidate_mask=cand, capacity=pv_capacity)
         if w["history"]:
             rh = self.attention(self.queries(h, batch.history_category), h, key_padding_mask=hist_pad, causal=True)
             hvalid = ~hist_pad
             # a position is an anchor when it and at least one earlier position are valid
             anchor = hvalid & (torch.cumsum(hvalid.int(), 1) > 1)
             cand = candidate_mask(hist_idx.reshape(-1), anchor.reshape(-1), hvalid.reshape(-1), rows)
-            out["history"] = self.infonce(rh.reshape(-1, d), h.reshape(-1, d),
-                                          anchor_weight=anchor.reshape(-1), candidate_mask=cand)
+            out["history"] = self.infonce(rh.reshape(-1, d), h.reshape(-1, d), anchor_weight=anchor.reshape(-1),
+                                          candidate_mask=cand, capacity=history_capacity)
         if w["ctr"]:
             logits = self.ctr_head(torch.cat([r, e], -1)).squeeze(-1).float()
             bce = F.binary_cross_entropy_with_logits(logits, clicks, reduction="none")

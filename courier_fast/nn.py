@@ -82,7 +82,9 @@ class InBatchContrastiveLoss(nn.Module):
     initialised with more than one process (group=None means the default group), by an
     all-gather with gradient; gather="ring" passes candidate blocks around a ring instead
     (never more than two ranks' candidates in memory; needs a kernel backend).
-    forward(anchors (N, d), candidates (N, d), anchor_weight=None, candidate_mask=None).
+    forward(anchors (N, d), candidates (N, d), anchor_weight=None, candidate_mask=None,
+    capacity=None): capacity is an int >= every rank's N, the same on every rank, with which the
+    gather reads nothing back from the device (None: one device-to-host read per call).
     """
 
     def __init__(self, temperature=0.05, symmetric=False, gather=True, normalize=True,
@@ -98,12 +100,12 @@ class InBatchContrastiveLoss(nn.Module):
             return None
         return self.group if self.group is not None else dist.group.WORLD
 
-    def forward(self, anchors, candidates, anchor_weight=None, candidate_mask=None):
+    def forward(self, anchors, candidates, anchor_weight=None, candidate_mask=None, capacity=None):
         return contrastive_loss(
             anchors, candidates, temperature=self.temperature, anchor_weight=anchor_weight,
             candidate_mask=candidate_mask, normalize=self.normalize, symmetric=self.symmetric,
             reduction=self.reduction, group=self._group(), backend=self.backend,
-            ring=self.gather == "ring")
+            ring=self.gather == "ring", capacity=capacity)
 
     def extra_repr(self):
         return f"temperature={self.temperature}, symmetric={self.symmetric}, gather={self.gather}"

@@ -14,12 +14,14 @@ process group (NCCL on GPUs, gloo on CPU), shards the rows, wraps the model in D
 every rank's items as negatives. AdamW with linear warm-up to `lr`, then constant, cosine or
 linear decay to 0 at the last step (`lr_schedule`), optional gradient-norm clipping.
 
-A step reads nothing back from the device: losses are materialised and checked for NaN/Inf
-every `log_every` steps and before each checkpoint (a non-finite loss is reported with the step
-it first appeared at and nothing after it is saved), the ops' data checks are off while
-training (courier_fast.set_input_checks) and, across ranks, image counts are summed at those
-points too, except under a `max_images` budget, which every rank must see reached at the same
-step (one small all-reduce per step). fp16 AMP's GradScaler still reads its overflow flag.
+A step (train_step) reads nothing back from the device: losses are materialised and checked for
+NaN/Inf every `log_every` steps and before each checkpoint (a non-finite loss is reported with
+the step it first appeared at and nothing after it is saved), the ops' data checks are off
+while training (courier_fast.set_input_checks), the contrastive losses gather every rank's
+batch padded to `batch_size` rows (courier_fast.distributed: no rank needs another's sizes) and,
+across ranks, image counts are summed at those points too. Two exceptions: under a `max_images`
+budget, which every rank must see reached at the same step, the image count is summed and read
+once per step; fp16 AMP's GradScaler reads its overflow flag.
 """
 import dataclasses
 import json
@@ -132,6 +134,7 @@ class TrainConfig:
               "channels_last": self.channels_last}
         if self.method in CONTRASTIVE_METHODS:
             kw["backend"] = self.backend
+            kw["batch_rows"] = self.batch_size  # every rank's batch: its loss gathers without a host read
             if self.temperature is not None:
                 kw["temperature"] = self.temperature
         if self.method == "courier":
@@ -226,6 +229,28 @@ def make_loader(cfg, data, device, rank=0, world=1):
     return SessionLoader(data["items"], data["pretrain"], batch_size=cfg.batch_size, history_len=cfg.history_len,
                          pv_len=cfg.pv_len, decoder=decoder, seed=cfg.seed, rank=rank, world_size=world,
                          drop_last=world > 1)
+
+
+def train_step(model, batch, generator, optimizer, scaler, amp_dtype=None, grad_clip=None):
+    """One optimiser step of `model` (a method of courier_fast.methods, or its DDP wrapper) on
+    `batch` (a SessionBatch on the model's device): forward under autocast in amp_dtype (None:
+    off), backward through `scaler` (a torch.amp.GradScaler, enabled for fp16 only), clipping of
+    the global gradient norm to grad_clip (None: none), then the optimiser's step.
+
+    Returns (losses: the method's dict of 0-d tensors, grad_norm: a 0-d tensor or None). Reads
+    nothing back from the device, except fp16's GradScaler, which reads its overflow flag."""
+    with torch.autocast(batch.images.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        losses = model(batch, generator)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(losses["loss"]).backward()
+    grad_norm = None
+    if grad_clip is not None:
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                                                   grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return losses, grad_norm
 
 
 def train(config):
@@ -336,16 +361,8 @@ def train(config):
                 lr = lr_at(cfg, step, total_steps)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    losses = model(batch, _step_generator(cfg.seed, step))
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(losses["loss"]).backward()
-                grad_norm = None
-                if cfg.grad_clip is not None:
-                    scaler.unscale_(optimizer)
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
+                losses, grad_norm = train_step(model, batch, _step_generator(cfg.seed, step), optimizer, scaler,
+                                               amp_dtype, cfg.grad_clip)
                 images.add(method.images_per_step(batch))
                 step += 1
                 first_bad = torch.where((first_bad < 0) & ~torch.isfinite(losses["loss"].detach()), step, first_bad)

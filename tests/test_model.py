@@ -204,10 +204,13 @@ def test_loss_weights(batch):
     ({"encoder": "no_such_model"}, "encoder"),
     ({"temperature": 0}, "temperature"),
     ({"temperature": -0.1}, "temperature"),
+    ({"batch_rows": 0}, "batch_rows"),
 ])
 def test_invalid_arguments(kwargs, word):
     with pytest.raises(ValueError, match=word):
         CourierModel(**{**SMALL, **kwargs})
+    with pytest.raises(TypeError, match="batch_rows"):
+        CourierModel(**SMALL, batch_rows=8.0)
 
 
 # ----------------------------------------------------------------------------- methods
@@ -223,6 +226,37 @@ def test_methods_train_a_step(name, world, batch):
     assert any(x.abs().sum() > 0 for x in grads)
     u = batch.images.shape[0]
     assert method.images_per_step(batch) == (2 * u if name == "simclr" else u)
+
+
+@pytest.mark.parametrize("name", ["courier", "simclr", "clip_titles"])
+def test_batch_rows_sets_the_gather_capacity(name, world, batch, monkeypatch):
+    """batch_rows (train() passes batch_size) gives each contrastive loss its gather capacity,
+    batch_rows x the slots of a row (courier: page-view, then history slots; the others: both, the
+    most distinct items a batch holds), leaves the loss unchanged and caps the batch's rows."""
+    import courier_fast.methods as methods_module
+    import courier_fast.nn as nn_module
+
+    calls = []
+    for module in (methods_module, nn_module):
+        real = module.contrastive_loss
+
+        def recording(anchors, candidates, _real=real, **kw):
+            calls.append((kw["capacity"], anchors.shape[0]))
+            return _real(anchors, candidates, **kw)
+
+        monkeypatch.setattr(module, "contrastive_loss", recording)
+    losses = {}
+    for batch_rows in (None, 8):
+        torch.manual_seed(0)
+        method = build_method(name, world["items"], encoder="test_efficientnet", embed_dim=32, batch_rows=batch_rows)
+        losses[batch_rows] = method(batch, torch.Generator().manual_seed(1))["loss"]
+    pv, hist = batch.pv_index.shape[1], batch.history_index.shape[1]
+    want = [8 * pv, 8 * hist] if name == "courier" else [8 * (pv + hist)]
+    assert [c for c, _ in calls] == [None] * len(want) + want
+    assert all(c is None or c >= rows for c, rows in calls)
+    assert torch.equal(losses[None], losses[8])
+    with pytest.raises(ValueError, match="batch_rows=7"):
+        build_method(name, world["items"], encoder="test_efficientnet", embed_dim=32, batch_rows=7)(batch)
 
 
 def test_random_encoder_is_not_trainable(world, batch):
