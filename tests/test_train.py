@@ -5,7 +5,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ import torch.multiprocessing as mp
 
 from courier_fast.data import ImageDecoder, SessionLoader, load_dataset
 from courier_fast.training import TrainConfig, load_checkpoint, train
+from host_reads import HostReads
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -89,55 +89,66 @@ def _cli(world, out, *extra):
             "--lr", "1e-3", "--log-every", "2", "--no-progress", *extra]
 
 
-def _kill_after_first_checkpoint(cmd, env, ckpt):
-    """Start cmd, SIGKILL it once `ckpt` holds an incomplete checkpoint at step >= 4; -> step or None."""
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 240
-        while proc.poll() is None and time.monotonic() < deadline:
-            if os.path.exists(ckpt):
-                state = torch.load(ckpt, map_location="cpu", weights_only=False)
-                if state["step"] >= 4 and not state["complete"]:
-                    proc.send_signal(signal.SIGKILL)
-                    proc.wait()
-                    return state["step"]
-            time.sleep(0.005)
-        return None
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+# The CLI run that dies: its training module is patched in the child to SIGKILL the process at
+# a fixed point, so the kill never depends on timing (no test hook in the package).
+_DIE = """
+import os, signal, sys
+from courier_fast import training
+from courier_fast.cli import main
+
+point = sys.argv[1]
+if point == "after_checkpoint":  # right after checkpoint.pt of step 4 is written
+    save = training.save_checkpoint
+
+    def save_checkpoint(state, path):
+        save(state, path)
+        if state["step"] == 4:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    training.save_checkpoint = save_checkpoint
+else:  # "between_checkpoints": as step 7 starts, 2 steps (and a metrics line) past the last checkpoint
+    step, done = training.train_step, []
+
+    def train_step(*args, **kwargs):
+        if len(done) == 6:
+            os.kill(os.getpid(), signal.SIGKILL)
+        done.append(1)
+        return step(*args, **kwargs)
+
+    training.train_step = train_step
+sys.exit(main(sys.argv[2:]))
+"""
 
 
-def test_resume_after_sigkill_equals_uninterrupted(world, tmp_path):
+@pytest.fixture(scope="module")
+def cli_reference(world, tmp_path_factory):
+    """An uninterrupted CLI run of _cli's 12 steps."""
+    out = str(tmp_path_factory.mktemp("cli_reference"))
+    done = subprocess.run(_cli(world, out), env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+@pytest.mark.parametrize("point", ["after_checkpoint", "between_checkpoints"])
+def test_resume_after_sigkill_equals_uninterrupted(world, cli_reference, tmp_path, point):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ref_out = str(tmp_path / "reference")
-    reference = subprocess.Popen(_cli(world, ref_out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                 text=True)  # alongside the run to kill (2 cores)
-    try:
-        for attempt in range(3):  # the run may finish before the poll sees its step-4 checkpoint
-            out = str(tmp_path / f"killed{attempt}")
-            killed_at = _kill_after_first_checkpoint(_cli(world, out), env, os.path.join(out, "checkpoint.pt"))
-            if killed_at is not None:
-                break
-        _, err = reference.communicate(timeout=300)
-        assert reference.returncode == 0, err
-    finally:
-        if reference.poll() is None:
-            reference.kill()
-            reference.wait()
-    if killed_at is None:
-        pytest.skip("the run always finished before it could be killed")
-    assert not load_checkpoint(os.path.join(out, "checkpoint.pt"))["complete"]
-    resumed = subprocess.run(_cli(world, out, "--resume"), env=env, capture_output=True, text=True, timeout=300,
-                             check=False)
+    out = str(tmp_path / "killed")
+    killed = subprocess.run([sys.executable, "-c", _DIE, point, *_cli(world, out)[3:]], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    ckpt = load_checkpoint(os.path.join(out, "checkpoint.pt"))
+    assert ckpt["step"] == 4 and not ckpt["complete"]
+    logged = [r["step"] for r in _metrics(out)]
+    assert logged == ([2, 4] if point == "after_checkpoint" else [2, 4, 6])  # step 6 is logged, not saved
+    resumed = subprocess.run(_cli(world, out, "--resume"), env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout.strip().splitlines()[-1])["step"] == 12
-    ref = load_checkpoint(os.path.join(ref_out, "checkpoint.pt"))
+    ref = load_checkpoint(os.path.join(cli_reference, "checkpoint.pt"))
     got = load_checkpoint(os.path.join(out, "checkpoint.pt"))
     assert got["complete"] and got["step"] == 12
     _assert_same_state(ref["model"], got["model"])
-    _assert_same_metrics(_metrics(ref_out), _metrics(out))
+    _assert_same_metrics(_metrics(cli_reference), _metrics(out))
 
 
 # ----------------------------------------------------------------------------- budgets, methods
@@ -373,43 +384,13 @@ def test_grad_clip_bounds_the_update(world, tmp_path, monkeypatch):
     assert "grad_norm" in _metrics(str(tmp_path / "run1e-12"))[-1]
 
 
-class _HostReads:
-    """Counts, in this thread, the ops that read tensor values back to the host, which on a GPU
-    make the CPU wait for the device: scalar reads (item / float / bool / int), data-dependent
-    shapes (nonzero, masked_select, boolean indexing) and torch.equal. Reads of the optimiser's
-    step counters (CPU tensors on a GPU too) are left out."""
-
-    READS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::equal", "aten::is_nonzero"}
-
-    def __init__(self):
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        reads = self.reads = []
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                import traceback
-                name = func._schema.name
-                bool_index = name == "aten::index" and any(
-                    isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])
-                if name in _HostReads.READS or bool_index:
-                    stack = traceback.extract_stack()
-                    if not any("torch/optim/" in f.filename for f in stack):
-                        reads.append(f"{name} at " + " < ".join(f"{os.path.basename(f.filename)}:{f.lineno}"
-                                                                for f in stack[-8:-1][::-1]))
-                return func(*args, **(kwargs or {}))
-
-        self.mode = Mode()
-
-
 def test_a_step_reads_nothing_back_beyond_logging(world, tmp_path):
     """Host reads grow with the number of logs and checkpoints, not with the number of steps."""
     counts = {}
     for steps in (2, 6):
-        reads = _HostReads()
         cfg = TrainConfig(data=world, out=str(tmp_path / f"run{steps}"), steps=steps, log_every=steps,
                           checkpoint_every=1000, lr_schedule="cosine", grad_clip=1.0, **SMALL)
-        with reads.mode:
+        with HostReads() as reads:
             train(cfg)
         counts[steps] = reads.reads
     extra = list(counts[6])
