@@ -5,7 +5,8 @@ Rows (images/s counts encoder image passes, i.e. the batch's distinct items):
                     (the same number of images, size and dtype as an average COURIER batch),
                     loss = mean squared embedding: the ceiling a COURIER step can approach;
   courier_resident  the full COURIER step (attention, both InfoNCE losses, CTR head) on
-                    resident batches taken from the loader beforehand;
+                    resident batches taken from the loader beforehand: train()'s own step
+                    (courier_fast.training.train_step), with the ops' data checks off as in train();
   courier_loader    the full step fed by SessionLoader (decode + prefetch thread), which adds
                     the time spent waiting for data.
 Each row has "fraction_of_encoder_only" and "data_wait_fraction" (the share of step wall time
@@ -26,10 +27,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
+import courier_fast as cf  # noqa: E402
 from courier_fast.data import SessionLoader, load_dataset  # noqa: E402
 from courier_fast.data.generate import WorldConfig, generate  # noqa: E402
 from courier_fast.methods import build_method  # noqa: E402
 from courier_fast.model import ImageEncoder  # noqa: E402
+from courier_fast.training import train_step  # noqa: E402
 
 
 def timed_steps(step, batches, device, warmup):
@@ -92,15 +95,13 @@ def main():
     autocast = dict(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None)
 
     torch.manual_seed(0)
-    courier = build_method("courier", data["items"], encoder=encoder).to(device)
+    courier = build_method("courier", data["items"], encoder=encoder, batch_rows=args.batch_size).to(device)
     opt = torch.optim.AdamW(courier.parameters(), lr=1e-4)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16 or fp32: no loss scaling
+    cf.set_input_checks(False)  # as train() does: each data check would read a tensor back
 
     def courier_step(batch):
-        with torch.autocast(**autocast):
-            loss = courier(batch, None)["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        train_step(courier, batch, None, opt, scaler, amp)
         return batch.images.shape[0]
 
     enc = ImageEncoder(encoder).to(device)
