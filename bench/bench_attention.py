@@ -80,7 +80,7 @@ def implementations(mha, device):
     impls = {"official": official(mha), "mha_masked": mha_masked(mha), "sdpa": sdpa(mha), "flex": flex(mha),
              "courier_fast:auto": courier(mha, "auto")}
     for name, (ok, _) in dispatch.op_backends("reconstruction_attention").items():
-        impl = dispatch._REGISTRY["reconstruction_attention"].get(name)
+        impl = dispatch.implementations("reconstruction_attention").get(name)
         if ok and impl and device in impl.devices:
             impls[f"courier_fast:{name}"] = courier(mha, name)
     return impls

@@ -79,7 +79,7 @@ def implementations(device):
     from courier_fast import dispatch
     impls = {"naive": naive, "official": official, "courier_fast:auto": courier("auto")}
     for name, (ok, _) in dispatch.op_backends("contrastive_loss").items():
-        impl = dispatch._REGISTRY["contrastive_loss"].get(name)
+        impl = dispatch.implementations("contrastive_loss").get(name)
         if ok and impl and device in impl.devices:
             impls[f"courier_fast:{name}"] = courier(name)
             impls[f"courier_fast:{name}:symmetric"] = courier(name, symmetric=True)

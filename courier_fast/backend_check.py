@@ -1,23 +1,28 @@
-"""Self-check of the kernel backends on the user's own device (DESIGN §2, issue 11).
+"""Self-check of the kernel backends on the user's own device (docs/design.md §2, §4).
 
-selftest(device) runs every registered non-reference backend of every op on a fixed set of
-small random problems (odd shapes, masks all-false and random, empty history rows, causal,
-fp32 and bf16, d not a power of two), forward and backward, against the float64 reference,
-and returns {op: {backend: {"ok": bool, "worst_error": float, "reason": str}}}.
+selftest(device) runs every registered non-reference backend of every op on the problems of
+courier_fast.selftest_problems (odd shapes, masks, empty history rows, causal, fp32 / bf16 /
+fp16, every kernel code path a GPU launches), forward and backward, against the float64
+reference, and returns {op: {backend: {"ok": bool, "worst_error": float, "reason": str}}}.
+A backend runs only the problems its supports() accepts (as auto would); the verdict names the
+others.
 
-worst_error is the largest error / allowed-error ratio over all checks (<= 1 passes). Errors
-are relative L2 errors per output (loss/out and each gradient; see _rel_errors). Allowed:
-fp32 FP32_TOL (DESIGN §4's ~1e-5, x10 as the op tests do for gradients); bf16 twice the
-error of plain PyTorch computing the same problem with 16-bit values (the flash-attention
-rule), plus BF16_FLOOR (about bf16's unit roundoff: small problems make
-the 2x rule alone noisy).
+Judging (courier_fast.tolerances, the one statement of the bar): each output's error relative
+to its own norm, against the bar of the precision the backend computes at: float32 1e-5,
+float32 with TF32 GEMMs 3e-4, 16-bit twice plain PyTorch's own 16-bit error (+ a quarter of the
+dtype's unit roundoff). worst_error is the largest error / allowed ratio over every output of
+every problem (<= 1 passes); a NaN or Inf, a crash or a shape mismatch is fatal (inf) and stays
+the worst. The float32 matmul settings (torch.backends.cuda.matmul.allow_tf32,
+torch.get_float32_matmul_precision()) are pinned while the check runs and are part of the cache
+key: a verdict holds for the settings it was obtained under.
 
-Verdicts are cached per environment (device name, compute capability, driver, torch,
-triton, CUDA, package version and a hash of the package's sources and compiled extension) in
-the user cache directory ($COURIER_FAST_CACHE_DIR, else $XDG_CACHE_HOME/courier_fast, else
-~/.cache/courier_fast), one JSON file per environment, written atomically. dispatch.select
-(backend="auto") calls trusted(), which runs the check of one backend the first time it is
-needed. COURIER_FAST_VALIDATE=0 trusts without checking; =force re-checks once per process.
+Verdicts are cached per environment (device name, compute capability, driver, torch, triton,
+CUDA, package version, float32 matmul settings and a hash of the package's sources, Triton
+kernels and compiled extension) in the user cache directory ($COURIER_FAST_CACHE_DIR, else
+$XDG_CACHE_HOME/courier_fast, else ~/.cache/courier_fast), one JSON file per environment,
+written atomically. dispatch.select(backend="auto") calls trusted(), which runs the check of one
+backend the first time it is needed. COURIER_FAST_VALIDATE=0 trusts without checking; =force
+re-checks once per process.
 """
 import contextlib
 import functools
@@ -33,192 +38,92 @@ import warnings
 
 import torch
 
-from courier_fast import dispatch
+from courier_fast import registry, tolerances
+from courier_fast.selftest_problems import PROBLEMS
 
-FP32_TOL = 1e-4
-BF16_FLOOR = 1e-3
-NOISE_FLOOR = 0.1  # per element, as the op tests' float32 noise floor
 _MEMORY: dict = {}  # (cache file, op, backend) -> verdict, for this process
-_TRUSTED: dict = {}  # (op, backend, device, implementation, mode) -> bool, for this process
+_TRUSTED: dict = {}  # (op, backend, device, implementation, mode, matmul settings) -> bool
 
 
-# ----------------------------------------------------------------------------- problems
-def _contrastive_problems():
-    """(name, kwargs) of the loss self-check; tensors are made by _contrastive_inputs."""
-    return [
-        ("fp32 n=7 d=100 random mask, float weights", dict(n=7, d=100, dtype="float32", mask="random", weight="float")),
-        ("fp32 n=1 d=3", dict(n=1, d=3, dtype="float32", mask="none", weight="none")),
-        ("fp32 n=257 d=64 bool weights", dict(n=257, d=64, dtype="float32", mask="random", weight="bool")),
-        ("fp32 n=33 d=10 all candidates masked", dict(n=33, d=10, dtype="float32", mask="false", weight="float", symmetric=True)),
-        ("fp32 n=40 d=12 unnormalised, tau=1, reduction none", dict(n=40, d=12, dtype="float32", mask="random", weight="float", normalize=False, temperature=1.0, reduction="none")),
-        ("bf16 n=67 d=100 symmetric", dict(n=67, d=100, dtype="bfloat16", mask="random", weight="bool", symmetric=True)),
-        ("bf16 n=130 d=64", dict(n=130, d=64, dtype="bfloat16", mask="none", weight="float")),
-    ]
+# ----------------------------------------------------------------------------- judging
+def matmul_settings():
+    """The float32 matmul settings a verdict depends on."""
+    return {"allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+            "float32_matmul_precision": torch.get_float32_matmul_precision()}
 
 
-def _attention_problems():
-    return [
-        ("fp32 B=3 P=5 L=7 d=12 h=3, an empty history row", dict(b=3, p=5, length=7, d=12, h=3, dtype="float32", pad="random")),
-        ("fp32 causal B=2 L=9 d=8 h=2", dict(b=2, p=9, length=9, d=8, h=2, dtype="float32", pad="random", causal=True)),
-        ("fp32 all history padded", dict(b=2, p=3, length=4, d=8, h=2, dtype="float32", pad="all")),
-        ("fp32 B=2 P=5 L=20 d=128 h=2 (dh=64)", dict(b=2, p=5, length=20, d=128, h=2, dtype="float32", pad="random")),
-        ("bf16 B=3 P=5 L=33 d=64 h=4", dict(b=3, p=5, length=33, d=64, h=4, dtype="bfloat16", pad="random")),
-        ("bf16 causal B=2 L=6 d=24 h=2", dict(b=2, p=6, length=6, d=24, h=2, dtype="bfloat16", pad="random", causal=True)),
-    ]
+@contextlib.contextmanager
+def pinned_matmul_settings(settings):
+    """Hold the float32 matmul settings at `settings` while the check runs; restore after."""
+    before = matmul_settings()
+    torch.backends.cuda.matmul.allow_tf32 = settings["allow_tf32"]
+    torch.set_float32_matmul_precision(settings["float32_matmul_precision"])
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before["float32_matmul_precision"])
+        torch.backends.cuda.matmul.allow_tf32 = before["allow_tf32"]
 
 
-def _generator(name):
-    return torch.Generator().manual_seed(int(hashlib.sha256(name.encode()).hexdigest()[:8], 16))
-
-
-def _contrastive_case(name, spec, device):
-    """(run(backend, dtype, inputs) -> outputs, inputs fp64 on CPU) for one loss problem."""
-    import courier_fast as cf
-
-    g = _generator(name)
-    n, d = spec["n"], spec["d"]
-    a, c = torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(n, d, generator=g, dtype=torch.float64)
-    mask = {"none": None, "random": torch.rand(n, generator=g) < 0.7,
-            "false": torch.zeros(n, dtype=torch.bool)}[spec["mask"]]
-    if mask is not None and spec["mask"] == "random":
-        mask[0] = True
-    weight = {"none": None, "bool": torch.rand(n, generator=g) < 0.5,
-              "float": torch.rand(n, generator=g, dtype=torch.float64)}[spec["weight"]]
-    if spec["dtype"] != "float32":  # the float64 reference sees exactly what the backend sees
-        low = getattr(torch, spec["dtype"])
-        a, c = a.to(low).double(), c.to(low).double()
-        weight = weight if weight is None or weight.dtype == torch.bool else weight.to(low).double()
-    kw = dict(temperature=spec.get("temperature", 0.05), normalize=spec.get("normalize", True),
-              symmetric=spec.get("symmetric", False), reduction=spec.get("reduction", "mean"))
-    upstream = torch.randn(n, generator=g, dtype=torch.float64) if kw["reduction"] == "none" else None
-
-    def run(backend, dtype, leaves, dev):
-        w = weight if weight is None or weight.dtype == torch.bool else weight.to(dtype)
-        loss = cf.contrastive_loss(*leaves, anchor_weight=None if w is None else w.to(dev),
-                                   candidate_mask=None if mask is None else mask.to(dev),
-                                   backend=backend, **kw)
-        up = torch.ones((), dtype=loss.dtype, device=dev) if upstream is None else upstream.to(dev, loss.dtype)
-        return [loss] + list(torch.autograd.grad(loss, leaves, up))
-
-    def yardstick(dtype):
-        """Plain PyTorch with 16-bit unit rows (what F.normalize in 16 bits then a dense
-        matmul does), differentiated through the rounding: the error a user accepts today."""
-        from courier_fast.reference import NORM_EPS, contrastive_loss_reference
-        leaves = [t.clone().requires_grad_() for t in (a, c)]
-        unit = [(torch.nn.functional.normalize(t, dim=-1, eps=NORM_EPS) if kw["normalize"] else t)
-                for t in leaves]
-        unit = [u + (u.to(dtype).double() - u).detach() for u in unit]  # round, keep the gradient
-        loss = contrastive_loss_reference(*unit, anchor_weight=weight, candidate_mask=mask,
-                                          **{**kw, "normalize": False})
-        up = torch.ones((), dtype=loss.dtype) if upstream is None else upstream
-        return [loss] + list(torch.autograd.grad(loss, leaves, up))
-
-    return run, [a, c], yardstick
-
-
-def _attention_case(name, spec, device):
-    import courier_fast as cf
-    from courier_fast.reference import reconstruction_attention_reference
-
-    g = _generator(name)
-    b, p, length, d, h = spec["b"], spec["p"], spec["length"], spec["d"], spec["h"]
-    t = torch.randn(b, p, d, generator=g, dtype=torch.float64)
-    hist = torch.randn(b, length, d, generator=g, dtype=torch.float64)
-    w_in = torch.randn(3 * d, d, generator=g, dtype=torch.float64) / math.sqrt(d)
-    b_in = torch.randn(3 * d, generator=g, dtype=torch.float64)
-    w_out = torch.randn(d, d, generator=g, dtype=torch.float64) / math.sqrt(d)
-    b_out = torch.randn(d, generator=g, dtype=torch.float64)
-    pad = torch.rand(b, length, generator=g) < 0.3 if spec["pad"] == "random" else torch.ones(b, length, dtype=torch.bool)
-    if spec["pad"] == "random":
-        pad[0] = True  # an empty history row
-    causal = spec.get("causal", False)
-    upstream = torch.randn(b, p, d, generator=g, dtype=torch.float64)
-    inputs = [t, hist, w_in, b_in, w_out, b_out]
-    if spec["dtype"] != "float32":  # the float64 reference sees exactly what the backend sees
-        inputs = [x.to(getattr(torch, spec["dtype"])).double() for x in inputs]
-
-    def call(fn, leaves, dev):
-        out = fn(*leaves, h, key_padding_mask=pad.to(dev), causal=causal)
-        return [out] + list(torch.autograd.grad(out, leaves, upstream.to(dev, out.dtype)))
-
-    def run(backend, dtype, leaves, dev):
-        return call(functools.partial(cf.reconstruction_attention, backend=backend), leaves, dev)
-
-    def yardstick(dtype):  # the reference computes in its inputs' dtype: genuinely 16-bit
-        leaves = [x.to(dtype).requires_grad_() for x in inputs]
-        return [o.double() for o in call(reconstruction_attention_reference, leaves, "cpu")]
-
-    return run, inputs, yardstick
-
-
-CASES = {"contrastive_loss": (_contrastive_problems, _contrastive_case),
-         "reconstruction_attention": (_attention_problems, _attention_case)}
-
-
-def _rel_errors(got, want):
-    """Relative L2 error of each output: ||got - want|| / max(||want||, NOISE_FLOOR * sqrt(n)).
-    The floor keeps outputs that are ~0 by construction (e.g. N = 1 gradients) from turning
-    float32 rounding into huge ratios, as the op tests do."""
+def judge(got, want, cls, yardstick=None):
+    """[(error, allowed)] for each output of one problem: rel_error against the float64
+    reference `want`, allowed by precision class `cls` ("fp32", "tf32", "bf16", "fp16"); for
+    the 16-bit classes `yardstick` holds plain PyTorch's outputs in that dtype."""
     out = []
-    for gv, wv in zip(got, want):
-        gv = gv.detach().double().cpu()
-        if gv.shape != wv.shape:
-            out.append(float("inf"))
-            continue
-        floor = NOISE_FLOOR * math.sqrt(max(wv.numel(), 1))
-        err = torch.linalg.vector_norm(gv - wv).item() / max(torch.linalg.vector_norm(wv).item(), floor)
-        out.append(err if math.isfinite(err) else float("inf"))
+    for i, (g, w) in enumerate(zip(got, want)):
+        yard = None if yardstick is None else tolerances.rel_error(yardstick[i], w)
+        out.append((tolerances.rel_error(g, w), tolerances.allowed_error(cls, yard)))
     return out
+
+
+def _worse(ratio, worst):
+    """Whether ratio replaces worst: any NaN counts as inf, and inf is never replaced."""
+    ratio = math.inf if math.isnan(ratio) else ratio
+    return ratio > worst
 
 
 def check_backend(op, backend, device):
     """{"ok", "worst_error", "reason"} of one backend of op on device (runs the problems).
     Independent of the caller's context: it may be reached from inside no_grad, inference
-    mode or autocast (the first backend="auto" call of a training or evaluation step)."""
+    mode or autocast (the first backend="auto" call of a training or evaluation step), and it
+    runs under the caller's float32 matmul settings, pinned for its duration."""
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.inference_mode(False))
         stack.enter_context(torch.enable_grad())
         for kind in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
             stack.enter_context(torch.autocast(kind, enabled=False))
+        stack.enter_context(pinned_matmul_settings(matmul_settings()))
         return _check_backend(op, backend, device)
 
 
-def _probe(op, spec, leaves):
-    """The keyword arguments dispatch gives the backends' supports() for this problem."""
-    if op == "contrastive_loss":
-        return {"anchors": leaves[0], "candidates": leaves[1]}
-    return {"targets": leaves[0], "num_heads": spec["h"]}
-
-
 def _check_backend(op, backend, device):
-    problems, make = CASES[op]
+    problems, make = PROBLEMS[op]
     dev = torch.device(device)
-    supports = dispatch._REGISTRY[op][backend].supports
+    supports = registry.implementations(op)[backend].supports
     worst, worst_what, ran, declined = 0.0, "", 0, []
-    labels = ("forward",) + tuple(f"grad {i}" for i in range(8))
-    for name, spec in problems():
-        dtype = getattr(torch, spec["dtype"])
-        run, inputs64, yardstick = make(name, spec, dev)
-        leaves64 = [x.clone().requires_grad_() for x in inputs64]  # exactly representable in dtype
-        leaves = [x.to(device=dev, dtype=dtype).requires_grad_() for x in inputs64]
-        if supports is not None and not supports(**_probe(op, spec, leaves)):
+    labels = ("output",) + tuple(f"grad {i}" for i in range(8))
+    for name, spec in problems:
+        case = make(name, spec)
+        leaves64 = [x.clone().requires_grad_() for x in case.inputs]
+        leaves = [x.to(device=dev, dtype=case.dtype).requires_grad_() for x in case.inputs]
+        if supports is not None and not supports(**case.probe(leaves)):
             declined.append(name)  # auto never sends this problem to this backend
             continue
         ran += 1
         try:
-            want = [w.detach() for w in run("reference", torch.float64, leaves64, "cpu")]
-            got = run(backend, dtype, leaves, dev)
+            want = [w.detach() for w in case.run("reference", torch.float64, leaves64, "cpu")]
+            got = case.run(backend, case.dtype, leaves, dev)
         except Exception as exc:  # a crash is a failed check, reported with its message
-            return {"ok": False, "worst_error": float("inf"),
+            return {"ok": False, "worst_error": math.inf,
                     "reason": f"{name}: raised {type(exc).__name__}: {str(exc)[:300]}"}
-        if dtype == torch.float32:
-            allowed = [FP32_TOL] * len(want)
-        else:
-            allowed = [2 * e + BF16_FLOOR for e in _rel_errors(yardstick(dtype), want)]
-        for label, err, tol in zip(labels, _rel_errors(got, want), allowed):
+        cls = tolerances.matmul_class(case.dtype, dev)
+        low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cls)
+        yard = None if low is None else case.yardstick(low)
+        for label, (err, tol) in zip(labels, judge(got, want, cls, yard)):
             ratio = err / tol
-            if not ratio <= worst:  # also catches NaN
-                worst, worst_what = ratio, f"{name}, {label}: error {err:.3g} (allowed {tol:.3g})"
+            if _worse(ratio, worst):
+                worst = math.inf if math.isnan(ratio) else ratio
+                worst_what = f"{name}, {label}: error {err:.3g} (allowed {tol:.3g}, {cls})"
     ok = worst <= 1.0 and ran > 0
     verdict = "passed" if ok else "FAILED"
     skipped = f" ({len(declined)} outside its supports(), not run: {'; '.join(declined)})" if declined else ""
@@ -242,9 +147,9 @@ def _version(name):
         return None
 
 
-@functools.lru_cache(maxsize=None)
-def _source_hash():
-    """sha256 over the package's Python sources, the Triton kernels and the compiled _C."""
+def source_files():
+    """What a verdict was computed from: the package's Python sources, the Triton kernels and
+    the compiled _C (a change to any of them re-validates)."""
     from courier_fast import _extension
     import courier_fast.kernels as kernels
 
@@ -252,8 +157,23 @@ def _source_hash():
     files = sorted(glob.glob(os.path.join(here, "*.py")) + glob.glob(os.path.join(os.path.dirname(kernels.__file__), "*.py")))
     if _extension.loaded():
         files.append(_extension._C.__file__)
-    digest = hashlib.sha256()
+    return files
+
+
+def _source_hash(files):
+    """sha256 (16 hex digits) of the files' names and contents; hashed again only when one's
+    size or modification time changed."""
+    stamps = []
     for path in files:
+        st = os.stat(path)
+        stamps.append((path, st.st_mtime_ns, st.st_size))
+    return _hash_contents(tuple(stamps))
+
+
+@functools.lru_cache(maxsize=None)
+def _hash_contents(stamps):
+    digest = hashlib.sha256()
+    for path, _, _ in stamps:
         with open(path, "rb") as f:
             digest.update(os.path.basename(path).encode() + f.read())
     return digest.hexdigest()[:16]
@@ -284,7 +204,8 @@ def environment(device):
         name, cap, driver = platform.processor() or platform.machine(), None, None
     return {"device": name, "capability": cap, "driver": driver, "torch": torch.__version__,
             "triton": _version("triton"), "cuda": torch.version.cuda,
-            "courier_fast": _version("courier_fast"), "sources": _source_hash()}
+            "courier_fast": _version("courier_fast"), "sources": _source_hash(source_files()),
+            "matmul": matmul_settings()}
 
 
 def cache_file(device):
@@ -295,7 +216,7 @@ def cache_file(device):
 
 def _fingerprint(op, backend):
     """Identifies the registered implementation (a re-registered one is checked again)."""
-    fn = dispatch._REGISTRY[op][backend].fn
+    fn = registry.implementations(op)[backend].fn
     try:
         src = inspect.getsource(fn)
     except (OSError, TypeError):
@@ -362,7 +283,9 @@ def trusted(op, backend, device):
     mode = os.environ.get("COURIER_FAST_VALIDATE", "1").strip().lower()
     if mode in ("0", "false", "no", "off"):
         return True
-    key = (op, backend, str(device), id(dispatch._REGISTRY[op][backend].fn), mode)
+    settings = matmul_settings()
+    key = (op, backend, str(device), id(registry.implementations(op)[backend].fn), mode,
+           settings["allow_tf32"], settings["float32_matmul_precision"])
     if key in _TRUSTED:
         return _TRUSTED[key]
     if torch.compiler.is_compiling():  # never run the check inside a trace: cached verdicts only
@@ -380,10 +303,10 @@ def trusted(op, backend, device):
 def registered(device):
     """{op: [backend, ...]}: the non-reference backends registered for device's type and
     available here."""
-    dev, status = torch.device(device).type, dispatch.backends()
-    return {op: [name for name, impl in dispatch._REGISTRY[op].items()
+    dev, status = torch.device(device).type, registry.backends()
+    return {op: [name for name, impl in registry.implementations(op).items()
                  if name != "reference" and dev in impl.devices and status[name][0]]
-            for op in dispatch.ops()}
+            for op in registry.ops()}
 
 
 def selftest(device="cuda", force=False):

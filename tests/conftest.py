@@ -76,6 +76,8 @@ def one_thread():
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# Where the triton backend runs: the GPU when there is one, else the CPU interpreter (above).
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
@@ -100,16 +102,27 @@ def usable_backends(op, device="cpu"):
     """Backends that implement `op` and can run on `device` here (reference first)."""
     names = []
     for name, (ok, _) in dispatch.op_backends(op).items():
-        impl = dispatch._REGISTRY[op].get(name)
+        impl = dispatch.implementations(op).get(name)
         if ok and impl is not None and device in impl.devices:
             names.append(name)
     return names
 
 
+def launchable(op, backend, **probe):
+    """Whether `backend` of `op` launches this call on this machine (its supports(): e.g. the
+    Triton kernels take fp32 only up to d = 64 / head dim 64 on a GPU). A declined call asked for
+    by name raises a ValueError naming the limit: tests check that instead of the numbers. The
+    dense reference's supports() is only auto's size preference, never a limit."""
+    impl = dispatch.implementations(op).get(backend)
+    if backend == "reference" or impl is None or impl.supports is None:
+        return True
+    return bool(impl.supports(**probe))
+
+
 def backend_params(op):
     """pytest params: every backend of `op` on CPU, plus CUDA-device ones marked to skip without a GPU."""
     params = [pytest.param(name, "cpu", id=f"{name}-cpu") for name in usable_backends(op, "cpu")]
-    for name, impl in dispatch._REGISTRY.get(op, {}).items():
+    for name, impl in dispatch.implementations(op).items():
         if "cuda" in impl.devices:
             params.append(pytest.param(name, "cuda", id=f"{name}-cuda", marks=[requires_cuda, pytest.mark.cuda]))
     return params

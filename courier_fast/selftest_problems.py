@@ -1,0 +1,197 @@
+"""The problems the self-check runs each kernel backend on (courier_fast.backend_check).
+
+Each op has a list of (name, spec) problems and a builder that turns one into a Case: the
+inputs in float64 (exactly representable in the problem's dtype), `run(backend, dtype, leaves,
+device)` -> [output, *gradients], the `probe` dispatch gives the backends' supports(), and
+`yardstick(dtype)`: plain PyTorch computing the same problem in a 16-bit dtype (the error a user
+accepts today, for the 16-bit bar of courier_fast.tolerances).
+
+The lists cover every code path a GPU verdict vouches for (tests/test_selftest.py checks it
+with the paths below): for the Triton loss each (kernel, constexpr branch, input dtype) a GPU
+launches (row LSE with the whole feature block or a feature loop; gradients fused or split over
+feature chunks, with and without column terms; fp32, bf16, fp16 with its host normalisation);
+for the attention core each (input dtype, head-dim tile class) and, per dtype, causal masks and
+several target and history tiles of the GPU's tile sizes. Odd shapes, masks (random, all-false,
+empty history rows), float and bool weights, unnormalised logits and reduction "none" are
+spread over them.
+"""
+import dataclasses
+import hashlib
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from courier_fast.reference import (NORM_EPS, contrastive_loss_reference,
+                                    reconstruction_attention_reference)
+
+FP32, BF16, FP16 = "float32", "bfloat16", "float16"
+
+CONTRASTIVE = [
+    ("fp32 n=7 d=100 random mask, float weights", dict(n=7, d=100, dtype=FP32, mask="random", weight="float")),
+    ("fp32 n=2 d=3", dict(n=2, d=3, dtype=FP32, mask="none", weight="none")),
+    ("fp32 n=257 d=64 bool weights", dict(n=257, d=64, dtype=FP32, mask="random", weight="bool")),
+    ("fp32 n=150 d=40 symmetric", dict(n=150, d=40, dtype=FP32, mask="random", weight="float", symmetric=True)),
+    ("fp32 n=33 d=10 all candidates masked", dict(n=33, d=10, dtype=FP32, mask="false", weight="float", symmetric=True)),
+    ("fp32 n=40 d=12 unnormalised, tau=1, reduction none", dict(n=40, d=12, dtype=FP32, mask="random", weight="float", normalize=False, temperature=1.0, reduction="none")),
+    ("bf16 n=67 d=100 symmetric", dict(n=67, d=100, dtype=BF16, mask="random", weight="bool", symmetric=True)),
+    ("bf16 n=130 d=64", dict(n=130, d=64, dtype=BF16, mask="none", weight="float")),
+    ("bf16 n=70 d=200 (feature loop)", dict(n=70, d=200, dtype=BF16, mask="random", weight="float")),
+    ("bf16 n=24 d=600 symmetric (split gradients)", dict(n=24, d=600, dtype=BF16, mask="random", weight="float", symmetric=True)),
+    ("bf16 n=21 d=520 (split gradients)", dict(n=21, d=520, dtype=BF16, mask="none", weight="bool")),
+    ("fp16 n=90 d=48 symmetric", dict(n=90, d=48, dtype=FP16, mask="random", weight="float", symmetric=True)),
+    ("fp16 n=65 d=64 reduction sum", dict(n=65, d=64, dtype=FP16, mask="random", weight="bool", reduction="sum")),
+    ("fp16 n=45 d=300 symmetric (feature loop)", dict(n=45, d=300, dtype=FP16, mask="none", weight="float", symmetric=True)),
+    ("fp16 n=22 d=700 (split gradients)", dict(n=22, d=700, dtype=FP16, mask="random", weight="float")),
+    ("fp16 n=20 d=576 symmetric (split gradients)", dict(n=20, d=576, dtype=FP16, mask="random", weight="bool", symmetric=True)),
+]
+
+ATTENTION = [
+    ("fp32 B=3 P=5 L=7 d=12 h=3, an empty history row", dict(b=3, p=5, length=7, d=12, h=3, dtype=FP32, pad="random")),
+    ("fp32 causal B=2 L=9 d=8 h=2", dict(b=2, p=9, length=9, d=8, h=2, dtype=FP32, pad="random", causal=True)),
+    ("fp32 all history padded", dict(b=2, p=3, length=4, d=8, h=2, dtype=FP32, pad="all")),
+    ("fp32 B=2 P=20 L=70 d=32 h=1 (several tiles)", dict(b=2, p=20, length=70, d=32, h=1, dtype=FP32, pad="random")),
+    ("fp32 B=2 P=5 L=20 d=128 h=2 (dh=64)", dict(b=2, p=5, length=20, d=128, h=2, dtype=FP32, pad="random")),
+    ("bf16 B=3 P=5 L=33 d=64 h=4", dict(b=3, p=5, length=33, d=64, h=4, dtype=BF16, pad="random")),
+    ("bf16 causal B=2 L=6 d=24 h=2", dict(b=2, p=6, length=6, d=24, h=2, dtype=BF16, pad="random", causal=True)),
+    ("bf16 B=2 P=40 L=150 d=64 h=2 (dh=32, several tiles)", dict(b=2, p=40, length=150, d=64, h=2, dtype=BF16, pad="random")),
+    ("bf16 B=2 P=7 L=40 d=256 h=4 (dh=64)", dict(b=2, p=7, length=40, d=256, h=4, dtype=BF16, pad="random")),
+    ("bf16 causal B=1 L=40 d=128 h=1 (dh=128)", dict(b=1, p=40, length=40, d=128, h=1, dtype=BF16, pad="random", causal=True)),
+    ("bf16 B=2 P=3 L=40 d=256 h=1 (dh=256)", dict(b=2, p=3, length=40, d=256, h=1, dtype=BF16, pad="random")),
+    ("fp16 B=3 P=5 L=9 d=32 h=2 (dh=16)", dict(b=3, p=5, length=9, d=32, h=2, dtype=FP16, pad="random")),
+    ("fp16 causal B=2 L=70 d=64 h=2 (dh=32, several tiles)", dict(b=2, p=70, length=70, d=64, h=2, dtype=FP16, pad="random", causal=True)),
+    ("fp16 B=2 P=6 L=20 d=128 h=2 (dh=64)", dict(b=2, p=6, length=20, d=128, h=2, dtype=FP16, pad="random")),
+    ("fp16 B=2 P=35 L=40 d=128 h=1 (dh=128, several tiles)", dict(b=2, p=35, length=40, d=128, h=1, dtype=FP16, pad="random")),
+    ("fp16 B=1 P=4 L=20 d=256 h=1 (dh=256)", dict(b=1, p=4, length=20, d=256, h=1, dtype=FP16, pad="random")),
+]
+
+
+@dataclasses.dataclass
+class Case:
+    """One problem made concrete (see the module docstring)."""
+    inputs: list  # float64 CPU tensors, exactly representable in `dtype`
+    dtype: torch.dtype
+    run: Callable  # run(backend, dtype, leaves, device) -> [output, *gradients of the leaves]
+    probe: Callable  # probe(leaves) -> keyword arguments of the backends' supports()
+    yardstick: Callable  # yardstick(dtype) -> [output, *gradients], plain PyTorch in that dtype
+
+
+def generator(name):
+    """A torch.Generator seeded from the problem's name: the same inputs on every machine."""
+    return torch.Generator().manual_seed(int(hashlib.sha256(name.encode()).hexdigest()[:8], 16))
+
+
+def _representable(tensors, dtype):
+    """float64 copies rounded to dtype, so that the float64 reference sees what the backend sees."""
+    return [t if dtype == torch.float32 else t.to(dtype).double() for t in tensors]
+
+
+def contrastive_case(name, spec):
+    import courier_fast as cf
+
+    g = generator(name)
+    n, d, dtype = spec["n"], spec["d"], getattr(torch, spec["dtype"])
+    a, c = torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(n, d, generator=g, dtype=torch.float64)
+    mask = {"none": None, "random": torch.rand(n, generator=g) < 0.7,
+            "false": torch.zeros(n, dtype=torch.bool)}[spec["mask"]]
+    if mask is not None and spec["mask"] == "random":
+        mask[0] = True
+    weight = {"none": None, "bool": torch.rand(n, generator=g) < 0.5,
+              "float": torch.rand(n, generator=g, dtype=torch.float64)}[spec["weight"]]
+    if weight is not None and weight.dtype == torch.bool:
+        weight[0] = True  # at least one active anchor unless every candidate is masked
+    a, c = _representable([a, c], dtype)
+    if weight is not None and weight.is_floating_point():
+        (weight,) = _representable([weight], dtype)
+    kw = dict(temperature=spec.get("temperature", 0.05), normalize=spec.get("normalize", True),
+              symmetric=spec.get("symmetric", False), reduction=spec.get("reduction", "mean"))
+    upstream = torch.randn(n, generator=g, dtype=torch.float64) if kw["reduction"] == "none" else None
+
+    def run(backend, dtype, leaves, dev):
+        w = weight if weight is None or weight.dtype == torch.bool else weight.to(dtype)
+        loss = cf.contrastive_loss(*leaves, anchor_weight=None if w is None else w.to(dev),
+                                   candidate_mask=None if mask is None else mask.to(dev),
+                                   backend=backend, **kw)
+        up = torch.ones((), dtype=loss.dtype, device=dev) if upstream is None else upstream.to(dev, loss.dtype)
+        return [loss] + list(torch.autograd.grad(loss, leaves, up))
+
+    def yardstick(low):
+        """F.normalize in float64, rows rounded to the 16-bit dtype (what a 16-bit F.normalize
+        then a dense matmul sees), differentiated through the rounding; the gradients are
+        returned in the 16-bit dtype, as a user receives them."""
+        leaves = [t.clone().requires_grad_() for t in (a, c)]
+        unit = [(F.normalize(t, dim=-1, eps=NORM_EPS) if kw["normalize"] else t) for t in leaves]
+        unit = [u + (u.to(low).double() - u).detach() for u in unit]  # round, keep the gradient
+        loss = contrastive_loss_reference(*unit, anchor_weight=weight, candidate_mask=mask,
+                                          **{**kw, "normalize": False})
+        up = torch.ones((), dtype=loss.dtype) if upstream is None else upstream
+        return [loss] + [grad.to(low).double() for grad in torch.autograd.grad(loss, leaves, up)]
+
+    probe = lambda leaves: {"anchors": leaves[0], "candidates": leaves[1]}
+    return Case([a, c], dtype, run, probe, yardstick)
+
+
+def attention_case(name, spec):
+    import courier_fast as cf
+
+    g = generator(name)
+    b, p, length, d, h = spec["b"], spec["p"], spec["length"], spec["d"], spec["h"]
+    dtype = getattr(torch, spec["dtype"])
+    t = torch.randn(b, p, d, generator=g, dtype=torch.float64)
+    hist = torch.randn(b, length, d, generator=g, dtype=torch.float64)
+    w_in = torch.randn(3 * d, d, generator=g, dtype=torch.float64) / math.sqrt(d)
+    b_in = torch.randn(3 * d, generator=g, dtype=torch.float64)
+    w_out = torch.randn(d, d, generator=g, dtype=torch.float64) / math.sqrt(d)
+    b_out = torch.randn(d, generator=g, dtype=torch.float64)
+    pad = torch.rand(b, length, generator=g) < 0.3 if spec["pad"] == "random" else torch.ones(b, length, dtype=torch.bool)
+    if spec["pad"] == "random" and b > 1:
+        pad[0] = True  # an empty history row
+    causal = spec.get("causal", False)
+    upstream = torch.randn(b, p, d, generator=g, dtype=torch.float64)
+    inputs = _representable([t, hist, w_in, b_in, w_out, b_out], dtype)
+
+    def call(fn, leaves, dev):
+        out = fn(*leaves, h, key_padding_mask=pad.to(dev), causal=causal)
+        return [out] + list(torch.autograd.grad(out, leaves, upstream.to(dev, out.dtype)))
+
+    def run(backend, dtype, leaves, dev):
+        return call(lambda *a, **k: cf.reconstruction_attention(*a, **k, backend=backend), leaves, dev)
+
+    def yardstick(low):  # the reference computes in its inputs' dtype: genuinely 16-bit
+        leaves = [x.to(low).requires_grad_() for x in inputs]
+        return [o.double() for o in call(reconstruction_attention_reference, leaves, "cpu")]
+
+    probe = lambda leaves: {"targets": leaves[0], "num_heads": h}
+    return Case(inputs, dtype, run, probe, yardstick)
+
+
+PROBLEMS = {"contrastive_loss": (CONTRASTIVE, contrastive_case),
+            "reconstruction_attention": (ATTENTION, attention_case)}
+
+
+# ----------------------------------------------------------------------------- coverage
+def contrastive_paths(d, dtype, symmetric):
+    """The Triton loss code paths a GPU runs for feature dim d, input dtype name and symmetric."""
+    from courier_fast.kernels import contrastive_lse as lse
+
+    one_k = lse.forward_constexprs(d)["ONE_K"]
+    fused = lse.grad_constexprs(d)["FUSED"]
+    return {("row_lse", "ONE_K" if one_k else "feature loop", dtype),
+            ("gradients", "fused" if fused else "split", "columns" if symmetric else "rows only", dtype)}
+
+
+def attention_paths(p, length, dh, dtype, causal):
+    """The Triton attention code paths a GPU runs: the head-dim tile class per dtype, and per
+    dtype whether causal masks and several target / history tiles (GPU tile sizes) occur."""
+    from courier_fast.kernels import reconstruction_attention as attn
+
+    block_p, block_l, block_dh = attn.blocks(p, length, dh, fp32=dtype == FP32, gpu=True)
+    paths = {("head dim tile", block_dh, dtype)}
+    if causal:
+        paths.add(("causal", dtype))
+    if p > block_p:
+        paths.add(("several target tiles", dtype))
+    if length > block_l:
+        paths.add(("several history tiles", dtype))
+    return paths
