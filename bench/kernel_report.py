@@ -47,7 +47,7 @@ INT_ARGS = {"contrastive_loss": {"N", "M", "D"}, "reconstruction_attention": {"H
 def _signature(fn, dtype, kind, op):
     """Triton signature of a kernel: input-dtype pointers, fp32 / u8 pointers, i32, fp32, constexpr."""
     el = DTYPES[dtype]
-    inputs = {"X", "Y", "Q", "K", "V", "DO", "O"}
+    inputs = {"X", "Y", "Q", "K", "V", "DO"}  # O (attention output) is fp32
     sig = {}
     for name in fn.arg_names:
         if name in kind:

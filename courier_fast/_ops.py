@@ -95,7 +95,8 @@ if _extension.loaded():
     @torch.library.register_fake("courier_fast::attention_core")
     def _attention_fake(q, k, v, key_padding_mask, causal, sm_scale):
         b, h, p, dh = q.shape
-        return q.new_empty(b, p, h * dh), q.new_empty(b, h, p, dtype=compute_dtype(q.dtype))
+        dt = compute_dtype(q.dtype)  # O and LSE in the accumulation type (O unrounded for the backward)
+        return q.new_empty(b, p, h * dh, dtype=dt), q.new_empty(b, h, p, dtype=dt)
 
     @torch.library.register_fake("courier_fast::attention_core_backward")
     def _attention_backward_fake(grad_out, q, k, v, out, lse, key_padding_mask, causal, sm_scale):

@@ -50,14 +50,15 @@ register_lse_autograd(contrastive_lse, contrastive_lse_backward)
 @torch.library.custom_op("courier_fast::attention_core_triton", mutates_args=())
 def attention_core(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
                    causal: bool, sm_scale: float) -> tuple[Tensor, Tensor]:
-    """q (B, h, P, dh), k/v (B, h, L, dh) views -> O (B, P, h*dh), LSE (B, h, P) float32."""
+    """q (B, h, P, dh), k/v (B, h, L, dh) views -> O (B, P, h*dh), LSE (B, h, P), both float32
+    (O unrounded: the backward's delta needs it; the caller casts it for the out-projection)."""
     return _attn.attention_forward(q, k, v, key_padding_mask, causal, sm_scale)
 
 
 @attention_core.register_fake
 def _(q, k, v, key_padding_mask, causal, sm_scale):
     b, h, p, dh = q.shape
-    return q.new_empty(b, p, h * dh), q.new_empty(b, h, p, dtype=torch.float32)
+    return q.new_empty(b, p, h * dh, dtype=torch.float32), q.new_empty(b, h, p, dtype=torch.float32)
 
 
 @torch.library.custom_op("courier_fast::attention_core_triton_backward", mutates_args=())

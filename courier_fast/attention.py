@@ -106,8 +106,8 @@ def _projected_attention(core):
         q = F.linear(targets, in_proj_weight[:d], b_q).view(b, p, num_heads, dh).transpose(1, 2)
         kv = F.linear(history, in_proj_weight[d:], b_kv).view(b, length, 2, num_heads, dh)
         k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
-        out, _ = core(q, k, v, key_padding_mask, causal, 1.0 / math.sqrt(dh))
-        return F.linear(out, out_proj_weight, out_proj_bias)
+        out, _ = core(q, k, v, key_padding_mask, causal, 1.0 / math.sqrt(dh))  # out: fp32/fp64
+        return F.linear(out.to(targets.dtype), out_proj_weight, out_proj_bias)
 
     return attention
 

@@ -65,7 +65,9 @@ TORCH_LIBRARY(courier_fast, m) {
         "bool normalize, bool with_columns) -> (Tensor grad_x, Tensor grad_y)");
   // Reconstruction-attention core after the projections: q (B, h, P, dh), k/v (B, h, L, dh)
   // views (dh contiguous), key_padding_mask (B, L) bool True = padding, causal: t sees s < t.
-  // Returns out (B, P, h*dh) (0 for a target without valid keys) and lse (B, h, P) (-inf there).
+  // Returns out (B, P, h*dh) and lse (B, h, P), both float32 (float64 for float64 inputs): out is
+  // not rounded to a 16-bit input dtype (the backward's delta needs it exact); 0 / -inf for a
+  // target without valid keys.
   m.def("attention_core(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, bool causal, "
         "float sm_scale) -> (Tensor out, Tensor lse)");
   m.def("attention_core_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "

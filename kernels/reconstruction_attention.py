@@ -4,7 +4,10 @@ For every (request row b, head) and block of targets: P targets attend over that
 history items, masked by key_padding_mask (True = padding) and, when causal, by s < t. K/V
 are read in place (never copied per target); softmax is online over L tiles, so long
 histories need no L x P buffer, and short ones (L <= 16) use one right-sized tile.
-  forward   _attn_fwd_kernel: O (B, P, h*dh) in the inputs' dtype, LSE (B, h, P) fp32.
+  forward   _attn_fwd_kernel: O (B, P, h*dh) and LSE (B, h, P), both fp32. O stays fp32 (the
+            caller rounds it for the output projection) because the backward's
+            delta = rowsum(dO * O) must come from the unrounded O: from a 16-bit O its error
+            does not cancel in dS = P (dP - delta) and doubled the 16-bit dQ / dK error.
   backward  FlashAttention-2 style, atomics-free: _attn_bwd_dkdv_kernel (programs over L
             tiles) and _attn_bwd_dq_kernel (programs over P tiles) recompute P from the LSE.
 Every tl.dot runs at the input precision with fp32 accumulation (P and dS are cast to the
@@ -102,7 +105,7 @@ def _attn_fwd_kernel(Q, K, V, MASK, O, LSE, H, P, L, DH, sm_scale, causal,
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     o_ptr = O + b * stride_ob + hd * stride_oh + rows.to(tl.int64)[:, None] * stride_ot + dh_idx[None, :]
-    tl.store(o_ptr, to_16bit(out, O.dtype.element_ty), mask=row_ok[:, None] & dh_ok[None, :])
+    tl.store(o_ptr, out, mask=row_ok[:, None] & dh_ok[None, :])
     lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
     tl.store(LSE + pid_bh * P + rows, lse, mask=row_ok)
 
@@ -251,13 +254,12 @@ def grid(b, h, tiles):
 
 
 def attention_forward(q, k, v, key_padding_mask, causal, sm_scale):
-    """q (B, h, P, dh), k/v (B, h, L, dh) -> O (B, P, h*dh) in q's dtype, LSE (B, h, P) fp32."""
-    out_dtype = q.dtype
+    """q (B, h, P, dh), k/v (B, h, L, dh) -> O (B, P, h*dh) fp32, LSE (B, h, P) fp32."""
     q, k, v = _compute(q), _compute(k), _compute(v)
     b, h, p, dh = q.shape
     length = k.shape[2]
     block_p, block_l, block_dh = blocks(p, length, dh, q.dtype == torch.float32)
-    o = torch.empty(b, p, h, dh, device=q.device, dtype=q.dtype)
+    o = torch.empty(b, p, h, dh, device=q.device, dtype=torch.float32)
     o_view = o.transpose(1, 2)  # (B, h, P, dh) view of the (B, P, h, dh) buffer
     lse = torch.empty(b, h, p, device=q.device, dtype=torch.float32)
     mask, stride_mb = _mask_arg(key_padding_mask, b, length, q.device)
@@ -268,7 +270,7 @@ def attention_forward(q, k, v, key_padding_mask, causal, sm_scale):
                 *_strides(q), *_strides(k), *_strides(v), stride_mb, *_strides(o_view),
                 DOT_FP32=_dot_fp32(q.dtype), BLOCK_P=block_p, BLOCK_L=block_l, BLOCK_DH=block_dh,
                 num_warps=num_warps(block_p, block_l), num_stages=NUM_STAGES)
-    return o.reshape(b, p, h * dh).to(out_dtype), lse
+    return o.reshape(b, p, h * dh), lse
 
 
 def attention_backward(grad_o, q, k, v, o, lse, key_padding_mask, causal, sm_scale):

@@ -9,7 +9,8 @@ from torch import nn
 import courier_fast as cf
 from courier_fast.reference import reconstruction_attention_reference
 
-from conftest import backend_params, rand_mask, randn, tol
+from courier_fast import tolerances
+from conftest import TRITON_DEVICE, backend_params, launchable, rand_mask, randn, tol
 
 OP = "reconstruction_attention"
 
@@ -91,6 +92,38 @@ def test_backend_matches_reference_fwd_bwd(gen, backend, device, b, p, length, d
         torch.testing.assert_close(a.double().cpu(), e, rtol=rtol * 10, atol=atol * 10 * max(1.0, e.abs().max().item()))
 
 
+@pytest.mark.parametrize("backend,device", backend_params(OP))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("b,p,length,d,h,causal", [(3, 5, 9, 32, 2, False), (2, 40, 70, 64, 2, False),
+                                                   (2, 7, 7, 48, 3, True), (2, 3, 20, 256, 1, False)])
+def test_half_within_twice_pytorch_error(gen, backend, device, dtype, b, p, length, d, h, causal):
+    """16-bit inputs, forward and every gradient: within the 16-bit bar of
+    courier_fast.tolerances, i.e. at most 2x the error of the same attention computed by plain
+    PyTorch in that dtype (the reference run on 16-bit tensors), vs float64, plus a quarter unit
+    roundoff. Shapes: odd head dims, several target / history tiles, causal, head dim 256."""
+    m = _module(gen, d, h, dtype=torch.float64)
+    t = randn(gen, b, length if causal else p, d, dtype=torch.float64)
+    hist = randn(gen, b, length, d, dtype=torch.float64)
+    pad = rand_mask(gen, b, length, p=0.3)
+    pad[0] = True  # an empty row
+    inputs = [x.detach().to(dtype).double() for x in (t, hist, *_params(m))]  # what the backend sees
+    g = torch.randn(t.shape, generator=gen, dtype=torch.float64)
+
+    def run(fn, dt, dev):
+        leaves = [x.to(device=dev, dtype=dt).requires_grad_() for x in inputs]
+        out = fn(*leaves, h, key_padding_mask=pad.to(dev), causal=causal)
+        return [out] + list(torch.autograd.grad(out, leaves, g.to(device=dev, dtype=out.dtype)))
+
+    want = run(reconstruction_attention_reference, torch.float64, "cpu")
+    yard = run(reconstruction_attention_reference, dtype, device)
+    ours = run(lambda *a, **k: cf.reconstruction_attention(*a, **k, backend=backend), dtype, device)
+    assert all(x.dtype == dtype for x in ours)
+    cls = tolerances.HALF_DTYPES[dtype]
+    for i, (got, want_, base) in enumerate(zip(ours, want, yard)):
+        err, allowed = tolerances.rel_error(got, want_), tolerances.allowed_error(cls, tolerances.rel_error(base, want_))
+        assert err <= allowed, f"output {i}: error {err:.3g} > allowed {allowed:.3g}"
+
+
 def causal_by_definition(t, hist, params, h, pad):
     """Loop spelling of causal mode: target t attends over valid history items s < t."""
     w_in, b_in, w_out, b_out = params
@@ -165,9 +198,10 @@ def test_triton_long_history_many_tiles(gen, causal):
     """L and P span several tiles (online softmax across history tiles), with padding."""
     d, h, length = 8, 2, 70
     p = length if causal else 40
-    m = _module(gen, d, h, dtype=torch.float32)
-    t, hist = randn(gen, 2, p, d, requires_grad=True), randn(gen, 2, length, d, requires_grad=True)
-    pad = rand_mask(gen, 2, length, p=0.5)
+    m = _module(gen, d, h, dtype=torch.float32).to(TRITON_DEVICE)
+    t = randn(gen, 2, p, d, device=TRITON_DEVICE, requires_grad=True)
+    hist = randn(gen, 2, length, d, device=TRITON_DEVICE, requires_grad=True)
+    pad = rand_mask(gen, 2, length, p=0.5, device=TRITON_DEVICE)
     outs = []
     for backend in ("reference", "triton"):
         m.backend = backend
@@ -180,7 +214,7 @@ def test_triton_long_history_many_tiles(gen, causal):
 @needs_triton
 def test_opcheck_triton_attention_core(gen):
     from courier_fast import _triton_ops
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = TRITON_DEVICE
     q = randn(gen, 2, 2, 5, 4, device=device, requires_grad=True)
     k = randn(gen, 2, 2, 7, 4, device=device, requires_grad=True)
     v = randn(gen, 2, 2, 7, 4, device=device, requires_grad=True)
@@ -219,10 +253,10 @@ def test_lengths_rejects_bad_values(gen):
 def test_module_with_triton_backend_compiles(gen):
     """torch.compile traces the Triton custom op (fake kernel + autograd) in a full graph."""
     torch._dynamo.reset()
-    m = _module(gen, 8, 2, dtype=torch.float32)
+    m = _module(gen, 8, 2, dtype=torch.float32).to(TRITON_DEVICE)
     m.backend = "triton"
-    t, hist = randn(gen, 2, 3, 8, requires_grad=True), randn(gen, 2, 5, 8)
-    pad = rand_mask(gen, 2, 5)
+    t = randn(gen, 2, 3, 8, device=TRITON_DEVICE, requires_grad=True)
+    hist, pad = randn(gen, 2, 5, 8, device=TRITON_DEVICE), rand_mask(gen, 2, 5, device=TRITON_DEVICE)
     compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
     got, want = compiled(t, hist, key_padding_mask=pad), m(t, hist, key_padding_mask=pad)
     torch.testing.assert_close(got, want)

@@ -53,7 +53,7 @@ __device__ __forceinline__ acc_t lane_dot(const acc_t* a, const scalar_t* row, i
 template <typename scalar_t, typename acc_t>
 __global__ void attn_fwd_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
                                 const scalar_t* __restrict__ v, const bool* __restrict__ pad,
-                                scalar_t* __restrict__ out, acc_t* __restrict__ lse, int64_t B, int64_t H,
+                                acc_t* __restrict__ out, acc_t* __restrict__ lse, int64_t B, int64_t H,
                                 int64_t P, int64_t L, int dh, acc_t sm_scale, bool causal, Strides sq,
                                 Strides sk, Strides sv, Strides so) {
   const int64_t warp = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / kWarp;
@@ -81,11 +81,11 @@ __global__ void attn_fwd_kernel(const scalar_t* __restrict__ q, const scalar_t* 
     }
     m = m_new;
   }
-  scalar_t* op = out + b * so.b + h * so.h + p * so.t;
+  acc_t* op = out + b * so.b + h * so.h + p * so.t;
 #pragma unroll
   for (int e = 0; e < kMaxPerLane; ++e) {
     const int j = lane + kWarp * e;
-    if (j < dh) op[j] = static_cast<scalar_t>(l > 0 ? acc[e] / l : acc_t(0));
+    if (j < dh) op[j] = l > 0 ? acc[e] / l : acc_t(0);
   }
   if (lane == 0) lse[warp] = l > 0 ? m + log(l) : acc_t(-INFINITY);
 }
@@ -195,9 +195,12 @@ std::tuple<at::Tensor, at::Tensor> attention_core_cuda(const at::Tensor& q, cons
   check_qkv(q, k, v);
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t B = q.size(0), H = q.size(1), P = q.size(2), L = k.size(2), dh = q.size(3);
-  at::Tensor out = at::empty({B, P, H * dh}, q.options());
-  at::Tensor out4 = out.view({B, P, H, dh}).transpose(1, 2);
+  // O in the accumulation type: the backward's delta = rowsum(dO * O) must come from the
+  // unrounded O (from a 16-bit O its error does not cancel in dS); the caller rounds O for the
+  // output projection.
   const auto acc_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = at::empty({B, P, H * dh}, q.options().dtype(acc_type));
+  at::Tensor out4 = out.view({B, P, H, dh}).transpose(1, 2);
   at::Tensor lse = at::empty({B, H, P}, q.options().dtype(acc_type));
   at::Tensor pad = key_padding_mask.has_value() && key_padding_mask->defined()
                        ? key_padding_mask->to(q.device(), at::kBool).contiguous() : at::Tensor();
@@ -207,7 +210,7 @@ std::tuple<at::Tensor, at::Tensor> attention_core_cuda(const at::Tensor& q, cons
     using acc_t = at::opmath_type<scalar_t>;
     attn_fwd_kernel<scalar_t, acc_t><<<blocks_for(B * H * P), kThreads, 0, stream>>>(
         q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-        pad.defined() ? pad.data_ptr<bool>() : nullptr, out4.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(),
+        pad.defined() ? pad.data_ptr<bool>() : nullptr, out4.data_ptr<acc_t>(), lse.data_ptr<acc_t>(),
         B, H, P, L, static_cast<int>(dh), static_cast<acc_t>(sm_scale), causal, strides_of(q),
         strides_of(k), strides_of(v), strides_of(out4));
   });
