@@ -12,9 +12,10 @@ launches (row LSE with the whole feature block or a feature loop; gradients fuse
 feature chunks, with and without column terms; fp32, bf16, fp16 with its host normalisation);
 for the attention core each (input dtype, head-dim tile class) and, per dtype, causal masks and
 several target and history tiles of the GPU's tile sizes. Odd shapes, masks (random, all-false,
-empty history rows), float and bool weights, unnormalised logits and reduction "none" are
-spread over them.
+empty history rows), float and bool weights, unnormalised logits, reduction "none" and, for the
+compiled C++/CUDA loss, forced small row tiles (several tiles per problem) are spread over them.
 """
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -32,11 +33,11 @@ CONTRASTIVE = [
     ("fp32 n=7 d=100 random mask, float weights", dict(n=7, d=100, dtype=FP32, mask="random", weight="float")),
     ("fp32 n=2 d=3", dict(n=2, d=3, dtype=FP32, mask="none", weight="none")),
     ("fp32 n=257 d=64 bool weights", dict(n=257, d=64, dtype=FP32, mask="random", weight="bool")),
-    ("fp32 n=150 d=40 symmetric", dict(n=150, d=40, dtype=FP32, mask="random", weight="float", symmetric=True)),
+    ("fp32 n=150 d=40 symmetric, 7-row tiles", dict(n=150, d=40, dtype=FP32, mask="random", weight="float", symmetric=True, tile_rows=7)),
     ("fp32 n=33 d=10 all candidates masked", dict(n=33, d=10, dtype=FP32, mask="false", weight="float", symmetric=True)),
     ("fp32 n=40 d=12 unnormalised, tau=1, reduction none", dict(n=40, d=12, dtype=FP32, mask="random", weight="float", normalize=False, temperature=1.0, reduction="none")),
     ("bf16 n=67 d=100 symmetric", dict(n=67, d=100, dtype=BF16, mask="random", weight="bool", symmetric=True)),
-    ("bf16 n=130 d=64", dict(n=130, d=64, dtype=BF16, mask="none", weight="float")),
+    ("bf16 n=130 d=64, 16-row tiles", dict(n=130, d=64, dtype=BF16, mask="none", weight="float", tile_rows=16)),
     ("bf16 n=70 d=200 (feature loop)", dict(n=70, d=200, dtype=BF16, mask="random", weight="float")),
     ("bf16 n=24 d=600 symmetric (split gradients)", dict(n=24, d=600, dtype=BF16, mask="random", weight="float", symmetric=True)),
     ("bf16 n=21 d=520 (split gradients)", dict(n=21, d=520, dtype=BF16, mask="none", weight="bool")),
@@ -87,6 +88,16 @@ def _representable(tensors, dtype):
     return [t if dtype == torch.float32 else t.to(dtype).double() for t in tensors]
 
 
+def _tiles(rows):
+    """Context forcing the compiled loss op (cpu / cuda backends) onto `rows`-row logits tiles,
+    so that small problems check its column updates and gradient sums across tiles."""
+    from courier_fast import _extension, _ops
+
+    if rows is None or not _extension.loaded():
+        return contextlib.nullcontext()
+    return _ops.forced_lse_tile_rows(rows)
+
+
 def contrastive_case(name, spec):
     import courier_fast as cf
 
@@ -110,11 +121,12 @@ def contrastive_case(name, spec):
 
     def run(backend, dtype, leaves, dev):
         w = weight if weight is None or weight.dtype == torch.bool else weight.to(dtype)
-        loss = cf.contrastive_loss(*leaves, anchor_weight=None if w is None else w.to(dev),
-                                   candidate_mask=None if mask is None else mask.to(dev),
-                                   backend=backend, **kw)
-        up = torch.ones((), dtype=loss.dtype, device=dev) if upstream is None else upstream.to(dev, loss.dtype)
-        return [loss] + list(torch.autograd.grad(loss, leaves, up))
+        with _tiles(spec.get("tile_rows")):
+            loss = cf.contrastive_loss(*leaves, anchor_weight=None if w is None else w.to(dev),
+                                       candidate_mask=None if mask is None else mask.to(dev),
+                                       backend=backend, **kw)
+            up = torch.ones((), dtype=loss.dtype, device=dev) if upstream is None else upstream.to(dev, loss.dtype)
+            return [loss] + list(torch.autograd.grad(loss, leaves, up))
 
     def yardstick(low):
         """F.normalize in float64, rows rounded to the 16-bit dtype (what a 16-bit F.normalize
