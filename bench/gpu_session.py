@@ -73,7 +73,8 @@ KERNEL_TEST_FILES = ("tests/test_contrastive_loss.py", "tests/test_contrastive_l
 DRY_CPU_TESTS = "tests/test_validation.py"
 THIS_TEST = "tests/test_gpu_session.py"  # runs this driver's dry run: never from a GPU run's pytest step
 
-_atomic_spec = importlib.util.spec_from_file_location("_courier_atomic", os.path.join(ROOT, "courier_fast", "atomic.py"))
+_atomic_spec = importlib.util.spec_from_file_location("_courier_atomic",
+                                                      os.path.join(ROOT, "courier_fast", "atomic.py"))
 atomic = importlib.util.module_from_spec(_atomic_spec)
 _atomic_spec.loader.exec_module(atomic)  # stdlib only: the driver runs before the package is built
 
@@ -204,8 +205,9 @@ def step_limit(budget, left, reserved_later):
 
 
 # --------------------------------------------------------------------------- reading output
-_PYTEST_LINE = re.compile(r"^(?:\[gw\d+\] \[\s*\d+%\] (?P<x_outcome>PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) "
-                          r"(?P<x_id>\S+::\S+)|(?P<id>\S+::\S+) (?P<outcome>PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b)")
+_OUTCOMES = "PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS"
+_PYTEST_LINE = re.compile(rf"^(?:\[gw\d+\] \[\s*\d+%\] (?P<x_outcome>{_OUTCOMES}) (?P<x_id>\S+::\S+)"
+                          rf"|(?P<id>\S+::\S+) (?P<outcome>{_OUTCOMES})\b)")
 _PYTEST_STARTED = re.compile(r"^(\S+::\S+) ?$")
 _PYTEST_SUMMARY = re.compile(r"^(FAILED|ERROR) (\S+)(?: - (.*))?$")
 _PYTEST_SKIPS = re.compile(r"^SKIPPED \[(\d+)\] [^:]+:\d+: (.*)$")
@@ -273,7 +275,7 @@ def parse_pytest(text):
             "failed": [t for t, o in outcomes.items() if o == "failed"],
             "errors": [t for t, o in outcomes.items() if o == "error"],
             "messages": messages, "skip_reasons": dict(skip_reasons),
-            "running_when_stopped": list(started), "summary": final, "finished": final is not None,
+            "running_when_stopped": list(started), "summary": final, "summary_printed": final is not None,
             "slowest": slowest[:10]}
 
 
@@ -491,7 +493,8 @@ def run_steps(steps, session, deadline, scratch, base_env, breaks=()):
                 env[k] = v
         if step.result_file and os.path.exists(step.result_file):
             os.remove(step.result_file)  # never report a stale file as this run's
-        rec.update(status="running", limit_s=round(limit, 1), started=datetime.datetime.now().isoformat(timespec="seconds"))
+        rec.update(status="running", limit_s=round(limit, 1),
+                   started=datetime.datetime.now().isoformat(timespec="seconds"))
         session.save()
         say(f"start {step.name} (limit {limit:.0f} s)")
         t0 = time.monotonic()
@@ -527,7 +530,8 @@ def main(argv=None):
     ap.add_argument("--dry-run", action="store_true", help="walk every step on CPU (no GPU needed)")
     ap.add_argument("--deadline", type=float, help=f"seconds for the whole run (default {DEADLINE_S['gpu']}, "
                                                    f"{DEADLINE_S['dry']} with --dry-run; env GPU_SESSION_SECONDS)")
-    ap.add_argument("--budget", action="append", default=[], metavar="STEP=SECONDS", help="override a step's budget")
+    ap.add_argument("--budget", action="extend", nargs="+", default=[], metavar="STEP=SECONDS",
+                    help="override steps' budgets")
     ap.add_argument("--only", nargs="+", metavar="STEP", help="run only these steps (in plan order)")
     ap.add_argument("--break", dest="breaks", nargs="+", default=[], metavar="STEP",
                     help="replace these steps' commands with one that fails (tests the driver)")
@@ -569,7 +573,8 @@ def main(argv=None):
         shutil.rmtree(scratch, ignore_errors=True)
         return 0
 
-    deadline_s = args.deadline or float(os.environ.get("GPU_SESSION_SECONDS") or DEADLINE_S["dry" if args.dry_run else "gpu"])
+    deadline_s = args.deadline or float(os.environ.get("GPU_SESSION_SECONDS")
+                                        or DEADLINE_S["dry" if args.dry_run else "gpu"])
     out_dir = args.out or os.environ.get("OUT") or (tempfile.mkdtemp(prefix="gpu_session_dry_") if args.dry_run
                                                     else os.path.join(HERE, "results"))
     os.makedirs(out_dir, exist_ok=True)

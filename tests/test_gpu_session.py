@@ -82,9 +82,9 @@ def test_dry_run_pytest_steps_are_parsed(dry_run):
         r = steps[name]["result"]
         assert "-x" not in steps[name]["command"].split() and "-m cuda" in steps[name]["command"]
         assert r["selected"] > 0 and r["counts"]["skipped"] == r["selected"] and r["not_run"] == 0, name
-        assert r["finished"] and sum(r["skip_reasons"].values()) == r["selected"], name
+        assert r["summary_printed"] and sum(r["skip_reasons"].values()) == r["selected"], name
     cpu = steps["pytest_kernels_cpu_tensors"]["result"]
-    assert cpu["counts"]["passed"] == cpu["selected"] > 0 and cpu["failed"] == [] and cpu["finished"]
+    assert cpu["counts"]["passed"] == cpu["selected"] > 0 and cpu["failed"] == [] and cpu["summary_printed"]
     assert "real_command" in steps["pytest_kernels_cpu_tensors"]
     rest = steps["pytest_rest"]["result"]
     assert rest["collected"] > 0 and "--collect-only" in steps["pytest_rest"]["command"]
@@ -200,12 +200,12 @@ def test_parse_pytest_output_cut_off_by_a_kill():
     assert (r["collected"], r["selected"], r["not_run"]) == (6, 4, 1)
     assert r["counts"]["passed"] == 1 and r["counts"]["failed"] == 1 and r["counts"]["skipped"] == 1
     assert r["failed"] == ["tests/test_a.py::test_bad"]
-    assert r["running_when_stopped"] == ["tests/test_a.py::test_hangs"] and r["finished"] is False
+    assert r["running_when_stopped"] == ["tests/test_a.py::test_hangs"] and r["summary_printed"] is False
 
 
 def test_parse_pytest_summary_messages_errors_and_skip_reasons():
     r = gs.parse_pytest(PLAIN_DONE)
-    assert r["finished"] and r["summary"].startswith("1 failed, 1 passed")
+    assert r["summary_printed"] and r["summary"].startswith("1 failed, 1 passed")
     assert r["counts"] == {"passed": 1, "failed": 1, "error": 1, "skipped": 1, "xfailed": 0, "xpassed": 0}
     assert r["failed"] == ["tests/test_a.py::test_bad"]
     assert r["errors"] == ["tests/test_a.py::test_setup", "tests/test_b.py"]  # a file that did not collect
