@@ -1,13 +1,15 @@
 """Shared measurement harness for bench/*.py: timing, peak memory, ceilings, JSON output.
 
-On CUDA: one process, CUDA-synchronised wall time (median), max_memory_allocated above the
-inputs. On CPU: each row in a fresh process (run_isolated) so that peak RSS is honest.
+On CUDA: one process, CUDA-synchronised wall time (median, perf_counter around
+torch.cuda.synchronize()), max_memory_allocated above the inputs. On CPU: each row in a fresh
+process (run_isolated), peak RSS above the inputs from VmHWM after resetting it (reset_peak_rss):
+ru_maxrss cannot be reset and Linux carries it over fork + exec, so a child would report its
+parent's high-water mark.
 """
 import datetime
 import importlib.metadata as md
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -38,8 +40,30 @@ def median_ms(fn, device, reps):
     return statistics.median(times)
 
 
-def _rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+def _status_mb(key):
+    """A /proc/self/status memory line (VmRSS, VmHWM) in MB (Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {key} in /proc/self/status")
+
+
+def rss_mb():
+    """This process's resident memory now (MB)."""
+    return _status_mb("VmRSS")
+
+
+def peak_rss_mb():
+    """This process's peak resident memory (MB) since it started or since reset_peak_rss()."""
+    return _status_mb("VmHWM")
+
+
+def reset_peak_rss():
+    """Make the peak RSS (VmHWM) equal the current RSS, so that peak_rss_mb() sees only what
+    happens from now on (Linux: writing 5 to /proc/self/clear_refs)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def measure(loss_fn, inputs, device, reps):
@@ -50,7 +74,8 @@ def measure(loss_fn, inputs, device, reps):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = _rss_mb()
+        reset_peak_rss()
+        base = rss_mb()
 
     def clear():
         for t in inputs:
@@ -71,7 +96,7 @@ def measure(loss_fn, inputs, device, reps):
         loss_fn(*inputs).backward()
 
     ms_fwd, ms_fwd_bwd = median_ms(fwd, device, reps), median_ms(fwd_bwd, device, reps)
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device == "cuda" else _rss_mb() - base
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device == "cuda" else peak_rss_mb() - base
     return {"ms_fwd": round(ms_fwd, 3), "ms_fwd_bwd": round(ms_fwd_bwd, 3), "peak_mem_mb": round(peak, 1)}
 
 
