@@ -3,7 +3,7 @@
 pip installs the static `build-system.requires` (torch among them) first and then asks
 `get_requires_for_build_*`; at that point torch is importable, so we can ask for exactly the
 nvcc / nvvm / crt / CCCL packages of `torch.version.cuda` (cuda_toolchain.pip_requirements).
-That lets a machine without a CUDA toolkit, GPU or not, compile csrc/cuda/ (DESIGN §6).
+That lets a machine without a CUDA toolkit, GPU or not, compile csrc/cuda/ (docs/install.md).
 COURIER_FAST_BUILD_CUDA=0 asks for none of it. With --no-build-isolation these hooks only
 report; the environment's own packages are used.
 """

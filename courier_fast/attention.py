@@ -14,7 +14,7 @@ OP = "reconstruction_attention"
 def reconstruction_attention(targets, history, in_proj_weight, in_proj_bias, out_proj_weight,
                              out_proj_bias, num_heads, *, key_padding_mask=None, lengths=None,
                              causal=False, backend="auto"):
-    """Multi-head attention of each target over its row's history (DESIGN §3).
+    """Multi-head attention of each target over its row's history (docs/design.md §3.2).
 
     Args:
         targets: (B, P, d) queries (the shown items' embeddings), float16/bfloat16/32/64.

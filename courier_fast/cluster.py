@@ -1,4 +1,4 @@
-"""k-means for the Cluster ID feature (DESIGN §1), at catalogue scale.
+"""k-means for the Cluster ID feature (docs/design.md §1), at catalogue scale.
 
 fit_centroids(sample (n, d) float32, k, seed, backend) -> (k, d) float32 centres;
 assign(vectors (n, d), centres (k, d)) -> (n,) int64, the nearest centre (squared L2), in

@@ -22,7 +22,7 @@ OP = "contrastive_loss"
 def contrastive_loss(anchors, candidates, *, temperature=0.05, anchor_weight=None,
                      candidate_mask=None, normalize=True, symmetric=False, reduction="mean",
                      group=None, backend="auto", ring=False, capacity=None):
-    """In-batch InfoNCE over every candidate of the (global) batch (DESIGN §3).
+    """In-batch InfoNCE over every candidate of the (global) batch (docs/design.md §3.1).
 
     Args:
         anchors: (N, d) float16/bfloat16/float32/float64, e.g. reconstructions r_j.

@@ -6,7 +6,7 @@ ctr_train, so item ids carry nothing). Features:
 
 * always (ID / category): the candidate's category (one-hot), the number of history items, the
   number and fraction of history items sharing its category;
-* with an ItemEmbeddings (image features, DESIGN §1): the vector itself; SimScore, the cosine
+* with an ItemEmbeddings (image features, docs/design.md §1): the vector itself; SimScore, the cosine
   to each history slot plus its mean, max, and sum / max over same-category history items; the
   cluster ID (one-hot) and how many history items share the candidate's cluster (overall and
   within its category).

@@ -1,7 +1,7 @@
 """CourierModel: timm image encoder -> linear head -> ReconstructionAttention -> COURIER's losses.
 
 A batch is a courier_fast.data.SessionBatch: the batch's distinct item images are encoded once
-and every history / page-view slot indexes their embeddings. Losses (DESIGN §1):
+and every history / page-view slot indexes their embeddings. Losses (docs/design.md §1):
 
 * contrastive (weight `contrastive_weight`, temperature 0.05): each clicked page-view item's
   reconstruction r_j must pick out its own embedding e_j among every page-view item of the

@@ -86,7 +86,7 @@ def reduce_terms(terms, weight, reduction, weight_total=None, world_size=1):
 def contrastive_loss_reference(anchors, candidates, *, temperature=0.05, anchor_weight=None,
                                candidate_mask=None, normalize=True, symmetric=False,
                                reduction="mean"):
-    """DESIGN §3 contrastive loss on one process, dense. See courier_fast.contrastive_loss."""
+    """docs/design.md §3.1 contrastive loss on one process, dense. See courier_fast.contrastive_loss."""
     terms = contrastive_terms_reference(anchors, candidates, candidates, anchors, candidate_mask,
                                         1.0 / temperature, normalize, symmetric)
     weight = effective_weight(anchor_weight, candidate_mask, anchors.shape[0], anchors)
@@ -96,7 +96,7 @@ def contrastive_loss_reference(anchors, candidates, *, temperature=0.05, anchor_
 def reconstruction_attention_reference(targets, history, in_proj_weight, in_proj_bias,
                                        out_proj_weight, out_proj_bias, num_heads, *,
                                        key_padding_mask=None, causal=False):
-    """DESIGN §3 reconstruction attention, in the inputs' dtype.
+    """docs/design.md §3.2 reconstruction attention, in the inputs' dtype.
 
     targets (B, P, d) are the queries, history (B, L, d) the keys and values; key_padding_mask
     (B, L) bool, True = padding. causal=True needs P == L: target t attends to valid s < t.

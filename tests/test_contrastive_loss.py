@@ -15,7 +15,7 @@ OP = "contrastive_loss"
 
 
 def brute_force(anchors, candidates, temperature, weight, mask, normalize, symmetric):
-    """Independent spelling of DESIGN §3: a loop of F.cross_entropy over the kept candidates."""
+    """Independent spelling of docs/design.md §3.1: a loop of F.cross_entropy over the kept candidates."""
     a, c = anchors.double(), candidates.double()
     if normalize:
         a, c = F.normalize(a, dim=-1), F.normalize(c, dim=-1)
