@@ -137,18 +137,33 @@ def _version(name):
         return None
 
 
+def git_state():
+    """{"commit": short HEAD or None, "dirty": whether tracked files differ from HEAD or untracked,
+    not ignored files exist (None outside a git checkout)} of this repository, now."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE)
+        status = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=HERE)
+    except OSError:
+        return {"commit": None, "dirty": None}
+    if head.returncode or status.returncode:
+        return {"commit": None, "dirty": None}
+    return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
+_AT_START = git_state()  # when the bench script imported this module: a run must start clean too
+
+
 def write_results(bench, ceilings, rows, path=None, quick=False):
     """bench/results/<device>-<bench>.json (…-quick.json for --quick runs, which are not kept
-    in git), written atomically."""
-    try:
-        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, cwd=HERE).stdout.strip() or None
-    except OSError:
-        git = None
+    in git), written atomically. Records the git commit and whether the tree was dirty when the
+    run started or when it ended (a figure for the README must come from a clean tree)."""
+    end = git_state()
+    dirty = None if _AT_START["dirty"] is None else (
+        _AT_START["dirty"] or end["dirty"] or end["commit"] != _AT_START["commit"])
     result = {"bench": bench, "device": device_name(), "cores": os.cpu_count(),
               "torch": torch.__version__, "triton": _version("triton"),
-              "date": datetime.date.today().isoformat(), "git": git, "ceilings": ceilings,
-              "rows": rows}
+              "date": datetime.date.today().isoformat(), "git": _AT_START["commit"], "dirty": dirty,
+              "ceilings": ceilings, "rows": rows}
     path = path or os.path.join(HERE, "results", f"{device_name()}-{bench}{'-quick' if quick else ''}.json")
     tmp = path + ".tmp"
     with open(tmp, "w") as f:

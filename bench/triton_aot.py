@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import triton
 from triton.backends.compiler import GPUTarget
 
-ARCHS = {"sm_80": 80, "sm_90a": 90}
+ARCHS = {"sm_80": 80, "sm_86": 86, "sm_90a": 90}  # A100; A10 / L4 class (8.6, 8.9: 99 KB smem); H100
 
 
 @dataclass
