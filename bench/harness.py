@@ -151,6 +151,7 @@ def git_state():
 
 
 _AT_START = git_state()  # when the bench script imported this module: a run must start clean too
+_LOAD_AT_START = os.getloadavg()[0]  # other work on the machine slows every timed row
 
 
 def write_results(bench, ceilings, rows, path=None, quick=False):
@@ -163,6 +164,7 @@ def write_results(bench, ceilings, rows, path=None, quick=False):
     result = {"bench": bench, "device": device_name(), "cores": os.cpu_count(),
               "torch": torch.__version__, "triton": _version("triton"),
               "date": datetime.date.today().isoformat(), "git": _AT_START["commit"], "dirty": dirty,
+              "load_average_1min": {"start": round(_LOAD_AT_START, 2), "end": round(os.getloadavg()[0], 2)},
               "ceilings": ceilings, "rows": rows}
     path = path or os.path.join(HERE, "results", f"{device_name()}-{bench}{'-quick' if quick else ''}.json")
     tmp = path + ".tmp"
