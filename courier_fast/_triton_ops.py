@@ -49,9 +49,10 @@ register_lse_autograd(contrastive_lse, contrastive_lse_backward)
 
 @torch.library.custom_op("courier_fast::attention_core_triton", mutates_args=())
 def attention_core(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
-                   causal: bool, sm_scale: float) -> tuple[Tensor, Tensor]:
+                   causal: int, sm_scale: float) -> tuple[Tensor, Tensor]:
     """q (B, h, P, dh), k/v (B, h, L, dh) views -> O (B, P, h*dh), LSE (B, h, P), both float32
-    (O unrounded: the backward's delta needs it; the caller casts it for the out-projection)."""
+    (O unrounded: the backward's delta needs it; the caller casts it for the out-projection).
+    causal: 0 none, 1 strict (s < t), 2 inclusive (s <= t)."""
     return _attn.attention_forward(q, k, v, key_padding_mask, causal, sm_scale)
 
 
@@ -63,7 +64,7 @@ def _(q, k, v, key_padding_mask, causal, sm_scale):
 
 @torch.library.custom_op("courier_fast::attention_core_triton_backward", mutates_args=())
 def attention_core_backward(grad_o: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor,
-                            lse: Tensor, key_padding_mask: Optional[Tensor], causal: bool,
+                            lse: Tensor, key_padding_mask: Optional[Tensor], causal: int,
                             sm_scale: float) -> tuple[Tensor, Tensor, Tensor]:
     return _attn.attention_backward(grad_o.contiguous(), q, k, v, o, lse, key_padding_mask,
                                     causal, sm_scale)

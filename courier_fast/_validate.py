@@ -115,3 +115,18 @@ def anchor_weight(weight, n, ref_name, ref):
         if _data_checks_on() and bool((weight < 0).any()):
             raise ValueError("anchor_weight must be >= 0 everywhere; found negative weights")
     return weight
+
+
+CAUSAL_MODES = {False: 0, True: 1, "strict": 1, "inclusive": 2}
+
+
+def causal_mode(name, causal):
+    """The attention causal mode as an int: 0 none (False), 1 strict (True or "strict": target t
+    attends positions s < t), 2 inclusive ("inclusive": s <= t, nn.MultiheadAttention's causal
+    mask)."""
+    if isinstance(causal, bool) or isinstance(causal, str):
+        if causal in CAUSAL_MODES:
+            return CAUSAL_MODES[causal]
+        raise ValueError(f"{name} must be False, True (strict, s < t), 'strict' or 'inclusive' (s <= t); "
+                         f"got {causal!r}")
+    raise TypeError(f"{name} must be a bool or 'strict' / 'inclusive', got {type(causal).__name__}")

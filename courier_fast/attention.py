@@ -25,8 +25,10 @@ def reconstruction_attention(targets, history, in_proj_weight, in_proj_bias, out
         key_padding_mask: None or (B, L) bool, True = padding (nn.MultiheadAttention's rule).
         lengths: None or (B,) integer, 0 <= lengths <= L, for right-padded rows: items at
             positions >= lengths[b] are padding (combined with key_padding_mask if both given).
-        causal: self-reconstruction; needs P == L; target t attends only to valid s < t
-            (history ordered oldest -> newest).
+        causal: False; True or "strict": self-reconstruction, needs P == L, target t attends
+            only to valid history positions s < t (history ordered oldest -> newest);
+            "inclusive": also P == L, t attends to valid s <= t (nn.MultiheadAttention's causal
+            mask, torch.nn.Transformer.generate_square_subsequent_mask).
         backend: "auto" or a name from courier_fast.backends().
 
     Returns (B, P, d) in the inputs' dtype. Equals nn.MultiheadAttention(batch_first=True)
@@ -82,10 +84,8 @@ def _check_args(targets, history, in_proj_weight, in_proj_bias, out_proj_weight,
         v.same_dtype(name, t, "targets", targets)
     v.optional_mask("key_padding_mask", key_padding_mask, (b, history.shape[1]),
                     "(B, L), True = padding", "targets", targets)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if causal and p != history.shape[1]:
-        raise ValueError(f"causal=True reconstructs the history itself: targets needs P == L, "
+    if v.causal_mode("causal", causal) and p != history.shape[1]:
+        raise ValueError(f"causal={causal!r} masks by position in the history: targets needs P == L, "
                          f"got P={p}, L={history.shape[1]}")
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
@@ -106,7 +106,8 @@ def _projected_attention(core):
         q = F.linear(targets, in_proj_weight[:d], b_q).view(b, p, num_heads, dh).transpose(1, 2)
         kv = F.linear(history, in_proj_weight[d:], b_kv).view(b, length, 2, num_heads, dh)
         k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
-        out, _ = core(q, k, v, key_padding_mask, causal, 1.0 / math.sqrt(dh))  # out: fp32/fp64
+        mode = _validate.causal_mode("causal", causal)  # 0 none, 1 strict (s < t), 2 inclusive (s <= t)
+        out, _ = core(q, k, v, key_padding_mask, mode, 1.0 / math.sqrt(dh))  # out: fp32/fp64
         return F.linear(out.to(targets.dtype), out_proj_weight, out_proj_bias)
 
     return attention

@@ -8,6 +8,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from courier_fast._validate import causal_mode
+
 NORM_EPS = 1e-12  # as torch.nn.functional.normalize; the C++ and Triton kernels use the same
 
 
@@ -99,8 +101,9 @@ def reconstruction_attention_reference(targets, history, in_proj_weight, in_proj
     """docs/design.md §3.2 reconstruction attention, in the inputs' dtype.
 
     targets (B, P, d) are the queries, history (B, L, d) the keys and values; key_padding_mask
-    (B, L) bool, True = padding. causal=True needs P == L: target t attends to valid s < t.
-    A target with no valid history item gets attention weights 0, i.e. the output bias.
+    (B, L) bool, True = padding. causal needs P == L: True / "strict": target t attends to valid
+    s < t; "inclusive": s <= t. A target with no valid history item gets attention weights 0,
+    i.e. the output bias.
     """
     b, p, d = targets.shape
     length = history.shape[1]
@@ -115,8 +118,9 @@ def reconstruction_attention_reference(targets, history, in_proj_weight, in_proj
     valid = torch.ones(b, 1, p, length, dtype=torch.bool, device=targets.device)
     if key_padding_mask is not None:
         valid = valid & ~key_padding_mask[:, None, None, :]
-    if causal:
-        valid = valid & torch.ones(p, length, dtype=torch.bool, device=targets.device).tril(-1)
+    mode = causal_mode("causal", causal)
+    if mode:  # strict: s < t (tril(-1)); inclusive: s <= t (tril(0))
+        valid = valid & torch.ones(p, length, dtype=torch.bool, device=targets.device).tril(mode - 2)
     has_any = valid.any(-1, keepdim=True)
     # Rows without a valid key: scores 0 then weights * valid = 0 (no NaN in forward or backward).
     scores = scores.masked_fill(~valid, float("-inf")).masked_fill(~has_any, 0.0)

@@ -64,14 +64,15 @@ TORCH_LIBRARY(courier_fast, m) {
         "Tensor? x_mask, Tensor? y_mask, Tensor row_lse, Tensor col_lse, float scale, "
         "bool normalize, bool with_columns) -> (Tensor grad_x, Tensor grad_y)");
   // Reconstruction-attention core after the projections: q (B, h, P, dh), k/v (B, h, L, dh)
-  // views (dh contiguous), key_padding_mask (B, L) bool True = padding, causal: t sees s < t.
+  // views (dh contiguous), key_padding_mask (B, L) bool True = padding, causal: 0 none,
+  // 1 strict (target t sees s < t), 2 inclusive (s <= t).
   // Returns out (B, P, h*dh) and lse (B, h, P), both float32 (float64 for float64 inputs): out is
   // not rounded to a 16-bit input dtype (the backward's delta needs it exact); 0 / -inf for a
   // target without valid keys.
-  m.def("attention_core(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, bool causal, "
+  m.def("attention_core(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, int causal, "
         "float sm_scale) -> (Tensor out, Tensor lse)");
   m.def("attention_core_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
-        "Tensor lse, Tensor? key_padding_mask, bool causal, float sm_scale) "
+        "Tensor lse, Tensor? key_padding_mask, int causal, float sm_scale) "
         "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
   m.def("lse_tile_rows(int n, int m, bool cuda) -> int", &lse_tile_rows);
   m.def("set_lse_tile_rows(int rows) -> int", &set_lse_tile_rows);

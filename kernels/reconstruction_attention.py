@@ -1,7 +1,8 @@
 """Triton kernels for the reconstruction-attention core (after the Q/K/V projections).
 
 For every (request row b, head) and block of targets: P targets attend over that row's L
-history items, masked by key_padding_mask (True = padding) and, when causal, by s < t. K/V
+history items, masked by key_padding_mask (True = padding) and by position: causal = 0 none,
+1 strict (target t sees s < t), 2 inclusive (s <= t). K/V
 are read in place (never copied per target); softmax is online over L tiles, so long
 histories need no L x P buffer, and short ones (L <= 16) use one right-sized tile.
   forward   _attn_fwd_kernel: O (B, P, h*dh) and LSE (B, h, P), both fp32. O stays fp32 (the
@@ -63,7 +64,7 @@ def _scores(q, k, b, cols, col_ok, rows, MASK, stride_mb, sm_scale, causal, DOT_
     s = _dot(q, tl.trans(k), DOT_FP32) * sm_scale
     pad = tl.load(MASK + b * stride_mb + cols, mask=col_ok, other=1)
     keep = (col_ok & (pad == 0))[None, :] & (rows[:, None] >= 0)
-    keep = keep & ((cols[None, :] < rows[:, None]) | (causal == 0))
+    keep = keep & ((cols[None, :] < rows[:, None] + causal // 2) | (causal == 0))  # 1: s < t, 2: s <= t
     return tl.where(keep, s, float("-inf"))
 
 

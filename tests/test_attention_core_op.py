@@ -27,13 +27,14 @@ def _heads(gen, b, t, h, dh, dtype, device):
 
 def sample_inputs(gen, device, dtype=torch.float32):
     """(q, k, v, key_padding_mask, causal, sm_scale) argument tuples: no mask, a random mask with
-    one row all padding (its output is 0 and its LSE -inf), causal self-reconstruction (P = L)."""
+    one row all padding (its output is 0 and its LSE -inf), causal self-reconstruction (P = L),
+    strict (1) and inclusive (2)."""
     b, h, p, length, dh = 3, 2, 5, 7, 8
     q, k, v = (_heads(gen, b, t, h, dh, dtype, device) for t in (p, length, length))
     pad = rand_mask(gen, b, length, p=0.3, device=device)
     pad[1] = True
     qc = _heads(gen, b, length, h, dh, dtype, device)
-    return [(q, k, v, None, False, 0.35), (q, k, v, pad, False, 0.35), (qc, k, v, pad, True, 0.35)]
+    return [(q, k, v, None, 0, 0.35), (q, k, v, pad, 0, 0.35), (qc, k, v, pad, 1, 0.35), (qc, k, v, pad, 2, 0.35)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

@@ -95,7 +95,8 @@ def test_backend_matches_reference_fwd_bwd(gen, backend, device, b, p, length, d
 @pytest.mark.parametrize("backend,device", backend_params(OP))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("b,p,length,d,h,causal", [(3, 5, 9, 32, 2, False), (2, 40, 70, 64, 2, False),
-                                                   (2, 7, 7, 48, 3, True), (2, 3, 20, 256, 1, False)])
+                                                   (2, 7, 7, 48, 3, True), (2, 9, 9, 32, 2, "inclusive"),
+                                                   (2, 3, 20, 256, 1, False)])
 def test_half_within_twice_pytorch_error(gen, backend, device, dtype, b, p, length, d, h, causal):
     """16-bit inputs, forward and every gradient: within the 16-bit bar of
     courier_fast.tolerances, i.e. at most 2x the error of the same attention computed by plain
@@ -124,8 +125,9 @@ def test_half_within_twice_pytorch_error(gen, backend, device, dtype, b, p, leng
         assert err <= allowed, f"output {i}: error {err:.3g} > allowed {allowed:.3g}"
 
 
-def causal_by_definition(t, hist, params, h, pad):
-    """Loop spelling of causal mode: target t attends over valid history items s < t."""
+def causal_by_definition(t, hist, params, h, pad, inclusive=False):
+    """Loop spelling of the causal modes: target t attends over valid history items s < t
+    (strict) or s <= t (inclusive)."""
     w_in, b_in, w_out, b_out = params
     b, length, d = hist.shape
     dh = d // h
@@ -135,7 +137,7 @@ def causal_by_definition(t, hist, params, h, pad):
     out = torch.zeros(b, length, d, dtype=t.dtype)
     for row in range(b):
         for pos in range(length):
-            keys = [s for s in range(pos) if not pad[row, s]]
+            keys = [s for s in range(pos + 1 if inclusive else pos) if not pad[row, s]]
             heads = []
             for head in range(h):
                 sl = slice(head * dh, (head + 1) * dh)
@@ -150,18 +152,65 @@ def causal_by_definition(t, hist, params, h, pad):
 
 @pytest.mark.parametrize("backend,device", backend_params(OP))
 @pytest.mark.parametrize("length,d,h", [(1, 4, 2), (6, 6, 3), (9, 8, 1)])
-def test_causal_matches_definition(gen, backend, device, length, d, h):
+@pytest.mark.parametrize("causal", [True, "strict", "inclusive"])
+def test_causal_matches_definition(gen, backend, device, length, d, h, causal):
     m = _module(gen, d, h)
     hist = randn(gen, 3, length, d, dtype=torch.float64)
     queries = randn(gen, 3, length, d, dtype=torch.float64)  # e.g. another view of the history
     pad = rand_mask(gen, 3, length, p=0.3)
-    want = causal_by_definition(queries, hist, [x.detach() for x in _params(m)], h, pad)
+    inclusive = causal == "inclusive"
+    want = causal_by_definition(queries, hist, [x.detach() for x in _params(m)], h, pad, inclusive)
     m.backend = backend
-    got = m.to(device)(queries.to(device), hist.to(device), key_padding_mask=pad.to(device), causal=True)
+    got = m.to(device)(queries.to(device), hist.to(device), key_padding_mask=pad.to(device), causal=causal)
     rtol, atol = tol(backend, torch.float64)
     torch.testing.assert_close(got.detach().cpu(), want, rtol=rtol * 10, atol=atol * 10)
-    # position 0 never has an earlier item: it is the output bias
-    torch.testing.assert_close(got[:, 0].detach().cpu(), m.out_proj.bias.detach().cpu().expand(3, d))
+    bias = m.out_proj.bias.detach().cpu().expand(3, d)
+    if inclusive:  # position 0 sees itself unless it is padding
+        assert not torch.allclose(got[~pad[:, 0], 0].detach().cpu(), bias[~pad[:, 0]])
+        torch.testing.assert_close(got[pad[:, 0], 0].detach().cpu(), bias[pad[:, 0]])
+    else:  # position 0 never has an earlier item: it is the output bias
+        torch.testing.assert_close(got[:, 0].detach().cpu(), bias)
+
+
+@pytest.mark.parametrize("backend,device", backend_params(OP))
+@pytest.mark.parametrize("mask_kind", ["bool", "float"])
+def test_inclusive_causal_equals_nn_multihead_attention_causal_mask(gen, backend, device, mask_kind):
+    """causal="inclusive" is nn.MultiheadAttention's causal self-attention (attn_mask from
+    generate_square_subsequent_mask, or its bool form, is_causal=True), gradients included,
+    wherever MHA's output is defined (each target keeps a valid item at or before it)."""
+    b, length, d, h = 3, 7, 12, 3
+    mha = nn.MultiheadAttention(d, h, batch_first=True, dtype=torch.float64)
+    with torch.no_grad():
+        mha.in_proj_bias.normal_()
+        mha.out_proj.bias.normal_()
+    ours = cf.nn.ReconstructionAttention.from_mha(mha, backend=backend).to(device)
+    x = randn(gen, b, length, d, dtype=torch.float64, requires_grad=True)
+    pad = rand_mask(gen, b, length, p=0.3)
+    pad[:, 0] = False  # position 0 sees itself: every target has a valid key
+    attn_mask = nn.Transformer.generate_square_subsequent_mask(length, dtype=torch.float64)
+    kpm = pad
+    if mask_kind == "bool":
+        attn_mask = attn_mask.isinf()  # True = not allowed
+    else:
+        kpm = torch.zeros(b, length, dtype=torch.float64).masked_fill(pad, float("-inf"))
+    want = mha(x, x, x, key_padding_mask=kpm, attn_mask=attn_mask, is_causal=True, need_weights=False)[0]
+    xd = x.detach().to(device).requires_grad_()
+    got = ours(xd, xd, key_padding_mask=pad.to(device), causal="inclusive")
+    rtol, atol = tol(backend, torch.float64)
+    torch.testing.assert_close(got.cpu(), want, rtol=rtol * 10, atol=atol * 10)
+    g = randn(gen, b, length, d, dtype=torch.float64)
+    want_grads = torch.autograd.grad(want, [x, mha.in_proj_weight, mha.out_proj.weight], g)
+    got_grads = torch.autograd.grad(got, [xd, ours.in_proj_weight, ours.out_proj.weight], g.to(device))
+    for a, e in zip(got_grads, want_grads):
+        torch.testing.assert_close(a.cpu(), e, rtol=rtol * 10, atol=atol * 10 * max(1.0, e.abs().max().item()))
+
+
+@pytest.mark.parametrize("causal", [1, "Inclusive", "s<=t", None])
+def test_causal_rejects_other_spellings(gen, causal):
+    m = _module(gen, 4, 2)
+    x = randn(gen, 2, 3, 4, dtype=torch.float64)
+    with pytest.raises((TypeError, ValueError), match="causal must be"):
+        m(x, x, causal=causal)
 
 
 def test_gradcheck_float64_with_padding_and_causal(gen):
@@ -169,7 +218,7 @@ def test_gradcheck_float64_with_padding_and_causal(gen):
     t = randn(gen, 2, 3, 4, dtype=torch.float64, requires_grad=True)
     hist = randn(gen, 2, 3, 4, dtype=torch.float64, requires_grad=True)
     pad = torch.tensor([[False, True, False], [True, True, True]])
-    for causal in (False, True):
+    for causal in (False, True, "inclusive"):
         assert torch.autograd.gradcheck(
             lambda t, hist, *p: cf.reconstruction_attention(t, hist, *p, 2, key_padding_mask=pad, causal=causal),
             (t, hist, *_params(m)))
@@ -219,10 +268,11 @@ def test_opcheck_triton_attention_core(gen):
     k = randn(gen, 2, 2, 7, 4, device=device, requires_grad=True)
     v = randn(gen, 2, 2, 7, 4, device=device, requires_grad=True)
     pad = rand_mask(gen, 2, 7, device=device)
-    for mask, causal in ((None, False), (pad, False)):
+    for mask, causal in ((None, 0), (pad, 0)):
         torch.library.opcheck(_triton_ops.attention_core, (q, k, v, mask, causal, 0.5))
     qc = randn(gen, 2, 2, 7, 4, device=device, requires_grad=True)
-    torch.library.opcheck(_triton_ops.attention_core, (qc, k, v, pad, True, 0.5))
+    for causal in (1, 2):
+        torch.library.opcheck(_triton_ops.attention_core, (qc, k, v, pad, causal, 0.5))
 
 
 @pytest.mark.parametrize("backend,device", backend_params(OP))

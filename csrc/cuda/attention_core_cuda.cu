@@ -54,7 +54,7 @@ template <typename scalar_t, typename acc_t>
 __global__ void attn_fwd_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
                                 const scalar_t* __restrict__ v, const bool* __restrict__ pad,
                                 acc_t* __restrict__ out, acc_t* __restrict__ lse, int64_t B, int64_t H,
-                                int64_t P, int64_t L, int dh, acc_t sm_scale, bool causal, Strides sq,
+                                int64_t P, int64_t L, int dh, acc_t sm_scale, int64_t causal, Strides sq,
                                 Strides sk, Strides sv, Strides so) {
   const int64_t warp = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / kWarp;
   const int lane = threadIdx.x % kWarp;
@@ -65,7 +65,7 @@ __global__ void attn_fwd_kernel(const scalar_t* __restrict__ q, const scalar_t* 
 #pragma unroll
   for (int e = 0; e < kMaxPerLane; ++e) acc[e] = 0;
   acc_t m = -INFINITY, l = 0;
-  const int64_t end = causal ? (p < L ? p : L) : L;
+  const int64_t end = causal ? (p + causal / 2 < L ? p + causal / 2 : L) : L;  // strict: s < p; inclusive: s <= p
   for (int64_t s = 0; s < end; ++s) {
     if (pad && pad[b * L + s]) continue;
     const acc_t score = lane_dot(qr, k + b * sk.b + h * sk.h + s * sk.t, lane, dh);
@@ -96,7 +96,7 @@ __global__ void attn_bwd_dq_kernel(const scalar_t* __restrict__ q, const scalar_
                                    const scalar_t* __restrict__ v, const bool* __restrict__ pad,
                                    const scalar_t* __restrict__ dout, const acc_t* __restrict__ lse,
                                    const acc_t* __restrict__ delta, acc_t* __restrict__ dq, int64_t B,
-                                   int64_t H, int64_t P, int64_t L, int dh, acc_t sm_scale, bool causal,
+                                   int64_t H, int64_t P, int64_t L, int dh, acc_t sm_scale, int64_t causal,
                                    Strides sq, Strides sk, Strides sv, Strides so) {
   const int64_t warp = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / kWarp;
   const int lane = threadIdx.x % kWarp;
@@ -108,7 +108,7 @@ __global__ void attn_bwd_dq_kernel(const scalar_t* __restrict__ q, const scalar_
 #pragma unroll
   for (int e = 0; e < kMaxPerLane; ++e) acc[e] = 0;
   const acc_t row_lse = lse[warp], row_delta = delta[warp];
-  const int64_t end = row_lse == -INFINITY ? 0 : (causal ? (p < L ? p : L) : L);
+  const int64_t end = row_lse == -INFINITY ? 0 : (causal ? (p + causal / 2 < L ? p + causal / 2 : L) : L);
   for (int64_t s = 0; s < end; ++s) {
     if (pad && pad[b * L + s]) continue;
     const scalar_t* ks = k + b * sk.b + h * sk.h + s * sk.t;
@@ -135,7 +135,7 @@ __global__ void attn_bwd_dkdv_kernel(const scalar_t* __restrict__ q, const scala
                                      const scalar_t* __restrict__ dout, const acc_t* __restrict__ lse,
                                      const acc_t* __restrict__ delta, acc_t* __restrict__ dk,
                                      acc_t* __restrict__ dv, int64_t B, int64_t H, int64_t P, int64_t L,
-                                     int dh, acc_t sm_scale, bool causal, Strides sq, Strides sk,
+                                     int dh, acc_t sm_scale, int64_t causal, Strides sq, Strides sk,
                                      Strides sv, Strides so) {
   const int64_t warp = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / kWarp;
   const int lane = threadIdx.x % kWarp;
@@ -147,7 +147,7 @@ __global__ void attn_bwd_dkdv_kernel(const scalar_t* __restrict__ q, const scala
 #pragma unroll
   for (int e = 0; e < kMaxPerLane; ++e) gk[e] = gv[e] = 0;
   const bool masked = pad && pad[b * L + s];
-  for (int64_t p = causal ? s + 1 : 0; !masked && p < P; ++p) {
+  for (int64_t p = causal ? s + 1 - causal / 2 : 0; !masked && p < P; ++p) {  // strict: p > s; inclusive: p >= s
     const acc_t row_lse = lse[bh * P + p];
     if (row_lse == -INFINITY) continue;
     const scalar_t* qp = q + b * sq.b + h * sq.h + p * sq.t;
@@ -191,7 +191,7 @@ int64_t blocks_for(int64_t warps) { return (warps * kWarp + kThreads - 1) / kThr
 std::tuple<at::Tensor, at::Tensor> attention_core_cuda(const at::Tensor& q, const at::Tensor& k,
                                                        const at::Tensor& v,
                                                        const std::optional<at::Tensor>& key_padding_mask,
-                                                       bool causal, double sm_scale) {
+                                                       int64_t causal, double sm_scale) {
   check_qkv(q, k, v);
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t B = q.size(0), H = q.size(1), P = q.size(2), L = k.size(2), dh = q.size(3);
@@ -221,7 +221,7 @@ std::tuple<at::Tensor, at::Tensor> attention_core_cuda(const at::Tensor& q, cons
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_core_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& key_padding_mask,
-    bool causal, double sm_scale) {
+    int64_t causal, double sm_scale) {
   check_qkv(q, k, v);
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t B = q.size(0), H = q.size(1), P = q.size(2), L = k.size(2), dh = q.size(3);
