@@ -1,11 +1,13 @@
-"""Drop-in modules: ReconstructionAttention (nn.MultiheadAttention's parameters) and
-InBatchContrastiveLoss."""
+"""Drop-in modules: MultiheadAttention (torch.nn.MultiheadAttention's API, the fused op where a
+call allows) and swap_attention(model), ReconstructionAttention (nn.MultiheadAttention's
+parameters) and InBatchContrastiveLoss."""
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from courier_fast.attention import reconstruction_attention
 from courier_fast.contrastive import contrastive_loss
+from courier_fast.multihead_attention import MultiheadAttention, swap_attention  # noqa: F401
 
 
 class ReconstructionAttention(nn.Module):
