@@ -129,7 +129,7 @@ def _draw(rng, fusable):
         c.bias_kv = c.zero_attn = c.need_weights = False
         c.structure = rng.choice(["self", "shared"])
         c.kpm = rng.choice([None, "bool", "float"])
-        c.mask = rng.choice([None, None, "causal_bool", "causal_float", "causal_3d"])
+        c.mask = rng.choice([None, None, "causal_bool", "causal_float", "causal_3d"]) if INCLUSIVE else None
     else:
         c.dropout = rng.choice([0.0, 0.0, 0.3])
         c.kdim, c.vdim = (rng.choice([None, e, e + 1, 2]) if rng.random() < 0.2 else None for _ in range(2))
