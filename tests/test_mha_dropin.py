@@ -274,9 +274,12 @@ def test_fused_calls_and_why_not(gen, fused_calls):
     if INCLUSIVE:
         assert fused_calls[-len(causal):] == ["inclusive"] * len(causal)
     n = len(fused_calls)
-    for args, kw, _ in declined[:-2]:  # the last two raise in torch
-        ours(*args, **{"need_weights": False, **kw})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for args, kw, _ in declined[:-2]:  # the last two raise in torch
+            ours(*args, **{"need_weights": False, **kw})
     assert len(fused_calls) == n
+    assert ["mismatched key_padding_mask and attn_mask" in str(w.message) for w in caught] == [True]  # torch's
     ours.train()
     ours.dropout = 0.1
     assert "dropout is active" in ours.why_not_fused(x, x, x, need_weights=False)
