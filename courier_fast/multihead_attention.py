@@ -120,10 +120,11 @@ class MultiheadAttention(nn.MultiheadAttention):
     Under torch.compile the masks that need reading take torch's path.
 
     Where the fused op runs, outputs and gradients equal nn.MultiheadAttention's (to rounding)
-    wherever nn.MultiheadAttention's output is finite, with two documented differences: a target
-    whose keys are all masked gets out_proj.bias (0 without bias) where torch gives NaN, and NaN
-    or Inf inputs are not rejected by courier_fast's input checks (as torch does not reject
-    them). Inside nn.TransformerEncoderLayer in eval mode without autograd, torch's own fused
+    wherever nn.MultiheadAttention's output is finite. A target whose keys are all masked gets
+    out_proj.bias (0 without bias) and zero gradients through it, where torch gives NaN with a
+    softmax (need_weights=True) and, with need_weights=False, NaN or the same bias depending on
+    its SDPA kernel (torch 2.14's CPU math kernel gives the bias). NaN or Inf inputs are not
+    rejected by courier_fast's input checks: they give NaNs, as in torch. Inside nn.TransformerEncoderLayer in eval mode without autograd, torch's own fused
     encoder kernel runs and this forward is not called at all.
     `why_not_fused(...)` (the forward's arguments) says why a call takes torch's path ("" if not).
     """
