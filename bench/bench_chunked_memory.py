@@ -35,14 +35,14 @@ def one(backend, n, d, symmetric, out_path):
     w = torch.rand(n, generator=g) < 0.3  # clicked anchors
     cf.contrastive_loss(a[:256], c[:256], backend=backend).backward()  # imports, allocator warm-up
     a.grad = c.grad = None
-    reset_peak_rss()  # the peak from here on (ru_maxrss would carry the parent's over)
-    base = rss_mb()
+    harness.reset_peak_rss()  # the peak from here on (ru_maxrss would carry the parent's over)
+    base = harness.rss_mb()
     t0 = time.perf_counter()
     loss = cf.contrastive_loss(a, c, temperature=TEMPERATURE, anchor_weight=w, symmetric=symmetric,
                                backend=backend)
     loss.backward()
     seconds = time.perf_counter() - t0
-    peak_mb = peak_rss_mb() - base
+    peak_mb = harness.peak_rss_mb() - base
     torch.save({"loss": loss.detach(), "ga": a.grad, "gc": c.grad}, out_path)
     print(json.dumps({"extra_peak_mb": round(peak_mb, 1), "s_fwd_bwd": round(seconds, 2)}))
 
