@@ -137,12 +137,17 @@ def _version(name):
         return None
 
 
-def git_state():
-    """{"commit": short HEAD or None, "dirty": whether tracked files differ from HEAD or untracked,
-    not ignored files exist (None outside a git checkout)} of this repository, now."""
+RESULTS_PATHSPEC = ":(exclude,top)bench/results"  # a run's own outputs do not make the tree dirty
+
+
+def git_state(repo=HERE):
+    """{"commit": short HEAD or None, "dirty": whether the code differs from HEAD: tracked files
+    changed or untracked, not ignored files present, anywhere but bench/results/ (where runs write
+    their JSON)} of the repository holding `repo`, now (None values outside a git checkout)."""
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE)
-        status = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=HERE)
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=repo)
+        status = subprocess.run(["git", "status", "--porcelain", "--", ":/", RESULTS_PATHSPEC],
+                                capture_output=True, text=True, cwd=repo)
     except OSError:
         return {"commit": None, "dirty": None}
     if head.returncode or status.returncode:

@@ -34,3 +34,26 @@ def test_results_record_the_commit_and_a_dirty_tree(tmp_path, monkeypatch):
     assert json.load(open(harness.write_results("x", {}, [], path=path)))["dirty"] is True
     monkeypatch.setattr(harness, "git_state", lambda: {"commit": state["commit"], "dirty": False})
     assert json.load(open(harness.write_results("x", {}, [], path=path)))["dirty"] is False
+
+
+def test_dirty_means_code_changes_not_the_runs_own_results(tmp_path):
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "bench" / "results" / "cpu-x.json").write_text("{}")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    bench = str(tmp_path / "bench")
+    assert harness.git_state(bench)["dirty"] is False
+    (tmp_path / "bench" / "results" / "cpu-x.json").write_text('{"rows": []}')  # a run writing its JSON
+    assert harness.git_state(bench)["dirty"] is False
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert harness.git_state(bench)["dirty"] is True
+    git("checkout", "code.py")
+    (tmp_path / "new_module.py").write_text("")
+    assert harness.git_state(bench)["dirty"] is True
