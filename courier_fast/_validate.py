@@ -130,3 +130,48 @@ def causal_mode(name, causal):
         raise ValueError(f"{name} must be False, True (strict, s < t), 'strict' or 'inclusive' (s <= t); "
                          f"got {causal!r}")
     raise TypeError(f"{name} must be a bool or 'strict' / 'inclusive', got {type(causal).__name__}")
+
+
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def offsets(name, t, rows, rows_what, ref_name, ref, batch=None):
+    """Jagged offsets (B+1,) int32/int64 on ref's device: offsets[0] = 0, non-decreasing,
+    offsets[-1] = rows (the number of values). Every violation is a ValueError naming `name`;
+    the value checks read the tensor once (skipped with the data checks)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in INDEX_DTYPES:
+        raise ValueError(f"{name} must have dtype int32 or int64, got {str(t.dtype).replace('torch.', '')}")
+    if t.dim() != 1 or t.numel() == 0:
+        raise ValueError(f"{name} must be 1-D of shape (B+1,), got shape {tuple(t.shape)}")
+    if batch is not None and t.numel() != batch + 1:
+        raise ValueError(f"{name} must have shape ({batch + 1},) (B+1 for B={batch} rows), got {tuple(t.shape)}")
+    same_device(name, t, ref_name, ref)
+    if not _data_checks_on():
+        return t
+    steps = t[1:] - t[:-1]
+    first, low, last, drops = torch.stack([t[0], t.min(), t[-1], (steps < 0).sum()]).tolist()
+    if low < 0:
+        raise ValueError(f"{name} has negative entries (min {low})")
+    if first != 0:
+        raise ValueError(f"{name}[0] must be 0, got {first}")
+    if drops:
+        at = int((steps < 0).nonzero()[0, 0])
+        raise ValueError(f"{name} must be non-decreasing; it decreases at {drops} place(s), first "
+                         f"{name}[{at + 1}] = {int(t[at + 1])} < {name}[{at}] = {int(t[at])}")
+    if last != rows:
+        raise ValueError(f"{name}[-1] must equal the number of {rows_what} ({rows}), got {last}")
+    return t
+
+
+def index(name, t, n, what, ref_name, ref):
+    """A 1-D int32/int64 index tensor on ref's device with values in [0, n) (value check skipped
+    with the data checks)."""
+    tensor(name, t, ndim=1, dtypes=INDEX_DTYPES, allow_empty=True)
+    same_device(name, t, ref_name, ref)
+    if _data_checks_on() and t.numel():
+        low, high = torch.stack([t.min(), t.max()]).tolist()
+        if low < 0 or high >= n:
+            raise ValueError(f"{name} must lie in [0, {n}) ({what}), got values in [{low}, {high}]")
+    return t

@@ -10,8 +10,9 @@ The lists cover every code path a GPU verdict vouches for (tests/test_selftest.p
 with the paths below): for the Triton loss each (kernel, constexpr branch, input dtype) a GPU
 launches (row LSE with the whole feature block or a feature loop; gradients fused or split over
 feature chunks, with and without column terms; fp32, bf16, fp16 with its host normalisation);
-for the attention core each (input dtype, head-dim tile class) and, per dtype, causal masks and
-several target and history tiles of the GPU's tile sizes. Odd shapes, masks (random, all-false,
+for the attention core, per kernel family (short / flash) and input dtype, each tile class,
+causal masks of each mode, several target and history tiles of the GPU's tile sizes, and the
+jagged and history_index layouts. Odd shapes, masks (random, all-false,
 empty history rows), float and bool weights, unnormalised logits, reduction "none" and, for the
 compiled C++/CUDA loss, forced small row tiles (several tiles per problem) are spread over them.
 """
@@ -54,17 +55,34 @@ ATTENTION = [
     ("fp32 all history padded", dict(b=2, p=3, length=4, d=8, h=2, dtype=FP32, pad="all")),
     ("fp32 B=2 P=20 L=70 d=32 h=1 (several tiles)", dict(b=2, p=20, length=70, d=32, h=1, dtype=FP32, pad="random")),
     ("fp32 B=2 P=5 L=20 d=128 h=2 (dh=64)", dict(b=2, p=5, length=20, d=128, h=2, dtype=FP32, pad="random")),
+    ("fp32 causal B=2 L=20 d=32 h=2 (dh=16, long rows)", dict(b=2, p=20, length=20, d=32, h=2, dtype=FP32, pad="random", causal=True)),
+    ("fp32 B=3 P=10 L=5 d=256 h=4 (COURIER's shape)", dict(b=3, p=10, length=5, d=256, h=4, dtype=FP32, pad="random")),
+    ("fp32 history_index B=4 L=5 d=48 h=2", dict(b=4, p=7, length=5, d=48, h=2, dtype=FP32, layout="history_index", counts=[3, 0, 7, 2])),
+    ("fp32 history_index B=3 L=30 d=32 h=2", dict(b=3, p=6, length=30, d=32, h=2, dtype=FP32, layout="history_index", counts=[6, 1, 0])),
+    ("fp32 jagged inclusive causal, short rows", dict(b=4, p=9, length=9, d=24, h=2, dtype=FP32, layout="jagged", lengths=[5, 0, 9, 1], causal="inclusive")),
+    ("fp32 jagged inclusive causal, long rows", dict(b=3, p=40, length=40, d=16, h=1, dtype=FP32, layout="jagged", lengths=[40, 17, 0], causal="inclusive")),
     ("bf16 B=3 P=5 L=33 d=64 h=4", dict(b=3, p=5, length=33, d=64, h=4, dtype=BF16, pad="random")),
     ("bf16 causal B=2 L=6 d=24 h=2", dict(b=2, p=6, length=6, d=24, h=2, dtype=BF16, pad="random", causal=True)),
     ("bf16 B=2 P=40 L=150 d=64 h=2 (dh=32, several tiles)", dict(b=2, p=40, length=150, d=64, h=2, dtype=BF16, pad="random")),
     ("bf16 B=2 P=7 L=40 d=256 h=4 (dh=64)", dict(b=2, p=7, length=40, d=256, h=4, dtype=BF16, pad="random")),
     ("bf16 causal B=1 L=40 d=128 h=1 (dh=128)", dict(b=1, p=40, length=40, d=128, h=1, dtype=BF16, pad="random", causal=True)),
     ("bf16 B=2 P=3 L=40 d=256 h=1 (dh=256)", dict(b=2, p=3, length=40, d=256, h=1, dtype=BF16, pad="random")),
+    ("bf16 B=4 P=10 L=5 d=256 h=4 (COURIER's shape)", dict(b=4, p=10, length=5, d=256, h=4, dtype=BF16, pad="random")),
+    ("bf16 history_index B=4 L=5 d=64 h=2", dict(b=4, p=9, length=5, d=64, h=2, dtype=BF16, layout="history_index", counts=[2, 9, 0, 4])),
+    ("bf16 history_index B=2 L=24 d=64 h=1", dict(b=2, p=5, length=24, d=64, h=1, dtype=BF16, layout="history_index", counts=[5, 3])),
+    ("bf16 jagged inclusive causal, short rows", dict(b=3, p=12, length=12, d=64, h=2, dtype=BF16, layout="jagged", lengths=[12, 3, 0], causal="inclusive")),
+    ("bf16 jagged inclusive causal, long rows", dict(b=3, p=30, length=30, d=64, h=2, dtype=BF16, layout="jagged", lengths=[30, 0, 21], causal="inclusive")),
     ("fp16 B=3 P=5 L=9 d=32 h=2 (dh=16)", dict(b=3, p=5, length=9, d=32, h=2, dtype=FP16, pad="random")),
     ("fp16 causal B=2 L=70 d=64 h=2 (dh=32, several tiles)", dict(b=2, p=70, length=70, d=64, h=2, dtype=FP16, pad="random", causal=True)),
     ("fp16 B=2 P=6 L=20 d=128 h=2 (dh=64)", dict(b=2, p=6, length=20, d=128, h=2, dtype=FP16, pad="random")),
     ("fp16 B=2 P=35 L=40 d=128 h=1 (dh=128, several tiles)", dict(b=2, p=35, length=40, d=128, h=1, dtype=FP16, pad="random")),
     ("fp16 B=1 P=4 L=20 d=256 h=1 (dh=256)", dict(b=1, p=4, length=20, d=256, h=1, dtype=FP16, pad="random")),
+    ("fp16 causal B=2 L=12 d=128 h=2 (dh=64, short rows)", dict(b=2, p=12, length=12, d=128, h=2, dtype=FP16, pad="random", causal=True)),
+    ("fp16 history_index B=3 L=3 d=32 h=1", dict(b=3, p=4, length=3, d=32, h=1, dtype=FP16, layout="history_index", counts=[4, 4, 1])),
+    ("fp16 history_index B=2 L=18 d=64 h=2", dict(b=2, p=8, length=18, d=64, h=2, dtype=FP16, layout="history_index", counts=[0, 8])),
+    ("fp16 jagged inclusive causal, short rows", dict(b=3, p=7, length=7, d=32, h=2, dtype=FP16, layout="jagged", lengths=[7, 0, 2], causal="inclusive")),
+    ("fp16 jagged, long rows", dict(b=4, p=11, length=33, d=64, h=2, dtype=FP16, layout="jagged", lengths=[33, 0, 5, 18], counts=[3, 2, 0, 11])),
+    ("fp16 jagged inclusive causal, long rows", dict(b=2, p=25, length=25, d=32, h=2, dtype=FP16, layout="jagged", lengths=[25, 19], causal="inclusive")),
 ]
 
 
@@ -144,27 +162,54 @@ def contrastive_case(name, spec):
     return Case([a, c], dtype, run, probe, yardstick)
 
 
+def _attention_layout(g, spec, d):
+    """(targets, history, key_padding_mask, layout keyword arguments, and the targets' shape) of
+    an attention problem: padded (b, p, length), "jagged" (history rows of `lengths` items,
+    `counts` targets per row, or the history itself when causal) or "history_index" (padded
+    history, `counts` targets per row in a shuffled order)."""
+    layout, b = spec.get("layout", "padded"), spec["b"]
+    if layout == "padded":
+        p, length = spec["p"], spec["length"]
+        t = torch.randn(b, p, d, generator=g, dtype=torch.float64)
+        hist = torch.randn(b, length, d, generator=g, dtype=torch.float64)
+        pad = torch.rand(b, length, generator=g) < 0.3 if spec["pad"] == "random" else torch.ones(b, length, dtype=torch.bool)
+        if spec["pad"] == "random" and b > 1:
+            pad[0] = True  # an empty history row
+        return t, hist, pad, {}
+    if layout == "history_index":
+        counts = torch.tensor(spec["counts"])
+        hist = torch.randn(b, spec["length"], d, generator=g, dtype=torch.float64)
+        pad = torch.rand(b, spec["length"], generator=g) < 0.3
+        rows = torch.repeat_interleave(torch.arange(b), counts)
+        index = rows[torch.randperm(rows.numel(), generator=g)]
+        return torch.randn(rows.numel(), d, generator=g, dtype=torch.float64), hist, pad, {"history_index": index}
+    lengths = torch.tensor(spec["lengths"])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    hist = torch.randn(int(offsets[-1]), d, generator=g, dtype=torch.float64)
+    pad = torch.rand(hist.shape[0], generator=g) < 0.3
+    counts = None if spec.get("causal") else torch.tensor(spec["counts"])
+    t_offsets = offsets if counts is None else torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+    t = torch.randn(int(t_offsets[-1]), d, generator=g, dtype=torch.float64)
+    return t, hist, pad, {"history_offsets": offsets, "target_offsets": t_offsets}
+
+
 def attention_case(name, spec):
     import courier_fast as cf
 
     g = generator(name)
-    b, p, length, d, h = spec["b"], spec["p"], spec["length"], spec["d"], spec["h"]
+    d, h = spec["d"], spec["h"]
     dtype = getattr(torch, spec["dtype"])
-    t = torch.randn(b, p, d, generator=g, dtype=torch.float64)
-    hist = torch.randn(b, length, d, generator=g, dtype=torch.float64)
+    t, hist, pad, layout = _attention_layout(g, spec, d)
     w_in = torch.randn(3 * d, d, generator=g, dtype=torch.float64) / math.sqrt(d)
     b_in = torch.randn(3 * d, generator=g, dtype=torch.float64)
     w_out = torch.randn(d, d, generator=g, dtype=torch.float64) / math.sqrt(d)
     b_out = torch.randn(d, generator=g, dtype=torch.float64)
-    pad = torch.rand(b, length, generator=g) < 0.3 if spec["pad"] == "random" else torch.ones(b, length, dtype=torch.bool)
-    if spec["pad"] == "random" and b > 1:
-        pad[0] = True  # an empty history row
     causal = spec.get("causal", False)
-    upstream = torch.randn(b, p, d, generator=g, dtype=torch.float64)
+    upstream = torch.randn(*t.shape, generator=g, dtype=torch.float64)
     inputs = _representable([t, hist, w_in, b_in, w_out, b_out], dtype)
 
     def call(fn, leaves, dev):
-        out = fn(*leaves, h, key_padding_mask=pad.to(dev), causal=causal)
+        out = fn(*leaves, h, key_padding_mask=pad.to(dev), causal=causal, **{k: x.to(dev) for k, x in layout.items()})
         return [out] + list(torch.autograd.grad(out, leaves, upstream.to(dev, out.dtype)))
 
     def run(backend, dtype, leaves, dev):
@@ -193,17 +238,38 @@ def contrastive_paths(d, dtype, symmetric):
             ("gradients", "fused" if fused else "split", "columns" if symmetric else "rows only", dtype)}
 
 
-def attention_paths(p, length, dh, dtype, causal):
-    """The Triton attention code paths a GPU runs: the head-dim tile class per dtype, and per
-    dtype whether causal masks and several target / history tiles (GPU tile sizes) occur."""
+ATTENTION_LAYOUTS = ("padded", "history_index", "jagged")
+ATTENTION_CAUSAL = (False, True, "inclusive")
+
+
+def attention_paths(p, length, dh, dtype, causal, layout="padded"):
+    """The Triton attention code paths a GPU runs for at most p targets and length history items
+    per row, head dim dh, dtype, causal mode and layout (empty for a call the op rejects): per
+    kernel family (short: length <= SHORT_MAX_KEYS, packed FMA kernels; flash: MMA tiles) its
+    tile class per dtype (short: the head-dim chunk, and whether dh takes several; flash: the
+    head-dim tile, several target / history tiles), causal by mode, and the jagged and
+    history_index layouts."""
     from courier_fast.kernels import reconstruction_attention as attn
 
-    block_p, block_l, block_dh = attn.blocks(p, length, dh, fp32=dtype == FP32, gpu=True)
-    paths = {("head dim tile", block_dh, dtype)}
-    if causal:
-        paths.add(("causal", dtype))
-    if p > block_p:
-        paths.add(("several target tiles", dtype))
-    if length > block_l:
-        paths.add(("several history tiles", dtype))
+    mode = {False: None, True: "strict", "strict": "strict", "inclusive": "inclusive"}[causal]
+    if mode and layout == "history_index":
+        return set()
+    if attn.short_history(length):
+        family = "short"
+        block_d = attn.short_blocks(length, dh)[2]
+        paths = {("short head-dim chunk", block_d, dtype)}
+        if dh > block_d:
+            paths.add(("short: several head-dim chunks", dtype))
+    else:
+        family = "flash"
+        block_p, block_l, block_dh = attn.blocks(p, length, dh, fp32=dtype == FP32, gpu=True)
+        paths = {("head dim tile", block_dh, dtype)}
+        if p > block_p:
+            paths.add(("several target tiles", dtype))
+        if length > block_l:
+            paths.add(("several history tiles", dtype))
+    if mode:
+        paths.add(("causal", mode, family, dtype))
+    if layout != "padded":
+        paths.add((layout, family, dtype))
     return paths

@@ -63,17 +63,22 @@ TORCH_LIBRARY(courier_fast, m) {
   m.def("contrastive_lse_backward(Tensor grad_row, Tensor grad_col, Tensor x, Tensor y, "
         "Tensor? x_mask, Tensor? y_mask, Tensor row_lse, Tensor col_lse, float scale, "
         "bool normalize, bool with_columns) -> (Tensor grad_x, Tensor grad_y)");
-  // Reconstruction-attention core after the projections: q (B, h, P, dh), k/v (B, h, L, dh)
-  // views (dh contiguous), key_padding_mask (B, L) bool True = padding, causal: 0 none,
-  // 1 strict (target t sees s < t), 2 inclusive (s <= t).
-  // Returns out (B, P, h*dh) and lse (B, h, P), both float32 (float64 for float64 inputs): out is
-  // not rounded to a 16-bit input dtype (the backward's delta needs it exact); 0 / -inf for a
-  // target without valid keys.
-  m.def("attention_core(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, int causal, "
-        "float sm_scale) -> (Tensor out, Tensor lse)");
+  // Reconstruction-attention core after the projections, over segments (the layouts of
+  // courier_fast/attention_layout.py): q (T, h, dh), k/v (S, h, dh) views (dh contiguous);
+  // target t attends keys [key_offsets[r], key_offsets[r+1]) of its row r = target_rows[t];
+  // order (T,) lists the targets grouped by row (order[target_offsets[r]:target_offsets[r+1]]);
+  // key_rows (S,) the row of each key; key_padding_mask (S,) bool True = padding; causal: 0 none,
+  // 1 strict (target t sees s < t), 2 inclusive (s <= t), positions within the row;
+  // max_targets (-1 = unknown) / max_keys: the most per row. Returns out (T, h*dh) and lse (T, h),
+  // both float32 (float64 for float64 inputs): out is not rounded to a 16-bit input dtype (the
+  // backward's delta needs it exact); 0 / -inf for a target without valid keys.
+  m.def("attention_core(Tensor q, Tensor k, Tensor v, Tensor target_rows, Tensor key_rows, "
+        "Tensor target_offsets, Tensor key_offsets, Tensor order, Tensor? key_padding_mask, int causal, "
+        "float sm_scale, int max_targets, int max_keys) -> (Tensor out, Tensor lse)");
   m.def("attention_core_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
-        "Tensor lse, Tensor? key_padding_mask, int causal, float sm_scale) "
-        "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+        "Tensor lse, Tensor target_rows, Tensor key_rows, Tensor target_offsets, Tensor key_offsets, "
+        "Tensor order, Tensor? key_padding_mask, int causal, float sm_scale, int max_targets, "
+        "int max_keys) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
   m.def("lse_tile_rows(int n, int m, bool cuda) -> int", &lse_tile_rows);
   m.def("set_lse_tile_rows(int rows) -> int", &set_lse_tile_rows);
 }

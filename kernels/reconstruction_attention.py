@@ -1,24 +1,38 @@
 """Triton kernels for the reconstruction-attention core (after the Q/K/V projections).
 
-For every (request row b, head) and block of targets: P targets attend over that row's L
-history items, masked by key_padding_mask (True = padding) and by position: causal = 0 none,
-1 strict (target t sees s < t), 2 inclusive (s <= t). K/V
-are read in place (never copied per target); softmax is online over L tiles, so long
-histories need no L x P buffer, and short ones (L <= 16) use one right-sized tile.
-  forward   _attn_fwd_kernel: O (B, P, h*dh) and LSE (B, h, P), both fp32. O stays fp32 (the
-            caller rounds it for the output projection) because the backward's
-            delta = rowsum(dO * O) must come from the unrounded O: from a 16-bit O its error
-            does not cancel in dS = P (dP - delta) and doubled the 16-bit dQ / dK error.
-  backward  FlashAttention-2 style, atomics-free: _attn_bwd_dkdv_kernel (programs over L
-            tiles) and _attn_bwd_dq_kernel (programs over P tiles) recompute P from the LSE.
-Every tl.dot runs at the input precision with fp32 accumulation (P and dS are cast to the
-input dtype for the second GEMMs); fp32 inputs use 3xTF32 dots (kernels/_mma.py: IEEE fp32
-and an exact emulation of the 16-bit MMA under TRITON_INTERPRET=1). A target with no valid key gets O = 0 (the caller adds the output bias) and
-LSE = -inf. q/k/v are (B, h, T, dh) views with any batch/head/row strides (dh contiguous).
+The core runs over segments (courier_fast/attention_layout.py): target t attends the keys
+[key_offsets[r], key_offsets[r+1]) of its row r = target_rows[t], masked by key_padding_mask
+(True = padding) and by position within the row: causal = 0 none, 1 strict (target t sees
+s < t), 2 inclusive (s <= t). q (T, h, dh) and k/v (S, h, dh) are views with any row and head
+strides (dh contiguous); K/V are read in place, never copied per target. Outputs: O (T, h*dh)
+and LSE (T, h), both fp32. O stays fp32 (the caller rounds it for the output projection)
+because the backward's delta = rowsum(dO * O) must come from the unrounded O: from a 16-bit O
+its error does not cancel in dS = P (dP - delta). A target with no valid key gets O = 0 (the
+caller adds the output bias) and LSE = -inf.
 
-Launch limits: (b, head) pairs run on grid axis 0 (2^31 - 1 programs; axes 1 and 2 stop at
-65535), offsets are computed in int64, and tiles shrink as the head dim grows (blocks());
-head dims above MAX_HEAD_DIM are rejected.
+Two kernel families, chosen by the longest history row (max_keys):
+
+  short (max_keys <= SHORT_MAX_KEYS, COURIER's histories of ~5): a 16-row MMA tile would be mostly
+  padding there (P = L = 5 ran 15x its FLOP floor), so these kernels pack BLOCK_T consecutive
+  targets of any rows into one program and gather each target's own keys into a
+  (BLOCK_T, BLOCK_L, BLOCK_D) tile: products by broadcast-multiply-sum on CUDA cores (fp32,
+  16-bit operands widened exactly), the head dim looped in BLOCK_D chunks. Work is padded only
+  to BLOCK_L = next power of 2 >= max_keys.
+    _short_fwd_kernel       O, LSE                                 (products: QK, PV)
+    _short_bwd_dq_kernel    dQ; stores P and dS (T, h, BLOCK_L)    (QK, dO V, dS K)
+    _short_bwd_dkdv_kernel  programs over BLOCK_S keys, each looping over its row's targets
+                            (via order) in chunks of BLOCK_P: dV = P^T dO, dK = dS^T Q
+  flash (longer rows): a program per (row, head) and block of targets, online softmax over
+  key tiles, every product a tl.dot at the input precision with fp32 accumulation (P and dS
+  cast to the input dtype for the second GEMMs; fp32 inputs: 3xTF32), FlashAttention-2's
+  atomics-free backward (_flash_bwd_dkdv_kernel over key tiles, _flash_bwd_dq_kernel over
+  target tiles, P recomputed from the LSE).
+kernels/_mma.py holds the dot and the 16-bit casts: under TRITON_INTERPRET=1 they emulate the
+GPU's 16-bit MMA and rounding exactly.
+
+Launch limits: the many programs sit on grid axis 0 (2^31 - 1; axes 1 and 2 stop at 65535),
+offsets are int64, flash tiles shrink as the head dim grows (blocks()); head dims above
+MAX_HEAD_DIM are rejected.
 """
 import math
 
@@ -27,19 +41,159 @@ import triton
 import triton.language as tl
 
 from courier_fast.kernels._launch import INTERPRET, device_guard
+from courier_fast.kernels._mma import _widen
 from courier_fast.kernels._mma import dot as _dot
 from courier_fast.kernels._mma import to_16bit
 
 MAX_HEAD_DIM = 256
-TILE_BUDGET = 128 * 128  # (BLOCK_P + 2 BLOCK_L) * BLOCK_DH elements of q, k, v tiles per program
+TILE_BUDGET = 128 * 128  # flash: (BLOCK_P + 2 BLOCK_L) * BLOCK_DH elements of q, k, v tiles per program
 NUM_STAGES = 2
+SHORT_MAX_KEYS = 16  # rows of at most this many history items take the short kernels
+SHORT_TILE = 4096  # short: elements of one gathered (rows, slots, BLOCK_D) tile
+SHORT_WARPS = 4
+SHORT_BLOCK_P = (1, 2, 4, 8)  # target chunks of the short dK/dV kernel
 
 
 def num_warps(block_p, block_l):
-    """4 warps; 8 for 64 x 64 score tiles (4 spill registers in the sm_80 dK/dV kernel)."""
+    """Flash: 4 warps; 8 for 64 x 64 score tiles (4 spill registers in the sm_80 dK/dV kernel)."""
     return 8 if block_p * block_l >= 64 * 64 else 4
 
 
+# ----------------------------------------------------------------------------- short kernels
+@triton.jit
+def _rows(PTR, idx, ok, hd, stride_t, stride_h, d, d_ok):
+    """(len(idx), BLOCK_D) fp32 tile: rows idx of head hd, columns d; 0 where not ok."""
+    ptr = PTR + idx.to(tl.int64)[:, None] * stride_t + hd * stride_h + d[None, :]
+    return _widen(tl.load(ptr, mask=ok[:, None] & d_ok[None, :], other=0.0))
+
+
+@triton.jit
+def _gathered(PTR, idx, ok, hd, stride_t, stride_h, d, d_ok):
+    """(rows, slots, BLOCK_D) fp32 tile: row idx[i, j] of head hd, columns d; 0 where not ok."""
+    ptr = PTR + idx.to(tl.int64)[:, :, None] * stride_t + hd * stride_h + d[None, None, :]
+    return _widen(tl.load(ptr, mask=ok[:, :, None] & d_ok[None, None, :], other=0.0))
+
+
+@triton.jit
+def _own_keys(t, t_ok, TROW, KOFF, TOFF, MASK, causal, BLOCK_L: tl.constexpr):
+    """Each target's key slots: (key index, attended) tiles (BLOCK_T, BLOCK_L). Slot j of target
+    t is key key_offsets[r] + j of its row r; attended when j < the row's length, the key is not
+    padding and the causal rule allows it (positions within the row)."""
+    row = tl.load(TROW + t, mask=t_ok, other=0)
+    first = tl.load(KOFF + row, mask=t_ok, other=0)
+    count = tl.load(KOFF + row + 1, mask=t_ok, other=0) - first
+    pos = t - tl.load(TOFF + row, mask=t_ok, other=0)
+    slot = tl.arange(0, BLOCK_L)
+    key = first[:, None] + slot[None, :]
+    keep = t_ok[:, None] & (slot[None, :] < count[:, None])
+    pad = tl.load(MASK + key, mask=keep, other=1)
+    keep = keep & (pad == 0)
+    keep = keep & ((slot[None, :] < pos[:, None] + causal // 2) | (causal == 0))  # 1: s < t, 2: s <= t
+    return key, keep
+
+
+@triton.jit
+def _short_fwd_kernel(Q, K, V, MASK, TROW, KOFF, TOFF, O, LSE, T, H, DH, sm_scale, causal,
+                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                      stride_ot, stride_oh, BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr,
+                      BLOCK_D: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    hd = tl.program_id(1).to(tl.int64)
+    t_ok = t < T
+    key, keep = _own_keys(t, t_ok, TROW, KOFF, TOFF, MASK, causal, BLOCK_L)
+    s = tl.zeros([BLOCK_T, BLOCK_L], dtype=tl.float32)
+    for d0 in range(0, DH, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = d < DH
+        q = _rows(Q, t, t_ok, hd, stride_qt, stride_qh, d, d_ok)
+        k = _gathered(K, key, keep, hd, stride_kt, stride_kh, d, d_ok)
+        s += tl.sum(q[:, None, :] * k, axis=2)
+    s = tl.where(keep, s * sm_scale, float("-inf"))
+    m = tl.max(s, axis=1)
+    shift = tl.where(m == float("-inf"), 0.0, m)
+    p = tl.exp(s - shift[:, None])  # 0 where not attended
+    total = tl.sum(p, axis=1)
+    empty = total == 0.0
+    p = p / tl.where(empty, 1.0, total)[:, None]
+    for d0 in range(0, DH, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = d < DH
+        v = _gathered(V, key, keep, hd, stride_vt, stride_vh, d, d_ok)
+        o = tl.sum(p[:, :, None] * v, axis=1)
+        tl.store(O + t[:, None] * stride_ot + hd * stride_oh + d[None, :], o, mask=t_ok[:, None] & d_ok[None, :])
+    lse = tl.where(empty, float("-inf"), shift + tl.log(tl.where(empty, 1.0, total)))
+    tl.store(LSE + t * H + hd, lse, mask=t_ok)
+
+
+@triton.jit
+def _short_bwd_dq_kernel(Q, K, V, MASK, DO, LSE, DELTA, TROW, KOFF, TOFF, DQ, PS, DS, T, H, DH,
+                         sm_scale, causal, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
+                         stride_vh, stride_ot, stride_oh, BLOCK_T: tl.constexpr,
+                         BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dQ = sm_scale * dS K per target; P and dS (T, h, BLOCK_L), 0 where not attended, stored
+    for the dK/dV pass. LSE arrives with -inf replaced by +inf (a target without keys: P = 0)."""
+    t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    hd = tl.program_id(1).to(tl.int64)
+    t_ok = t < T
+    key, keep = _own_keys(t, t_ok, TROW, KOFF, TOFF, MASK, causal, BLOCK_L)
+    s = tl.zeros([BLOCK_T, BLOCK_L], dtype=tl.float32)
+    dp = tl.zeros([BLOCK_T, BLOCK_L], dtype=tl.float32)
+    for d0 in range(0, DH, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = d < DH
+        q = _rows(Q, t, t_ok, hd, stride_qt, stride_qh, d, d_ok)
+        do = _rows(DO, t, t_ok, hd, stride_ot, stride_oh, d, d_ok)
+        s += tl.sum(q[:, None, :] * _gathered(K, key, keep, hd, stride_kt, stride_kh, d, d_ok), axis=2)
+        dp += tl.sum(do[:, None, :] * _gathered(V, key, keep, hd, stride_vt, stride_vh, d, d_ok), axis=2)
+    lse = tl.load(LSE + t * H + hd, mask=t_ok, other=float("inf"))
+    delta = tl.load(DELTA + t * H + hd, mask=t_ok, other=0.0)
+    p = tl.where(keep, tl.exp(s * sm_scale - lse[:, None]), 0.0)
+    ds = p * (dp - delta[:, None])
+    at = (t * H + hd)[:, None] * BLOCK_L + tl.arange(0, BLOCK_L)[None, :]
+    tl.store(PS + at, p, mask=t_ok[:, None])
+    tl.store(DS + at, ds, mask=t_ok[:, None])
+    for d0 in range(0, DH, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = d < DH
+        dq = tl.sum(ds[:, :, None] * _gathered(K, key, keep, hd, stride_kt, stride_kh, d, d_ok), axis=1)
+        tl.store(DQ + (t * H + hd)[:, None] * DH + d[None, :], dq * sm_scale, mask=t_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _short_bwd_dkdv_kernel(Q, DO, PS, DS, KROW, KOFF, TOFF, ORDER, DK, DV, S, H, DH, LS, sm_scale,
+                           stride_qt, stride_qh, stride_ot, stride_oh, BLOCK_S: tl.constexpr,
+                           BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dV[s] = sum_t P[t, s] dO[t], dK[s] = sm_scale sum_t dS[t, s] Q[t] over the targets t of
+    key s's row (order[target_offsets[r]:...]), from the stored P and dS (slot = s's position in
+    its row, LS slots per target). Every key is written (0 when no target attends it)."""
+    s = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+    hd = tl.program_id(1).to(tl.int64)
+    s_ok = s < S
+    row = tl.load(KROW + s, mask=s_ok, other=0)
+    slot = s - tl.load(KOFF + row, mask=s_ok, other=0)
+    first = tl.load(TOFF + row, mask=s_ok, other=0)
+    count = tl.load(TOFF + row + 1, mask=s_ok, other=0) - first
+    most = tl.max(count, axis=0)
+    for d0 in range(0, DH, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = d < DH
+        dk = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
+        for j0 in range(0, most, BLOCK_P):
+            j = j0 + tl.arange(0, BLOCK_P)
+            ok = j[None, :] < count[:, None]
+            t = tl.load(ORDER + first[:, None] + j[None, :], mask=ok, other=0)
+            at = (t * H + hd) * LS + slot[:, None]
+            p = tl.load(PS + at, mask=ok, other=0.0)
+            ds = tl.load(DS + at, mask=ok, other=0.0)
+            dv += tl.sum(p[:, :, None] * _gathered(DO, t, ok, hd, stride_ot, stride_oh, d, d_ok), axis=1)
+            dk += tl.sum(ds[:, :, None] * _gathered(Q, t, ok, hd, stride_qt, stride_qh, d, d_ok), axis=1)
+        at = (s * H + hd)[:, None] * DH + d[None, :]
+        tl.store(DK + at, dk * sm_scale, mask=s_ok[:, None] & d_ok[None, :])
+        tl.store(DV + at, dv, mask=s_ok[:, None] & d_ok[None, :])
+
+
+# ----------------------------------------------------------------------------- flash kernels
 @triton.jit
 def _cast(a, like, DOT_FP32: tl.constexpr):
     """a in like's dtype for a 16-bit MMA (kept fp32 when DOT_FP32)."""
@@ -50,129 +204,132 @@ def _cast(a, like, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(PTR, b, hd, idx, ok, stride_b, stride_h, stride_t, dh_idx, dh_ok):
-    """(len(idx), BLOCK_DH) tile of rows idx of head hd in request row b; 0 outside.
-    b and hd are int64, so no offset wraps past 2^31 elements."""
-    base = PTR + b * stride_b + hd * stride_h
-    return tl.load(base + idx.to(tl.int64)[:, None] * stride_t + dh_idx[None, :],
+def _load_rows(PTR, idx, ok, hd, stride_t, stride_h, dh_idx, dh_ok):
+    """(len(idx), BLOCK_DH) tile of rows idx of head hd; 0 outside (idx and hd int64)."""
+    return tl.load(PTR + idx.to(tl.int64)[:, None] * stride_t + hd * stride_h + dh_idx[None, :],
                    mask=ok[:, None] & dh_ok[None, :], other=0.0)
 
 
 @triton.jit
-def _scores(q, k, b, cols, col_ok, rows, MASK, stride_mb, sm_scale, causal, DOT_FP32: tl.constexpr):
-    """Masked scaled scores (BLOCK_P, BLOCK_L) of q rows against key tile k; -inf masked."""
+def _row_program(TOFF, KOFF, H):
+    """(row, head, its first target slot, target count, first key, key count) of this program."""
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // H
+    t0 = tl.load(TOFF + b)
+    k0 = tl.load(KOFF + b)
+    return b, pid % H, t0, tl.load(TOFF + b + 1) - t0, k0, tl.load(KOFF + b + 1) - k0
+
+
+@triton.jit
+def _scores(q, k, keys, col_ok, rows, cols, MASK, sm_scale, causal, DOT_FP32: tl.constexpr):
+    """Masked scaled scores (BLOCK_P, BLOCK_L) of q rows against key tile k; -inf masked. rows /
+    cols: positions within the row (for causal), keys: the keys' flat indices (for the mask)."""
     s = _dot(q, tl.trans(k), DOT_FP32) * sm_scale
-    pad = tl.load(MASK + b * stride_mb + cols, mask=col_ok, other=1)
+    pad = tl.load(MASK + keys, mask=col_ok, other=1)
     keep = (col_ok & (pad == 0))[None, :] & (rows[:, None] >= 0)
     keep = keep & ((cols[None, :] < rows[:, None] + causal // 2) | (causal == 0))  # 1: s < t, 2: s <= t
     return tl.where(keep, s, float("-inf"))
 
 
 @triton.jit
-def _program_ids(H):
-    """(b, head, (b, head) index) of this program, as int64."""
-    pid_bh = tl.program_id(0).to(tl.int64)
-    return pid_bh // H, pid_bh % H, pid_bh
-
-
-@triton.jit
-def _attn_fwd_kernel(Q, K, V, MASK, O, LSE, H, P, L, DH, sm_scale, causal,
-                     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
-                     stride_vb, stride_vh, stride_vt, stride_mb, stride_ob, stride_oh, stride_ot,
-                     DOT_FP32: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_L: tl.constexpr,
-                     BLOCK_DH: tl.constexpr):
-    b, hd, pid_bh = _program_ids(H)
+def _flash_fwd_kernel(Q, K, V, MASK, TOFF, KOFF, ORDER, O, LSE, H, DH, sm_scale, causal,
+                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                      stride_ot, stride_oh, DOT_FP32: tl.constexpr, BLOCK_P: tl.constexpr,
+                      BLOCK_L: tl.constexpr, BLOCK_DH: tl.constexpr):
+    b, hd, t0, tn, k0, kn = _row_program(TOFF, KOFF, H)
     rows = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
-    row_ok = rows < P
+    row_ok = rows < tn
+    t = tl.load(ORDER + t0 + rows, mask=row_ok, other=0)
     dh_idx = tl.arange(0, BLOCK_DH)
     dh_ok = dh_idx < DH
-    q = _load_rows(Q, b, hd, rows, row_ok, stride_qb, stride_qh, stride_qt, dh_idx, dh_ok)
+    q = _load_rows(Q, t, row_ok, hd, stride_qt, stride_qh, dh_idx, dh_ok)
     m_i = tl.full([BLOCK_P], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_P], dtype=tl.float32)
     acc = tl.zeros([BLOCK_P, BLOCK_DH], dtype=tl.float32)
-    for c0 in range(0, L, BLOCK_L):
+    n_keys = tl.where(tl.program_id(1) * BLOCK_P < tn, kn, 0)  # a tile past the row's targets: no work
+    for c0 in range(0, n_keys, BLOCK_L):
         cols = c0 + tl.arange(0, BLOCK_L)
-        col_ok = cols < L
-        k = _load_rows(K, b, hd, cols, col_ok, stride_kb, stride_kh, stride_kt, dh_idx, dh_ok)
-        s = _scores(q, k, b, cols, col_ok, rows, MASK, stride_mb, sm_scale, causal, DOT_FP32)
+        col_ok = cols < kn
+        k = _load_rows(K, k0 + cols, col_ok, hd, stride_kt, stride_kh, dh_idx, dh_ok)
+        s = _scores(q, k, k0 + cols, col_ok, rows, cols, MASK, sm_scale, causal, DOT_FP32)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp(s - shift[:, None])
         alpha = tl.exp(m_i - shift)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = _load_rows(V, b, hd, cols, col_ok, stride_vb, stride_vh, stride_vt, dh_idx, dh_ok)
+        v = _load_rows(V, k0 + cols, col_ok, hd, stride_vt, stride_vh, dh_idx, dh_ok)
         acc = acc * alpha[:, None] + _dot(_cast(p, v, DOT_FP32), v, DOT_FP32)
         m_i = m_new
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    o_ptr = O + b * stride_ob + hd * stride_oh + rows.to(tl.int64)[:, None] * stride_ot + dh_idx[None, :]
+    o_ptr = O + t[:, None] * stride_ot + hd * stride_oh + dh_idx[None, :]
     tl.store(o_ptr, out, mask=row_ok[:, None] & dh_ok[None, :])
     lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
-    tl.store(LSE + pid_bh * P + rows, lse, mask=row_ok)
+    tl.store(LSE + t * H + hd, lse, mask=row_ok)
 
 
 @triton.jit
-def _attn_bwd_dkdv_kernel(Q, K, V, MASK, DO, LSE, DELTA, DK, DV, H, P, L, DH, sm_scale, causal,
-                          stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
-                          stride_vb, stride_vh, stride_vt, stride_mb, stride_ob, stride_oh,
-                          stride_ot, DOT_FP32: tl.constexpr, BLOCK_P: tl.constexpr,
-                          BLOCK_L: tl.constexpr, BLOCK_DH: tl.constexpr):
-    """dV = P^T dO, dK = sm_scale * dS^T Q for one tile of keys, looping over all targets.
-    LSE arrives with -inf replaced by +inf (a target without keys: P = 0)."""
-    b, hd, pid_bh = _program_ids(H)
+def _flash_bwd_dkdv_kernel(Q, K, V, MASK, DO, LSE, DELTA, TOFF, KOFF, ORDER, DK, DV, H, DH, sm_scale,
+                           causal, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                           stride_ot, stride_oh, DOT_FP32: tl.constexpr, BLOCK_P: tl.constexpr,
+                           BLOCK_L: tl.constexpr, BLOCK_DH: tl.constexpr):
+    """dV = P^T dO, dK = sm_scale * dS^T Q for one tile of a row's keys, looping over the row's
+    targets. LSE arrives with -inf replaced by +inf (a target without keys: P = 0)."""
+    b, hd, t0, tn, k0, kn = _row_program(TOFF, KOFF, H)
     cols = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
-    col_ok = cols < L
+    col_ok = cols < kn
     dh_idx = tl.arange(0, BLOCK_DH)
     dh_ok = dh_idx < DH
-    k = _load_rows(K, b, hd, cols, col_ok, stride_kb, stride_kh, stride_kt, dh_idx, dh_ok)
-    v = _load_rows(V, b, hd, cols, col_ok, stride_vb, stride_vh, stride_vt, dh_idx, dh_ok)
+    k = _load_rows(K, k0 + cols, col_ok, hd, stride_kt, stride_kh, dh_idx, dh_ok)
+    v = _load_rows(V, k0 + cols, col_ok, hd, stride_vt, stride_vh, dh_idx, dh_ok)
     dk = tl.zeros([BLOCK_L, BLOCK_DH], dtype=tl.float32)
     dv = tl.zeros([BLOCK_L, BLOCK_DH], dtype=tl.float32)
-    for r0 in range(0, P, BLOCK_P):
+    n_targets = tl.where(tl.program_id(1) * BLOCK_L < kn, tn, 0)
+    for r0 in range(0, n_targets, BLOCK_P):
         rows = r0 + tl.arange(0, BLOCK_P)
-        row_ok = rows < P
-        q = _load_rows(Q, b, hd, rows, row_ok, stride_qb, stride_qh, stride_qt, dh_idx, dh_ok)
-        lse = tl.load(LSE + pid_bh * P + rows, mask=row_ok, other=float("inf"))
-        p = tl.exp(_scores(q, k, b, cols, col_ok, rows, MASK, stride_mb, sm_scale, causal, DOT_FP32)
-                   - lse[:, None])
-        do = _load_rows(DO, b, hd, rows, row_ok, stride_ob, stride_oh, stride_ot, dh_idx, dh_ok)
+        row_ok = rows < tn
+        t = tl.load(ORDER + t0 + rows, mask=row_ok, other=0)
+        q = _load_rows(Q, t, row_ok, hd, stride_qt, stride_qh, dh_idx, dh_ok)
+        lse = tl.load(LSE + t * H + hd, mask=row_ok, other=float("inf"))
+        p = tl.exp(_scores(q, k, k0 + cols, col_ok, rows, cols, MASK, sm_scale, causal, DOT_FP32) - lse[:, None])
+        do = _load_rows(DO, t, row_ok, hd, stride_ot, stride_oh, dh_idx, dh_ok)
         dv += _dot(_cast(tl.trans(p), do, DOT_FP32), do, DOT_FP32)
         dp = _dot(do, tl.trans(v), DOT_FP32)
-        delta = tl.load(DELTA + pid_bh * P + rows, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + t * H + hd, mask=row_ok, other=0.0)
         ds = p * (dp - delta[:, None])
         dk += _dot(_cast(tl.trans(ds), q, DOT_FP32), q, DOT_FP32)
-    base = pid_bh * L * DH + cols.to(tl.int64)[:, None] * DH + dh_idx[None, :]
+    base = ((k0 + cols) * H + hd)[:, None] * DH + dh_idx[None, :]
     tl.store(DK + base, dk * sm_scale, mask=col_ok[:, None] & dh_ok[None, :])
     tl.store(DV + base, dv, mask=col_ok[:, None] & dh_ok[None, :])
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(Q, K, V, MASK, DO, LSE, DELTA, DQ, H, P, L, DH, sm_scale, causal,
-                        stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
-                        stride_vb, stride_vh, stride_vt, stride_mb, stride_ob, stride_oh,
-                        stride_ot, DOT_FP32: tl.constexpr, BLOCK_P: tl.constexpr,
-                        BLOCK_L: tl.constexpr, BLOCK_DH: tl.constexpr):
-    """dQ = sm_scale * dS K for one tile of targets, looping over all keys."""
-    b, hd, pid_bh = _program_ids(H)
+def _flash_bwd_dq_kernel(Q, K, V, MASK, DO, LSE, DELTA, TOFF, KOFF, ORDER, DQ, H, DH, sm_scale, causal,
+                         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                         stride_ot, stride_oh, DOT_FP32: tl.constexpr, BLOCK_P: tl.constexpr,
+                         BLOCK_L: tl.constexpr, BLOCK_DH: tl.constexpr):
+    """dQ = sm_scale * dS K for one tile of a row's targets, looping over the row's keys."""
+    b, hd, t0, tn, k0, kn = _row_program(TOFF, KOFF, H)
     rows = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
-    row_ok = rows < P
+    row_ok = rows < tn
+    t = tl.load(ORDER + t0 + rows, mask=row_ok, other=0)
     dh_idx = tl.arange(0, BLOCK_DH)
     dh_ok = dh_idx < DH
-    q = _load_rows(Q, b, hd, rows, row_ok, stride_qb, stride_qh, stride_qt, dh_idx, dh_ok)
-    do = _load_rows(DO, b, hd, rows, row_ok, stride_ob, stride_oh, stride_ot, dh_idx, dh_ok)
-    lse = tl.load(LSE + pid_bh * P + rows, mask=row_ok, other=float("inf"))
-    delta = tl.load(DELTA + pid_bh * P + rows, mask=row_ok, other=0.0)
+    q = _load_rows(Q, t, row_ok, hd, stride_qt, stride_qh, dh_idx, dh_ok)
+    do = _load_rows(DO, t, row_ok, hd, stride_ot, stride_oh, dh_idx, dh_ok)
+    lse = tl.load(LSE + t * H + hd, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + t * H + hd, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_P, BLOCK_DH], dtype=tl.float32)
-    for c0 in range(0, L, BLOCK_L):
+    n_keys = tl.where(tl.program_id(1) * BLOCK_P < tn, kn, 0)
+    for c0 in range(0, n_keys, BLOCK_L):
         cols = c0 + tl.arange(0, BLOCK_L)
-        col_ok = cols < L
-        k = _load_rows(K, b, hd, cols, col_ok, stride_kb, stride_kh, stride_kt, dh_idx, dh_ok)
-        p = tl.exp(_scores(q, k, b, cols, col_ok, rows, MASK, stride_mb, sm_scale, causal, DOT_FP32)
-                   - lse[:, None])
-        v = _load_rows(V, b, hd, cols, col_ok, stride_vb, stride_vh, stride_vt, dh_idx, dh_ok)
+        col_ok = cols < kn
+        k = _load_rows(K, k0 + cols, col_ok, hd, stride_kt, stride_kh, dh_idx, dh_ok)
+        p = tl.exp(_scores(q, k, k0 + cols, col_ok, rows, cols, MASK, sm_scale, causal, DOT_FP32) - lse[:, None])
+        v = _load_rows(V, k0 + cols, col_ok, hd, stride_vt, stride_vh, dh_idx, dh_ok)
         ds = p * (_dot(do, tl.trans(v), DOT_FP32) - delta[:, None])
         dq += _dot(_cast(ds, k, DOT_FP32), k, DOT_FP32)
-    base = pid_bh * P * DH + rows.to(tl.int64)[:, None] * DH + dh_idx[None, :]
+    base = (t * H + hd)[:, None] * DH + dh_idx[None, :]
     tl.store(DQ + base, dq * sm_scale, mask=row_ok[:, None] & dh_ok[None, :])
 
 
@@ -182,10 +339,11 @@ def _tile(n, options):
     return next((o for o in options if o >= n), options[-1])
 
 
-# padded head dim -> (BLOCK_P options, BLOCK_L options) for 16-bit inputs; the host launches any
-# pair. Every pair is one that bench/kernel_report.py compiled for sm_80 and sm_90a (forward,
-# dK/dV and dQ kernels) without register spills and within the A100's shared memory; pairs
-# that failed there were removed (64-row target tiles with head dim >= 32 spilled in dQ or dK/dV).
+# padded head dim -> (BLOCK_P options, BLOCK_L options) of the flash kernels for 16-bit inputs;
+# the host launches any pair. Every pair is one that bench/kernel_report.py compiled for sm_80
+# and sm_90a (forward, dK/dV and dQ kernels) without register spills and within the A100's
+# shared memory; pairs that failed there were removed (64-row target tiles with head dim >= 32
+# spilled in dQ or dK/dV).
 _BLOCKS = {16: ((16, 64), (16, 128)), 32: ((16,), (16, 64, 128)), 64: ((16,), (16, 64)),
            128: ((16,), (16, 32)), 256: ((16, 32), (16,))}
 # fp32 inputs (3xTF32 dots: twice the operand registers): only head dims <= FP32_MAX_HEAD_DIM
@@ -195,16 +353,16 @@ FP32_MAX_HEAD_DIM = 64
 
 
 def block_options(block_dh, fp32=False):
-    """(BLOCK_P options, BLOCK_L options) the host may launch on a GPU for a padded head dim and
-    16-bit (fp32=False) or fp32 inputs; within (BLOCK_P + 2 BLOCK_L) * BLOCK_DH <= TILE_BUDGET.
-    (The interpreter always uses 16 x 16 tiles, for speed.)"""
+    """Flash kernels: (BLOCK_P options, BLOCK_L options) the host may launch on a GPU for a padded
+    head dim and 16-bit (fp32=False) or fp32 inputs; within (BLOCK_P + 2 BLOCK_L) * BLOCK_DH <=
+    TILE_BUDGET. (The interpreter always uses 16 x 16 tiles, for speed.)"""
     return (_BLOCKS_FP32 if fp32 else _BLOCKS)[block_dh]
 
 
 def blocks(p, length, dh, fp32=False, *, gpu=not INTERPRET):
-    """(BLOCK_P, BLOCK_L, BLOCK_DH) for P targets, L history items, head dim dh, fp32 (else
-    16-bit) inputs: the GPU's tiles (block_options), or with gpu=False (the default under
-    TRITON_INTERPRET=1) the interpreter's 16 x 16 tiles, which keep it fast."""
+    """Flash kernels: (BLOCK_P, BLOCK_L, BLOCK_DH) for P targets, L history items, head dim dh,
+    fp32 (else 16-bit) inputs: the GPU's tiles (block_options), or with gpu=False (the default
+    under TRITON_INTERPRET=1) the interpreter's 16 x 16 tiles, which keep it fast."""
     if dh > MAX_HEAD_DIM:
         raise ValueError(f"the triton attention core supports head dim <= {MAX_HEAD_DIM} "
                          f"(embed_dim / num_heads), got {dh}")
@@ -215,6 +373,30 @@ def blocks(p, length, dh, fp32=False, *, gpu=not INTERPRET):
     block_dh = max(16, triton.next_power_of_2(dh))
     p_opts, l_opts = block_options(block_dh, fp32) if gpu else ((16,), (16,))
     return _tile(p, p_opts), _tile(length, l_opts), block_dh
+
+
+def short_history(max_keys):
+    """Whether rows of at most max_keys history items take the short kernels."""
+    return max_keys <= SHORT_MAX_KEYS
+
+
+def short_blocks(max_keys, dh):
+    """Short forward / dQ kernels: (BLOCK_T targets per program, BLOCK_L key slots, BLOCK_D head
+    dim chunk) with BLOCK_T * BLOCK_L * BLOCK_D = SHORT_TILE (at most 64 targets)."""
+    block_l = triton.next_power_of_2(max(max_keys, 1))
+    block_d = 16 if dh <= 16 else 32
+    return min(64, SHORT_TILE // (block_l * block_d)), block_l, block_d
+
+
+def short_dkdv_blocks(max_targets, dh):
+    """Short dK/dV kernel: (BLOCK_S keys per program, BLOCK_P targets per step, BLOCK_D). BLOCK_P
+    pads a row's target count least (the larger on a tie); 4 when the count is not known."""
+    if max_targets > 0:
+        block_p = min(SHORT_BLOCK_P, key=lambda b: (-(-max_targets // b) * b, -b))
+    else:
+        block_p = 4
+    block_d = 16 if dh <= 16 else 32
+    return min(64, SHORT_TILE // (block_p * block_d)), block_p, block_d
 
 
 def supports(targets, num_heads, **_):
@@ -228,14 +410,14 @@ def supports(targets, num_heads, **_):
     return dh <= (FP32_MAX_HEAD_DIM if fp32 else MAX_HEAD_DIM)
 
 
-def _mask_arg(mask, b, length, device):
-    """(B, L) uint8, 1 = padding (all 0 without a mask), and its row stride."""
-    m = torch.zeros(b, length, dtype=torch.uint8, device=device) if mask is None else mask.to(torch.uint8).contiguous()
-    return m, m.stride(0)
+def _mask_arg(mask, n, device):
+    """(S,) uint8, 1 = padding (all 0 without a mask)."""
+    return torch.zeros(n, dtype=torch.uint8, device=device) if mask is None else mask.to(torch.uint8).contiguous()
 
 
 def _strides(t):
-    return t.stride(0), t.stride(1), t.stride(2)
+    """(row, head) element strides of a (N, h, dh) view."""
+    return t.stride(0), t.stride(1)
 
 
 def _compute(t):
@@ -248,57 +430,117 @@ def _dot_fp32(dtype):
 
 
 def grid(b, h, tiles):
-    """(b * h, tiles): the many (row, head) pairs on axis 0, whose limit is 2^31 - 1."""
+    """Flash: (b * h, tiles): the many (row, head) pairs on axis 0, whose limit is 2^31 - 1."""
     if tiles > 65535:
         raise ValueError(f"too many target or history tiles per row ({tiles} > 65535)")
     return (b * h, tiles)
 
 
-def attention_forward(q, k, v, key_padding_mask, causal, sm_scale):
-    """q (B, h, P, dh), k/v (B, h, L, dh) -> O (B, P, h*dh) fp32, LSE (B, h, P) fp32."""
+def _check_head_dim(dh):
+    if dh > MAX_HEAD_DIM:
+        raise ValueError(f"the triton attention core supports head dim <= {MAX_HEAD_DIM} "
+                         f"(embed_dim / num_heads), got {dh}")
+
+
+def _max_targets(seg):
+    """The most targets in a row (one host read when the layout did not say)."""
+    if seg.max_targets >= 0:
+        return seg.max_targets
+    counts = seg.target_offsets[1:] - seg.target_offsets[:-1]
+    return int(counts.max()) if counts.numel() else 0
+
+
+def _index(seg):
+    """The segment table's tensors, contiguous int64."""
+    return [x.contiguous().long() for x in (seg.target_rows, seg.key_rows, seg.target_offsets,
+                                            seg.key_offsets, seg.order)]
+
+
+def attention_forward(q, k, v, seg, causal, sm_scale):
+    """q (T, h, dh), k/v (S, h, dh) views over the segments seg -> O (T, h*dh) fp32 and
+    LSE (T, h) fp32. causal: 0 none, 1 strict, 2 inclusive."""
     q, k, v = _compute(q), _compute(k), _compute(v)
-    b, h, p, dh = q.shape
-    length = k.shape[2]
-    block_p, block_l, block_dh = blocks(p, length, dh, q.dtype == torch.float32)
-    o = torch.empty(b, p, h, dh, device=q.device, dtype=torch.float32)
-    o_view = o.transpose(1, 2)  # (B, h, P, dh) view of the (B, P, h, dh) buffer
-    lse = torch.empty(b, h, p, device=q.device, dtype=torch.float32)
-    mask, stride_mb = _mask_arg(key_padding_mask, b, length, q.device)
-    if p > 0 and b * h > 0:
-        with device_guard(q):
-            _attn_fwd_kernel[grid(b, h, triton.cdiv(p, block_p))](
-                q, k, v, mask, o_view, lse, h, p, length, dh, float(sm_scale), int(causal),
-                *_strides(q), *_strides(k), *_strides(v), stride_mb, *_strides(o_view),
-                DOT_FP32=_dot_fp32(q.dtype), BLOCK_P=block_p, BLOCK_L=block_l, BLOCK_DH=block_dh,
-                num_warps=num_warps(block_p, block_l), num_stages=NUM_STAGES)
-    return o.reshape(b, p, h * dh), lse
+    n_t, h, dh = q.shape
+    _check_head_dim(dh)
+    trow, _, toff, koff, order = _index(seg)
+    o = torch.empty(n_t, h, dh, device=q.device, dtype=torch.float32)
+    lse = torch.empty(n_t, h, device=q.device, dtype=torch.float32)
+    mask = _mask_arg(seg.key_padding_mask, k.shape[0], q.device)
+    if n_t == 0 or h == 0:
+        return o.view(n_t, h * dh), lse
+    common = (h, dh, float(sm_scale), int(causal), *_strides(q), *_strides(k), *_strides(v), *_strides(o))
+    with device_guard(q):
+        if short_history(seg.max_keys):
+            bt, bl, bd = short_blocks(seg.max_keys, dh)
+            _short_fwd_kernel[(triton.cdiv(n_t, bt), h)](
+                q, k, v, mask, trow, koff, toff, o, lse, n_t, *common,
+                BLOCK_T=bt, BLOCK_L=bl, BLOCK_D=bd, num_warps=SHORT_WARPS, num_stages=NUM_STAGES)
+        else:
+            bp, bl, bdh = blocks(_max_targets(seg), seg.max_keys, dh, q.dtype == torch.float32)
+            n_rows = toff.numel() - 1
+            _flash_fwd_kernel[grid(n_rows, h, triton.cdiv(_max_targets(seg), bp))](
+                q, k, v, mask, toff, koff, order, o, lse, *common,
+                DOT_FP32=_dot_fp32(q.dtype), BLOCK_P=bp, BLOCK_L=bl, BLOCK_DH=bdh,
+                num_warps=num_warps(bp, bl), num_stages=NUM_STAGES)
+    return o.view(n_t, h * dh), lse
 
 
-def attention_backward(grad_o, q, k, v, o, lse, key_padding_mask, causal, sm_scale):
-    """(dq, dk, dv), each contiguous (B, h, T, dh) in the dtype of q/k/v."""
+def attention_backward(grad_o, q, k, v, o, lse, seg, causal, sm_scale):
+    """(dq, dk, dv), contiguous (T, h, dh) / (S, h, dh) in the dtypes of q / k / v."""
     dtypes = (q.dtype, k.dtype, v.dtype)
     q, k, v = _compute(q), _compute(k), _compute(v)
-    b, h, p, dh = q.shape
-    length = k.shape[2]
-    block_p, block_l, block_dh = blocks(p, length, dh, q.dtype == torch.float32)
-    do = grad_o.to(q.dtype).reshape(b, p, h, dh).transpose(1, 2)
-    delta = (do.float() * o.float().reshape(b, p, h, dh).transpose(1, 2)).sum(-1).contiguous()
+    n_t, h, dh = q.shape
+    n_s = k.shape[0]
+    _check_head_dim(dh)
+    trow, krow, toff, koff, order = _index(seg)
+    do = grad_o.to(q.dtype).reshape(n_t, h, dh)
+    delta = (do.float() * o.float().reshape(n_t, h, dh)).sum(-1).contiguous()  # (T, h)
     lse_safe = torch.where(torch.isinf(lse), torch.full_like(lse, float("inf")), lse).contiguous()
-    dq = torch.zeros(b, h, p, dh, device=q.device, dtype=torch.float32)
-    dk = torch.zeros(b, h, length, dh, device=q.device, dtype=torch.float32)
+    dq = torch.zeros(n_t, h, dh, device=q.device, dtype=torch.float32)
+    dk = torch.zeros(n_s, h, dh, device=q.device, dtype=torch.float32)
     dv = torch.zeros_like(dk)
-    mask, stride_mb = _mask_arg(key_padding_mask, b, length, q.device)
-    common = dict(DOT_FP32=_dot_fp32(q.dtype), BLOCK_P=block_p, BLOCK_L=block_l, BLOCK_DH=block_dh,
-                  num_warps=num_warps(block_p, block_l), num_stages=NUM_STAGES)
-    args = (h, p, length, dh, float(sm_scale), int(causal),
-            *_strides(q), *_strides(k), *_strides(v), stride_mb, *_strides(do))
-    if p > 0 and length > 0 and b * h > 0:
+    mask = _mask_arg(seg.key_padding_mask, n_s, q.device)
+    if n_t and n_s and h:
         with device_guard(q):
-            _attn_bwd_dkdv_kernel[grid(b, h, triton.cdiv(length, block_l))](
-                q, k, v, mask, do, lse_safe, delta, dk, dv, *args, **common)
-            _attn_bwd_dq_kernel[grid(b, h, triton.cdiv(p, block_p))](
-                q, k, v, mask, do, lse_safe, delta, dq, *args, **common)
+            if short_history(seg.max_keys):
+                _short_backward(q, k, v, do, mask, lse_safe, delta, trow, krow, toff, koff, order,
+                                dq, dk, dv, seg, causal, sm_scale)
+            else:
+                _flash_backward(q, k, v, do, mask, lse_safe, delta, toff, koff, order, dq, dk, dv,
+                                seg, causal, sm_scale)
     return dq.to(dtypes[0]), dk.to(dtypes[1]), dv.to(dtypes[2])
+
+
+def _short_backward(q, k, v, do, mask, lse, delta, trow, krow, toff, koff, order, dq, dk, dv, seg,
+                    causal, sm_scale):
+    n_t, h, dh = q.shape
+    bt, bl, bd = short_blocks(seg.max_keys, dh)
+    probs = torch.empty(n_t, h, bl, device=q.device, dtype=torch.float32)
+    dscores = torch.empty_like(probs)
+    _short_bwd_dq_kernel[(triton.cdiv(n_t, bt), h)](
+        q, k, v, mask, do, lse, delta, trow, koff, toff, dq, probs, dscores, n_t, h, dh,
+        float(sm_scale), int(causal), *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+        BLOCK_T=bt, BLOCK_L=bl, BLOCK_D=bd, num_warps=SHORT_WARPS, num_stages=NUM_STAGES)
+    n_s = k.shape[0]
+    bs, bp, bd = short_dkdv_blocks(seg.max_targets, dh)
+    _short_bwd_dkdv_kernel[(triton.cdiv(n_s, bs), h)](
+        q, do, probs, dscores, krow, koff, toff, order, dk, dv, n_s, h, dh, bl, float(sm_scale),
+        *_strides(q), *_strides(do), BLOCK_S=bs, BLOCK_P=bp, BLOCK_D=bd,
+        num_warps=SHORT_WARPS, num_stages=NUM_STAGES)
+
+
+def _flash_backward(q, k, v, do, mask, lse, delta, toff, koff, order, dq, dk, dv, seg, causal, sm_scale):
+    n_t, h, dh = q.shape
+    most = _max_targets(seg)
+    bp, bl, bdh = blocks(most, seg.max_keys, dh, q.dtype == torch.float32)
+    n_rows = toff.numel() - 1
+    common = dict(DOT_FP32=_dot_fp32(q.dtype), BLOCK_P=bp, BLOCK_L=bl, BLOCK_DH=bdh,
+                  num_warps=num_warps(bp, bl), num_stages=NUM_STAGES)
+    args = (h, dh, float(sm_scale), int(causal), *_strides(q), *_strides(k), *_strides(v), *_strides(do))
+    _flash_bwd_dkdv_kernel[grid(n_rows, h, triton.cdiv(seg.max_keys, bl))](
+        q, k, v, mask, do, lse, delta, toff, koff, order, dk, dv, *args, **common)
+    _flash_bwd_dq_kernel[grid(n_rows, h, triton.cdiv(most, bp))](
+        q, k, v, mask, do, lse, delta, toff, koff, order, dq, *args, **common)
 
 
 def default_scale(dh):

@@ -20,7 +20,8 @@ from courier_fast.kernels import contrastive_lse as lse_kernels  # noqa: E402
 from courier_fast.kernels import reconstruction_attention as attn_kernels  # noqa: E402
 
 CUDA_GRID_YZ = 65535  # gridDim.y / gridDim.z limit (gridDim.x: 2^31 - 1)
-ATTN_KERNELS = ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
+ATTN_KERNELS = ("_short_fwd_kernel", "_short_bwd_dq_kernel", "_short_bwd_dkdv_kernel",
+                "_flash_fwd_kernel", "_flash_bwd_dkdv_kernel", "_flash_bwd_dq_kernel")
 
 
 class _Recorder:
@@ -61,30 +62,46 @@ def recorded(monkeypatch):
 
 
 def _attn_inputs(b, h, p, length, dh, dtype=torch.float32):
-    q = torch.zeros(b, h, p, dh, dtype=dtype)
-    k, v = torch.zeros(b, h, length, dh, dtype=dtype), torch.zeros(b, h, length, dh, dtype=dtype)
-    return q, k, v
+    """Flat q (B*P, h, dh), k/v (B*L, h, dh) and the padded layout's segment table."""
+    from courier_fast import attention_layout
+
+    q = torch.zeros(b * p, h, dh, dtype=dtype)
+    k, v = torch.zeros(b * length, h, dh, dtype=dtype), torch.zeros(b * length, h, dh, dtype=dtype)
+    seg = attention_layout.segments(torch.zeros(b, p, 1), torch.zeros(b, length, 1))
+    return q, k, v, seg
 
 
 def test_attention_grid_keeps_batch_times_heads_off_the_limited_axes(recorded):
-    """B*h = 70000 programs: they must sit on grid axis 0 (axis 1 and 2 stop at 65535)."""
-    q, k, v = _attn_inputs(17500, 4, 1, 3, 16)
-    out, lse = attn_kernels.attention_forward(q, k, v, None, False, 0.25)
-    attn_kernels.attention_backward(torch.zeros_like(out), q, k, v, out, lse, None, False, 0.25)
+    """B*h = 70000 (row, head) pairs: the many programs must sit on grid axis 0 (axes 1 and 2
+    stop at 65535): long histories (flash kernels) a program per (row, head) there, short ones
+    (packed kernels) programs over target / key blocks there and the heads on axis 1."""
+    q, k, v, seg = _attn_inputs(17500, 4, 1, 17, 16)
+    out, lse = attn_kernels.attention_forward(q, k, v, seg, 0, 0.25)
+    attn_kernels.attention_backward(torch.zeros_like(out), q, k, v, out, lse, seg, 0, 0.25)
     assert len(recorded) == 3
     for grid, _ in recorded:
         assert all(n <= CUDA_GRID_YZ for n in grid[1:]), grid
-        assert grid[0] * (grid[1] if len(grid) > 1 else 1) >= 70000
+        assert grid[0] >= 70000
+    recorded.clear()
+    q, k, v, seg = _attn_inputs(17500, 4, 1, 3, 16)
+    out, lse = attn_kernels.attention_forward(q, k, v, seg, 0, 0.25)
+    attn_kernels.attention_backward(torch.zeros_like(out), q, k, v, out, lse, seg, 0, 0.25)
+    assert len(recorded) == 3
+    per_program = [attn_kernels.short_blocks(3, 16)[0]] * 2 + [attn_kernels.short_dkdv_blocks(1, 16)[0]]
+    for (grid, _), block, rows in zip(recorded, per_program, (17500, 17500, 3 * 17500)):
+        assert all(n <= CUDA_GRID_YZ for n in grid[1:]), grid
+        assert grid[0] * block >= rows and grid[1] == 4
 
 
 def test_every_triton_launch_is_inside_the_device_guard(recorded):
-    q, k, v = _attn_inputs(2, 2, 3, 5, 8)
-    out, lse = attn_kernels.attention_forward(q, k, v, None, True, 0.25)
-    attn_kernels.attention_backward(torch.zeros_like(out), q, k, v, out, lse, None, True, 0.25)
+    for length in (5, 20):  # short and flash kernels
+        q, k, v, seg = _attn_inputs(2, 2, length, length, 8)
+        out, lse = attn_kernels.attention_forward(q, k, v, seg, 1, 0.25)
+        attn_kernels.attention_backward(torch.zeros_like(out), q, k, v, out, lse, seg, 1, 0.25)
     x, y = torch.randn(5, 8), torch.randn(6, 8)
     row, col = lse_kernels.lse_forward(x, y, None, None, 2.0, True, True)
     lse_kernels.lse_backward(torch.ones(5), torch.ones(6), x, y, None, None, row, col, 2.0, True, True)
-    assert len(recorded) == 3 + 2 + 2
+    assert len(recorded) == 2 * 3 + 2 + 2
     assert all(inside for _, inside in recorded)
 
 
@@ -108,9 +125,9 @@ def test_attention_gpu_tiles_are_capped_and_from_the_compiled_table(dh, fp32):
 
 
 def test_attention_rejects_head_dims_above_the_tile_limit():
-    q, k, v = _attn_inputs(1, 1, 2, 2, attn_kernels.MAX_HEAD_DIM + 8)
+    q, k, v, seg = _attn_inputs(1, 1, 2, 2, attn_kernels.MAX_HEAD_DIM + 8)
     with pytest.raises(ValueError, match="head dim"):
-        attn_kernels.attention_forward(q, k, v, None, False, 0.1)
+        attn_kernels.attention_forward(q, k, v, seg, 0, 0.1)
     impl = dispatch.implementations("reconstruction_attention")["triton"]
     assert not impl.supports(torch.zeros(1, 2, 2 * (attn_kernels.MAX_HEAD_DIM + 8)), num_heads=2)
 
@@ -161,31 +178,38 @@ def test_model_default_head_dims(gen, d, h, causal, dtype):
 _BIG_STRIDE = textwrap.dedent("""
     import os, sys, torch
     os.environ["TRITON_INTERPRET"] = "1"
+    from courier_fast import attention_layout
     from courier_fast.kernels import reconstruction_attention as attn
-    b, length, dh = 3, 4, 16
-    stride_b = 2**30 + 64  # fits int32, but (b - 1) * stride_b does not
-    big = torch.empty((b - 1) * stride_b + length * dh, dtype=torch.float16)  # virtual, untouched
-    views = [big.as_strided((b, 1, length, dh), (stride_b, length * dh, dh, 1), o) for o in (0, 0)]
+    dh, far = 16, 2**30 + 64  # fits int32, but 2 * far does not
+    big = torch.empty(2 * far + 20 * dh, dtype=torch.float16)  # virtual, untouched but for the rows used
     g = torch.Generator().manual_seed(0)
-    for row in range(b):
-        big[row * stride_b: row * stride_b + length * dh] = torch.randn(length * dh, generator=g).half()
-    k = v = views[0]
-    q = torch.randn(b, 1, 2, dh, generator=g).half()
-    out, lse = attn.attention_forward(q, k, v, None, False, 0.25)
-    kc = k.contiguous().float()
-    s = (q.float() @ kc.transpose(-1, -2)) * 0.25
-    want = (torch.softmax(s, -1) @ kc).transpose(1, 2).reshape(b, 2, dh)
-    err = (out.float() - want).abs().max().item()
-    dq, dk, dv = attn.attention_backward(torch.ones_like(out), q, k, v, out, lse, None, False, 0.25)
-    ok = err < 1e-2 and all(bool(torch.isfinite(t.float()).all()) for t in (dq, dk, dv))
-    print("max error", err)
-    sys.exit(0 if ok else 1)
+
+    def check(k, b, length, heads):
+        # k: a (S, h, dh) view whose rows (short kernels) or heads (flash kernels) lie 2^30 apart
+        for row in range(k.shape[0]):
+            for hd in range(heads):
+                k[row, hd] = torch.randn(dh, generator=g).half()
+        q = torch.randn(b * 2, heads, dh, generator=g).half()
+        seg = attention_layout.segments(torch.zeros(b, 2, 1), torch.zeros(b, length, 1))
+        out, lse = attn.attention_forward(q, k, k, seg, 0, 0.25)
+        kc = k.float().reshape(b, length, heads, dh).transpose(1, 2)
+        s = (q.float().reshape(b, 2, heads, dh).transpose(1, 2) @ kc.transpose(-1, -2)) * 0.25
+        want = (torch.softmax(s, -1) @ kc).transpose(1, 2).reshape(b * 2, heads * dh)
+        err = (out.float() - want).abs().max().item()
+        dq, dk, dv = attn.attention_backward(torch.ones_like(out), q, k, k, out, lse, seg, 0, 0.25)
+        print("max error", err)
+        return err < 1e-2 and all(bool(torch.isfinite(t.float()).all()) for t in (dq, dk, dv))
+
+    short = big.as_strided((3, 1, dh), (far, dh, 1))  # 3 rows of 1 key: row offsets up to 2 * far
+    flash = big.as_strided((20, 3, dh), (dh, far, 1))  # 1 row of 20 keys: head offsets up to 2 * far
+    sys.exit(0 if check(short, 3, 1, 1) and check(flash, 1, 20, 3) else 1)
 """)
 
 
 def test_attention_offsets_are_int64_beyond_2_to_31_elements():
-    """History rows 2^30 elements apart (a (B, L, 2d) K/V buffer past 2^31 elements): int32
-    offsets wrap around and read the wrong memory (or crash, hence the subprocess)."""
+    """History rows (short kernels) or heads (flash kernels) 2^30 elements apart (a K/V buffer
+    past 2^31 elements): int32 offsets wrap around and read the wrong memory (or crash, hence
+    the subprocess)."""
     run = subprocess.run([sys.executable, "-c", _BIG_STRIDE], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr[-2000:]
 

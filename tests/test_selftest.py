@@ -319,22 +319,24 @@ def test_problems_reach_every_triton_loss_path_a_gpu_launches():
 def test_problems_reach_every_triton_attention_path_a_gpu_launches():
     pytest.importorskip("triton")
     from courier_fast.kernels import reconstruction_attention as attn
-    from courier_fast.selftest_problems import ATTENTION, attention_paths
+    from courier_fast.selftest_problems import ATTENTION, ATTENTION_CAUSAL, ATTENTION_LAYOUTS, attention_paths
 
     covered = set()
     for _, spec in ATTENTION:
         dh = spec["d"] // spec["h"]
         if spec["dtype"] == "float32" and dh > attn.FP32_MAX_HEAD_DIM:
             continue
-        covered |= attention_paths(spec["p"], spec["length"], dh, spec["dtype"], spec.get("causal", False))
+        covered |= attention_paths(spec["p"], spec["length"], dh, spec["dtype"], spec.get("causal", False),
+                                   spec.get("layout", "padded"))
     reachable = set()
     for dtype in ("float32", "bfloat16", "float16"):
         for dh in (8, 16, 32, 64, 128, 256):
             if dtype == "float32" and dh > attn.FP32_MAX_HEAD_DIM:
                 continue
             for p, length in ((1, 1), (300, 300)):
-                for causal in (False, True):
-                    reachable |= attention_paths(p, length, dh, dtype, causal)
+                for causal in ATTENTION_CAUSAL:
+                    for layout in ATTENTION_LAYOUTS:
+                        reachable |= attention_paths(p, length, dh, dtype, causal, layout)
     assert reachable - covered == set()
 
 

@@ -1,8 +1,12 @@
 // CUDA backend of courier_fast::attention_core: the reconstruction-attention core after the
-// Q/K/V projections. One warp per (row b, head, target) in the forward and the dQ pass, one
-// warp per (row b, head, history item) in the dK/dV pass: no atomics, K/V read in place (never
-// copied per target), online softmax over the history, so any L works without an L x P buffer.
-// Head dim up to 256 (8 values per lane); fp32 accumulation (fp64 for fp64 inputs).
+// Q/K/V projections, over segments (every input layout: padded, history_index, jagged; see
+// courier_fast/attention_layout.py). One warp per (target, head) in the forward and the dQ pass,
+// each target walking only its own row's keys; one warp per (history item, head) in the dK/dV
+// pass, walking the targets of its row: no atomics, K/V read in place (never copied per
+// target), online softmax over the history, so any L works without an L x P buffer. Every
+// product is an FMA on exactly the (target, key) pairs that exist (no tile padding: short
+// histories waste nothing); head dim up to 256 (1, 2, 4 or 8 values per lane, the smallest that
+// fits); fp32 accumulation (fp64 for fp64 inputs).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -17,8 +21,7 @@ namespace courier_fast {
 namespace {
 
 constexpr int kWarp = 32;
-constexpr int kMaxPerLane = 8;  // head dim <= 256
-constexpr int kThreads = 128;   // 4 warps per block
+constexpr int kThreads = 128;  // 4 warps per block
 
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
@@ -26,136 +29,163 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;
 }
 
-struct Strides {  // (batch, head, row) element strides of a (B, h, T, dh) view; dh contiguous
-  int64_t b, h, t;
+struct Strides {  // (row, head) element strides of a (N, h, dh) view; dh contiguous
+  int64_t t, h;
 };
 
-template <typename scalar_t, typename acc_t>
+// The segment table (courier_fast/attention_layout.py), int64: target t attends the keys
+// [key_offsets[r], key_offsets[r+1]) of its row r = target_rows[t]; order[target_offsets[r] ..
+// target_offsets[r+1]) are row r's targets; pad (S,) True = padding or null.
+struct Segments {
+  const int64_t* target_rows;
+  const int64_t* key_rows;
+  const int64_t* target_offsets;
+  const int64_t* key_offsets;
+  const int64_t* order;
+  const bool* pad;
+};
+
+// kPerLane values per lane: head dims up to 32 * kPerLane (the host picks the smallest).
+template <int kPerLane, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void load_lane(const scalar_t* row, int lane, int dh, acc_t* out, acc_t scale) {
 #pragma unroll
-  for (int e = 0; e < kMaxPerLane; ++e) {
+  for (int e = 0; e < kPerLane; ++e) {
     const int j = lane + kWarp * e;
     out[e] = j < dh ? static_cast<acc_t>(row[j]) * scale : acc_t(0);
   }
 }
 
-template <typename scalar_t, typename acc_t>
+template <int kPerLane, typename scalar_t, typename acc_t>
 __device__ __forceinline__ acc_t lane_dot(const acc_t* a, const scalar_t* row, int lane, int dh) {
   acc_t part = 0;
 #pragma unroll
-  for (int e = 0; e < kMaxPerLane; ++e) {
+  for (int e = 0; e < kPerLane; ++e) {
     const int j = lane + kWarp * e;
     if (j < dh) part += a[e] * static_cast<acc_t>(row[j]);
   }
   return warp_sum(part);
 }
 
-template <typename scalar_t, typename acc_t>
+// Keys a target at position pos of its row attends: [0, end) of the row's count keys.
+// causal 0: all; 1 strict: s < pos; 2 inclusive: s <= pos.
+__device__ __forceinline__ int64_t causal_end(int64_t pos, int64_t count, int64_t causal) {
+  if (!causal) return count;
+  const int64_t end = pos + causal / 2;
+  return end < count ? end : count;
+}
+
+// One warp per (target, head) w = t * H + h: online softmax over the target's keys.
+template <int kPerLane, typename scalar_t, typename acc_t>
 __global__ void attn_fwd_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
-                                const scalar_t* __restrict__ v, const bool* __restrict__ pad,
-                                acc_t* __restrict__ out, acc_t* __restrict__ lse, int64_t B, int64_t H,
-                                int64_t P, int64_t L, int dh, acc_t sm_scale, int64_t causal, Strides sq,
-                                Strides sk, Strides sv, Strides so) {
+                                const scalar_t* __restrict__ v, Segments seg, acc_t* __restrict__ out,
+                                acc_t* __restrict__ lse, int64_t T, int64_t H, int dh, acc_t sm_scale,
+                                int64_t causal, Strides sq, Strides sk, Strides sv) {
   const int64_t warp = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / kWarp;
   const int lane = threadIdx.x % kWarp;
-  if (warp >= B * H * P) return;
-  const int64_t p = warp % P, bh = warp / P, h = bh % H, b = bh / H;
-  acc_t qr[kMaxPerLane], acc[kMaxPerLane];
-  load_lane(q + b * sq.b + h * sq.h + p * sq.t, lane, dh, qr, sm_scale);
+  if (warp >= T * H) return;
+  const int64_t t = warp / H, h = warp % H, row = seg.target_rows[t];
+  const int64_t k0 = seg.key_offsets[row], count = seg.key_offsets[row + 1] - k0;
+  acc_t qr[kPerLane], acc[kPerLane];
+  load_lane<kPerLane>(q + t * sq.t + h * sq.h, lane, dh, qr, sm_scale);
 #pragma unroll
-  for (int e = 0; e < kMaxPerLane; ++e) acc[e] = 0;
+  for (int e = 0; e < kPerLane; ++e) acc[e] = 0;
   acc_t m = -INFINITY, l = 0;
-  const int64_t end = causal ? (p + causal / 2 < L ? p + causal / 2 : L) : L;  // strict: s < p; inclusive: s <= p
-  for (int64_t s = 0; s < end; ++s) {
-    if (pad && pad[b * L + s]) continue;
-    const acc_t score = lane_dot(qr, k + b * sk.b + h * sk.h + s * sk.t, lane, dh);
+  const int64_t end = causal_end(t - seg.target_offsets[row], count, causal);
+  for (int64_t s = k0; s < k0 + end; ++s) {
+    if (seg.pad && seg.pad[s]) continue;
+    const acc_t score = lane_dot<kPerLane>(qr, k + s * sk.t + h * sk.h, lane, dh);
     const acc_t m_new = score > m ? score : m;
     const acc_t alpha = exp(m - m_new);  // m = -inf on the first valid item: alpha = 0
     const acc_t w = exp(score - m_new);
     l = l * alpha + w;
-    const scalar_t* vs = v + b * sv.b + h * sv.h + s * sv.t;
+    const scalar_t* vs = v + s * sv.t + h * sv.h;
 #pragma unroll
-    for (int e = 0; e < kMaxPerLane; ++e) {
+    for (int e = 0; e < kPerLane; ++e) {
       const int j = lane + kWarp * e;
       acc[e] = acc[e] * alpha + (j < dh ? w * static_cast<acc_t>(vs[j]) : acc_t(0));
     }
     m = m_new;
   }
-  acc_t* op = out + b * so.b + h * so.h + p * so.t;
+  acc_t* op = out + warp * dh;
 #pragma unroll
-  for (int e = 0; e < kMaxPerLane; ++e) {
+  for (int e = 0; e < kPerLane; ++e) {
     const int j = lane + kWarp * e;
     if (j < dh) op[j] = l > 0 ? acc[e] / l : acc_t(0);
   }
   if (lane == 0) lse[warp] = l > 0 ? m + log(l) : acc_t(-INFINITY);
 }
 
-// dQ[p] = sm_scale * sum_s P[p,s] (dP[p,s] - delta[p]) K[s],  dP[p,s] = <dO[p], V[s]>.
-template <typename scalar_t, typename acc_t>
+// dQ[t] = sm_scale * sum_s P[t,s] (dP[t,s] - delta[t]) K[s],  dP[t,s] = <dO[t], V[s]>; a warp per (t, h).
+template <int kPerLane, typename scalar_t, typename acc_t>
 __global__ void attn_bwd_dq_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
-                                   const scalar_t* __restrict__ v, const bool* __restrict__ pad,
+                                   const scalar_t* __restrict__ v, Segments seg,
                                    const scalar_t* __restrict__ dout, const acc_t* __restrict__ lse,
-                                   const acc_t* __restrict__ delta, acc_t* __restrict__ dq, int64_t B,
-                                   int64_t H, int64_t P, int64_t L, int dh, acc_t sm_scale, int64_t causal,
-                                   Strides sq, Strides sk, Strides sv, Strides so) {
+                                   const acc_t* __restrict__ delta, acc_t* __restrict__ dq, int64_t T,
+                                   int64_t H, int dh, acc_t sm_scale, int64_t causal, Strides sq,
+                                   Strides sk, Strides sv, Strides so) {
   const int64_t warp = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / kWarp;
   const int lane = threadIdx.x % kWarp;
-  if (warp >= B * H * P) return;
-  const int64_t p = warp % P, bh = warp / P, h = bh % H, b = bh / H;
-  acc_t qr[kMaxPerLane], dor[kMaxPerLane], acc[kMaxPerLane];
-  load_lane(q + b * sq.b + h * sq.h + p * sq.t, lane, dh, qr, sm_scale);
-  load_lane(dout + b * so.b + h * so.h + p * so.t, lane, dh, dor, acc_t(1));
+  if (warp >= T * H) return;
+  const int64_t t = warp / H, h = warp % H, row = seg.target_rows[t];
+  const int64_t k0 = seg.key_offsets[row], count = seg.key_offsets[row + 1] - k0;
+  acc_t qr[kPerLane], dor[kPerLane], acc[kPerLane];
+  load_lane<kPerLane>(q + t * sq.t + h * sq.h, lane, dh, qr, sm_scale);
+  load_lane<kPerLane>(dout + t * so.t + h * so.h, lane, dh, dor, acc_t(1));
 #pragma unroll
-  for (int e = 0; e < kMaxPerLane; ++e) acc[e] = 0;
+  for (int e = 0; e < kPerLane; ++e) acc[e] = 0;
   const acc_t row_lse = lse[warp], row_delta = delta[warp];
-  const int64_t end = row_lse == -INFINITY ? 0 : (causal ? (p + causal / 2 < L ? p + causal / 2 : L) : L);
-  for (int64_t s = 0; s < end; ++s) {
-    if (pad && pad[b * L + s]) continue;
-    const scalar_t* ks = k + b * sk.b + h * sk.h + s * sk.t;
-    const acc_t prob = exp(lane_dot(qr, ks, lane, dh) - row_lse);
-    const acc_t ds = prob * (lane_dot(dor, v + b * sv.b + h * sv.h + s * sv.t, lane, dh) - row_delta);
+  const int64_t end = row_lse == -INFINITY ? 0 : causal_end(t - seg.target_offsets[row], count, causal);
+  for (int64_t s = k0; s < k0 + end; ++s) {
+    if (seg.pad && seg.pad[s]) continue;
+    const scalar_t* ks = k + s * sk.t + h * sk.h;
+    const acc_t prob = exp(lane_dot<kPerLane>(qr, ks, lane, dh) - row_lse);
+    const acc_t ds = prob * (lane_dot<kPerLane>(dor, v + s * sv.t + h * sv.h, lane, dh) - row_delta);
 #pragma unroll
-    for (int e = 0; e < kMaxPerLane; ++e) {
+    for (int e = 0; e < kPerLane; ++e) {
       const int j = lane + kWarp * e;
       if (j < dh) acc[e] += ds * static_cast<acc_t>(ks[j]);
     }
   }
-  acc_t* out = dq + warp * dh;
+  acc_t* o = dq + warp * dh;
 #pragma unroll
-  for (int e = 0; e < kMaxPerLane; ++e) {
+  for (int e = 0; e < kPerLane; ++e) {
     const int j = lane + kWarp * e;
-    if (j < dh) out[j] = acc[e] * sm_scale;
+    if (j < dh) o[j] = acc[e] * sm_scale;
   }
 }
 
-// dV[s] = sum_p P[p,s] dO[p],  dK[s] = sm_scale * sum_p P[p,s] (dP[p,s] - delta[p]) Q[p].
-template <typename scalar_t, typename acc_t>
+// dV[s] = sum_t P[t,s] dO[t],  dK[s] = sm_scale * sum_t P[t,s] (dP[t,s] - delta[t]) Q[t] over the
+// targets of key s's row (through order); a warp per (key s, head h) w = s * H + h, no atomics.
+template <int kPerLane, typename scalar_t, typename acc_t>
 __global__ void attn_bwd_dkdv_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
-                                     const scalar_t* __restrict__ v, const bool* __restrict__ pad,
+                                     const scalar_t* __restrict__ v, Segments seg,
                                      const scalar_t* __restrict__ dout, const acc_t* __restrict__ lse,
                                      const acc_t* __restrict__ delta, acc_t* __restrict__ dk,
-                                     acc_t* __restrict__ dv, int64_t B, int64_t H, int64_t P, int64_t L,
-                                     int dh, acc_t sm_scale, int64_t causal, Strides sq, Strides sk,
-                                     Strides sv, Strides so) {
+                                     acc_t* __restrict__ dv, int64_t S, int64_t H, int dh, acc_t sm_scale,
+                                     int64_t causal, Strides sq, Strides sk, Strides sv, Strides so) {
   const int64_t warp = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / kWarp;
   const int lane = threadIdx.x % kWarp;
-  if (warp >= B * H * L) return;
-  const int64_t s = warp % L, bh = warp / L, h = bh % H, b = bh / H;
-  acc_t kr[kMaxPerLane], vr[kMaxPerLane], gk[kMaxPerLane], gv[kMaxPerLane];
-  load_lane(k + b * sk.b + h * sk.h + s * sk.t, lane, dh, kr, sm_scale);
-  load_lane(v + b * sv.b + h * sv.h + s * sv.t, lane, dh, vr, acc_t(1));
+  if (warp >= S * H) return;
+  const int64_t s = warp / H, h = warp % H, row = seg.key_rows[s];
+  const int64_t slot = s - seg.key_offsets[row];
+  const int64_t t0 = seg.target_offsets[row], count = seg.target_offsets[row + 1] - t0;
+  acc_t kr[kPerLane], vr[kPerLane], gk[kPerLane], gv[kPerLane];
+  load_lane<kPerLane>(k + s * sk.t + h * sk.h, lane, dh, kr, sm_scale);
+  load_lane<kPerLane>(v + s * sv.t + h * sv.h, lane, dh, vr, acc_t(1));
 #pragma unroll
-  for (int e = 0; e < kMaxPerLane; ++e) gk[e] = gv[e] = 0;
-  const bool masked = pad && pad[b * L + s];
-  for (int64_t p = causal ? s + 1 - causal / 2 : 0; !masked && p < P; ++p) {  // strict: p > s; inclusive: p >= s
-    const acc_t row_lse = lse[bh * P + p];
+  for (int e = 0; e < kPerLane; ++e) gk[e] = gv[e] = 0;
+  const bool masked = seg.pad && seg.pad[s];
+  // causal: the targets at positions p > slot (strict) or p >= slot (inclusive) see this key
+  for (int64_t p = causal ? slot + 1 - causal / 2 : 0; !masked && p < count; ++p) {
+    const int64_t t = seg.order[t0 + p];
+    const acc_t row_lse = lse[t * H + h];
     if (row_lse == -INFINITY) continue;
-    const scalar_t* qp = q + b * sq.b + h * sq.h + p * sq.t;
-    const scalar_t* dop = dout + b * so.b + h * so.h + p * so.t;
-    const acc_t prob = exp(lane_dot(kr, qp, lane, dh) - row_lse);
-    const acc_t ds = prob * (lane_dot(vr, dop, lane, dh) - delta[bh * P + p]);
+    const scalar_t* qp = q + t * sq.t + h * sq.h;
+    const scalar_t* dop = dout + t * so.t + h * so.h;
+    const acc_t prob = exp(lane_dot<kPerLane>(kr, qp, lane, dh) - row_lse);
+    const acc_t ds = prob * (lane_dot<kPerLane>(vr, dop, lane, dh) - delta[t * H + h]);
 #pragma unroll
-    for (int e = 0; e < kMaxPerLane; ++e) {
+    for (int e = 0; e < kPerLane; ++e) {
       const int j = lane + kWarp * e;
       if (j < dh) {
         gv[e] += prob * static_cast<acc_t>(dop[j]);
@@ -164,7 +194,7 @@ __global__ void attn_bwd_dkdv_kernel(const scalar_t* __restrict__ q, const scala
     }
   }
 #pragma unroll
-  for (int e = 0; e < kMaxPerLane; ++e) {
+  for (int e = 0; e < kPerLane; ++e) {
     const int j = lane + kWarp * e;
     if (j < dh) {
       dk[warp * dh + j] = gk[e] * sm_scale;
@@ -173,46 +203,78 @@ __global__ void attn_bwd_dkdv_kernel(const scalar_t* __restrict__ q, const scala
   }
 }
 
-Strides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
+Strides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1)}; }
 
-void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention_core: q, k, v must be (B, h, T, dh)");
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  std::initializer_list<at::Tensor> index) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "attention_core: q, k, v must be (N, h, dh)");
   TORCH_CHECK(q.is_cuda() && k.is_cuda() && v.is_cuda(), "attention_core: CUDA tensors expected");
   TORCH_CHECK(k.sizes() == v.sizes(), "attention_core: k and v shapes differ");
-  TORCH_CHECK(q.size(0) == k.size(0) && q.size(1) == k.size(1) && q.size(3) == k.size(3),
-              "attention_core: q and k disagree in batch, heads or head dim");
-  TORCH_CHECK(q.size(3) <= kWarp * kMaxPerLane, "attention_core: head dim > 256 is not supported");
-  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "attention_core: head dim must be contiguous");
+  TORCH_CHECK(q.size(1) == k.size(1) && q.size(2) == k.size(2), "attention_core: q and k disagree in heads or head dim");
+  TORCH_CHECK(q.size(2) <= kWarp * 8, "attention_core: head dim > 256 is not supported");
+  TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1, "attention_core: head dim must be contiguous");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "attention_core: dtypes differ");
+  for (const auto& t : index)
+    TORCH_CHECK(t.device() == q.device() && t.dim() == 1, "attention_core: segment tensors must be 1-D on q's device");
+}
+
+// int64 contiguous copies of the segment tensors (kept alive by the caller) and their pointers.
+struct SegmentTensors {
+  at::Tensor target_rows, key_rows, target_offsets, key_offsets, order, pad;
+  Segments view() const {
+    return {target_rows.data_ptr<int64_t>(), key_rows.data_ptr<int64_t>(), target_offsets.data_ptr<int64_t>(),
+            key_offsets.data_ptr<int64_t>(), order.data_ptr<int64_t>(),
+            pad.defined() ? pad.data_ptr<bool>() : nullptr};
+  }
+};
+
+SegmentTensors segment_tensors(const at::Tensor& target_rows, const at::Tensor& key_rows,
+                               const at::Tensor& target_offsets, const at::Tensor& key_offsets,
+                               const at::Tensor& order, const std::optional<at::Tensor>& key_padding_mask) {
+  auto i64 = [](const at::Tensor& t) { return t.to(at::kLong).contiguous(); };
+  at::Tensor pad = key_padding_mask.has_value() && key_padding_mask->defined()
+                       ? key_padding_mask->to(target_rows.device(), at::kBool).contiguous() : at::Tensor();
+  return {i64(target_rows), i64(key_rows), i64(target_offsets), i64(key_offsets), i64(order), pad};
 }
 
 int64_t blocks_for(int64_t warps) { return (warps * kWarp + kThreads - 1) / kThreads; }
 
-std::tuple<at::Tensor, at::Tensor> attention_core_cuda(const at::Tensor& q, const at::Tensor& k,
-                                                       const at::Tensor& v,
-                                                       const std::optional<at::Tensor>& key_padding_mask,
-                                                       int64_t causal, double sm_scale) {
-  check_qkv(q, k, v);
+// Calls body.template operator()<kPerLane>() with the smallest kPerLane in {1, 2, 4, 8} such that
+// 32 * kPerLane >= dh.
+template <typename F>
+void with_per_lane(int64_t dh, F&& body) {
+  if (dh <= kWarp) body(std::integral_constant<int, 1>());
+  else if (dh <= 2 * kWarp) body(std::integral_constant<int, 2>());
+  else if (dh <= 4 * kWarp) body(std::integral_constant<int, 4>());
+  else body(std::integral_constant<int, 8>());
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_core_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& target_rows,
+    const at::Tensor& key_rows, const at::Tensor& target_offsets, const at::Tensor& key_offsets,
+    const at::Tensor& order, const std::optional<at::Tensor>& key_padding_mask, int64_t causal,
+    double sm_scale, int64_t max_targets, int64_t max_keys) {
+  check_inputs(q, k, v, {target_rows, key_rows, target_offsets, key_offsets, order});
   const c10::cuda::CUDAGuard guard(q.device());
-  const int64_t B = q.size(0), H = q.size(1), P = q.size(2), L = k.size(2), dh = q.size(3);
+  const int64_t T = q.size(0), H = q.size(1), dh = q.size(2);
   // O in the accumulation type: the backward's delta = rowsum(dO * O) must come from the
   // unrounded O (from a 16-bit O its error does not cancel in dS); the caller rounds O for the
   // output projection.
   const auto acc_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor out = at::empty({B, P, H * dh}, q.options().dtype(acc_type));
-  at::Tensor out4 = out.view({B, P, H, dh}).transpose(1, 2);
-  at::Tensor lse = at::empty({B, H, P}, q.options().dtype(acc_type));
-  at::Tensor pad = key_padding_mask.has_value() && key_padding_mask->defined()
-                       ? key_padding_mask->to(q.device(), at::kBool).contiguous() : at::Tensor();
-  if (B * H * P == 0) return {out, lse};
+  at::Tensor out = at::empty({T, H * dh}, q.options().dtype(acc_type));
+  at::Tensor lse = at::empty({T, H}, q.options().dtype(acc_type));
+  if (T * H == 0) return {out, lse};
+  const SegmentTensors seg = segment_tensors(target_rows, key_rows, target_offsets, key_offsets, order,
+                                             key_padding_mask);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_core_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    attn_fwd_kernel<scalar_t, acc_t><<<blocks_for(B * H * P), kThreads, 0, stream>>>(
-        q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-        pad.defined() ? pad.data_ptr<bool>() : nullptr, out4.data_ptr<acc_t>(), lse.data_ptr<acc_t>(),
-        B, H, P, L, static_cast<int>(dh), static_cast<acc_t>(sm_scale), causal, strides_of(q),
-        strides_of(k), strides_of(v), strides_of(out4));
+    with_per_lane(dh, [&](auto per_lane) {
+      attn_fwd_kernel<decltype(per_lane)::value, scalar_t, acc_t><<<blocks_for(T * H), kThreads, 0, stream>>>(
+          q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), seg.view(),
+          out.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), T, H, static_cast<int>(dh),
+          static_cast<acc_t>(sm_scale), causal, strides_of(q), strides_of(k), strides_of(v));
+    });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out, lse};
@@ -220,36 +282,39 @@ std::tuple<at::Tensor, at::Tensor> attention_core_cuda(const at::Tensor& q, cons
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_core_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& key_padding_mask,
-    int64_t causal, double sm_scale) {
-  check_qkv(q, k, v);
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& target_rows, const at::Tensor& key_rows,
+    const at::Tensor& target_offsets, const at::Tensor& key_offsets, const at::Tensor& order,
+    const std::optional<at::Tensor>& key_padding_mask, int64_t causal, double sm_scale,
+    int64_t max_targets, int64_t max_keys) {
+  check_inputs(q, k, v, {target_rows, key_rows, target_offsets, key_offsets, order});
   const c10::cuda::CUDAGuard guard(q.device());
-  const int64_t B = q.size(0), H = q.size(1), P = q.size(2), L = k.size(2), dh = q.size(3);
+  const int64_t T = q.size(0), H = q.size(1), dh = q.size(2), S = k.size(0);
   const auto acc_type = lse.scalar_type();
-  at::Tensor dout4 = grad_out.to(q.scalar_type()).contiguous().view({B, P, H, dh}).transpose(1, 2);
-  at::Tensor out4 = out.view({B, P, H, dh}).transpose(1, 2);
-  at::Tensor delta = (dout4.to(acc_type) * out4.to(acc_type)).sum(-1).contiguous();  // (B, H, P)
-  at::Tensor dq = at::zeros({B, H, P, dh}, q.options().dtype(acc_type));
-  at::Tensor dk = at::zeros({B, H, L, dh}, q.options().dtype(acc_type));
+  at::Tensor dout = grad_out.to(q.scalar_type()).contiguous().view({T, H, dh});
+  at::Tensor delta = (dout.to(acc_type) * out.view({T, H, dh}).to(acc_type)).sum(-1).contiguous();  // (T, H)
+  at::Tensor dq = at::zeros({T, H, dh}, q.options().dtype(acc_type));
+  at::Tensor dk = at::zeros({S, H, dh}, q.options().dtype(acc_type));
   at::Tensor dv = at::zeros_like(dk);
-  at::Tensor pad = key_padding_mask.has_value() && key_padding_mask->defined()
-                       ? key_padding_mask->to(q.device(), at::kBool).contiguous() : at::Tensor();
+  const SegmentTensors seg = segment_tensors(target_rows, key_rows, target_offsets, key_offsets, order,
+                                             key_padding_mask);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_core_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const bool* pp = pad.defined() ? pad.data_ptr<bool>() : nullptr;
-    if (B * H * P > 0)
-      attn_bwd_dq_kernel<scalar_t, acc_t><<<blocks_for(B * H * P), kThreads, 0, stream>>>(
-          q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), pp,
-          dout4.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(), delta.data_ptr<acc_t>(), dq.data_ptr<acc_t>(),
-          B, H, P, L, static_cast<int>(dh), static_cast<acc_t>(sm_scale), causal, strides_of(q),
-          strides_of(k), strides_of(v), strides_of(dout4));
-    if (B * H * L > 0)
-      attn_bwd_dkdv_kernel<scalar_t, acc_t><<<blocks_for(B * H * L), kThreads, 0, stream>>>(
-          q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), pp,
-          dout4.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(), delta.data_ptr<acc_t>(), dk.data_ptr<acc_t>(),
-          dv.data_ptr<acc_t>(), B, H, P, L, static_cast<int>(dh), static_cast<acc_t>(sm_scale), causal,
-          strides_of(q), strides_of(k), strides_of(v), strides_of(dout4));
+    with_per_lane(dh, [&](auto per_lane) {
+      constexpr int kPerLane = decltype(per_lane)::value;
+      if (T * H > 0)
+        attn_bwd_dq_kernel<kPerLane, scalar_t, acc_t><<<blocks_for(T * H), kThreads, 0, stream>>>(
+            q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), seg.view(),
+            dout.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(), delta.data_ptr<acc_t>(), dq.data_ptr<acc_t>(),
+            T, H, static_cast<int>(dh), static_cast<acc_t>(sm_scale), causal, strides_of(q), strides_of(k),
+            strides_of(v), strides_of(dout));
+      if (S * H > 0 && T > 0)
+        attn_bwd_dkdv_kernel<kPerLane, scalar_t, acc_t><<<blocks_for(S * H), kThreads, 0, stream>>>(
+            q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), seg.view(),
+            dout.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(), delta.data_ptr<acc_t>(), dk.data_ptr<acc_t>(),
+            dv.data_ptr<acc_t>(), S, H, static_cast<int>(dh), static_cast<acc_t>(sm_scale), causal,
+            strides_of(q), strides_of(k), strides_of(v), strides_of(dout));
+    });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type())};
