@@ -60,6 +60,10 @@ def _signature(fn, dtype, kind, op):
             sig[name] = "i32"
         elif name in ("scale", "sm_scale"):
             sig[name] = "fp32"
+        elif name == "id_offset":  # the loss's column of row 0's positive
+            sig[name] = "i32"
+        elif name in ("X_IDS", "Y_IDS"):  # the loss's candidate ids
+            sig[name] = "*i64"
         elif name in inputs:
             sig[name] = f"*{el}"
         elif name == "MASK":
@@ -77,19 +81,23 @@ def _aligned(sig):
 
 def triton_tasks(quick=False):
     """[(op, kernel name, dtype, constexprs, num_warps, num_stages, class label)]: every variant
-    the host code can launch on a GPU. quick: per kernel the largest feature classes with the
-    first and the last config of each table (contrastive: d = 512 and the d > 512 split; the
-    last is the one that fits the 99 KB parts; attention: head dim 64 and 256, largest tiles),
-    bf16 only: the subset tests/test_kernel_report.py compiles in CI."""
+    the host code can launch on a GPU. Contrastive: every d class, accidental-hit masking on and
+    off (HAS_IDS) and, for the gradients, with and without column terms. quick: per kernel the
+    largest feature classes with the first and the last config of each table and every option on
+    (contrastive: d = 512 and 1024, the widest accumulator; the last config is the one that fits
+    the 99 KB parts; attention: head dim 64 and 256, largest tiles), bf16 only: the subset
+    tests/test_kernel_report.py compiles in CI."""
     from courier_fast.kernels import contrastive_lse as lse
     from courier_fast.kernels import reconstruction_attention as attn
 
     dtypes = ("bfloat16",) if quick else tuple(DTYPES)
     tasks = []
-    for cls in ((512, "split") if quick else lse.D_CLASSES):
-        d = 1024 if cls == "split" else cls
+    for cls in ((512, 1024) if quick else lse.D_CLASSES):
+        d = 2048 if cls == "split" else cls
         for kernel in ("row_lse", "grad_x", "grad_y"):
-            flags = [{}] if kernel == "row_lse" else [{"HAS_COLS": c} for c in ((True,) if quick else (False, True))]
+            ids = (True,) if quick else (False, True)
+            cols = (None,) if kernel == "row_lse" else (True,) if quick else (False, True)
+            flags = [{"HAS_IDS": i} if c is None else {"HAS_COLS": c, "HAS_IDS": i} for c in cols for i in ids]
             base = lse.forward_constexprs(d) if kernel == "row_lse" else lse.grad_constexprs(d)
             for dt in dtypes:
                 if dt == "float32" and (cls == "split" or cls > lse.FP32_MAX_D):
@@ -342,16 +350,19 @@ def contrastive_work(n, d, symmetric, elem_bytes=2):
         per_tile = bm * k * e + (0 if fwd["ONE_K"] else bn * k * e)
         fwd_flop = max(fwd_flop, passes * programs * tiles * 2 * bn * bm * k)
         fwd_bytes = max(fwd_bytes, passes * programs * (tiles * per_tile + (bn * k * e if fwd["ONE_K"] else 0) + bn * 4))
-    k, dv = _pad(d, grad["BLOCK_K"]), grad["BLOCK_DV"]
-    chunks = _cdiv(d, dv)
+    # gradients: per column (row) tile, S over every feature (k) and the accumulator's group of
+    # NUM_K chunks (dv); each of the groups (1 up to d = MAX_FUSED_D) recomputes S
+    k, dv, groups = _pad(d, grad["BLOCK_K"]), grad["NUM_K"] * grad["BLOCK_K"], lse.feature_groups(d)
     bwd_flop = bwd_bytes = 0
     for kernel in ("grad_x", "grad_y"):  # grad_y: programs over column blocks, rows tiled
         flop = nbytes = 0
         for bn, bm, _, _ in lse.config_table(kernel, cls):
             mine, other = (bn, bm) if kernel == "grad_x" else (bm, bn)
-            programs, tiles = _cdiv(n, mine) * chunks, _cdiv(n, other)
-            per_tile = other * k * e if grad["FUSED"] else (mine + other) * k * e + other * dv * e
-            own = mine * k * e if grad["FUSED"] else 0
+            programs, tiles = _cdiv(n, mine) * groups, _cdiv(n, other)
+            # ONE_K: the other's tile feeds both GEMMs; else S loads both operands' chunks and the
+            # gradient GEMM loads the other's chunks again
+            per_tile = other * k * e if grad["ONE_K"] else (mine + other) * k * e + other * dv * e
+            own = mine * k * e if grad["ONE_K"] else 0
             flop = max(flop, programs * tiles * 2 * mine * other * (k + dv))
             nbytes = max(nbytes, programs * (tiles * per_tile + own + mine * dv * 4))
         bwd_flop, bwd_bytes = bwd_flop + flop, bwd_bytes + nbytes
@@ -388,7 +399,8 @@ def attention_work(b, p, length, d, h, elem_bytes=2):
 
 
 def work_rows():
-    rows = [contrastive_work(65536, d, sym) for d in (64, 128, 256, 512, 100, 384, 1024) for sym in (False, True)]
+    rows = [contrastive_work(65536, d, sym) for d in (64, 128, 256, 384, 512, 768, 1024, 100, 2048)
+            for sym in (False, True)]
     rows += [attention_work(64, 5, 5, 256, 4), attention_work(4096, 10, 50, 256, 4),
              attention_work(1024, 64, 1024, 256, 4), attention_work(1024, 64, 1024, 256, 2)]
     return rows

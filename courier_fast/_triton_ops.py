@@ -21,28 +21,33 @@ attention_supports = _attn.supports  # (targets, num_heads) -> bool: the dtype /
 
 @torch.library.custom_op("courier_fast::contrastive_lse_triton", mutates_args=())
 def contrastive_lse(x: Tensor, y: Tensor, x_mask: Optional[Tensor], y_mask: Optional[Tensor],
-                    scale: float, normalize: bool, with_columns: bool) -> tuple[Tensor, Tensor]:
-    return _k.lse_forward(x, y, x_mask, y_mask, scale, normalize, with_columns)
+                    y_logq: Optional[Tensor], x_ids: Optional[Tensor], y_ids: Optional[Tensor], id_offset: int,
+                    scale: Tensor, normalize: bool, with_columns: bool) -> tuple[Tensor, Tensor]:
+    return _k.lse_forward(x, y, x_mask, y_mask, scale, normalize, with_columns, y_logq=y_logq, x_ids=x_ids,
+                          y_ids=y_ids, id_offset=id_offset)
 
 
 @contrastive_lse.register_fake
-def _(x, y, x_mask, y_mask, scale, normalize, with_columns):
+def _(x, y, x_mask, y_mask, y_logq, x_ids, y_ids, id_offset, scale, normalize, with_columns):
     return (x.new_empty(x.shape[0], dtype=torch.float32),
             x.new_empty(y.shape[0] if with_columns else 0, dtype=torch.float32))
 
 
 @torch.library.custom_op("courier_fast::contrastive_lse_triton_backward", mutates_args=())
 def contrastive_lse_backward(grad_row: Tensor, grad_col: Tensor, x: Tensor, y: Tensor,
-                             x_mask: Optional[Tensor], y_mask: Optional[Tensor], row_lse: Tensor,
-                             col_lse: Tensor, scale: float, normalize: bool,
-                             with_columns: bool) -> tuple[Tensor, Tensor]:
-    return _k.lse_backward(grad_row, grad_col, x, y, x_mask, y_mask, row_lse, col_lse, scale,
-                           normalize, with_columns)
+                             x_mask: Optional[Tensor], y_mask: Optional[Tensor], y_logq: Optional[Tensor],
+                             x_ids: Optional[Tensor], y_ids: Optional[Tensor], id_offset: int,
+                             row_lse: Tensor, col_lse: Tensor, scale: Tensor, normalize: bool,
+                             with_columns: bool) -> tuple[Tensor, Tensor, Tensor]:
+    gx, gy, gs = _k.lse_backward(grad_row, grad_col, x, y, x_mask, y_mask, row_lse, col_lse, scale, normalize,
+                                 with_columns, y_logq=y_logq, x_ids=x_ids, y_ids=y_ids, id_offset=id_offset)
+    return gx, gy, gs.to(scale.dtype).reshape(scale.shape)
 
 
 @contrastive_lse_backward.register_fake
-def _(grad_row, grad_col, x, y, x_mask, y_mask, row_lse, col_lse, scale, normalize, with_columns):
-    return torch.empty_like(x), torch.empty_like(y)
+def _(grad_row, grad_col, x, y, x_mask, y_mask, y_logq, x_ids, y_ids, id_offset, row_lse, col_lse, scale,
+      normalize, with_columns):
+    return torch.empty_like(x), torch.empty_like(y), torch.empty_like(scale)
 
 
 register_lse_autograd(contrastive_lse, contrastive_lse_backward)

@@ -1,16 +1,22 @@
 """The `chunked` backend of the contrastive masked log-sum-exp: ATen ops only, any device.
 
 Same contract as the compiled op courier_fast::contrastive_lse (csrc/courier_fast.cpp):
-    row_lse[j] = log sum_{i : y_mask[i]} exp(S[j, i])    (N,)  -inf for an empty set
-    col_lse[i] = log sum_{j : x_mask[j]} exp(S[j, i])    (M,)  only when with_columns
-with S = scale * x_hat @ y_hat.T (x_hat, y_hat L2-normalised when normalize). x (N, d) and
-y (M, d) are float16/bfloat16/float32/float64; LSEs and the arithmetic are float32 (float64 for
-float64 inputs), gradients come back in the inputs' dtypes.
+    row_lse[j] = log sum_{i : y_mask[i], keep(j, i)} exp(S[j, i] - y_logq[i])   (N,)
+    col_lse[i] = log sum_{j : x_mask[j], keep(j, i)} exp(S[j, i])               (M,) with_columns
+    keep(j, i) = not (x_ids[j] == y_ids[i] and i != j + id_offset)   (accidental hits; all
+                 pairs without ids)
+with S = scale * x_hat @ y_hat.T (x_hat, y_hat L2-normalised when normalize), -inf for an
+empty set. scale is a 0-d tensor (its gradient is returned); y_logq (M,) float or None;
+x_ids (N,) / y_ids (M,) int64 or None. x (N, d) and y (M, d) are float16/bfloat16/float32/
+float64; LSEs and the arithmetic are float32 (float64 for float64 inputs), gradients come back
+in the inputs' dtypes.
 
 Anchors are processed in row tiles of tile_rows(N, M, device) rows: a (rows, M) logits tile is
 one GEMM, reduced and dropped, so memory is O((N + M) d + rows * M), never N x M. The backward
 (a custom autograd Function) recomputes each tile from the saved LSEs, turns it into dL/dS and
-applies two GEMMs. Because it is plain ATen, its behaviour on a GPU follows from its CPU tests.
+applies two GEMMs; dL/dscale = sum_j <x_hat_j, (dL/dS @ y_hat)_j> comes from the first of them
+(no extra pass over the tiles). Because it is plain ATen, its behaviour on a GPU follows from
+its CPU tests.
 """
 import torch
 
@@ -38,11 +44,14 @@ def _rows(x, normalize):
     return xc * inv[:, None], inv
 
 
-def _bias(mask, like):
-    """0 where kept, -inf where masked out; None for no mask."""
-    if mask is None:
+def _bias(mask, like, logq=None):
+    """0 where kept, -inf where masked out, minus logq when given; None for neither."""
+    if mask is None and logq is None:
         return None
-    return torch.zeros(mask.shape, dtype=like.dtype, device=like.device).masked_fill_(~mask.bool(), float("-inf"))
+    bias = torch.zeros(mask.shape if mask is not None else logq.shape, dtype=like.dtype, device=like.device)
+    if logq is not None:
+        bias -= logq.to(like.dtype)
+    return bias if mask is None else bias.masked_fill_(~mask.bool(), float("-inf"))
 
 
 def _tiles(n, m, device):
@@ -56,13 +65,23 @@ def _shift(m):
     return torch.where(torch.isinf(m), torch.zeros_like(m), m)
 
 
-def lse_forward(x, y, x_mask, y_mask, scale, normalize, with_columns):
+def _hits(x_ids, y_ids, id_offset, r0, r1):
+    """(r1 - r0, M) bool: the tile's accidental hits (same id, not the row's own positive);
+    None without ids."""
+    if x_ids is None:
+        return None
+    cols = torch.arange(y_ids.shape[0], device=y_ids.device)
+    rows = torch.arange(r0, r1, device=y_ids.device)
+    return (x_ids[r0:r1, None] == y_ids[None, :]) & (cols[None, :] != (rows + id_offset)[:, None])
+
+
+def lse_forward(x, y, x_mask, y_mask, y_logq, x_ids, y_ids, id_offset, scale, normalize, with_columns):
     """(row_lse, col_lse) without autograd; col_lse is empty unless with_columns.
     Peak extra memory: one (rows, M) tile (two with columns) plus O((N + M) d)."""
     xh, _ = _rows(x, normalize)
     yh, _ = _rows(y, normalize)
-    xs, yt = xh * scale, yh.t()
-    x_bias, y_bias = _bias(x_mask, xs), _bias(y_mask, xs)
+    xs, yt = xh * scale.to(xh.dtype), yh.t()
+    x_bias, y_bias = _bias(x_mask, xs), _bias(y_mask, xs, y_logq)
     n, m = xs.shape[0], yh.shape[0]
     row = xs.new_empty(n)
     step, tiles = _tiles(n, m, x.device)
@@ -72,6 +91,9 @@ def lse_forward(x, y, x_mask, y_mask, scale, normalize, with_columns):
     col_sum = xs.new_zeros(m) if with_columns else None
     for r0, r1 in tiles:
         s = torch.mm(xs[r0:r1], yt, out=buf[: r1 - r0])  # (rows, M) scaled logits
+        hits = _hits(x_ids, y_ids, id_offset, r0, r1)
+        if hits is not None:
+            s.masked_fill_(hits, float("-inf"))
         if with_columns:
             t = tmp[: r1 - r0].copy_(s)
             if x_bias is not None:
@@ -89,25 +111,29 @@ def lse_forward(x, y, x_mask, y_mask, scale, normalize, with_columns):
     return row, torch.where(torch.isinf(col_max), col_max, col_max + col_sum.log())
 
 
-def lse_backward(grad_row, grad_col, x, y, x_mask, y_mask, row_lse, col_lse, scale, normalize,
-                 with_columns):
-    """Gradients of sum(grad_row * row_lse) + sum(grad_col * col_lse) w.r.t. x and y.
-    Rows / columns whose LSE is -inf (empty set) get no gradient."""
+def lse_backward(grad_row, grad_col, x, y, x_mask, y_mask, y_logq, x_ids, y_ids, id_offset, row_lse,
+                 col_lse, scale, normalize, with_columns):
+    """Gradients of sum(grad_row * row_lse) + sum(grad_col * col_lse) w.r.t. x, y and scale
+    ((N, d), (M, d), 0-d). Rows / columns whose LSE is -inf (empty set) get no gradient."""
     xh, inv_x = _rows(x, normalize)
     yh, inv_y = _rows(y, normalize)
-    xs, yt = xh * scale, yh.t()
-    x_bias, y_bias = _bias(x_mask, xs), _bias(y_mask, xs)
+    sc = scale.to(xh.dtype)
+    xs, yt = xh * sc, yh.t()
+    x_bias, y_bias = _bias(x_mask, xs), _bias(y_mask, xs, y_logq)
     safe = lambda lse: torch.where(torch.isinf(lse), torch.full_like(lse, float("inf")), lse).to(xs.dtype)
     g, rl = grad_row.to(xs.dtype), safe(row_lse)
     if with_columns:
         h, cl = grad_col.to(xs.dtype), safe(col_lse)
     n, m = xs.shape[0], yh.shape[0]
-    gx, gy = torch.empty_like(xh), torch.zeros_like(yh)
+    gx, gy = torch.empty_like(xh), torch.zeros_like(yh)  # both without the factor scale until the end
     step, tiles = _tiles(n, m, x.device)
     buf = xs.new_empty(step, m)
     tmp = xs.new_empty(step, m) if with_columns else None
     for r0, r1 in tiles:
         s = torch.mm(xs[r0:r1], yt, out=buf[: r1 - r0])
+        hits = _hits(x_ids, y_ids, id_offset, r0, r1)
+        if hits is not None:
+            s.masked_fill_(hits, float("-inf"))  # exp() of it: no gradient through a hit
         if with_columns:  # h_i exp(S - col_lse_i) over kept rows
             t = torch.sub(s, cl, out=tmp[: r1 - r0])
             if x_bias is not None:
@@ -119,31 +145,35 @@ def lse_backward(grad_row, grad_col, x, y, x_mask, y_mask, row_lse, col_lse, sca
         s.exp_().mul_(g[r0:r1, None])
         if with_columns:
             s += t
-        torch.mm(s, yh, out=gx[r0:r1]).mul_(scale)
-        gy.addmm_(s.t(), xh[r0:r1], alpha=scale)
+        torch.mm(s, yh, out=gx[r0:r1])
+        gy.addmm_(s.t(), xh[r0:r1])
+    grad_scale = (gx * xh).sum()  # sum_ji dL/dS_ji <x_hat_j, y_hat_i>
+    gx, gy = gx * sc, gy * sc
     if normalize:
         gx, gy = normalize_backward(gx, x, inv_x), normalize_backward(gy, y, inv_y)
-    return gx.to(x.dtype), gy.to(y.dtype)
+    return gx.to(x.dtype), gy.to(y.dtype), grad_scale.to(scale.dtype)
 
 
 class _ChunkedLSE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, y, x_mask, y_mask, scale, normalize, with_columns):
-        row, col = lse_forward(x, y, x_mask, y_mask, scale, normalize, with_columns)
-        ctx.save_for_backward(x, y, x_mask, y_mask, row, col)
-        ctx.scale, ctx.normalize, ctx.with_columns = scale, normalize, with_columns
+    def forward(ctx, x, y, x_mask, y_mask, y_logq, x_ids, y_ids, id_offset, scale, normalize, with_columns):
+        row, col = lse_forward(x, y, x_mask, y_mask, y_logq, x_ids, y_ids, id_offset, scale, normalize,
+                               with_columns)
+        ctx.save_for_backward(x, y, x_mask, y_mask, y_logq, x_ids, y_ids, scale, row, col)
+        ctx.id_offset, ctx.normalize, ctx.with_columns = id_offset, normalize, with_columns
         return row, col
 
     @staticmethod
     def backward(ctx, grad_row, grad_col):
-        x, y, x_mask, y_mask, row, col = ctx.saved_tensors
+        x, y, x_mask, y_mask, y_logq, x_ids, y_ids, scale, row, col = ctx.saved_tensors
         grad_row = torch.zeros_like(row) if grad_row is None else grad_row
         grad_col = torch.zeros_like(col) if grad_col is None else grad_col
-        gx, gy = lse_backward(grad_row, grad_col, x, y, x_mask, y_mask, row, col, ctx.scale,
-                              ctx.normalize, ctx.with_columns)
-        return gx, gy, None, None, None, None, None
+        gx, gy, gs = lse_backward(grad_row, grad_col, x, y, x_mask, y_mask, y_logq, x_ids, y_ids, ctx.id_offset,
+                                  row, col, scale, ctx.normalize, ctx.with_columns)
+        return gx, gy, None, None, None, None, None, None, gs, None, None
 
 
-def contrastive_lse(x, y, x_mask, y_mask, scale, normalize, with_columns):
+def contrastive_lse(x, y, x_mask, y_mask, y_logq, x_ids, y_ids, id_offset, scale, normalize, with_columns):
     """Differentiable (row_lse, col_lse); see the module docstring."""
-    return _ChunkedLSE.apply(x, y, x_mask, y_mask, scale, normalize, with_columns)
+    return _ChunkedLSE.apply(x, y, x_mask, y_mask, y_logq, x_ids, y_ids, id_offset, scale, normalize,
+                             with_columns)

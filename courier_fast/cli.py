@@ -201,6 +201,8 @@ def _add_train(sub):
         tr.add_argument(f"--{name.replace('_', '-')}", type=float, help="courier's loss weight (default 1)")
     tr.add_argument("--backend", choices=("auto",) + BACKENDS, help="contrastive loss / attention backend")
     tr.add_argument("--ring", action="store_true", help="across ranks, pass negatives around a ring")
+    tr.add_argument("--logq", action="store_true",
+                    help="courier: subtract the log of each candidate's page-view frequency (logQ correction)")
     tr.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"))
     tr.add_argument("--grad-checkpointing", action="store_true")
     tr.add_argument("--freeze-backbone", action="store_true")

@@ -83,11 +83,60 @@ class GatheredBatch:
         """(world * capacity,) bool: the gathered rows that are candidates (real and unmasked)."""
         return _gather_padded(self.local_keep, self.capacity, self.group).bool()
 
+    def gather(self, x):
+        """(world * capacity, ...) every rank's x (n rows here), without gradient: per-candidate
+        data such as ids or logq. Padding rows are zeros (masked candidates: never read)."""
+        return _gather_padded(x.detach(), self.capacity, self.group)
+
     def total(self, value):
         """Sum a scalar tensor over ranks (no gradient)."""
         value = value.detach().clone()
         dist.all_reduce(value, op=dist.ReduceOp.SUM, group=self.group)
         return value
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """sum_r x_r on every rank; backward: each rank's x_r receives the sum of the ranks' upstream
+    gradients (the chain rule for a value every rank uses)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        out = x.detach().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
+
+
+def sum_over_ranks(x, group):
+    """Differentiable sum of a tensor over the ranks of `group` (all ranks get the sum)."""
+    return _SumOverRanks.apply(x, group)
+
+
+class _GradOverRanks(torch.autograd.Function):
+    """Identity forward; backward sums (mean=False) or averages (mean=True) the gradient over
+    the ranks: a replicated parameter whose per-rank gradient must equal the global one."""
+
+    @staticmethod
+    def forward(ctx, x, group, mean):
+        ctx.group, ctx.mean = group, mean
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return (grad / dist.get_world_size(ctx.group) if ctx.mean else grad), None, None
+
+
+def grad_over_ranks(x, group, mean=False):
+    """x, with its gradient summed (or averaged) over the ranks of `group` in the backward."""
+    return _GradOverRanks.apply(x, group, mean)
 
 
 def _ring_shift(tensors, group):
@@ -108,46 +157,65 @@ def _ring_shift(tensors, group):
 class _RingLSE(torch.autograd.Function):
     """Row LSE of local x against every rank's y, passing y blocks around a ring (Inf-CL style):
     a rank never holds more than its own and one visiting block. Blocks are y padded to the
-    batch's capacity, with batch.local_keep as their mask. Backward passes the blocks around
-    again with a gradient buffer that accumulates every rank's contribution and arrives back at
-    the block's owner after a full turn."""
+    batch's capacity, with batch.local_keep as their mask and the owner's ids and logq with
+    them. Only the first step's block (this rank's own) holds x's positives (column j for row
+    j); the op is told every other block holds none (id offset = the block's size). Backward
+    passes the blocks around again with a gradient buffer that accumulates every rank's
+    contribution and arrives back at the block's owner after a full turn; the scale's gradient
+    is summed over the steps (this rank's rows only)."""
 
     @staticmethod
-    def forward(ctx, x, y, scale, normalize, batch, lse_ops):
+    def forward(ctx, x, y, scale, normalize, batch, lse_ops, ids, logq):
         fwd, _ = lse_ops
-        blk, keep = _padded(y, batch.capacity), batch.local_keep
         lse = None
-        for step in range(batch.world):
-            if step:
-                blk, keep = _ring_shift([blk, keep], batch.group)
-            row, _ = fwd(x, blk, None, keep.bool(), scale, normalize, False)
+        for step, (blk, keep, blk_ids, blk_logq) in enumerate(_blocks(y, batch, ids, logq)):
+            offset = 0 if step == 0 else blk.shape[0]
+            row, _ = fwd(x, blk, None, keep.bool(), blk_logq, ids, blk_ids, offset, scale, normalize, False)
             lse = row if lse is None else torch.logaddexp(lse, row)
-        ctx.save_for_backward(x, y, lse)
-        ctx.scale, ctx.normalize, ctx.batch, ctx.lse_ops = scale, normalize, batch, lse_ops
+        ctx.save_for_backward(x, y, scale, lse, *([] if ids is None else [ids]), *([] if logq is None else [logq]))
+        ctx.has = (ids is not None, logq is not None)
+        ctx.normalize, ctx.batch, ctx.lse_ops = normalize, batch, lse_ops
         return lse
 
     @staticmethod
     def backward(ctx, grad):
-        x, y, lse = ctx.saved_tensors
+        x, y, scale, lse, *extra = ctx.saved_tensors
+        ids = extra.pop(0) if ctx.has[0] else None
+        logq = extra.pop(0) if ctx.has[1] else None
         _, bwd = ctx.lse_ops
-        batch = ctx.batch
-        blk, keep = _padded(y, batch.capacity), batch.local_keep
-        grad_blk = torch.zeros_like(blk)
-        grad_x = torch.zeros_like(x)
+        grad_x, grad_scale = torch.zeros_like(x), torch.zeros_like(scale)
+        grad_blk = torch.zeros_like(_padded(y, ctx.batch.capacity))
         empty = lse.new_empty(0)
         grad = grad.to(lse.dtype).contiguous()
-        for step in range(batch.world):
+        for step, (blk, keep, blk_ids, blk_logq) in enumerate(_blocks(y, ctx.batch, ids, logq)):
             if step:
-                blk, keep, grad_blk = _ring_shift([blk, keep, grad_blk], batch.group)
-            gx, gy = bwd(grad, empty, x, blk, None, keep.bool(), lse, empty,
-                         ctx.scale, ctx.normalize, False)
+                (grad_blk,) = _ring_shift([grad_blk], ctx.batch.group)
+            offset = 0 if step == 0 else blk.shape[0]
+            gx, gy, gs = bwd(grad, empty, x, blk, None, keep.bool(), blk_logq, ids, blk_ids, offset, lse, empty,
+                             scale, ctx.normalize, False)
             grad_x += gx
             grad_blk += gy
-        (grad_blk,) = _ring_shift([grad_blk], batch.group)  # home to the block's owner
-        return grad_x, grad_blk[:y.shape[0]], None, None, None, None
+            grad_scale += gs
+        (grad_blk,) = _ring_shift([grad_blk], ctx.batch.group)  # home to the block's owner
+        return grad_x, grad_blk[:y.shape[0]], grad_scale, None, None, None, None, None
 
 
-def ring_lse(x, y, scale, normalize, batch, lse_ops):
+def _blocks(y, batch, ids, logq):
+    """Yields (block, keep, ids, logq) of each rank in ring order, this rank's first: y padded
+    to the capacity, its keep flags and, when given, its ids and logq (None otherwise)."""
+    parts = [_padded(y, batch.capacity), batch.local_keep]
+    parts += [_padded(t, batch.capacity) for t in (ids, logq) if t is not None]
+    for step in range(batch.world):
+        if step:
+            parts = _ring_shift(parts, batch.group)
+        blk, keep, *rest = parts
+        yield blk, keep, rest.pop(0) if ids is not None else None, rest.pop(0) if logq is not None else None
+
+
+def ring_lse(x, y, scale, normalize, batch, lse_ops, ids=None, logq=None):
     """(n,) LSE of x's rows (n, d) against every rank's y (this rank's: (m, d), m <= capacity),
-    over the rows batch.local_keep marks on each rank; ring exchange."""
-    return _RingLSE.apply(x, y, scale, normalize, batch, lse_ops)
+    over the rows batch.local_keep marks on each rank; ring exchange. scale: 0-d tensor
+    (differentiated); ids: None or (n,) int64, this rank's candidate ids (x's row j and y's row
+    j share ids[j]): accidental hits leave each row's LSE; logq: None or (m,) float, subtracted
+    from every logit of this rank's y rows."""
+    return _RingLSE.apply(x, y, scale, normalize, batch, lse_ops, ids, logq)

@@ -9,7 +9,8 @@ views counts both). `build_method(name, items, **kwargs)` makes one:
 * simclr: two SimCLR-augmented views of each distinct item of the batch, a 2-layer projection
   head, symmetric InfoNCE (our contrastive_loss, temperature 0.1).
 Contrastive methods use every rank's items as negatives when torch.distributed is running
-(all-gathered, or passed around a ring with ring=True) and take backend= for their loss and
+(all-gathered, or passed around a ring with ring=True; the item ids are candidate_ids, so an item
+on two ranks is not a negative of itself) and take backend= for their loss and
 batch_rows= (the most rows of any rank's SessionBatch, the same on every rank, with fixed slot
 widths: the loss then gathers with no device-to-host read; train() passes its batch_size).
 * category_supervised: a linear classifier on the embedding, cross-entropy on the category.
@@ -33,6 +34,12 @@ METHODS = ("courier", "simclr", "category_supervised", "clip_titles", "random_en
 def _global_group():
     """The default process group when running distributed (negatives from every rank), else None."""
     return dist.group.WORLD if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else None
+
+
+def _ids(batch, like):
+    """The batch's item ids as candidate_ids on like's device: a rank's items are distinct, but the
+    same item on two ranks would be a false negative of itself."""
+    return batch.image_ids.to(like.device)
 
 
 class _Method(nn.Module):
@@ -79,7 +86,8 @@ class SimCLRMethod(_Method):
         z = self.projection(self.encoder(torch.cat([self.augment(x, generator), self.augment(x, generator)])))
         z1, z2 = z.chunk(2)
         return {"loss": contrastive_loss(z1, z2, temperature=self.temperature, symmetric=True, group=_global_group(),
-                                         capacity=self.item_capacity(batch), **self.loss_options)}
+                                         capacity=self.item_capacity(batch), candidate_ids=_ids(batch, z1),
+                                         **self.loss_options)}
 
 
 class CategorySupervisedMethod(_Method):
@@ -132,7 +140,7 @@ class ClipTitlesMethod(_Method):
         txt = self.encode_titles(batch.image_ids)
         return {"loss": contrastive_loss(img, txt.to(img.dtype), temperature=self.temperature, symmetric=True,
                                          group=_global_group(), capacity=self.item_capacity(batch),
-                                         **self.loss_options)}
+                                         candidate_ids=_ids(batch, img), **self.loss_options)}
 
 
 class RandomEncoderMethod(_Method):

@@ -6,11 +6,17 @@ and every history / page-view slot indexes their embeddings. Losses (docs/design
 * contrastive (weight `contrastive_weight`, temperature 0.05): each clicked page-view item's
   reconstruction r_j must pick out its own embedding e_j among every page-view item of the
   (global) batch, non-clicked items of the same page included. Non-clicked items are never
-  anchors. An item shown several times in the batch is one candidate, unless it is clicked in
-  several rows (each clicked slot is an anchor and needs its own positive); other copies would be
-  false negatives with the positive's exact logit. Duplicates across ranks are not removed.
+  anchors. An item shown several times (in several rows, on several ranks) would be a false
+  negative with the positive's exact logit: with candidate_ids=True (the default) the item ids
+  go to the loss as candidate_ids, so every copy other than the anchor's own slot leaves its
+  denominator, on every rank; negatives count once per slot that shows them (the in-batch
+  sampling distribution, which item_logq corrects). candidate_ids=False: the previous in-rank
+  rule instead, one candidate per distinct item of the rank unless clicked in several rows,
+  duplicates across ranks left in. item_logq (ids, log frequencies): the logQ correction, each
+  page-view candidate's logit minus the log of its item's frequency (courier-fast train --logq).
 * history (weight `history_weight`): causal self-reconstruction, each history click from the
-  earlier ones, with the same attention layer and the same InfoNCE over the batch's history.
+  earlier ones, with the same attention layer and the same InfoNCE over the batch's history
+  (accidental hits by item id as above; no logQ correction).
 * ctr (weight `ctr_weight`): an MLP on [r_j ; e_j] with BCE on the click label of every valid slot.
 
 Queries (`query=`):
@@ -128,6 +134,14 @@ def candidate_mask(index, anchor, valid, num_items=None):
     return valid & (anchor | ((pos == first[index]) & ~anchored[index]))
 
 
+def lookup_logq(ids, table_ids, table_logq, floor):
+    """(K,) log frequency of each id in `ids` (K,) int64 from a table sorted by id (table_ids
+    (T,) int64, table_logq (T,) float); an id missing from the table (padding) gets `floor`
+    (0-d). No host read."""
+    pos = torch.searchsorted(table_ids, ids).clamp(max=table_ids.numel() - 1)
+    return torch.where(table_ids[pos] == ids, table_logq[pos], floor)
+
+
 def gather_capacity(batch_rows, rows, slots):
     """batch_rows x slots: the contrastive_loss capacity of a loss over `slots` entries per batch
     row when every rank's batch has at most batch_rows rows (None when batch_rows is None). This
@@ -151,13 +165,30 @@ class CourierModel(nn.Module):
     history_len and pv_len; train() passes batch_size). The losses then gather every rank's
     B x P page-view and B x L history slots padded to batch_rows x P and batch_rows x L, with no
     device-to-host read. None: each of the two losses reads the ranks' largest size back once.
+    candidate_ids: True: item ids are the losses' candidate_ids (accidental hits leave the
+    denominators on every rank); False: the previous in-rank duplicate rule (module docstring).
+    item_logq: None, or (ids (T,) int64 sorted, log frequencies (T,) float) of the items shown:
+    the page-view loss subtracts each candidate's value from its logits (logQ correction).
     """
 
     def __init__(self, encoder="resnet18", embed_dim=256, num_heads=4, query="learned", pretrained=None,
                  temperature=0.05, contrastive_weight=1.0, history_weight=1.0, ctr_weight=1.0,
                  category_buckets=1024, grad_checkpointing=False, freeze_backbone=False, channels_last=True,
-                 gather=True, backend="auto", batch_rows=None, **timm_kwargs):
+                 gather=True, backend="auto", batch_rows=None, candidate_ids=True, item_logq=None, **timm_kwargs):
         super().__init__()
+        if not isinstance(candidate_ids, bool):
+            raise TypeError(f"candidate_ids must be a bool, got {type(candidate_ids).__name__}")
+        self.candidate_ids = candidate_ids
+        self.logq = item_logq is not None
+        if self.logq:  # not in the state_dict: derived from the data at every start
+            ids, logq = (torch.as_tensor(t) for t in item_logq)
+            if ids.dim() != 1 or ids.shape != logq.shape or ids.numel() == 0 or not logq.is_floating_point():
+                raise ValueError("item_logq must be (ids (T,) int64, log frequencies (T,) float) with T > 0")
+            if ids.numel() > 1 and not bool((ids[1:] > ids[:-1]).all()):
+                raise ValueError("item_logq ids must be sorted and distinct")
+            self.register_buffer("logq_ids", ids.to(torch.int64), persistent=False)
+            self.register_buffer("logq_values", logq.float(), persistent=False)
+            self.register_buffer("logq_floor", logq.float().min(), persistent=False)
         if query not in QUERIES:
             raise ValueError(f"query must be one of {QUERIES}, got {query!r}")
         if temperature <= 0:
@@ -179,6 +210,13 @@ class CourierModel(nn.Module):
         self.ctr_head = (nn.Sequential(nn.Linear(2 * embed_dim, embed_dim), nn.ReLU(), nn.Linear(embed_dim, 1))
                          if ctr_weight else None)  # no unused parameters under DDP
         self.infonce = InBatchContrastiveLoss(temperature=temperature, gather=gather, backend=backend)
+
+    def _candidates(self, index, anchor, valid, rows, ids):
+        """(candidate_mask, candidate_ids) of a loss over slots with item rows `index` (B, K):
+        every valid slot and the item ids, or (candidate_ids=False) the in-rank rule and None."""
+        if self.candidate_ids:
+            return valid.reshape(-1), ids
+        return candidate_mask(index.reshape(-1), anchor.reshape(-1), valid.reshape(-1), rows), None
 
     def queries(self, emb, category):
         """Queries for targets with embeddings emb (B, K, d) and categories (B, K) (-1 = padding)."""
@@ -213,17 +251,20 @@ class CourierModel(nn.Module):
         w = self.weights
         rows = emb.shape[0]  # distinct items + the padding row: every index is below it
         if w["contrastive"]:
-            cand = candidate_mask(pv_idx.reshape(-1), clicked.reshape(-1), valid.reshape(-1), rows)
+            pv_ids = batch.pv_ids.to(dev).reshape(-1)
+            cand, ids = self._candidates(pv_idx, clicked, valid, rows, pv_ids)
+            logq = None if not self.logq else lookup_logq(pv_ids, self.logq_ids, self.logq_values, self.logq_floor)
             out["contrastive"] = self.infonce(r.reshape(-1, d), e.reshape(-1, d), anchor_weight=clicked.reshape(-1),
-                                              candidate_mask=cand, capacity=pv_capacity)
+                                              candidate_mask=cand, capacity=pv_capacity, candidate_ids=ids,
+                                              candidate_logq=logq)
         if w["history"]:
             rh = self.attention(self.queries(h, batch.history_category), h, key_padding_mask=hist_pad, causal=True)
             hvalid = ~hist_pad
             # a position is an anchor when it and at least one earlier position are valid
             anchor = hvalid & (torch.cumsum(hvalid.int(), 1) > 1)
-            cand = candidate_mask(hist_idx.reshape(-1), anchor.reshape(-1), hvalid.reshape(-1), rows)
+            cand, ids = self._candidates(hist_idx, anchor, hvalid, rows, batch.history_ids.to(dev).reshape(-1))
             out["history"] = self.infonce(rh.reshape(-1, d), h.reshape(-1, d), anchor_weight=anchor.reshape(-1),
-                                          candidate_mask=cand, capacity=history_capacity)
+                                          candidate_mask=cand, capacity=history_capacity, candidate_ids=ids)
         if w["ctr"]:
             logits = self.ctr_head(torch.cat([r, e], -1)).squeeze(-1).float()
             bce = F.binary_cross_entropy_with_logits(logits, clicks, reduction="none")

@@ -3,7 +3,9 @@
 These are written for clarity, not speed: the contrastive reference materialises the N x M
 logits and the attention reference the (B, h, P, L) scores. Tests call them in float64.
 """
+import dataclasses
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -25,35 +27,93 @@ def unit_rows(x, normalize):
 
 
 def positive_logits(anchors, candidates, scale, normalize):
-    """(N,) s * <r_j, e_j>: each anchor's logit for its own candidate (shared by all backends)."""
+    """(N,) s * <r_j, e_j>: each anchor's logit for its own candidate (shared by all backends);
+    scale is a float or a 0-d tensor (then differentiated)."""
     return scale * (unit_rows(anchors, normalize) * unit_rows(candidates, normalize)).sum(-1)
 
 
-def _masked_lse(logits, mask):
-    """log sum_{i : mask_i} exp(logits[..., i]); -inf (with zero gradient) for an empty set."""
-    if mask is None:
+@dataclasses.dataclass(frozen=True)
+class CandidateInfo:
+    """What the loss knows of the candidates besides their embeddings (docs/design.md §3.1), for
+    N local anchors against M candidates (the gathered batch; M = N on one process).
+
+    ids (N,) int64: the local rows' candidate ids (row j's positive has ids[j]); all_ids (M,):
+    every candidate's; offset: the column of local row 0's positive among the M (row j's is
+    offset + j; 0 on one process). A column i != offset + j with all_ids[i] == ids[j] is an
+    accidental hit of anchor j. logq (N,) / all_logq (M,) float: log sampling probability of
+    the local / every candidate. None where not given.
+    """
+    ids: Optional[torch.Tensor] = None
+    all_ids: Optional[torch.Tensor] = None
+    offset: int = 0
+    logq: Optional[torch.Tensor] = None
+    all_logq: Optional[torch.Tensor] = None
+
+
+def accidental_hits(ids, all_ids, offset):
+    """(N, M) bool: True where candidate i shares anchor j's positive id, ids[j] == all_ids[i],
+    but is not that positive (column offset + j)."""
+    n, m = ids.shape[0], all_ids.shape[0]
+    own = torch.arange(m, device=ids.device)[None, :] == offset + torch.arange(n, device=ids.device)[:, None]
+    return (ids[:, None] == all_ids[None, :]) & ~own
+
+
+def _masked_lse(logits, keep):
+    """log sum_{i : keep[j, i]} exp(logits[j, i]) per row; keep (N, M) bool or None (all); -inf
+    (with zero gradient) for a row that keeps nothing."""
+    if keep is None:
         return torch.logsumexp(logits, dim=-1)
-    empty = ~mask.any()
-    lse = torch.logsumexp(logits.masked_fill(~mask, float("-inf")).masked_fill(empty, 0.0), dim=-1)
-    return torch.where(empty, torch.full_like(lse, float("-inf")), lse)
+    some = keep.any(-1, keepdim=True)
+    lse = torch.logsumexp(logits.masked_fill(~keep, float("-inf")).masked_fill(~some, 0.0), dim=-1)
+    return lse.masked_fill(~some.squeeze(-1), float("-inf"))
+
+
+def _keep(all_mask, info, n, m, device):
+    """(N, M) bool: candidate i is in anchor j's denominator (mask, accidental hits); None: all."""
+    keep = None if all_mask is None else all_mask[None, :].expand(n, m)
+    if info.ids is not None:
+        hits = accidental_hits(info.ids, info.all_ids, info.offset)
+        keep = ~hits if keep is None else keep & ~hits
+    return keep
 
 
 def contrastive_terms_reference(anchors, candidates, all_candidates, all_anchors, all_mask,
-                                scale, normalize, symmetric):
-    """Per-anchor InfoNCE terms, dense. Shapes: anchors/candidates (N, d) (row j of candidates
-    is anchor j's positive), all_candidates/all_anchors (M, d) (the global batch; all_anchors
-    only for symmetric), all_mask (M,) bool or None (True = item is a candidate).
+                                scale, normalize, symmetric, info=None, bias=None):
+    """Per-anchor InfoNCE terms from the dense N x M logits (docs/design.md §3.1).
 
-    Returns (N,) float32/float64: lse_j - s<r_j, e_j>, averaged with the reverse direction
-    (E_j as anchor over all_anchors) when symmetric. With no candidate at all a term is -inf;
-    such anchors always have weight 0.
+    anchors/candidates (N, d) (row j of candidates is anchor j's positive), all_candidates /
+    all_anchors (M, d) (the global batch; all_anchors only for symmetric), all_mask (M,) bool or
+    None (True = item is a candidate); scale: float or 0-d tensor s; info: CandidateInfo (ids,
+    logq) or None; bias: None, float or 0-d tensor b. Logits, literally:
+
+        z_ji = s <r_j, e_i> + b - logq_i,   over the candidates i kept for anchor j
+               (candidate_mask_i and not an accidental hit),
+        term_j = logsumexp_i z_ji - z_jj.
+
+    symmetric: the reverse direction is the transposed matrix, E_j as anchor over all_anchors
+    with z'_ji = s <e_j, r_i> + b - logq_j (logq of the row's own candidate: constant along the
+    row, so it cancels) and the same kept set transposed (the hit relation is symmetric); the
+    two terms are averaged. Returns (N,) float32/float64; -inf for an anchor with no candidate
+    at all (such anchors always have weight 0).
     """
+    info = info or CandidateInfo()
     r, e = unit_rows(anchors, normalize), unit_rows(candidates, normalize)
-    positive = positive_logits(anchors, candidates, scale, normalize)
-    terms = _masked_lse(scale * r @ unit_rows(all_candidates, normalize).T, all_mask) - positive
+    dt = r.dtype
+    b = 0.0 if bias is None else bias
+    n, m = r.shape[0], all_mask.shape[0] if all_mask is not None else all_candidates.shape[0]
+    keep = _keep(all_mask, info, n, m, r.device)
+    logq = None if info.logq is None else info.logq.to(dt)
+    positive = positive_logits(anchors, candidates, scale, normalize) + b
+    logits = scale * r @ unit_rows(all_candidates, normalize).T + b
+    if logq is not None:
+        logits = logits - info.all_logq.to(dt)[None, :]
+    terms = _masked_lse(logits, keep) - (positive if logq is None else positive - logq)
     if symmetric:
-        reverse = _masked_lse(scale * e @ unit_rows(all_anchors, normalize).T, all_mask) - positive
-        terms = 0.5 * (terms + reverse)
+        reverse = scale * e @ unit_rows(all_anchors, normalize).T + b
+        own = positive
+        if logq is not None:
+            reverse, own = reverse - logq[:, None], positive - logq
+        terms = 0.5 * (terms + _masked_lse(reverse, keep) - own)
     return terms
 
 
@@ -85,12 +145,15 @@ def reduce_terms(terms, weight, reduction, weight_total=None, world_size=1):
     return total / torch.where(denom > 0, denom, torch.ones_like(denom))
 
 
-def contrastive_loss_reference(anchors, candidates, *, temperature=0.05, anchor_weight=None,
-                               candidate_mask=None, normalize=True, symmetric=False,
-                               reduction="mean"):
-    """docs/design.md §3.1 contrastive loss on one process, dense. See courier_fast.contrastive_loss."""
+def contrastive_loss_reference(anchors, candidates, *, temperature=None, logit_scale=None, logit_bias=None,
+                               anchor_weight=None, candidate_mask=None, candidate_ids=None,
+                               candidate_logq=None, normalize=True, symmetric=False, reduction="mean"):
+    """docs/design.md §3.1 contrastive loss on one process, dense. See courier_fast.contrastive_loss
+    (s = logit_scale, else 1 / temperature, temperature 0.05 when neither is given)."""
+    scale = logit_scale if logit_scale is not None else 1.0 / (0.05 if temperature is None else temperature)
+    info = CandidateInfo(candidate_ids, candidate_ids, 0, candidate_logq, candidate_logq)
     terms = contrastive_terms_reference(anchors, candidates, candidates, anchors, candidate_mask,
-                                        1.0 / temperature, normalize, symmetric)
+                                        scale, normalize, symmetric, info, logit_bias)
     weight = effective_weight(anchor_weight, candidate_mask, anchors.shape[0], anchors)
     return reduce_terms(terms, weight, reduction)
 

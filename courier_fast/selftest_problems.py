@@ -8,8 +8,10 @@ accepts today, for the 16-bit bar of courier_fast.tolerances).
 
 The lists cover every code path a GPU verdict vouches for (tests/test_selftest.py checks it
 with the paths below): for the Triton loss each (kernel, constexpr branch, input dtype) a GPU
-launches (row LSE with the whole feature block or a feature loop; gradients fused or split over
-feature chunks, with and without column terms; fp32, bf16, fp16 with its host normalisation);
+launches (row LSE with the whole feature block or a feature loop; gradients with one held block,
+feature chunks or feature groups, with and without column terms; fp32, bf16, fp16 with its host
+normalisation), and a learned scale (its gradient checked), bias, accidental-hit ids and logQ
+in each dtype, on several tiles of the compiled op too;
 for the attention core, per kernel family (short / flash) and input dtype, each tile class,
 causal masks of each mode, several target and history tiles of the GPU's tile sizes, and the
 jagged and history_index layouts. Odd shapes, masks (random, all-false,
@@ -37,16 +39,22 @@ CONTRASTIVE = [
     ("fp32 n=150 d=40 symmetric, 7-row tiles", dict(n=150, d=40, dtype=FP32, mask="random", weight="float", symmetric=True, tile_rows=7)),
     ("fp32 n=33 d=10 all candidates masked", dict(n=33, d=10, dtype=FP32, mask="false", weight="float", symmetric=True)),
     ("fp32 n=40 d=12 unnormalised, tau=1, reduction none", dict(n=40, d=12, dtype=FP32, mask="random", weight="float", normalize=False, temperature=1.0, reduction="none")),
+    ("fp32 n=90 d=48 scale, bias, ids, logq, symmetric, 7-row tiles", dict(n=90, d=48, dtype=FP32, mask="random", weight="float", symmetric=True, extras=True, tile_rows=7)),
+    ("fp32 n=60 d=64 scale, bias, ids, logq", dict(n=60, d=64, dtype=FP32, mask="none", weight="bool", extras=True)),
     ("bf16 n=67 d=100 symmetric", dict(n=67, d=100, dtype=BF16, mask="random", weight="bool", symmetric=True)),
     ("bf16 n=130 d=64, 16-row tiles", dict(n=130, d=64, dtype=BF16, mask="none", weight="float", tile_rows=16)),
     ("bf16 n=70 d=200 (feature loop)", dict(n=70, d=200, dtype=BF16, mask="random", weight="float")),
-    ("bf16 n=24 d=600 symmetric (split gradients)", dict(n=24, d=600, dtype=BF16, mask="random", weight="float", symmetric=True)),
-    ("bf16 n=21 d=520 (split gradients)", dict(n=21, d=520, dtype=BF16, mask="none", weight="bool")),
+    ("bf16 n=24 d=600 symmetric (feature chunks)", dict(n=24, d=600, dtype=BF16, mask="random", weight="float", symmetric=True)),
+    ("bf16 n=21 d=520 (feature chunks)", dict(n=21, d=520, dtype=BF16, mask="none", weight="bool")),
+    ("bf16 n=50 d=384 scale, bias, ids, logq, symmetric (3 chunks), 16-row tiles", dict(n=50, d=384, dtype=BF16, mask="random", weight="float", symmetric=True, extras=True, tile_rows=16)),
+    ("bf16 n=20 d=1100 scale, bias, ids, logq (feature groups)", dict(n=20, d=1100, dtype=BF16, mask="random", weight="float", extras=True)),
     ("fp16 n=90 d=48 symmetric", dict(n=90, d=48, dtype=FP16, mask="random", weight="float", symmetric=True)),
     ("fp16 n=65 d=64 reduction sum", dict(n=65, d=64, dtype=FP16, mask="random", weight="bool", reduction="sum")),
-    ("fp16 n=45 d=300 symmetric (feature loop)", dict(n=45, d=300, dtype=FP16, mask="none", weight="float", symmetric=True)),
-    ("fp16 n=22 d=700 (split gradients)", dict(n=22, d=700, dtype=FP16, mask="random", weight="float")),
-    ("fp16 n=20 d=576 symmetric (split gradients)", dict(n=20, d=576, dtype=FP16, mask="random", weight="bool", symmetric=True)),
+    ("fp16 n=45 d=300 symmetric (feature loop, 3 chunks)", dict(n=45, d=300, dtype=FP16, mask="none", weight="float", symmetric=True)),
+    ("fp16 n=22 d=700 (feature chunks)", dict(n=22, d=700, dtype=FP16, mask="random", weight="float")),
+    ("fp16 n=20 d=576 symmetric (feature chunks)", dict(n=20, d=576, dtype=FP16, mask="random", weight="bool", symmetric=True)),
+    ("fp16 n=30 d=768 scale, bias, ids, logq, symmetric (6 chunks)", dict(n=30, d=768, dtype=FP16, mask="random", weight="bool", symmetric=True, extras=True)),
+    ("fp16 n=12 d=1030 symmetric (feature groups)", dict(n=12, d=1030, dtype=FP16, mask="none", weight="float", symmetric=True)),
 ]
 
 ATTENTION = [
@@ -133,16 +141,32 @@ def contrastive_case(name, spec):
     a, c = _representable([a, c], dtype)
     if weight is not None and weight.is_floating_point():
         (weight,) = _representable([weight], dtype)
-    kw = dict(temperature=spec.get("temperature", 0.05), normalize=spec.get("normalize", True),
-              symmetric=spec.get("symmetric", False), reduction=spec.get("reduction", "mean"))
+    kw = dict(normalize=spec.get("normalize", True), symmetric=spec.get("symmetric", False),
+              reduction=spec.get("reduction", "mean"))
+    inputs, extra = [a, c], {}
+    if spec.get("extras"):  # a learned scale (a third leaf), a bias, ids repeating ~3 times, logq
+        inputs.append(torch.tensor(12.0, dtype=torch.float64))
+        (logq,) = _representable([0.5 * torch.randn(n, generator=g, dtype=torch.float64)], dtype)
+        extra = dict(logit_bias=-2.0, candidate_ids=torch.randint(0, max(1, n // 3), (n,), generator=g),
+                     candidate_logq=logq)
+    else:
+        kw["temperature"] = spec.get("temperature", 0.05)
     upstream = torch.randn(n, generator=g, dtype=torch.float64) if kw["reduction"] == "none" else None
 
-    def run(backend, dtype, leaves, dev):
+    def options(leaves, dtype, dev):
+        """contrastive_loss's keyword arguments besides the embeddings, on dev."""
         w = weight if weight is None or weight.dtype == torch.bool else weight.to(dtype)
+        out = dict(kw, anchor_weight=None if w is None else w.to(dev),
+                   candidate_mask=None if mask is None else mask.to(dev))
+        if extra:
+            out.update(logit_scale=leaves[2], logit_bias=extra["logit_bias"],
+                       candidate_ids=extra["candidate_ids"].to(dev),
+                       candidate_logq=extra["candidate_logq"].to(dev, dtype))
+        return out
+
+    def run(backend, dtype, leaves, dev):
         with _tiles(spec.get("tile_rows")):
-            loss = cf.contrastive_loss(*leaves, anchor_weight=None if w is None else w.to(dev),
-                                       candidate_mask=None if mask is None else mask.to(dev),
-                                       backend=backend, **kw)
+            loss = cf.contrastive_loss(*leaves[:2], backend=backend, **options(leaves, dtype, dev))
             up = torch.ones((), dtype=loss.dtype, device=dev) if upstream is None else upstream.to(dev, loss.dtype)
             return [loss] + list(torch.autograd.grad(loss, leaves, up))
 
@@ -150,16 +174,16 @@ def contrastive_case(name, spec):
         """F.normalize in float64, rows rounded to the 16-bit dtype (what a 16-bit F.normalize
         then a dense matmul sees), differentiated through the rounding; the gradients are
         returned in the 16-bit dtype, as a user receives them."""
-        leaves = [t.clone().requires_grad_() for t in (a, c)]
-        unit = [(F.normalize(t, dim=-1, eps=NORM_EPS) if kw["normalize"] else t) for t in leaves]
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        unit = [(F.normalize(t, dim=-1, eps=NORM_EPS) if kw["normalize"] else t) for t in leaves[:2]]
         unit = [u + (u.to(low).double() - u).detach() for u in unit]  # round, keep the gradient
-        loss = contrastive_loss_reference(*unit, anchor_weight=weight, candidate_mask=mask,
-                                          **{**kw, "normalize": False})
+        opts = options(leaves, torch.float64, "cpu")
+        loss = contrastive_loss_reference(*unit, **{**opts, "normalize": False})
         up = torch.ones((), dtype=loss.dtype) if upstream is None else upstream
         return [loss] + [grad.to(low).double() for grad in torch.autograd.grad(loss, leaves, up)]
 
     probe = lambda leaves: {"anchors": leaves[0], "candidates": leaves[1]}
-    return Case([a, c], dtype, run, probe, yardstick)
+    return Case(inputs, dtype, run, probe, yardstick)
 
 
 def _attention_layout(g, spec, d):
@@ -229,17 +253,17 @@ PROBLEMS = {"contrastive_loss": (CONTRASTIVE, contrastive_case),
 
 # ----------------------------------------------------------------------------- coverage
 def contrastive_paths(d, dtype, symmetric):
-    """The Triton loss code paths a GPU runs for feature dim d, input dtype name and symmetric."""
+    """The Triton loss code paths a GPU runs for feature dim d, input dtype name and symmetric:
+    the row LSE with the whole feature block or a feature loop; the gradients with one held
+    block, with feature chunks (the accumulator kept whole) or in feature groups (grid axis 1),
+    with and without column terms."""
     from courier_fast.kernels import contrastive_lse as lse
 
     one_k = lse.forward_constexprs(d)["ONE_K"]
-    fused = lse.grad_constexprs(d)["FUSED"]
+    grad = lse.grad_constexprs(d)
+    layout = "one block" if grad["ONE_K"] else "feature chunks" if lse.feature_groups(d) == 1 else "feature groups"
     return {("row_lse", "ONE_K" if one_k else "feature loop", dtype),
-            ("gradients", "fused" if fused else "split", "columns" if symmetric else "rows only", dtype)}
-
-
-ATTENTION_LAYOUTS = ("padded", "history_index", "jagged")
-ATTENTION_CAUSAL = (False, True, "inclusive")
+            ("gradients", layout, "columns" if symmetric else "rows only", dtype)}
 
 
 def attention_paths(p, length, dh, dtype, causal, layout="padded"):

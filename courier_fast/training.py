@@ -74,6 +74,7 @@ class TrainConfig:
     ctr_weight: float = None
     backend: str = "auto"            # contrastive loss / attention backend (courier_fast.backends())
     ring: bool = False               # across ranks, pass negatives around a ring instead of all-gathering
+    logq: bool = False               # courier: logQ correction from the items' page-view frequencies
     amp: str = "auto"                # auto (bf16 on a GPU, off on CPU) | bf16 | fp16 | off
     grad_checkpointing: bool = False
     freeze_backbone: bool = False
@@ -104,7 +105,7 @@ class TrainConfig:
             if value is not None and not value >= 0:
                 raise ValueError(f"{name} must be None or >= 0, got {value}")
         self._only_for(("temperature", "backend", "ring"), CONTRASTIVE_METHODS)
-        self._only_for(LOSS_WEIGHTS, ("courier",))
+        self._only_for(LOSS_WEIGHTS + ("logq",), ("courier",))
         choices = {"amp": ("auto", "bf16", "fp16", "off"), "device": ("auto", "cpu", "cuda"),
                    "on_error": ("raise", "skip"), "lr_schedule": LR_SCHEDULES,
                    "backend": ("auto",) + dispatch.BACKENDS}
@@ -144,6 +145,17 @@ class TrainConfig:
             kw["ring"] = self.ring
         kw.update(self.method_options)
         return kw
+
+
+def item_log_frequencies(pretrain):
+    """(ids (T,) int64 sorted, log frequencies (T,) float32) of the items among every page-view
+    slot of the pretrain table: log(count / slots), the sampling probability of an in-batch
+    negative (CourierModel's item_logq)."""
+    import numpy as np
+
+    shown = pretrain.column("pv_items").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    ids, counts = np.unique(shown.astype(np.int64), return_counts=True)
+    return torch.from_numpy(ids), torch.from_numpy(np.log(counts / counts.sum()).astype(np.float32))
 
 
 def lr_at(cfg, step, total_steps):
@@ -276,7 +288,8 @@ def train(config):
     total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * per_epoch
 
     torch.manual_seed(cfg.seed)
-    method = build_method(cfg.method, items, **cfg.method_kwargs()).to(device)
+    extra = {"item_logq": item_log_frequencies(data["pretrain"])} if cfg.logq else {}
+    method = build_method(cfg.method, items, **cfg.method_kwargs(), **extra).to(device)
     params = [p for p in method.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     amp_dtype = _amp_dtype(cfg, device)

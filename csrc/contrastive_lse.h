@@ -6,10 +6,14 @@
 // each tile from the saved LSEs, turns it into dL/dS in place, and applies two GEMMs.
 //
 // TileOps (CPU: ATen ops; CUDA: fused kernels) provides, for a logits tile s (c, M):
+//   mask_hits(s, x_ids, y_ids, positive)       s[r, i] <- -inf where x_ids[r] == y_ids[i] and
+//                                              i != positive + r (accidental hits; ids given)
 //   row_lse(s, y_bias, out)                    out[r] = logsumexp_i(s[r, i] + y_bias[i])
 //   col_update(s, x_bias, col_max, col_sum)    online column max / sum over the tile's rows
 //   grad_tile(s, ...)                          s <- dL/ds (see contrastive_lse_backward)
-// Biases are 0 (kept) or -inf (masked out), or undefined tensors for "no mask".
+// x_bias is 0 (kept) or -inf (masked out); y_bias the same minus y_logq (the row direction's
+// per-candidate correction); undefined tensors for "no mask, no logq". A hit's -inf makes every
+// later term of it exactly 0, so the other epilogues need not know about ids.
 //
 // Forced tile rows (tests and the self-check only): courier_fast::set_lse_tile_rows(rows) makes
 // every later call in this process, on CPU and CUDA, use tiles of `rows` rows (0 restores the
@@ -61,12 +65,19 @@ inline at::Tensor normalize_rows_backward(const at::Tensor& g, const Rows& rows)
   return at::where(rows.clamped, g * rows.inv_norm, tangential);
 }
 
-// 0 where mask is true, -inf where false; undefined when there is no mask.
-inline at::Tensor mask_bias(const std::optional<at::Tensor>& mask, const at::TensorOptions& opts) {
-  if (!mask.has_value() || !mask->defined()) return at::Tensor();
-  at::Tensor m = mask->to(opts.device(), at::kBool);
-  return at::zeros(m.sizes(), opts).masked_fill_(m.logical_not(), -kInf);
+inline bool given(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// 0 where mask is true, -inf where false, minus logq where given; undefined for neither.
+inline at::Tensor mask_bias(const std::optional<at::Tensor>& mask, const at::TensorOptions& opts,
+                            const std::optional<at::Tensor>& logq = std::nullopt) {
+  if (!given(mask) && !given(logq)) return at::Tensor();
+  at::Tensor bias = given(logq) ? logq->to(opts).neg().contiguous() : at::zeros(mask->sizes(), opts);
+  if (!given(mask)) return bias;
+  return bias.masked_fill_(mask->to(opts.device(), at::kBool).logical_not(), -kInf);
 }
+
+// The scale as a 0-d tensor of the compute dtype (it stays on the device: never read back).
+inline at::Tensor scale_tensor(const at::Tensor& scale, at::ScalarType dt) { return scale.reshape({}).to(dt); }
 
 // Rows per logits tile: about target_elems logits, but never fewer than min_rows rows (a GEMM
 // with a handful of rows wastes the machine) nor more than there are. Extra memory is
@@ -94,7 +105,10 @@ inline int64_t chunk_rows(int64_t n, int64_t m, TilePolicy policy) {
 
 inline void check_lse_inputs(const at::Tensor& x, const at::Tensor& y,
                              const std::optional<at::Tensor>& x_mask,
-                             const std::optional<at::Tensor>& y_mask) {
+                             const std::optional<at::Tensor>& y_mask,
+                             const std::optional<at::Tensor>& y_logq,
+                             const std::optional<at::Tensor>& x_ids,
+                             const std::optional<at::Tensor>& y_ids, const at::Tensor& scale) {
   TORCH_CHECK(x.dim() == 2 && y.dim() == 2, "contrastive_lse: x and y must be 2-D, got ",
               x.sizes(), " and ", y.sizes());
   TORCH_CHECK(x.size(1) == y.size(1), "contrastive_lse: x and y need the same feature dim, got ",
@@ -106,6 +120,36 @@ inline void check_lse_inputs(const at::Tensor& x, const at::Tensor& y,
     TORCH_CHECK(x_mask->dim() == 1 && x_mask->size(0) == x.size(0), "contrastive_lse: x_mask must be (N,)");
   if (y_mask.has_value() && y_mask->defined())
     TORCH_CHECK(y_mask->dim() == 1 && y_mask->size(0) == y.size(0), "contrastive_lse: y_mask must be (M,)");
+  if (given(y_logq))
+    TORCH_CHECK(y_logq->dim() == 1 && y_logq->size(0) == y.size(0) && at::isFloatingType(y_logq->scalar_type()),
+                "contrastive_lse: y_logq must be (M,) floating point");
+  TORCH_CHECK(given(x_ids) == given(y_ids), "contrastive_lse: give both x_ids and y_ids, or neither");
+  if (given(x_ids)) {
+    TORCH_CHECK(x_ids->dim() == 1 && x_ids->size(0) == x.size(0) && x_ids->scalar_type() == at::kLong,
+                "contrastive_lse: x_ids must be (N,) int64");
+    TORCH_CHECK(y_ids->dim() == 1 && y_ids->size(0) == y.size(0) && y_ids->scalar_type() == at::kLong,
+                "contrastive_lse: y_ids must be (M,) int64");
+    TORCH_CHECK(x_ids->device() == x.device() && y_ids->device() == x.device(),
+                "contrastive_lse: ids must be on the inputs' device");
+  }
+  TORCH_CHECK(scale.numel() == 1 && at::isFloatingType(scale.scalar_type()) && scale.device() == x.device(),
+              "contrastive_lse: scale must be a 1-element floating tensor on the inputs' device");
+}
+
+// The accidental-hit rule of one tile (rows [r0, r1)): ids contiguous int64, or undefined.
+struct TileIds {
+  at::Tensor x_ids, y_ids;  // the tile's row ids (a slice), every column's ids
+  int64_t positive = 0;     // column of the tile's row 0's positive: row r's is positive + r
+};
+
+inline TileIds tile_ids(const at::Tensor& x_ids, const at::Tensor& y_ids, int64_t id_offset, int64_t r0,
+                        int64_t r1) {
+  if (!x_ids.defined()) return {};
+  return {x_ids.slice(0, r0, r1), y_ids, id_offset + r0};
+}
+
+inline at::Tensor ids_or_undefined(const std::optional<at::Tensor>& ids) {
+  return given(ids) ? ids->contiguous() : at::Tensor();
 }
 
 // log(sum) + max of an online column reduction; -inf where the column saw no valid entry.
@@ -116,15 +160,18 @@ inline at::Tensor finish_columns(const at::Tensor& col_max, const at::Tensor& co
 template <class TileOps>
 std::tuple<at::Tensor, at::Tensor> contrastive_lse_forward(
     const at::Tensor& x, const at::Tensor& y, const std::optional<at::Tensor>& x_mask,
-    const std::optional<at::Tensor>& y_mask, double scale, bool normalize, bool with_columns) {
-  check_lse_inputs(x, y, x_mask, y_mask);
+    const std::optional<at::Tensor>& y_mask, const std::optional<at::Tensor>& y_logq,
+    const std::optional<at::Tensor>& x_ids_opt, const std::optional<at::Tensor>& y_ids_opt, int64_t id_offset,
+    const at::Tensor& scale, bool normalize, bool with_columns) {
+  check_lse_inputs(x, y, x_mask, y_mask, y_logq, x_ids_opt, y_ids_opt, scale);
   const auto dt = compute_dtype(x);
   const int64_t n = x.size(0), m = y.size(0);
   Rows xr = normalize_rows(x, normalize, dt), yr = normalize_rows(y, normalize, dt);
-  at::Tensor xs = xr.hat * scale;  // fold the scale into the anchors once
+  at::Tensor xs = xr.hat * scale_tensor(scale, dt);  // fold the scale into the anchors once
   at::Tensor yt = yr.hat.t();
   const auto opts = xs.options();
-  at::Tensor x_bias = mask_bias(x_mask, opts), y_bias = mask_bias(y_mask, opts);
+  at::Tensor x_bias = mask_bias(x_mask, opts), y_bias = mask_bias(y_mask, opts, y_logq);
+  at::Tensor x_ids = ids_or_undefined(x_ids_opt), y_ids = ids_or_undefined(y_ids_opt);
 
   at::Tensor row_lse = at::empty({n}, opts);
   at::Tensor col_max, col_sum;
@@ -138,6 +185,7 @@ std::tuple<at::Tensor, at::Tensor> contrastive_lse_forward(
     const int64_t r1 = std::min(n, r0 + c);
     at::Tensor s = tile.narrow(0, 0, r1 - r0);
     at::mm_out(s, xs.slice(0, r0, r1), yt);  // (c, M) scaled logits
+    if (x_ids.defined()) TileOps::mask_hits(s, tile_ids(x_ids, y_ids, id_offset, r0, r1));
     if (with_columns)
       TileOps::col_update(s, x_bias.defined() ? x_bias.slice(0, r0, r1) : x_bias, col_max, col_sum);
     at::Tensor out = row_lse.slice(0, r0, r1);
@@ -147,23 +195,29 @@ std::tuple<at::Tensor, at::Tensor> contrastive_lse_forward(
   return {row_lse, col_lse};
 }
 
-// dL/dS[j, i] = g[j] * exp(S[j, i] - row_lse[j]) * y_mask[i]
-//             + h[i] * exp(S[j, i] - col_lse[i]) * x_mask[j]      (second term with columns)
-// dL/dx_hat = scale * dS @ y_hat,  dL/dy_hat = scale * dS.T @ x_hat.
+// dL/dS[j, i] = g[j] * exp(S[j, i] - y_logq[i] - row_lse[j]) * y_mask[i] * keep[j, i]
+//             + h[i] * exp(S[j, i] - col_lse[i]) * x_mask[j] * keep[j, i]   (second term with columns)
+// dL/dx_hat = scale * dS @ y_hat,  dL/dy_hat = scale * dS.T @ x_hat,
+// dL/dscale = sum_ji dS[j, i] <x_hat_j, y_hat_i> = sum_j <x_hat_j, (dS @ y_hat)_j>: from the first
+// GEMM's output before it is scaled, so the scale costs no pass over the tiles.
 template <class TileOps>
-std::tuple<at::Tensor, at::Tensor> contrastive_lse_backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_lse_backward(
     const at::Tensor& grad_row, const at::Tensor& grad_col, const at::Tensor& x,
     const at::Tensor& y, const std::optional<at::Tensor>& x_mask,
-    const std::optional<at::Tensor>& y_mask, const at::Tensor& row_lse, const at::Tensor& col_lse,
-    double scale, bool normalize, bool with_columns) {
-  check_lse_inputs(x, y, x_mask, y_mask);
+    const std::optional<at::Tensor>& y_mask, const std::optional<at::Tensor>& y_logq,
+    const std::optional<at::Tensor>& x_ids_opt, const std::optional<at::Tensor>& y_ids_opt, int64_t id_offset,
+    const at::Tensor& row_lse, const at::Tensor& col_lse, const at::Tensor& scale, bool normalize,
+    bool with_columns) {
+  check_lse_inputs(x, y, x_mask, y_mask, y_logq, x_ids_opt, y_ids_opt, scale);
   const auto dt = compute_dtype(x);
   const int64_t n = x.size(0), m = y.size(0);
   Rows xr = normalize_rows(x, normalize, dt), yr = normalize_rows(y, normalize, dt);
-  at::Tensor xs = xr.hat * scale;
+  at::Tensor sc = scale_tensor(scale, dt);
+  at::Tensor xs = xr.hat * sc;
   at::Tensor yt = yr.hat.t();
   const auto opts = xs.options();
-  at::Tensor x_bias = mask_bias(x_mask, opts), y_bias = mask_bias(y_mask, opts);
+  at::Tensor x_bias = mask_bias(x_mask, opts), y_bias = mask_bias(y_mask, opts, y_logq);
+  at::Tensor x_ids = ids_or_undefined(x_ids_opt), y_ids = ids_or_undefined(y_ids_opt);
   // An empty set's LSE is the constant -inf: no gradient. Using +inf there makes exp(S - lse) = 0.
   auto safe = [&](const at::Tensor& lse) {
     at::Tensor l = lse.to(dt);
@@ -183,15 +237,19 @@ std::tuple<at::Tensor, at::Tensor> contrastive_lse_backward(
     const int64_t r1 = std::min(n, r0 + c);
     at::Tensor s = tile.narrow(0, 0, r1 - r0);
     at::mm_out(s, xs.slice(0, r0, r1), yt);
+    if (x_ids.defined()) TileOps::mask_hits(s, tile_ids(x_ids, y_ids, id_offset, r0, r1));
     TileOps::grad_tile(s, y_bias, x_bias.defined() ? x_bias.slice(0, r0, r1) : x_bias,
                        g.slice(0, r0, r1), rl.slice(0, r0, r1), h, cl);
     at::Tensor gx_rows = gx_hat.slice(0, r0, r1);
-    at::mm_out(gx_rows, s, yr.hat).mul_(scale);
-    gy_hat.addmm_(s.t(), xr.hat.slice(0, r0, r1), /*beta=*/1, /*alpha=*/scale);
+    at::mm_out(gx_rows, s, yr.hat);                // unscaled until the end
+    gy_hat.addmm_(s.t(), xr.hat.slice(0, r0, r1));  // likewise
   }
+  at::Tensor grad_scale = (gx_hat * xr.hat).sum().to(scale.scalar_type()).reshape(scale.sizes());
+  gx_hat.mul_(sc);
+  gy_hat.mul_(sc);
   at::Tensor gx = normalize_rows_backward(gx_hat, xr).to(x.scalar_type());
   at::Tensor gy = normalize_rows_backward(gy_hat, yr).to(y.scalar_type());
-  return {gx, gy};
+  return {gx, gy, grad_scale};
 }
 
 }  // namespace courier_fast

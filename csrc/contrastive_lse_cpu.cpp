@@ -148,6 +148,17 @@ COURIER_INLINE void grad_rows(T* s, const T* y_bias, const T* x_bias, const T* g
   }
 }
 
+// s[r, i] <- -inf where candidate i is an accidental hit of row r: the same id, not its positive.
+template <typename T>
+COURIER_INLINE void mask_hits_rows(T* s, const int64_t* x_ids, const int64_t* y_ids, int64_t positive,
+                                   int64_t r0, int64_t r1, int64_t m) {
+  for (int64_t r = r0; r < r1; ++r) {
+    T* row = s + r * m;
+    const int64_t id = x_ids[r], own = positive + r;
+    for (int64_t i = 0; i < m; ++i) row[i] = (y_ids[i] == id && i != own) ? kNegInf<T> : row[i];
+  }
+}
+
 // float32 entry points, cloned per instruction set.
 COURIER_CLONES void row_lse_f32(const float* s, const float* b, int64_t r0, int64_t r1, int64_t m, float* out) {
   row_lse_rows(s, b, r0, r1, m, out);
@@ -195,6 +206,18 @@ struct CpuTileOps {
   static constexpr TilePolicy kTiles = kCpuTiles;
   static constexpr int64_t kColBlock = 512;
 
+  static void mask_hits(at::Tensor& s, const TileIds& ids) {
+    const int64_t rows = s.size(0), m = s.size(1);
+    const int64_t* xi = ids.x_ids.data_ptr<int64_t>();
+    const int64_t* yi = ids.y_ids.data_ptr<int64_t>();
+    AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "mask_hits_cpu", [&] {
+      scalar_t* sp = s.data_ptr<scalar_t>();
+      at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+        mask_hits_rows(sp, xi, yi, ids.positive, r0, r1, m);
+      });
+    });
+  }
+
   static void row_lse(at::Tensor& s, const at::Tensor& y_bias, at::Tensor& out) {
     const int64_t rows = s.size(0), m = s.size(1);
     AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "row_lse_cpu", [&] {
@@ -240,18 +263,24 @@ struct CpuTileOps {
 
 std::tuple<at::Tensor, at::Tensor> lse_cpu(const at::Tensor& x, const at::Tensor& y,
                                            const std::optional<at::Tensor>& x_mask,
-                                           const std::optional<at::Tensor>& y_mask, double scale,
-                                           bool normalize, bool with_columns) {
-  return contrastive_lse_forward<CpuTileOps>(x, y, x_mask, y_mask, scale, normalize, with_columns);
+                                           const std::optional<at::Tensor>& y_mask,
+                                           const std::optional<at::Tensor>& y_logq,
+                                           const std::optional<at::Tensor>& x_ids,
+                                           const std::optional<at::Tensor>& y_ids, int64_t id_offset,
+                                           const at::Tensor& scale, bool normalize, bool with_columns) {
+  return contrastive_lse_forward<CpuTileOps>(x, y, x_mask, y_mask, y_logq, x_ids, y_ids, id_offset, scale,
+                                             normalize, with_columns);
 }
 
-std::tuple<at::Tensor, at::Tensor> lse_backward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_backward_cpu(
     const at::Tensor& grad_row, const at::Tensor& grad_col, const at::Tensor& x,
     const at::Tensor& y, const std::optional<at::Tensor>& x_mask,
-    const std::optional<at::Tensor>& y_mask, const at::Tensor& row_lse, const at::Tensor& col_lse,
-    double scale, bool normalize, bool with_columns) {
-  return contrastive_lse_backward<CpuTileOps>(grad_row, grad_col, x, y, x_mask, y_mask, row_lse,
-                                              col_lse, scale, normalize, with_columns);
+    const std::optional<at::Tensor>& y_mask, const std::optional<at::Tensor>& y_logq,
+    const std::optional<at::Tensor>& x_ids, const std::optional<at::Tensor>& y_ids, int64_t id_offset,
+    const at::Tensor& row_lse, const at::Tensor& col_lse, const at::Tensor& scale, bool normalize,
+    bool with_columns) {
+  return contrastive_lse_backward<CpuTileOps>(grad_row, grad_col, x, y, x_mask, y_mask, y_logq, x_ids, y_ids,
+                                              id_offset, row_lse, col_lse, scale, normalize, with_columns);
 }
 
 }  // namespace

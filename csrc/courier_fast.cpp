@@ -52,17 +52,22 @@ int64_t set_lse_tile_rows(int64_t rows) {
 
 TORCH_LIBRARY(courier_fast, m) {
   // Masked log-sum-exp of the scaled cosine-similarity matrix S = scale * x_hat @ y_hat.T
-  // (x: (N, d) anchors, y: (M, d) candidates; x_hat, y_hat L2-normalised when normalize).
-  //   row_lse[j] = log sum_{i : y_mask[i]} exp(S[j, i])          (N,)  -inf for an empty set
-  //   col_lse[i] = log sum_{j : x_mask[j]} exp(S[j, i])          (M,)  only when with_columns
-  // LSEs are float32 (float64 for float64 inputs). Never materialises S whole.
-  m.def("contrastive_lse(Tensor x, Tensor y, Tensor? x_mask, Tensor? y_mask, float scale, "
-        "bool normalize, bool with_columns) -> (Tensor row_lse, Tensor col_lse)");
-  // Gradients of sum(grad_row * row_lse) + sum(grad_col * col_lse) w.r.t. x and y, recomputed
-  // tile by tile from the saved LSEs. Rows/columns whose LSE is -inf get no gradient.
+  // (x: (N, d) anchors, y: (M, d) candidates; x_hat, y_hat L2-normalised when normalize;
+  // scale a 1-element tensor on the inputs' device, never read back to the host).
+  //   row_lse[j] = log sum_{i : y_mask[i], keep(j, i)} exp(S[j, i] - y_logq[i])   (N,)
+  //   col_lse[i] = log sum_{j : x_mask[j], keep(j, i)} exp(S[j, i])  (M,)  only when with_columns
+  //   keep(j, i) = !(x_ids[j] == y_ids[i] && i != j + id_offset)  (accidental hits; ids int64,
+  //                both or neither; id_offset >= M or <= -N: y holds no row's positive)
+  // -inf for an empty set. LSEs are float32 (float64 for float64 inputs). Never materialises S whole.
+  m.def("contrastive_lse(Tensor x, Tensor y, Tensor? x_mask, Tensor? y_mask, Tensor? y_logq, "
+        "Tensor? x_ids, Tensor? y_ids, int id_offset, Tensor scale, bool normalize, bool with_columns) "
+        "-> (Tensor row_lse, Tensor col_lse)");
+  // Gradients of sum(grad_row * row_lse) + sum(grad_col * col_lse) w.r.t. x, y and scale,
+  // recomputed tile by tile from the saved LSEs. Rows/columns whose LSE is -inf get no gradient.
   m.def("contrastive_lse_backward(Tensor grad_row, Tensor grad_col, Tensor x, Tensor y, "
-        "Tensor? x_mask, Tensor? y_mask, Tensor row_lse, Tensor col_lse, float scale, "
-        "bool normalize, bool with_columns) -> (Tensor grad_x, Tensor grad_y)");
+        "Tensor? x_mask, Tensor? y_mask, Tensor? y_logq, Tensor? x_ids, Tensor? y_ids, int id_offset, "
+        "Tensor row_lse, Tensor col_lse, Tensor scale, bool normalize, bool with_columns) "
+        "-> (Tensor grad_x, Tensor grad_y, Tensor grad_scale)");
   // Reconstruction-attention core after the projections, over segments (the layouts of
   // courier_fast/attention_layout.py): q (T, h, dh), k/v (S, h, dh) views (dh contiguous);
   // target t attends keys [key_offsets[r], key_offsets[r+1]) of its row r = target_rows[t];

@@ -44,10 +44,33 @@ def test_many_tiles_match_reference(gen, small_tiles, symmetric, normalize):
         torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_many_tiles_with_scale_bias_ids_logq_match_reference(gen, small_tiles, symmetric):
+    """17 tiles: accidental hits (ids repeating across tiles), logQ, a learned scale and bias:
+    the loss and every gradient (anchors, candidates, scale; bias exactly 0) equal the dense
+    float64 reference."""
+    n, d = 257, 5
+    a = randn(gen, n, d, dtype=torch.float64, requires_grad=True)
+    c = randn(gen, n, d, dtype=torch.float64, requires_grad=True)
+    s = torch.tensor(9.0, dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(-3.0, dtype=torch.float64, requires_grad=True)
+    kw = dict(logit_scale=s, logit_bias=b, anchor_weight=torch.rand(n, generator=gen, dtype=torch.float64),
+              candidate_mask=rand_mask(gen, n, p=0.8), candidate_ids=torch.randint(0, 40, (n,), generator=gen),
+              candidate_logq=randn(gen, n, dtype=torch.float64), symmetric=symmetric)
+    got = cf.contrastive_loss(a, c, backend="chunked", **kw)
+    want = contrastive_loss_reference(a, c, **kw)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    grads = torch.autograd.grad(got, (a, c, s, b))
+    for g, e in zip(grads[:3], torch.autograd.grad(want, (a, c, s))):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12)
+    assert grads[3] == 0
+
+
 def test_lse_op_rows_and_columns_with_empty_sets(gen, small_tiles):
     x, y = randn(gen, 40, 3, dtype=torch.float64), randn(gen, 33, 3, dtype=torch.float64)
     xm, ym = rand_mask(gen, 40), torch.zeros(33, dtype=torch.bool)
-    row, col = chunked.contrastive_lse(x, y, xm, ym, 2.0, True, True)
+    row, col = chunked.contrastive_lse(x, y, xm, ym, None, None, None, 0, torch.tensor(2.0, dtype=torch.float64),
+                                       True, True)
     s = 2.0 * torch.nn.functional.normalize(x, dim=-1) @ torch.nn.functional.normalize(y, dim=-1).T
     assert torch.isinf(row).all() and (row < 0).all()  # no candidate kept: -inf
     torch.testing.assert_close(col, torch.logsumexp(s.masked_fill(~xm[:, None], float("-inf")), 0))

@@ -1,7 +1,8 @@
 """Global negatives across 2 and 3 gloo processes (loopback): after DDP-style gradient averaging the
 gradients, and the mean of the ranks' losses, equal one process on the concatenated batch, with a
-gather capacity given up front (no host read) or exchanged (one read per call); a COURIER training
-step under DDP reads nothing back from the device."""
+gather capacity given up front (no host read) or exchanged (one read per call), also with a
+learned scale and bias, candidate ids and logQ; a COURIER training step under DDP reads nothing
+back from the device."""
 import os
 import socket
 
@@ -84,6 +85,68 @@ def test_two_process_gradients_equal_single_process(backend, gather, symmetric, 
             else:
                 assert reads == [], reads
         start += sizes[rank]
+
+
+def _extras_worker(rank, port, sizes, backend, ring, symmetric, data, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=len(sizes))
+    try:
+        start = sum(sizes[:rank])
+        sl = slice(start, start + sizes[rank])
+        a = data["a"][sl].clone().requires_grad_()
+        c = data["c"][sl].clone().requires_grad_()
+        s = torch.tensor(6.0, dtype=torch.float64, requires_grad=True)
+        b = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
+        with input_checks(False), HostReads() as reads:
+            loss = cf.contrastive_loss(a, c, logit_scale=s, logit_bias=b, anchor_weight=data["w"][sl],
+                                       candidate_mask=data["m"][sl], candidate_ids=data["ids"][sl],
+                                       candidate_logq=data["logq"][sl], symmetric=symmetric, group=dist.group.WORLD,
+                                       backend=backend, ring=ring, capacity=max(sizes) + 2)
+            loss.backward()
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss)
+        results[rank] = ((mean_loss / len(sizes)).item(), a.grad.clone(), c.grad.clone(), s.grad.item(),
+                         b.grad.item(), reads.reads)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend,ring,sizes", [("reference", False, (5, 8)), ("cpu", False, (4, 7, 5)),
+                                                ("cpu", True, (4, 7, 5)), ("chunked", True, (5, 8))])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_scale_bias_ids_logq_across_ranks_equal_single_process(backend, ring, sizes, symmetric):
+    """A learned scale and bias, candidate ids repeated across ranks (accidental hits on other
+    ranks leave the denominators; in the ring, only the first block holds a row's positive) and
+    logQ gathered with the candidates: the ranks' mean loss, DDP-averaged gradients of the
+    embeddings and of the scale equal one process on the whole batch; the bias's gradient is 0;
+    nothing is read back from the device."""
+    n = sum(sizes)
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    data = {"a": torch.randn(n, 5, generator=g, dtype=torch.float64),
+            "c": torch.randn(n, 5, generator=g, dtype=torch.float64),
+            "w": torch.rand(n, generator=g, dtype=torch.float64), "m": torch.rand(n, generator=g) < 0.8,
+            "ids": torch.randint(0, n // 3, (n,), generator=g), "logq": torch.randn(n, generator=g, dtype=torch.float64)}
+    results = mp.Manager().dict()
+    mp.spawn(_extras_worker, args=(_free_port(), sizes, backend, ring, symmetric, data, results), nprocs=len(sizes))
+
+    a, c = data["a"].clone().requires_grad_(), data["c"].clone().requires_grad_()
+    s = torch.tensor(6.0, dtype=torch.float64, requires_grad=True)
+    ref = contrastive_loss_reference(a, c, logit_scale=s, logit_bias=1.5, anchor_weight=data["w"],
+                                     candidate_mask=data["m"], candidate_ids=data["ids"], candidate_logq=data["logq"],
+                                     symmetric=symmetric)
+    ga, gc, gs = torch.autograd.grad(ref, (a, c, s))
+    world, start, scale_grads = len(sizes), 0, []
+    for rank, size in enumerate(sizes):
+        loss, a_grad, c_grad, s_grad, b_grad, reads = results[rank]
+        assert abs(loss - ref.item()) < 1e-10
+        sl = slice(start, start + size)
+        torch.testing.assert_close(a_grad / world, ga[sl])
+        torch.testing.assert_close(c_grad / world, gc[sl])
+        assert abs(b_grad) <= (1e-12 if backend == "reference" else 0.0)
+        assert reads == [], reads
+        scale_grads.append(s_grad)
+        start += size
+    assert sum(scale_grads) / world == pytest.approx(gs.item(), rel=1e-9, abs=1e-12)
 
 
 def test_capacity_is_checked_without_a_group():

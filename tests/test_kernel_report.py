@@ -75,9 +75,10 @@ def test_attention_work_reports_the_core_apart_from_the_projections():
     assert row["core"]["executed_mma_flop"] + row["projections"]["executed_mma_flop"] == row["executed_mma_flop"]
 
 
-@pytest.mark.parametrize("d", [64, 128, 256, 512])
+@pytest.mark.parametrize("d", [64, 128, 256, 384, 512, 768, 1024])
 def test_contrastive_work_meets_the_targets(d):
-    """Executed MMA FLOP <= 1.25x the 8 N^2 d floor (1.5x symmetric) for d <= 512."""
+    """Executed MMA FLOP <= 1.25x the 8 N^2 d floor (1.5x symmetric) for the feature widths CLIP
+    towers use (d = 64 ... 1024, with the accidental-hit and logQ options on: they add no GEMM)."""
     assert kernel_report.contrastive_work(65536, d, symmetric=False)["ratio"] <= 1.25
     assert kernel_report.contrastive_work(65536, d, symmetric=True)["ratio"] <= 1.5
 

@@ -16,8 +16,8 @@ SMALL = {"encoder": "test_efficientnet", "embed_dim": 32, "num_heads": 4}
 
 @pytest.fixture(scope="module")
 def world(world):
-    """The shared tiny world (conftest), loaded."""
-    return load_dataset(world, tables=("pretrain",))
+    """The shared tiny world (conftest), loaded; "root" is its directory."""
+    return {**load_dataset(world, tables=("pretrain",)), "root": world}
 
 
 @pytest.fixture
@@ -137,11 +137,14 @@ def test_queries_target_image_are_the_embeddings():
 
 
 # ----------------------------------------------------------------------------- float64 reference
-def _infonce64(anchors, cands, anchor, keep, temperature):
-    """Dense InfoNCE: mean over anchors of -log softmax over the kept candidates at the positive."""
+def _infonce64(anchors, cands, anchor, keep, temperature, logq=None):
+    """Dense InfoNCE: mean over anchors of -log softmax over the kept candidates at the positive;
+    keep (K,) per candidate or (K, K) per anchor and candidate; logq (K,) subtracted per candidate."""
     a = F.normalize(anchors.double(), dim=-1)
     c = F.normalize(cands.double(), dim=-1)
     logits = a @ c.T / temperature
+    if logq is not None:
+        logits = logits - logq.double()[None, :]
     lse = torch.logsumexp(logits.masked_fill(~keep, float("-inf")), dim=-1)
     terms = lse - logits.diagonal()
     return terms[anchor].mean()
@@ -151,9 +154,23 @@ def _loop_keep(index, anchor, valid):
     return torch.tensor(_candidates_loop(index, anchor, valid))
 
 
-@pytest.mark.parametrize("query", ["target", "learned"])
-def test_losses_match_float64_reference(query, batch):
-    model = CourierModel(query=query, **SMALL)
+def _ids_keep(ids, valid):
+    """(K, K): candidate i is in anchor j's denominator when valid and not another slot of j's item."""
+    ids = ids.reshape(-1)
+    return valid.reshape(-1)[None, :] & ((ids[:, None] != ids[None, :]) | torch.eye(ids.numel(), dtype=torch.bool))
+
+
+@pytest.mark.parametrize("query,candidate_ids,logq", [("target", True, False), ("learned", True, False),
+                                                      ("learned", False, False), ("learned", True, True)])
+def test_losses_match_float64_reference(query, candidate_ids, logq, batch):
+    """candidate_ids=True: every valid slot is a candidate, the other slots of an anchor's item
+    leave its denominator; False: the in-rank rule (candidate_mask). logq: the page-view loss
+    subtracts each candidate's log frequency (a table with one id missing: it gets the floor)."""
+    table = None
+    if logq:
+        ids = torch.unique(batch.pv_ids[batch.pv_ids >= 0])[1:]  # the smallest id is left out of the table
+        table = (ids, torch.randn(ids.numel()).log_softmax(0))
+    model = CourierModel(query=query, candidate_ids=candidate_ids, item_logq=table, **SMALL)
     if model.category_query is not None:
         torch.nn.init.normal_(model.category_query.weight)
     model.eval()  # BatchNorm on running statistics: embed_batch and forward see the same encoder
@@ -169,18 +186,49 @@ def test_losses_match_float64_reference(query, batch):
         logits = model.ctr_head(torch.cat([r, e], -1)).squeeze(-1)
 
     clicked = (batch.clicks > 0) & valid
-    keep = _loop_keep(batch.pv_index.reshape(-1), clicked.reshape(-1), valid.reshape(-1))
-    ref = _infonce64(r.reshape(-1, d), e.reshape(-1, d), clicked.reshape(-1), keep, 0.05)
+    if candidate_ids:
+        keep = _ids_keep(batch.pv_ids, valid)
+    else:
+        keep = _loop_keep(batch.pv_index.reshape(-1), clicked.reshape(-1), valid.reshape(-1))
+    q = None
+    if logq:
+        lookup = dict(zip(table[0].tolist(), table[1].tolist()))
+        q = torch.tensor([lookup.get(i, table[1].min().item()) for i in batch.pv_ids.reshape(-1).tolist()])
+    ref = _infonce64(r.reshape(-1, d), e.reshape(-1, d), clicked.reshape(-1), keep, 0.05, q)
     torch.testing.assert_close(out["contrastive"].double(), ref, rtol=1e-4, atol=1e-5)
 
     # history: position t (valid, with a valid earlier position) reconstructed from positions < t
     anchor = hvalid & (torch.cumsum(hvalid.int(), 1) > 1)
-    hkeep = _loop_keep(batch.history_index.reshape(-1), anchor.reshape(-1), hvalid.reshape(-1))
+    if candidate_ids:
+        hkeep = _ids_keep(batch.history_ids, hvalid)
+    else:
+        hkeep = _loop_keep(batch.history_index.reshape(-1), anchor.reshape(-1), hvalid.reshape(-1))
     href = _infonce64(rh.reshape(-1, d), h.reshape(-1, d), anchor.reshape(-1), hkeep, 0.05)
     torch.testing.assert_close(out["history"].double(), href, rtol=1e-4, atol=1e-5)
 
     ctr = F.binary_cross_entropy_with_logits(logits[valid].double(), batch.clicks[valid].double())
     torch.testing.assert_close(out["ctr"].double(), ctr, rtol=1e-4, atol=1e-6)
+
+
+def test_batches_repeat_items_so_the_ids_matter(world):
+    """The tiny world's batches show items in several rows (what accidental hits are): otherwise
+    the candidate_ids cases above could not tell the two rules apart."""
+    loader = SessionLoader(world["items"], world["pretrain"], batch_size=8, prefetch=0,
+                           decoder=ImageDecoder(backend="pil"))
+    b = loader.make_batch(np.arange(8))
+    ids = b.pv_ids[b.pv_ids >= 0]
+    assert torch.unique(ids).numel() < ids.numel()
+
+
+def test_item_logq_is_checked():
+    with pytest.raises(ValueError, match="item_logq"):
+        CourierModel(item_logq=(torch.tensor([3, 1]), torch.tensor([-1.0, -2.0])), **SMALL)
+    with pytest.raises(ValueError, match="item_logq"):
+        CourierModel(item_logq=(torch.tensor([1, 3]), torch.tensor([-1.0])), **SMALL)
+    with pytest.raises(TypeError, match="candidate_ids"):
+        CourierModel(candidate_ids=1, **SMALL)
+    model = CourierModel(item_logq=(torch.tensor([1, 3]), torch.tensor([-1.0, -2.0])), **SMALL)
+    assert "logq_ids" not in model.state_dict()  # derived from the data, not saved
 
 
 # ----------------------------------------------------------------------------- weights, arguments
@@ -315,3 +363,27 @@ def test_loss_weights_are_validated_and_unused_heads_are_not_built():
     assert CourierModel(ctr_weight=0.0, **SMALL).ctr_head is None
     frozen = CourierModel(query="target_image", **SMALL)
     assert not frozen.base_query.requires_grad  # unused there: DDP must not wait for its gradient
+
+
+# ----------------------------------------------------------------------------- logQ from the data
+def test_item_log_frequencies_count_page_view_slots(world):
+    from courier_fast.training import item_log_frequencies
+
+    ids, logq = item_log_frequencies(world["pretrain"])
+    shown = [i for row in world["pretrain"].column("pv_items").to_pylist() for i in row]
+    want = {i: np.log(shown.count(i) / len(shown)) for i in set(shown)}
+    assert ids.tolist() == sorted(want) and ids.dtype == torch.int64 and logq.dtype == torch.float32
+    np.testing.assert_allclose(logq.numpy(), [want[i] for i in ids.tolist()], rtol=1e-6)
+
+
+def test_train_with_logq(tmp_path, world):
+    """TrainConfig(logq=True) (courier-fast train --logq) trains COURIER with the page-view
+    frequencies; another method with it is a ValueError naming logq."""
+    from courier_fast.training import TrainConfig, train
+
+    kw = dict(data=world["root"], encoder="test_efficientnet", embed_dim=16, batch_size=4, image_size=0, steps=2,
+              progress=False, decoder="pil")
+    summary = train(TrainConfig(out=str(tmp_path / "logq"), logq=True, **kw))
+    assert summary["step"] == 2 and np.isfinite(summary["last"]["contrastive"])
+    with pytest.raises(ValueError, match="logq"):
+        TrainConfig(out=str(tmp_path / "x"), method="simclr", logq=True, **kw).validate()

@@ -1,6 +1,6 @@
 // CUDA backend of courier_fast::contrastive_lse: cuBLAS GEMMs (through ATen) on row chunks of
-// the anchors, with fused CUDA epilogues for the masked row LSE, the online column LSE and the
-// softmax-weighted gradient tile. Same chunked driver as the CPU backend (contrastive_lse.h).
+// the anchors, with fused CUDA epilogues for the accidental-hit mask, the masked row LSE, the
+// online column LSE and the softmax-weighted gradient tile. Same chunked driver as the CPU backend (contrastive_lse.h).
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -94,6 +94,18 @@ __global__ void grad_tile_kernel(T* __restrict__ s, int64_t rows, int64_t m_cols
   }
 }
 
+// s[r, i] <- -inf where candidate i is an accidental hit of tile row r (same id, not its positive).
+template <typename T>
+__global__ void mask_hits_kernel(T* __restrict__ s, int64_t rows, int64_t m_cols, const int64_t* __restrict__ x_ids,
+                                 const int64_t* __restrict__ y_ids, int64_t positive) {
+  const int64_t total = rows * m_cols;
+  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = idx / m_cols, i = idx - r * m_cols;
+    if (y_ids[i] == x_ids[r] && i != positive + r) s[idx] = T(-INFINITY);
+  }
+}
+
 template <typename T>
 const T* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;
@@ -101,6 +113,19 @@ const T* ptr_or_null(const at::Tensor& t) {
 
 struct CudaTileOps {
   static constexpr TilePolicy kTiles = kCudaTiles;  // by rows: >= 256 rows per GEMM
+
+  static void mask_hits(at::Tensor& s, const TileIds& ids) {
+    const int64_t rows = s.size(0), cols = s.size(1);
+    if (rows * cols == 0) return;
+    auto stream = at::cuda::getCurrentCUDAStream();
+    const int64_t blocks = std::min<int64_t>((rows * cols + kThreads - 1) / kThreads, 65535 * 8);
+    AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "mask_hits_kernel", [&] {
+      mask_hits_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+          s.data_ptr<scalar_t>(), rows, cols, ids.x_ids.data_ptr<int64_t>(), ids.y_ids.data_ptr<int64_t>(),
+          ids.positive);
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 
   static void row_lse(at::Tensor& s, const at::Tensor& y_bias, at::Tensor& out) {
     const int64_t rows = s.size(0), cols = s.size(1);
@@ -147,20 +172,26 @@ struct CudaTileOps {
 
 std::tuple<at::Tensor, at::Tensor> lse_cuda(const at::Tensor& x, const at::Tensor& y,
                                             const std::optional<at::Tensor>& x_mask,
-                                            const std::optional<at::Tensor>& y_mask, double scale,
-                                            bool normalize, bool with_columns) {
+                                            const std::optional<at::Tensor>& y_mask,
+                                            const std::optional<at::Tensor>& y_logq,
+                                            const std::optional<at::Tensor>& x_ids,
+                                            const std::optional<at::Tensor>& y_ids, int64_t id_offset,
+                                            const at::Tensor& scale, bool normalize, bool with_columns) {
   const c10::cuda::CUDAGuard guard(x.device());
-  return contrastive_lse_forward<CudaTileOps>(x, y, x_mask, y_mask, scale, normalize, with_columns);
+  return contrastive_lse_forward<CudaTileOps>(x, y, x_mask, y_mask, y_logq, x_ids, y_ids, id_offset, scale,
+                                              normalize, with_columns);
 }
 
-std::tuple<at::Tensor, at::Tensor> lse_backward_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_backward_cuda(
     const at::Tensor& grad_row, const at::Tensor& grad_col, const at::Tensor& x,
     const at::Tensor& y, const std::optional<at::Tensor>& x_mask,
-    const std::optional<at::Tensor>& y_mask, const at::Tensor& row_lse, const at::Tensor& col_lse,
-    double scale, bool normalize, bool with_columns) {
+    const std::optional<at::Tensor>& y_mask, const std::optional<at::Tensor>& y_logq,
+    const std::optional<at::Tensor>& x_ids, const std::optional<at::Tensor>& y_ids, int64_t id_offset,
+    const at::Tensor& row_lse, const at::Tensor& col_lse, const at::Tensor& scale, bool normalize,
+    bool with_columns) {
   const c10::cuda::CUDAGuard guard(x.device());
-  return contrastive_lse_backward<CudaTileOps>(grad_row, grad_col, x, y, x_mask, y_mask, row_lse,
-                                               col_lse, scale, normalize, with_columns);
+  return contrastive_lse_backward<CudaTileOps>(grad_row, grad_col, x, y, x_mask, y_mask, y_logq, x_ids, y_ids,
+                                               id_offset, row_lse, col_lse, scale, normalize, with_columns);
 }
 
 }  // namespace
