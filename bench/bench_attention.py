@@ -1,11 +1,14 @@
 """Reconstruction attention: courier_fast backends side by side with peers, same inputs.
 
-Peers: official (nn.MultiheadAttention with the history repeated per target and no padding
-mask, as COURIER's public code does), mha_masked (nn.MultiheadAttention, key_padding_mask, no
-repeat), sdpa (projections + scaled_dot_product_attention with a mask), flex (FlexAttention,
-where it runs). Every row times forward and forward+backward of out.float().square().mean()
-w.r.t. targets, history and the weights. floor_fraction = max(3 x history bytes / measured
-copy bandwidth, 3 x projection FLOP / measured matmul rate) / measured fwd+bwd time.
+Peers: official (COURIER's public code: flat page-view targets, each with the history row it
+belongs to copied per target, `mha(pv.unsqueeze(1), hist[idx], hist[idx])`, no padding mask),
+mha_masked (nn.MultiheadAttention, key_padding_mask, no copy), sdpa (projections +
+scaled_dot_product_attention with a mask), flex (FlexAttention, where it runs). Ours:
+courier_fast:<backend> on the padded layout (B, P, d) and courier_fast:<backend>:history_index
+on the official call's own layout (flat targets + history_index: the one-line change, no copy).
+Every row times forward and forward+backward of out.float().square().mean() w.r.t. targets,
+history and the weights. floor_fraction = max(3 x history bytes / measured copy bandwidth,
+3 x projection FLOP / measured matmul rate) / measured fwd+bwd time.
 
     python bench/bench_attention.py --quick
     python bench/bench_attention.py --shape 4096 50 10     # B L P
@@ -28,12 +31,16 @@ def _mha(d, h, device, dtype):
     return nn.MultiheadAttention(d, h, batch_first=True, device=device, dtype=dtype)
 
 
+def _flat(t):
+    """Targets (B, P, d) as the official code holds them: flat (B*P, d) and pv_batch_index (B*P,)."""
+    b, p, d = t.shape
+    return t.reshape(b * p, d), torch.arange(b, device=t.device).repeat_interleave(p)
+
+
 def official(mha):
     def fn(t, hist, pad):
-        b, p, d = t.shape
-        q = t.reshape(b * p, 1, d)
-        kv = hist.unsqueeze(1).expand(b, p, *hist.shape[1:]).reshape(b * p, hist.shape[1], d)
-        return mha(q, kv, kv, need_weights=False)[0].reshape(b, p, d)
+        pv, idx = _flat(t)
+        return mha(pv.unsqueeze(1), hist[idx], hist[idx], need_weights=False)[0].squeeze(1).reshape(t.shape)
     return fn
 
 
@@ -75,14 +82,27 @@ def courier(mha, backend):
     return lambda t, hist, pad: mod(t, hist, key_padding_mask=pad)
 
 
+def courier_history_index(mha, backend):
+    """The official call with the one-line change: mod(pv, hist, history_index=idx)."""
+    import courier_fast as cf
+    mod = cf.nn.ReconstructionAttention.from_mha(mha, backend=backend)
+
+    def fn(t, hist, pad):
+        pv, idx = _flat(t)
+        return mod(pv, hist, key_padding_mask=pad, history_index=idx).reshape(t.shape)
+    return fn
+
+
 def implementations(mha, device):
     from courier_fast import dispatch
     impls = {"official": official(mha), "mha_masked": mha_masked(mha), "sdpa": sdpa(mha), "flex": flex(mha),
-             "courier_fast:auto": courier(mha, "auto")}
+             "courier_fast:auto": courier(mha, "auto"),
+             "courier_fast:auto:history_index": courier_history_index(mha, "auto")}
     for name, (ok, _) in dispatch.op_backends("reconstruction_attention").items():
         impl = dispatch.implementations("reconstruction_attention").get(name)
         if ok and impl and device in impl.devices:
             impls[f"courier_fast:{name}"] = courier(mha, name)
+            impls[f"courier_fast:{name}:history_index"] = courier_history_index(mha, name)
     return impls
 
 
@@ -124,14 +144,14 @@ def main():
         shapes = args.shape or [(64, 5, 5), (4096, 50, 10), (1024, 1024, 64)]
         dtypes, reps = args.dtype or ["float32", "bfloat16"], args.reps
     else:
-        shapes, dtypes, reps = args.shape or [(64, 5, 5), (1024, 50, 10)], args.dtype or ["float32"], args.reps
+        shapes, dtypes, reps = args.shape or [(4096, 5, 10), (4096, 50, 10)], args.dtype or ["float32"], args.reps
     keys = args.impl or list(implementations(_mha(d, h, device, torch.float32), device))
 
     ceilings = {dt: harness.matmul_ceiling(device, getattr(torch, dt)) for dt in dtypes}
     bandwidth = harness.copy_bandwidth(device)
     print(f"device={device} torch={torch.__version__} copy {bandwidth / 1e9:.1f} GB/s, matmul (TFLOP/s): "
           + ", ".join(f"{k}={v / 1e12:.2f}" for k, v in ceilings.items()))
-    print(f"{'impl':<26}{'B':>6}{'L':>6}{'P':>5}{'dtype':>10}{'fwd ms':>10}{'fwd+bwd ms':>12}{'peak MB':>10}{'floor':>8}")
+    print(f"{'impl':<38}{'B':>6}{'L':>6}{'P':>5}{'dtype':>10}{'fwd ms':>10}{'fwd+bwd ms':>12}{'peak MB':>10}{'floor':>8}")
     rows = []
     for dt in dtypes:
         elem = torch.empty((), dtype=getattr(torch, dt)).element_size()
@@ -147,10 +167,10 @@ def main():
                     proj_flop = 2 * b * (2 * p + 2 * length) * d * d  # Q, K, V and output projections
                     floor_s = max(3 * b * length * d * elem / bandwidth, 3 * proj_flop / ceilings[dt])
                     row["floor_fraction"] = round(floor_s / (res["ms_fwd_bwd"] / 1e3), 4)
-                    print(f"{key:<26}{b:>6}{length:>6}{p:>5}{dt:>10}{res['ms_fwd']:>10.2f}{res['ms_fwd_bwd']:>12.2f}"
+                    print(f"{key:<38}{b:>6}{length:>6}{p:>5}{dt:>10}{res['ms_fwd']:>10.2f}{res['ms_fwd_bwd']:>12.2f}"
                           f"{res['peak_mem_mb']:>10.1f}{row['floor_fraction']:>8.3f}")
                 else:
-                    print(f"{key:<26}{b:>6}{length:>6}{p:>5}{dt:>10}  {res.get('error', '')[:70]}")
+                    print(f"{key:<38}{b:>6}{length:>6}{p:>5}{dt:>10}  {res.get('error', '')[:70]}")
                 rows.append(row)
     ceilings["copy_bytes_per_s"] = bandwidth
     print("wrote", harness.write_results("attention", ceilings, rows, args.out, quick=args.quick))

@@ -45,7 +45,9 @@ MMA_DTYPE = {"bf16": "bf16", "f16": "fp16", "tf32": "tf32", "f32": "fp32", "e4m3
 
 
 # ----------------------------------------------------------------------------- Triton rows
-INT_ARGS = {"contrastive_loss": {"N", "M", "D"}, "reconstruction_attention": {"H", "P", "L", "DH", "causal"}}
+INT_ARGS = {"contrastive_loss": {"N", "M", "D"},
+            "reconstruction_attention": {"H", "P", "L", "DH", "causal", "T", "S", "LS"}}
+INDEX_ARGS = {"TROW", "KROW", "TOFF", "KOFF", "ORDER"}  # the attention segment table, int64
 
 
 def _signature(fn, dtype, kind, op):
@@ -68,6 +70,8 @@ def _signature(fn, dtype, kind, op):
             sig[name] = f"*{el}"
         elif name == "MASK":
             sig[name] = "*u8"
+        elif name in INDEX_ARGS:
+            sig[name] = "*i64"
         else:  # norms, biases, LSEs, upstream gradients, fp32 outputs
             sig[name] = "*fp32"
     return sig
@@ -114,10 +118,41 @@ def triton_tasks(quick=False):
             p_opts, l_opts = attn.block_options(block_dh, fp32=dt == "float32")
             combos = [(p, l) for p in p_opts for l in l_opts]
             for bp, bl in (combos[-1:] if quick else combos):
-                for kernel in ("attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq"):
+                for kernel in ("flash_fwd", "flash_bwd_dkdv", "flash_bwd_dq"):
                     cx = {"DOT_FP32": dt == "float32", "BLOCK_P": bp, "BLOCK_L": bl, "BLOCK_DH": block_dh}
-                    tasks.append(("reconstruction_attention", kernel, dt, cx, attn.num_warps(bp, bl), attn.NUM_STAGES,
+                    warps = attn.num_warps(bp, bl, block_dh, fp32=dt == "float32")
+                    tasks.append(("reconstruction_attention", kernel, dt, cx, warps, attn.NUM_STAGES,
                                   f"head_dim<={block_dh}"))
+    tasks += short_attention_tasks(dtypes, quick)
+    return tasks
+
+
+def short_attention_tasks(dtypes, quick=False):
+    """Every variant of the short-history attention kernels the host launches (short_blocks /
+    short_dkdv_blocks over max_keys <= SHORT_MAX_KEYS, any target count, head dims <= 16 and
+    above; fp32 at every head dim: these kernels have no MMA). quick: COURIER's shape (L = 5,
+    P = 10, head dim 64). Their products are FMA by design (config "products": "fma")."""
+    from courier_fast.kernels import reconstruction_attention as attn
+
+    keys = (5,) if quick else tuple(2 ** i for i in range(attn.SHORT_MAX_KEYS.bit_length()))
+    targets = (10,) if quick else attn.SHORT_BLOCK_P
+    dims = (64,) if quick else (16, 64)
+    tasks = []
+    for dt in dtypes:
+        seen = set()
+        for dh in dims:
+            for n in keys:
+                bt, bl, bd = attn.short_blocks(n, dh)
+                for kernel in ("short_fwd", "short_bwd_dq"):
+                    seen.add((kernel, (("BLOCK_T", bt), ("BLOCK_L", bl), ("BLOCK_D", bd))))
+            for n in targets + (-1,):
+                bs, bp, bd = attn.short_dkdv_blocks(n, dh)
+                seen.add(("short_bwd_dkdv", (("BLOCK_S", bs), ("BLOCK_P", bp), ("BLOCK_D", bd))))
+        for kernel, cx in sorted(seen):
+            warps = attn.SHORT_DKDV_WARPS if kernel == "short_bwd_dkdv" else attn.SHORT_WARPS
+            tasks.append(("reconstruction_attention", kernel, dt, {**dict(cx), "products": "fma"},
+                          warps, attn.NUM_STAGES, "short history"))
+    return tasks
     return tasks
 
 
@@ -167,11 +202,12 @@ def compile_row(task, arch):
 
     op, kernel, dtype, cx, warps, stages, label = task
     fn = _kernel_fn(op, kernel)
-    sig = _signature(fn, dtype, cx, op)
+    cx_kernel = {k: v for k, v in cx.items() if k != "products"}  # "products": a label, not a constexpr
+    sig = _signature(fn, dtype, cx_kernel, op)
     row = {"op": op, "kernel": kernel, "arch": arch, "dtype": dtype,
            "config": {**{k: v for k, v in cx.items()}, "num_warps": warps, "num_stages": stages, "class": label}}
     try:
-        c = triton_aot.compile_kernel(fn, sig, cx, arch, warps, stages, aligned=_aligned(sig))
+        c = triton_aot.compile_kernel(fn, sig, cx_kernel, arch, warps, stages, aligned=_aligned(sig))
     except Exception as exc:  # a config that does not compile is a finding, not a crash
         return {**row, "error": f"{type(exc).__name__}: {str(exc)[:300]} ... {str(exc)[-300:]}"}
     mma = mma_instructions(c.ptx)
@@ -204,7 +240,10 @@ def problems(row):
         out.append(f"shared memory {row['shared_bytes']} B > {SMEM_LIMIT[row['arch']]} B")
     if row["spills"]:
         out.append(f"{row['spills']} bytes of register spills")
-    if row["dtype"] in ("bfloat16", "float16") and row.get("dots") is not None:
+    if row.get("config", {}).get("products") == "fma":  # CUDA-core products by design: no tl.dot at all
+        if row.get("dots"):
+            out.append(f"an FMA kernel with tl.dot: {row['dots']}")
+    elif row["dtype"] in ("bfloat16", "float16") and row.get("dots") is not None:
         want = DTYPES[row["dtype"]]
         bad = [d for d in row["dots"] if not (d["mma"] and d["operands"] == want)]
         if bad or not row["dots"] or set(row["mma_precisions"]) != {want}:
@@ -375,25 +414,43 @@ def contrastive_work(n, d, symmetric, elem_bytes=2):
 
 
 def attention_work(b, p, length, d, h, elem_bytes=2):
-    """Work of one forward + backward, reported for the two parts separately: the Q/K/V and
-    output projections (ATen GEMMs: executed = floor, 3 x 2 B (P d^2 + 2 L d^2 + P d^2)) and the
-    fused Triton core (forward 2 GEMMs, backward 7: dK/dV kernel S, dV, dP, dK; dQ kernel S, dP,
-    dQ; on tiles padded to the GPU's blocks) against its floor 12 B P L d (QK^T and PV forward,
-    four products backward). The core dominates neither at COURIER's shapes, and small P and L
-    waste most of its 16-row MMA tiles: its own ratio says how much."""
+    """Work of one forward + backward at B rows of P targets over L history items, reported for
+    the parts separately: the Q/K/V and output projections (ATen GEMMs: executed = floor,
+    3 x 2 B (P d^2 + 2 L d^2 + P d^2)) and the fused Triton core against its floor 12 B P L d
+    (QK^T and PV forward, four products backward), as the host launches it:
+      short rows (L <= SHORT_MAX_KEYS): the packed kernels' FMA products (counted like MMA FLOP):
+        forward QK, PV and dQ pass QK, dO V, dS K over BLOCK_L key slots per target (B P targets
+        padded to BLOCK_T), dK/dV pass P^T dO, dS^T Q over each key's row's P targets in BLOCK_P
+        steps (B L keys padded to BLOCK_S); head dims padded to BLOCK_D.
+      longer rows: the flash kernels' MMA tiles (forward 2 GEMMs, backward 7: dK/dV kernel S,
+        dV, dP, dK; dQ kernel S, dP, dQ) on targets and keys padded to the GPU's blocks.
+    cuda_core: the CUDA core (FMA on exactly the existing (target, key) pairs: forward 2, dQ 3,
+    dK/dV 4 products; head dim padded to the lanes, 32 per value per lane)."""
     from courier_fast.kernels import reconstruction_attention as attn
 
     dh = d // h
-    bp, bl, bdh = attn.blocks(p, length, dh, gpu=True)
+    if attn.short_history(length):
+        bt, bl, bd = attn.short_blocks(length, dh)
+        bs, bp, bd_kv = attn.short_dkdv_blocks(p, dh)
+        per_slot = 2 * _pad(dh, bd)  # FLOP of one product for one (target, key slot) pair
+        core = h * (5 * _pad(b * p, bt) * bl * per_slot + 2 * _pad(b * length, bs) * _pad(p, bp) * 2 * _pad(dh, bd_kv))
+        blocks, products = {"BLOCK_T": bt, "BLOCK_L": bl, "BLOCK_D": bd, "BLOCK_S": bs, "BLOCK_P": bp}, "fma"
+    else:
+        bp, bl, bdh = attn.blocks(p, length, dh, gpu=True)
+        core = 9 * 2 * b * h * _pad(p, bp) * _pad(length, bl) * bdh
+        blocks, products = {"BLOCK_P": bp, "BLOCK_L": bl, "BLOCK_DH": bdh}, "mma"
     proj = 3 * 2 * b * (p * d * d + length * 2 * d * d + p * d * d)
-    core = 9 * 2 * b * h * _pad(p, bp) * _pad(length, bl) * bdh
     core_floor = 12 * b * p * length * d
+    cuda = 9 * 2 * b * h * p * length * 32 * -(-dh // 32)
     io = (b * p * d + b * length * d) * elem_bytes
     return {"op": "reconstruction_attention", "d": d, "symmetric": None,
-            "shape": {"B": b, "P": p, "L": length, "h": h, "blocks": [bp, bl, bdh]},
-            "core": {"executed_mma_flop": core, "floor_flop": core_floor, "ratio": round(core / core_floor, 4)},
-            "projections": {"executed_mma_flop": proj, "floor_flop": proj, "ratio": 1.0},
-            "executed_mma_flop": core + proj, "floor_flop": core_floor + proj,
+            "shape": {"B": b, "P": p, "L": length, "h": h, "blocks": blocks},
+            "core": {"products": products, "executed_flop": core, "floor_flop": core_floor,
+                     "ratio": round(core / core_floor, 4)},
+            "cuda_core": {"products": "fma", "executed_flop": cuda, "floor_flop": core_floor,
+                          "ratio": round(cuda / core_floor, 4)},
+            "projections": {"products": "mma", "executed_flop": proj, "floor_flop": proj, "ratio": 1.0},
+            "executed_flop": core + proj, "floor_flop": core_floor + proj,
             "ratio": round((core + proj) / (core_floor + proj), 4),
             "bytes_requested": None, "byte_floor": 3 * io, "byte_ratio": None}
 
@@ -401,7 +458,8 @@ def attention_work(b, p, length, d, h, elem_bytes=2):
 def work_rows():
     rows = [contrastive_work(65536, d, sym) for d in (64, 128, 256, 384, 512, 768, 1024, 100, 2048)
             for sym in (False, True)]
-    rows += [attention_work(64, 5, 5, 256, 4), attention_work(4096, 10, 50, 256, 4),
+    rows += [attention_work(64, 5, 5, 256, 4), attention_work(4096, 5, 5, 256, 4), attention_work(4096, 10, 5, 256, 4),
+             attention_work(4096, 10, 50, 256, 4),
              attention_work(1024, 64, 1024, 256, 4), attention_work(1024, 64, 1024, 256, 2)]
     return rows
 

@@ -163,8 +163,9 @@ def reconstruction_attention_reference(targets, history, in_proj_weight, in_proj
                                        key_padding_mask=None, causal=False, history_index=None,
                                        history_offsets=None, target_offsets=None, max_history_len=None):
     """docs/design.md §3.2 reconstruction attention, in the inputs' dtype, every layout of
-    courier_fast.attention_layout: each is turned into the padded one (with copies: this is the
-    definition, not a fast path) and computed densely.
+    courier_fast.attention_layout: each is turned into the padded one (jagged rows padded,
+    history_index targets grouped into their rows; copies of targets and history items, never a
+    copy of a history row per target) and computed densely.
 
     Padded: targets (B, P, d) are the queries, history (B, L, d) the keys and values;
     key_padding_mask (B, L) bool, True = padding. causal needs P == L: True / "strict": target t
@@ -174,7 +175,7 @@ def reconstruction_attention_reference(targets, history, in_proj_weight, in_proj
     key_padding_mask then (S,). target_offsets (B+1,): jagged targets (T, d). Returns the
     targets' shape.
     """
-    from courier_fast.jagged import jagged_to_padded
+    from courier_fast.jagged import jagged_to_padded, lengths_to_offsets, padded_to_jagged
 
     mode = causal_mode("causal", causal)
     if history_offsets is not None:  # jagged history -> (B, L, d) + padding
@@ -184,9 +185,12 @@ def reconstruction_attention_reference(targets, history, in_proj_weight, in_proj
             pad = pad | jagged_to_padded(key_padding_mask, history_offsets, history.shape[1], padding_value=True)[0]
         key_padding_mask = pad
     params = (in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, num_heads)
-    if history_index is not None:  # every target over its own copy of its history row
-        mask = None if key_padding_mask is None else key_padding_mask[history_index]
-        return _padded_attention(targets[:, None], history[history_index], *params, mask, 0)[:, 0]
+    if history_index is not None:  # targets grouped into their rows: copies of the targets, never of the history
+        counts = torch.bincount(history_index, minlength=history.shape[0])
+        order = torch.argsort(history_index, stable=True)
+        grouped, _ = jagged_to_padded(targets[order], lengths_to_offsets(counts))
+        out = _padded_attention(grouped, history, *params, key_padding_mask, 0)
+        return padded_to_jagged(out, counts)[0][torch.argsort(order)]
     if target_offsets is not None:  # jagged targets -> (B, P, d), and back
         padded, counts = jagged_to_padded(targets, target_offsets, history.shape[1] if mode else None)
         out = _padded_attention(padded, history, *params, key_padding_mask, mode)

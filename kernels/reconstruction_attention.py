@@ -49,14 +49,18 @@ MAX_HEAD_DIM = 256
 TILE_BUDGET = 128 * 128  # flash: (BLOCK_P + 2 BLOCK_L) * BLOCK_DH elements of q, k, v tiles per program
 NUM_STAGES = 2
 SHORT_MAX_KEYS = 16  # rows of at most this many history items take the short kernels
-SHORT_TILE = 4096  # short: elements of one gathered (rows, slots, BLOCK_D) tile
-SHORT_WARPS = 4
-SHORT_BLOCK_P = (1, 2, 4, 8)  # target chunks of the short dK/dV kernel
+SHORT_TILE = 2048  # short: elements of one gathered (rows, slots, BLOCK_D) tile (4096 spilled)
+SHORT_WARPS = 8  # forward and dQ (4 spilled a few bytes on sm_86)
+SHORT_MAX_ROWS = 32  # targets per short forward / dQ program (64 spilled with 1-2 slots per row)
+SHORT_DKDV_WARPS = 4  # dK/dV (8 spilled on sm_80)
+SHORT_DKDV_MAX_KEYS = 16  # keys per dK/dV program (32 spilled on sm_90a)
+SHORT_BLOCK_P = (1, 2, 4)  # target chunks of the short dK/dV kernel
 
 
-def num_warps(block_p, block_l):
-    """Flash: 4 warps; 8 for 64 x 64 score tiles (4 spill registers in the sm_80 dK/dV kernel)."""
-    return 8 if block_p * block_l >= 64 * 64 else 4
+def num_warps(block_p, block_l, block_dh=None, fp32=False):
+    """Flash: 4 warps; 8 for 64 x 64 score tiles (4 spill registers in the sm_80 dK/dV kernel) and
+    for fp32 inputs of head-dim classes FP32_EIGHT_WARPS (4 warps spilled in some kernel there)."""
+    return 8 if block_p * block_l >= 64 * 64 or (fp32 and block_dh in FP32_EIGHT_WARPS) else 4
 
 
 # ----------------------------------------------------------------------------- short kernels
@@ -81,8 +85,8 @@ def _own_keys(t, t_ok, TROW, KOFF, TOFF, MASK, causal, BLOCK_L: tl.constexpr):
     padding and the causal rule allows it (positions within the row)."""
     row = tl.load(TROW + t, mask=t_ok, other=0)
     first = tl.load(KOFF + row, mask=t_ok, other=0)
-    count = tl.load(KOFF + row + 1, mask=t_ok, other=0) - first
-    pos = t - tl.load(TOFF + row, mask=t_ok, other=0)
+    count = (tl.load(KOFF + row + 1, mask=t_ok, other=0) - first).to(tl.int32)  # < 2^31 per row
+    pos = (t - tl.load(TOFF + row, mask=t_ok, other=0)).to(tl.int32)
     slot = tl.arange(0, BLOCK_L)
     key = first[:, None] + slot[None, :]
     keep = t_ok[:, None] & (slot[None, :] < count[:, None])
@@ -170,10 +174,11 @@ def _short_bwd_dkdv_kernel(Q, DO, PS, DS, KROW, KOFF, TOFF, ORDER, DK, DV, S, H,
     hd = tl.program_id(1).to(tl.int64)
     s_ok = s < S
     row = tl.load(KROW + s, mask=s_ok, other=0)
-    slot = s - tl.load(KOFF + row, mask=s_ok, other=0)
     first = tl.load(TOFF + row, mask=s_ok, other=0)
-    count = tl.load(TOFF + row + 1, mask=s_ok, other=0) - first
+    count = (tl.load(TOFF + row + 1, mask=s_ok, other=0) - first).to(tl.int32)  # int32 loop bound: int64 spilled
     most = tl.max(count, axis=0)
+    order = ORDER + first  # (BLOCK_S,) pointers to each key's row's targets
+    scratch = hd * LS + (s - tl.load(KOFF + row, mask=s_ok, other=0))  # head and the key's slot in its row
     for d0 in range(0, DH, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         d_ok = d < DH
@@ -182,8 +187,8 @@ def _short_bwd_dkdv_kernel(Q, DO, PS, DS, KROW, KOFF, TOFF, ORDER, DK, DV, S, H,
         for j0 in range(0, most, BLOCK_P):
             j = j0 + tl.arange(0, BLOCK_P)
             ok = j[None, :] < count[:, None]
-            t = tl.load(ORDER + first[:, None] + j[None, :], mask=ok, other=0)
-            at = (t * H + hd) * LS + slot[:, None]
+            t = tl.load(order[:, None] + j[None, :], mask=ok, other=0)
+            at = t * (H * LS) + scratch[:, None]
             p = tl.load(PS + at, mask=ok, other=0.0)
             ds = tl.load(DS + at, mask=ok, other=0.0)
             dv += tl.sum(p[:, :, None] * _gathered(DO, t, ok, hd, stride_ot, stride_oh, d, d_ok), axis=1)
@@ -217,7 +222,8 @@ def _row_program(TOFF, KOFF, H):
     b = pid // H
     t0 = tl.load(TOFF + b)
     k0 = tl.load(KOFF + b)
-    return b, pid % H, t0, tl.load(TOFF + b + 1) - t0, k0, tl.load(KOFF + b + 1) - k0
+    # the counts as int32 (< 2^31 per row): an int64 loop bound took a stack slot and spilled
+    return b, pid % H, t0, (tl.load(TOFF + b + 1) - t0).to(tl.int32), k0, (tl.load(KOFF + b + 1) - k0).to(tl.int32)
 
 
 @triton.jit
@@ -340,15 +346,18 @@ def _tile(n, options):
 
 
 # padded head dim -> (BLOCK_P options, BLOCK_L options) of the flash kernels for 16-bit inputs;
-# the host launches any pair. Every pair is one that bench/kernel_report.py compiled for sm_80
-# and sm_90a (forward, dK/dV and dQ kernels) without register spills and within the A100's
-# shared memory; pairs that failed there were removed (64-row target tiles with head dim >= 32
-# spilled in dQ or dK/dV).
-_BLOCKS = {16: ((16, 64), (16, 128)), 32: ((16,), (16, 64, 128)), 64: ((16,), (16, 64)),
+# the host launches any pair. Every pair is one that bench/kernel_report.py compiled for sm_80,
+# sm_86 and sm_90a (forward, dK/dV and dQ kernels) without register spills and within the
+# A100's shared memory; pairs that failed there were removed (64-row target tiles with head
+# dim >= 32 spilled in dQ or dK/dV; since the kernels run over segments, 128-key tiles at head
+# dim 16 spilled a few bytes in fp16).
+_BLOCKS = {16: ((16, 64), (16, 64)), 32: ((16,), (16, 64, 128)), 64: ((16,), (16, 64)),
            128: ((16,), (16, 32)), 256: ((16, 32), (16,))}
 # fp32 inputs (3xTF32 dots: twice the operand registers): only head dims <= FP32_MAX_HEAD_DIM
 # compiled spill-free; from 128 on every tile tried (16..64 x 16..64) spilled in the backward.
-_BLOCKS_FP32 = {16: ((16, 32), (16, 32, 64)), 32: ((16,), (16, 32)), 64: ((16, 32), (16,))}
+# Over segments, head dims 16 and 64 need 8 warps (FP32_EIGHT_WARPS) and head dim 16 64-key tiles.
+_BLOCKS_FP32 = {16: ((16, 32), (64,)), 32: ((16,), (16, 32)), 64: ((16, 32), (16,))}
+FP32_EIGHT_WARPS = (16, 64)
 FP32_MAX_HEAD_DIM = 64
 
 
@@ -385,18 +394,19 @@ def short_blocks(max_keys, dh):
     dim chunk) with BLOCK_T * BLOCK_L * BLOCK_D = SHORT_TILE (at most 64 targets)."""
     block_l = triton.next_power_of_2(max(max_keys, 1))
     block_d = 16 if dh <= 16 else 32
-    return min(64, SHORT_TILE // (block_l * block_d)), block_l, block_d
+    return min(SHORT_MAX_ROWS, SHORT_TILE // (block_l * block_d)), block_l, block_d
 
 
 def short_dkdv_blocks(max_targets, dh):
     """Short dK/dV kernel: (BLOCK_S keys per program, BLOCK_P targets per step, BLOCK_D). BLOCK_P
-    pads a row's target count least (the larger on a tie); 4 when the count is not known."""
+    pads a row's target count least (the larger on a tie); 4 when the count is not known.
+    BLOCK_D is 16 and BLOCK_P at most 4 at every head dim: (16, 8, 16) and (16, 4, 32) tiles
+    spilled a few bytes on sm_90a (bench/kernel_report.py)."""
     if max_targets > 0:
         block_p = min(SHORT_BLOCK_P, key=lambda b: (-(-max_targets // b) * b, -b))
     else:
         block_p = 4
-    block_d = 16 if dh <= 16 else 32
-    return min(64, SHORT_TILE // (block_p * block_d)), block_p, block_d
+    return min(SHORT_DKDV_MAX_KEYS, SHORT_TILE // (block_p * 16)), block_p, 16
 
 
 def supports(targets, num_heads, **_):
@@ -481,7 +491,7 @@ def attention_forward(q, k, v, seg, causal, sm_scale):
             _flash_fwd_kernel[grid(n_rows, h, triton.cdiv(_max_targets(seg), bp))](
                 q, k, v, mask, toff, koff, order, o, lse, *common,
                 DOT_FP32=_dot_fp32(q.dtype), BLOCK_P=bp, BLOCK_L=bl, BLOCK_DH=bdh,
-                num_warps=num_warps(bp, bl), num_stages=NUM_STAGES)
+                num_warps=num_warps(bp, bl, bdh, _dot_fp32(q.dtype)), num_stages=NUM_STAGES)
     return o.view(n_t, h * dh), lse
 
 
@@ -526,7 +536,7 @@ def _short_backward(q, k, v, do, mask, lse, delta, trow, krow, toff, koff, order
     _short_bwd_dkdv_kernel[(triton.cdiv(n_s, bs), h)](
         q, do, probs, dscores, krow, koff, toff, order, dk, dv, n_s, h, dh, bl, float(sm_scale),
         *_strides(q), *_strides(do), BLOCK_S=bs, BLOCK_P=bp, BLOCK_D=bd,
-        num_warps=SHORT_WARPS, num_stages=NUM_STAGES)
+        num_warps=SHORT_DKDV_WARPS, num_stages=NUM_STAGES)
 
 
 def _flash_backward(q, k, v, do, mask, lse, delta, toff, koff, order, dq, dk, dv, seg, causal, sm_scale):
@@ -535,7 +545,7 @@ def _flash_backward(q, k, v, do, mask, lse, delta, toff, koff, order, dq, dk, dv
     bp, bl, bdh = blocks(most, seg.max_keys, dh, q.dtype == torch.float32)
     n_rows = toff.numel() - 1
     common = dict(DOT_FP32=_dot_fp32(q.dtype), BLOCK_P=bp, BLOCK_L=bl, BLOCK_DH=bdh,
-                  num_warps=num_warps(bp, bl), num_stages=NUM_STAGES)
+                  num_warps=num_warps(bp, bl, bdh, _dot_fp32(q.dtype)), num_stages=NUM_STAGES)
     args = (h, dh, float(sm_scale), int(causal), *_strides(q), *_strides(k), *_strides(v), *_strides(do))
     _flash_bwd_dkdv_kernel[grid(n_rows, h, triton.cdiv(seg.max_keys, bl))](
         q, k, v, mask, do, lse, delta, toff, koff, order, dk, dv, *args, **common)

@@ -45,7 +45,10 @@ def test_largest_variants_compile_for_hopper_and_ampere_and_pass(tmp_path):
     assert failing == [] and data["failing"] == []
     for row in data["rows"]:
         assert ROW_KEYS <= set(row), row
-        assert row["registers"] > 0 and row["mma_precisions"] == ["bf16"]
+        if row["config"].get("products") == "fma":  # the short-history attention kernels: no MMA by design
+            assert row["registers"] > 0 and row["mma_precisions"] == [] and row["dots"] == []
+        else:
+            assert row["registers"] > 0 and row["mma_precisions"] == ["bf16"]
     assert {r["arch"] for r in data["rows"]} == {"sm_80", "sm_86", "sm_90a"}
     assert any(i.startswith("wgmma") for r in data["rows"] if r["arch"] == "sm_90a" for i in r["mma_instructions"])
 
@@ -68,11 +71,17 @@ def test_committed_report_covers_every_variant_of_the_current_kernels():
 
 
 def test_attention_work_reports_the_core_apart_from_the_projections():
-    """The projections (exact GEMMs) must not hide the core's padded tiles: at COURIER's P = L = 5
-    the core executes ~15x its floor, which the total (~1.1x) would not show."""
-    row = kernel_report.attention_work(64, 5, 5, 256, 4)
-    assert row["core"]["ratio"] > 10 and row["ratio"] < 1.2
-    assert row["core"]["executed_mma_flop"] + row["projections"]["executed_mma_flop"] == row["executed_mma_flop"]
+    """The projections (exact GEMMs) must not hide the core's padding: reported apart, and at
+    COURIER's shapes (P = 10 or 5 targets over L = 5 history items, head dim 64, bf16) the core
+    (the packed short-history kernels; 16-row MMA tiles ran ~15x there) and the CUDA core stay
+    within 2x their floor (issue 18, item 5). One more history slot of padding shows in the count."""
+    for p in (10, 5):
+        row = kernel_report.attention_work(4096, p, 5, 256, 4)
+        assert row["core"]["products"] == "fma" and row["core"]["ratio"] <= 2 and row["cuda_core"]["ratio"] <= 2
+        assert row["core"]["executed_flop"] + row["projections"]["executed_flop"] == row["executed_flop"]
+    assert kernel_report.attention_work(4096, 10, 9, 256, 4)["core"]["ratio"] > \
+        kernel_report.attention_work(4096, 10, 8, 256, 4)["core"]["ratio"]  # 16 key slots for 9 keys
+    assert kernel_report.attention_work(1024, 64, 1024, 256, 4)["core"]["products"] == "mma"
 
 
 @pytest.mark.parametrize("d", [64, 128, 256, 384, 512, 768, 1024])
