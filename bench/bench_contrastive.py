@@ -9,6 +9,14 @@ process and reports peak RSS above the inputs. Writes bench/results/<device>-con
 
     python bench/bench_contrastive.py --quick                 # small CPU run
     python bench/bench_contrastive.py --n 16384 --d 64        # the CPU target shape
+    python bench/bench_contrastive.py --clip                  # ClipLoss rows (below)
+
+--clip: open_clip's ClipLoss against courier_fast.nn.ClipLoss (auto and each backend), the
+call a CLIP trainer makes (features as the model gives them, a logit_scale tensor with its
+gradient), at N = 4096 ... 65536, d = 512 (CPU) or up to 2^20 (GPU). On CPU each row's process
+may use at most --mem-limit-gb of address space (default 16): a row that needs more fails with
+an allocation error, recorded as its error, instead of taking the machine's memory. Writes
+bench/results/<device>-clip.json.
 """
 import argparse
 import json
@@ -73,6 +81,42 @@ def open_clip(a, c):
 
 SYMMETRIC_PEERS = {"memeff", "open_clip"}
 
+CLIP_SCALE = 1 / 0.07  # open_clip's initial logit_scale.exp()
+
+
+def clip_open_clip(a, c):
+    """open_clip's ClipLoss as a CLIP trainer calls it (a learned logit_scale)."""
+    from open_clip.loss import ClipLoss
+    return ClipLoss()(a, c, _clip_scale(a))
+
+
+def clip_courier(backend):
+    import courier_fast as cf
+
+    loss = cf.nn.ClipLoss(backend=backend)
+    return lambda a, c: loss(a, c, _clip_scale(a))
+
+
+_SCALE = {}
+
+
+def _clip_scale(like):
+    """One logit_scale leaf per process (its gradient is computed like a model parameter's)."""
+    if like.device not in _SCALE:
+        _SCALE[like.device] = torch.tensor(CLIP_SCALE, device=like.device, requires_grad=True)
+    return _SCALE[like.device]
+
+
+def clip_implementations(device):
+    """{key: fn} of the --clip rows: open_clip's ClipLoss and ours (auto, then each backend)."""
+    from courier_fast import dispatch
+    impls = {"clip:open_clip": clip_open_clip, "clip:courier_fast:auto": clip_courier("auto")}
+    for name, (ok, _) in dispatch.op_backends("contrastive_loss").items():
+        impl = dispatch.implementations("contrastive_loss").get(name)
+        if ok and impl and device in impl.devices and name != "reference":
+            impls[f"clip:courier_fast:{name}"] = clip_courier(name)
+    return impls
+
 
 def implementations(device):
     """{key: fn}. Keys ending in ':symmetric' are our op with symmetric=True."""
@@ -86,28 +130,45 @@ def implementations(device):
     if device == "cuda":  # Triton peers need a GPU
         impls["inf_cl"], impls["memeff"] = inf_cl, memeff
     impls["open_clip"] = open_clip
-    return impls
+    return {**impls, **clip_implementations(device)}
 
 
 def row_identity(key):
     """JSON impl name and symmetric flag for an implementations() key."""
     if key.endswith(":symmetric"):
         return key[: -len(":symmetric")], True
-    return key, key in SYMMETRIC_PEERS
+    return key, key in SYMMETRIC_PEERS or key.startswith("clip:")
+
+
+MEM_LIMIT_ENV = "COURIER_BENCH_MEM_LIMIT_GB"  # set by the parent, applied by each --one child
+
+
+def _limit_memory():
+    """Cap this process's address space at $COURIER_BENCH_MEM_LIMIT_GB (if set): allocations past
+    it fail (an error row) instead of swapping or waking the OOM killer."""
+    limit = os.environ.get(MEM_LIMIT_ENV)
+    if limit:
+        import resource
+        cap = int(float(limit) * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
 
 
 # --------------------------------------------------------------------------- measurement
 def measure_row(key, n, d, dtype, device, reps, seed=0):
     """One row on the same seeded inputs for every impl."""
     fn = implementations(device)[key]
+    if key.startswith("clip:"):  # features as a CLIP model hands them over: unit rows
+        scale_rows = lambda t: t / d ** 0.5
+    else:
+        scale_rows = lambda t: t
     if device == "cpu":  # import the peer's modules before the memory baseline
         try:
             fn(torch.randn(4, d, dtype=dtype, requires_grad=True), torch.randn(4, d, dtype=dtype)).backward()
         except Exception:
             pass
     g = torch.Generator().manual_seed(seed)
-    a = torch.randn(n, d, generator=g).to(device=device, dtype=dtype).requires_grad_()
-    c = torch.randn(n, d, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    a = scale_rows(torch.randn(n, d, generator=g)).to(device=device, dtype=dtype).requires_grad_()
+    c = scale_rows(torch.randn(n, d, generator=g)).to(device=device, dtype=dtype).requires_grad_()
     return harness.measure(fn, [a, c], device, reps)
 
 
@@ -119,24 +180,38 @@ def main():
     p.add_argument("--impl", nargs="*", help="only these implementations")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="small shapes, few reps")
-    p.add_argument("--out", help="JSON path (default bench/results/<device>-contrastive.json)")
+    p.add_argument("--out", help="JSON path (default bench/results/<device>-contrastive.json, -clip.json)")
+    p.add_argument("--clip", action="store_true", help="ClipLoss rows: open_clip's against ours")
+    p.add_argument("--mem-limit-gb", type=float, help="CPU: address-space cap of each row's process "
+                                                       "(default 16 with --clip, none otherwise)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one row in this process
     args = p.parse_args()
     device = harness.device_type()
 
     if args.one:
+        _limit_memory()
         key, n, d, dtype = args.one.rsplit(":", 3)
         print(json.dumps(measure_row(key, int(n), int(d), getattr(torch, dtype), device, args.reps)))
         return
 
-    if args.quick:
+    bench = "clip" if args.clip else "contrastive"
+    limit = args.mem_limit_gb if args.mem_limit_gb is not None else (16.0 if args.clip else None)
+    if limit is not None and device == "cpu":
+        os.environ[MEM_LIMIT_ENV] = str(limit)
+    if args.clip:
+        ns = args.n or ([4096, 8192] if args.quick else [4096, 8192, 16384, 32768, 65536] if device == "cpu"
+                        else [4096, 16384, 65536, 262144, 1048576])
+        ds, dtypes = args.d or [512], args.dtype or (["float32"] if device == "cpu" else ["float32", "bfloat16"])
+        reps = 2 if args.quick else args.reps
+    elif args.quick:
         ns, ds, dtypes, reps = args.n or [1024, 4096], args.d or [64], args.dtype or ["float32"], 3
     elif device == "cuda":
         ns = args.n or [4096, 16384, 65536, 262144, 1048576]
         ds, dtypes, reps = args.d or [256, 512], args.dtype or ["float32", "bfloat16"], args.reps
     else:
         ns, ds, dtypes, reps = args.n or [4096, 16384], args.d or [64, 256], args.dtype or ["float32"], args.reps
-    keys = args.impl or list(implementations(device))
+    keys = args.impl or list(clip_implementations(device) if args.clip
+                             else {k: v for k, v in implementations(device).items() if not k.startswith("clip:")})
 
     ceilings = {dt: harness.matmul_ceiling(device, getattr(torch, dt)) for dt in dtypes}
     print(f"device={device} torch={torch.__version__} matmul ceilings (TFLOP/s): "
@@ -153,7 +228,8 @@ def main():
                         res = measure_row(key, n, d, getattr(torch, dt), device, reps)
                         torch.cuda.empty_cache()
                     impl_name, symmetric = row_identity(key)
-                    row = {"impl": impl_name, "symmetric": symmetric, "shape": {"N": n, "d": d}, "dtype": dt, **res}
+                    row = {"impl": impl_name, "symmetric": symmetric, "shape": {"N": n, "d": d}, "dtype": dt,
+                           **({"mem_limit_gb": limit} if limit is not None and device == "cpu" else {}), **res}
                     if "ms_fwd_bwd" in res:
                         row["floor_fraction"] = round(8 * n * n * d / ceilings[dt] / (res["ms_fwd_bwd"] / 1e3), 4)
                         print(f"{key:<34}{n:>9}{d:>6}{dt:>10}{res['ms_fwd']:>11.2f}{res['ms_fwd_bwd']:>12.2f}"
@@ -161,7 +237,7 @@ def main():
                     else:
                         print(f"{key:<34}{n:>9}{d:>6}{dt:>10}  {res.get('error', '')[:80]}")
                     rows.append(row)
-    print("wrote", harness.write_results("contrastive", ceilings, rows, args.out, quick=args.quick))
+    print("wrote", harness.write_results(bench, ceilings, rows, args.out, quick=args.quick))
 
 
 if __name__ == "__main__":

@@ -174,6 +174,11 @@ def plan(dry, py, device, scratch, cpus=None):
           ["--n", "16384", "65536", "--d", "64", "256", "--dtype", "float32", "--reps", "3"], 15,
           ["--n", "64", "--d", "16", "--dtype", "float32", "--reps", "1", "--impl", "naive",
            "courier_fast:triton:symmetric"], f"{device}-contrastive-fp32.json")
+    bench("bench_clip", "bench_contrastive.py",  # open_clip's ClipLoss against ours, to where open_clip runs out
+          ["--clip", "--n", "16384", "65536", "262144", "--dtype", "bfloat16", "--reps", "3", "--impl",
+           "clip:open_clip", "clip:courier_fast:auto"], 15,
+          ["--clip", "--n", "64", "--d", "16", "--reps", "1", "--impl", "clip:open_clip", "clip:courier_fast:auto"],
+          f"{device}-clip.json")
     bench("bench_attention", "bench_attention.py",
           ["--shape", "64", "5", "5", "--shape", "4096", "50", "10", "--shape", "1024", "1024", "64",
            "--dtype", "bfloat16", "--reps", "3"], 20,
