@@ -82,6 +82,8 @@ def test_attention_work_reports_the_core_apart_from_the_projections():
     assert kernel_report.attention_work(4096, 10, 9, 256, 4)["core"]["ratio"] > \
         kernel_report.attention_work(4096, 10, 8, 256, 4)["core"]["ratio"]  # 16 key slots for 9 keys
     assert kernel_report.attention_work(1024, 64, 1024, 256, 4)["core"]["products"] == "mma"
+    short, long = (kernel_report.official_pattern_work(4096, 10, length, 256, 4) for length in (5, 50))
+    assert 1 < short["ratio"] < long["ratio"] < 10 and short["kv_bytes_ratio"] == long["kv_bytes_ratio"] == 2 * 10
 
 
 @pytest.mark.parametrize("d", [64, 128, 256, 384, 512, 768, 1024])

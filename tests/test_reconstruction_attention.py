@@ -627,3 +627,23 @@ def test_history_index_never_copies_history_per_target(gen, backend, device, len
     with _LargestTensor() as seen:
         m(t, hist, history_index=idx).sum().backward()
     assert seen.largest < n * length * d / 2, (seen.largest, n * length * d)
+
+
+@needs_triton
+def test_jagged_and_history_index_compile_in_a_full_graph(gen):
+    """torch.compile traces the segment table and the Triton op for a jagged history (with
+    max_history_len: no host read) and for history_index, in one graph, forward and backward."""
+    torch._dynamo.reset()
+    m = _module(gen, 8, 2, dtype=torch.float32).to(TRITON_DEVICE)
+    m.backend = "triton"
+    hist, off = _jagged_history(gen, [3, 0, 5], 8, dtype=torch.float32)
+    hist, off = hist.to(TRITON_DEVICE), off.to(TRITON_DEVICE)
+    t = randn(gen, 6, 8, device=TRITON_DEVICE, requires_grad=True)
+    t_off = torch.tensor([0, 2, 2, 6], device=TRITON_DEVICE)
+    idx = torch.tensor([2, 0, 2, 2, 0, 1], device=TRITON_DEVICE)
+    for kw in ({"history_offsets": off, "target_offsets": t_off, "max_history_len": 5},
+               {"history_offsets": off, "history_index": idx, "max_history_len": 5}):
+        compiled = torch.compile(lambda t, hist: m(t, hist, **kw), backend="aot_eager", fullgraph=True)
+        got, want = compiled(t, hist), m(t, hist, **kw)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(torch.autograd.grad(got.sum(), t), torch.autograd.grad(want.sum(), t))
