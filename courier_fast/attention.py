@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from courier_fast import _extension, _ops, _validate, attention_layout, dispatch
+from courier_fast import jagged  # noqa: F401  (cf.jagged: padded + lengths <-> values + offsets)
 from courier_fast.reference import reconstruction_attention_reference
 
 OP = "reconstruction_attention"

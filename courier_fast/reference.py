@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from courier_fast._validate import causal_mode
+from courier_fast.jagged import jagged_to_padded, lengths_to_offsets, padded_to_jagged
 
 NORM_EPS = 1e-12  # as torch.nn.functional.normalize; the C++ and Triton kernels use the same
 
@@ -175,8 +176,6 @@ def reconstruction_attention_reference(targets, history, in_proj_weight, in_proj
     key_padding_mask then (S,). target_offsets (B+1,): jagged targets (T, d). Returns the
     targets' shape.
     """
-    from courier_fast.jagged import jagged_to_padded, lengths_to_offsets, padded_to_jagged
-
     mode = causal_mode("causal", causal)
     if history_offsets is not None:  # jagged history -> (B, L, d) + padding
         history, lengths = jagged_to_padded(history, history_offsets, max_history_len)
