@@ -6,8 +6,9 @@ The core runs over segments (courier_fast/attention_layout.py): target t attends
 s < t), 2 inclusive (s <= t). q (T, h, dh) and k/v (S, h, dh) are views with any row and head
 strides (dh contiguous); K/V are read in place, never copied per target. Outputs: O (T, h*dh)
 and LSE (T, h), both fp32. O stays fp32 (the caller rounds it for the output projection)
-because the backward's delta = rowsum(dO * O) must come from the unrounded O: from a 16-bit O
-its error does not cancel in dS = P (dP - delta). A target with no valid key gets O = 0 (the
+because the flash backward's delta = rowsum(dO * O) must come from the unrounded O: from a
+16-bit O its error does not cancel in dS = P (dP - delta) (the short backward takes delta from
+P and dP themselves). A target with no valid key gets O = 0 (the
 caller adds the output bias) and LSE = -inf.
 
 Two kernel families, chosen by the longest history row (max_keys):
@@ -19,7 +20,7 @@ Two kernel families, chosen by the longest history row (max_keys):
   16-bit operands widened exactly), the head dim looped in BLOCK_D chunks. Work is padded only
   to BLOCK_L = next power of 2 >= max_keys.
     _short_fwd_kernel       O, LSE                                 (products: QK, PV)
-    _short_bwd_dq_kernel    dQ; stores P and dS (T, h, BLOCK_L)    (QK, dO V, dS K)
+    _short_bwd_dq_kernel    dQ; stores P and dS (T, h, BLOCK_L)    (QK, dO V, dS K; delta = sum P dP)
     _short_bwd_dkdv_kernel  programs over BLOCK_S keys, each looping over its row's targets
                             (via order) in chunks of BLOCK_P: dV = P^T dO, dK = dS^T Q
   flash (longer rows): a program per (row, head) and block of targets, online softmax over
@@ -130,12 +131,15 @@ def _short_fwd_kernel(Q, K, V, MASK, TROW, KOFF, TOFF, O, LSE, T, H, DH, sm_scal
 
 
 @triton.jit
-def _short_bwd_dq_kernel(Q, K, V, MASK, DO, LSE, DELTA, TROW, KOFF, TOFF, DQ, PS, DS, T, H, DH,
+def _short_bwd_dq_kernel(Q, K, V, MASK, DO, LSE, TROW, KOFF, TOFF, DQ, PS, DS, T, H, DH,
                          sm_scale, causal, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
                          stride_vh, stride_ot, stride_oh, BLOCK_T: tl.constexpr,
                          BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     """dQ = sm_scale * dS K per target; P and dS (T, h, BLOCK_L), 0 where not attended, stored
-    for the dK/dV pass. LSE arrives with -inf replaced by +inf (a target without keys: P = 0)."""
+    for the dK/dV pass. LSE arrives with -inf replaced by +inf (a target without keys: P = 0).
+    A target's keys all sit in this program, so delta = sum_s P dP is taken from the same P and
+    dP as dS (not from O): sum_s dS = 0 up to rounding, and a target with one key gets dS = 0
+    exactly, as its softmax has no gradient."""
     t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     hd = tl.program_id(1).to(tl.int64)
     t_ok = t < T
@@ -150,9 +154,8 @@ def _short_bwd_dq_kernel(Q, K, V, MASK, DO, LSE, DELTA, TROW, KOFF, TOFF, DQ, PS
         s += tl.sum(q[:, None, :] * _gathered(K, key, keep, hd, stride_kt, stride_kh, d, d_ok), axis=2)
         dp += tl.sum(do[:, None, :] * _gathered(V, key, keep, hd, stride_vt, stride_vh, d, d_ok), axis=2)
     lse = tl.load(LSE + t * H + hd, mask=t_ok, other=float("inf"))
-    delta = tl.load(DELTA + t * H + hd, mask=t_ok, other=0.0)
     p = tl.where(keep, tl.exp(s * sm_scale - lse[:, None]), 0.0)
-    ds = p * (dp - delta[:, None])
+    ds = p * (dp - tl.sum(p * dp, axis=1)[:, None])
     at = (t * H + hd)[:, None] * BLOCK_L + tl.arange(0, BLOCK_L)[None, :]
     tl.store(PS + at, p, mask=t_ok[:, None])
     tl.store(DS + at, ds, mask=t_ok[:, None])
@@ -504,7 +507,6 @@ def attention_backward(grad_o, q, k, v, o, lse, seg, causal, sm_scale):
     _check_head_dim(dh)
     trow, krow, toff, koff, order = _index(seg)
     do = grad_o.to(q.dtype).reshape(n_t, h, dh)
-    delta = (do.float() * o.float().reshape(n_t, h, dh)).sum(-1).contiguous()  # (T, h)
     lse_safe = torch.where(torch.isinf(lse), torch.full_like(lse, float("inf")), lse).contiguous()
     dq = torch.zeros(n_t, h, dh, device=q.device, dtype=torch.float32)
     dk = torch.zeros(n_s, h, dh, device=q.device, dtype=torch.float32)
@@ -513,22 +515,23 @@ def attention_backward(grad_o, q, k, v, o, lse, seg, causal, sm_scale):
     if n_t and n_s and h:
         with device_guard(q):
             if short_history(seg.max_keys):
-                _short_backward(q, k, v, do, mask, lse_safe, delta, trow, krow, toff, koff, order,
+                _short_backward(q, k, v, do, mask, lse_safe, trow, krow, toff, koff, order,
                                 dq, dk, dv, seg, causal, sm_scale)
             else:
+                delta = (do.float() * o.float().reshape(n_t, h, dh)).sum(-1).contiguous()  # (T, h)
                 _flash_backward(q, k, v, do, mask, lse_safe, delta, toff, koff, order, dq, dk, dv,
                                 seg, causal, sm_scale)
     return dq.to(dtypes[0]), dk.to(dtypes[1]), dv.to(dtypes[2])
 
 
-def _short_backward(q, k, v, do, mask, lse, delta, trow, krow, toff, koff, order, dq, dk, dv, seg,
-                    causal, sm_scale):
+def _short_backward(q, k, v, do, mask, lse, trow, krow, toff, koff, order, dq, dk, dv, seg, causal,
+                    sm_scale):
     n_t, h, dh = q.shape
     bt, bl, bd = short_blocks(seg.max_keys, dh)
     probs = torch.empty(n_t, h, bl, device=q.device, dtype=torch.float32)
     dscores = torch.empty_like(probs)
     _short_bwd_dq_kernel[(triton.cdiv(n_t, bt), h)](
-        q, k, v, mask, do, lse, delta, trow, koff, toff, dq, probs, dscores, n_t, h, dh,
+        q, k, v, mask, do, lse, trow, koff, toff, dq, probs, dscores, n_t, h, dh,
         float(sm_scale), int(causal), *_strides(q), *_strides(k), *_strides(v), *_strides(do),
         BLOCK_T=bt, BLOCK_L=bl, BLOCK_D=bd, num_warps=SHORT_WARPS, num_stages=NUM_STAGES)
     n_s = k.shape[0]

@@ -647,3 +647,24 @@ def test_jagged_and_history_index_compile_in_a_full_graph(gen):
         got, want = compiled(t, hist), m(t, hist, **kw)
         torch.testing.assert_close(got, want)
         torch.testing.assert_close(torch.autograd.grad(got.sum(), t), torch.autograd.grad(want.sum(), t))
+
+
+@pytest.mark.parametrize("backend,device", backend_params(OP))
+def test_a_target_with_one_key_gets_exactly_no_query_gradient(gen, backend, device):
+    """With one valid key a target's softmax is constant: the gradient reaching its query is 0,
+    and exactly 0 (an output zero by contract, courier_fast.tolerances): the short Triton backward
+    and the CUDA one take delta from the same products as dP. Short rows, causal row starts too."""
+    b, length, d, h = 3, 6, 16, 2
+    m = _module(gen, d, h, dtype=torch.float32).to(device)
+    m.backend = backend
+    t = randn(gen, b, 4, d, device=device, requires_grad=True)
+    hist = randn(gen, b, length, d, device=device)
+    pad = torch.ones(b, length, dtype=torch.bool)
+    pad[torch.arange(b), torch.randint(0, length, (b,), generator=gen)] = False  # one valid key per row
+    out = m(t, hist, key_padding_mask=pad.to(device))
+    (grad_t,) = torch.autograd.grad(out, t, randn(gen, *out.shape, device=device))
+    assert torch.count_nonzero(grad_t) == 0
+    x = randn(gen, b, length, d, device=device, requires_grad=True)
+    out = m(x, hist, causal="inclusive")  # position 0 sees exactly one key
+    (grad_x,) = torch.autograd.grad(out, x, randn(gen, *out.shape, device=device))
+    assert torch.count_nonzero(grad_x[:, 0]) == 0 and torch.count_nonzero(grad_x[:, 1:]) > 0

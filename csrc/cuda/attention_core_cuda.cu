@@ -116,13 +116,15 @@ __global__ void attn_fwd_kernel(const scalar_t* __restrict__ q, const scalar_t* 
 }
 
 // dQ[t] = sm_scale * sum_s P[t,s] (dP[t,s] - delta[t]) K[s],  dP[t,s] = <dO[t], V[s]>; a warp per (t, h).
+// delta[t] = <dO[t], O[t]> is computed here, with the same lane products and warp sum as dP, and
+// written for the dK/dV pass: a target with one key (O = V exactly) then gets dS = 0 exactly.
 template <int kPerLane, typename scalar_t, typename acc_t>
 __global__ void attn_bwd_dq_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
                                    const scalar_t* __restrict__ v, Segments seg,
-                                   const scalar_t* __restrict__ dout, const acc_t* __restrict__ lse,
-                                   const acc_t* __restrict__ delta, acc_t* __restrict__ dq, int64_t T,
-                                   int64_t H, int dh, acc_t sm_scale, int64_t causal, Strides sq,
-                                   Strides sk, Strides sv, Strides so) {
+                                   const scalar_t* __restrict__ dout, const acc_t* __restrict__ out,
+                                   const acc_t* __restrict__ lse, acc_t* __restrict__ delta,
+                                   acc_t* __restrict__ dq, int64_t T, int64_t H, int dh, acc_t sm_scale,
+                                   int64_t causal, Strides sq, Strides sk, Strides sv, Strides so) {
   const int64_t warp = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / kWarp;
   const int lane = threadIdx.x % kWarp;
   if (warp >= T * H) return;
@@ -133,7 +135,8 @@ __global__ void attn_bwd_dq_kernel(const scalar_t* __restrict__ q, const scalar_
   load_lane<kPerLane>(dout + t * so.t + h * so.h, lane, dh, dor, acc_t(1));
 #pragma unroll
   for (int e = 0; e < kPerLane; ++e) acc[e] = 0;
-  const acc_t row_lse = lse[warp], row_delta = delta[warp];
+  const acc_t row_lse = lse[warp], row_delta = lane_dot<kPerLane>(dor, out + warp * dh, lane, dh);
+  if (lane == 0) delta[warp] = row_delta;
   const int64_t end = row_lse == -INFINITY ? 0 : causal_end(t - seg.target_offsets[row], count, causal);
   for (int64_t s = k0; s < k0 + end; ++s) {
     if (seg.pad && seg.pad[s]) continue;
@@ -291,7 +294,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_core_backward_cuda(
   const int64_t T = q.size(0), H = q.size(1), dh = q.size(2), S = k.size(0);
   const auto acc_type = lse.scalar_type();
   at::Tensor dout = grad_out.to(q.scalar_type()).contiguous().view({T, H, dh});
-  at::Tensor delta = (dout.to(acc_type) * out.view({T, H, dh}).to(acc_type)).sum(-1).contiguous();  // (T, H)
+  at::Tensor out_c = out.to(acc_type).contiguous();  // (T, H * dh)
+  at::Tensor delta = at::empty({T, H}, q.options().dtype(acc_type));  // written by the dQ pass
   at::Tensor dq = at::zeros({T, H, dh}, q.options().dtype(acc_type));
   at::Tensor dk = at::zeros({S, H, dh}, q.options().dtype(acc_type));
   at::Tensor dv = at::zeros_like(dk);
@@ -305,10 +309,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_core_backward_cuda(
       if (T * H > 0)
         attn_bwd_dq_kernel<kPerLane, scalar_t, acc_t><<<blocks_for(T * H), kThreads, 0, stream>>>(
             q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), seg.view(),
-            dout.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(), delta.data_ptr<acc_t>(), dq.data_ptr<acc_t>(),
-            T, H, static_cast<int>(dh), static_cast<acc_t>(sm_scale), causal, strides_of(q), strides_of(k),
-            strides_of(v), strides_of(dout));
-      if (S * H > 0 && T > 0)
+            dout.data_ptr<scalar_t>(), out_c.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), delta.data_ptr<acc_t>(),
+            dq.data_ptr<acc_t>(), T, H, static_cast<int>(dh), static_cast<acc_t>(sm_scale), causal, strides_of(q),
+            strides_of(k), strides_of(v), strides_of(dout));
+      if (S * H > 0 && T > 0)  // after the dQ pass: it reads delta
         attn_bwd_dkdv_kernel<kPerLane, scalar_t, acc_t><<<blocks_for(S * H), kThreads, 0, stream>>>(
             q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), seg.view(),
             dout.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(), delta.data_ptr<acc_t>(), dk.data_ptr<acc_t>(),
