@@ -266,6 +266,10 @@ def contrastive_paths(d, dtype, symmetric):
             ("gradients", layout, "columns" if symmetric else "rows only", dtype)}
 
 
+ATTENTION_LAYOUTS = ("padded", "history_index", "jagged")
+ATTENTION_CAUSAL = (False, True, "inclusive")
+
+
 def attention_paths(p, length, dh, dtype, causal, layout="padded"):
     """The Triton attention code paths a GPU runs for at most p targets and length history items
     per row, head dim dh, dtype, causal mode and layout (empty for a call the op rejects): per

@@ -394,9 +394,10 @@ def short_history(max_keys):
 
 def short_blocks(max_keys, dh):
     """Short forward / dQ kernels: (BLOCK_T targets per program, BLOCK_L key slots, BLOCK_D head
-    dim chunk) with BLOCK_T * BLOCK_L * BLOCK_D = SHORT_TILE (at most 64 targets)."""
+    dim chunk) with BLOCK_T * BLOCK_L * BLOCK_D = SHORT_TILE (at most SHORT_MAX_ROWS targets;
+    16-wide chunks with 16 key slots: 4 x 16 x 32 spilled in the fp32 dQ kernel on sm_80)."""
     block_l = triton.next_power_of_2(max(max_keys, 1))
-    block_d = 16 if dh <= 16 else 32
+    block_d = 16 if dh <= 16 or block_l >= 16 else 32
     return min(SHORT_MAX_ROWS, SHORT_TILE // (block_l * block_d)), block_l, block_d
 
 
