@@ -53,37 +53,39 @@ def _cfg(bn, bm, warps, stages):
 
 
 # (kernel, d class, 16-bit or fp32 inputs) -> the configs its autotuner may pick. d class: see
-# d_class() (16..128, 256, 512: one block; 384, 640..1024: chunks of CHUNK; "split": above). Every entry is one that bench/kernel_report.py compiled for sm_80,
-# sm_86 and sm_90a without register spills and within the A100's / H100's shared memory
-# (tests/test_kernel_report.py checks the committed report); configs that failed there were
-# removed. On the 99 KB parts (sm_86 / sm_89) Triton's autotuner skips a config that is out of
-# shared memory, and every table keeps one that fits. The gradient kernels hold a (rows, d) fp32
-# accumulator: the wider d, the fewer rows per program (grad_x: BLOCK_N, grad_y: BLOCK_M). fp32
-# inputs (3xTF32 dots: the operands are split in two, so twice the registers and shared memory
-# of a 16-bit tile) get smaller tiles.
+# d_class() (16..128, 256, 512: one block; 384, 640..1024: chunks of CHUNK; "split": above).
+# Every entry is one that bench/kernel_report.py compiled for sm_80, sm_86 and sm_90a, with and
+# without column terms and accidental-hit masks, without register spills and within the A100's /
+# H100's shared memory (tests/test_kernel_report.py checks the committed report); configs that
+# failed there were removed (the hit masks and the scale's per-row sum cost registers: several
+# 128-row and 4-warp gradient tiles spill with them). On the 99 KB parts (sm_86 / sm_89)
+# Triton's autotuner skips a config that is out of shared memory, and every table keeps one that
+# fits. The gradient kernels hold a (rows, d) fp32 accumulator: the wider d, the fewer rows per
+# program (grad_x: BLOCK_N, grad_y: BLOCK_M). fp32 inputs (3xTF32 dots: the operands are split in
+# two, so twice the registers and shared memory of a 16-bit tile) get smaller tiles.
 _FWD = [(128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4)]
-_FWD_WIDE = [(128, 64, 8, 3), (64, 64, 4, 3), (64, 128, 8, 3)]
+_FWD_WIDE = [(128, 64, 8, 3), (64, 128, 8, 3)]
 _GRAD = {  # 16-bit inputs, per d class (grad_x holds BLOCK_N rows, grad_y BLOCK_M columns)
-    "grad_x": {16: [(128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 4)],
-               32: [(128, 128, 8, 3), (64, 64, 4, 4)],
-               64: [(128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 4)],
-               128: [(128, 64, 8, 3), (64, 64, 4, 3), (64, 128, 8, 2)],
+    "grad_x": {16: [(128, 64, 8, 3), (64, 64, 8, 3), (64, 64, 4, 4)],
+               32: [(128, 64, 8, 3), (64, 64, 8, 3), (64, 64, 4, 4)],
+               64: [(128, 64, 8, 3), (64, 64, 8, 3), (64, 64, 4, 4)],
+               128: [(64, 64, 8, 3), (64, 32, 4, 3)],
                256: [(64, 64, 8, 2), (64, 32, 8, 2)],
                384: [(32, 64, 8, 2), (32, 32, 8, 2)],
                512: [(32, 64, 8, 2), (32, 32, 8, 2)],
                640: [(32, 32, 8, 2), (16, 32, 8, 2)],
-               768: [(32, 32, 16, 2), (16, 64, 8, 2)],
+               768: [(32, 32, 8, 2), (16, 64, 8, 2)],
                896: [(32, 32, 8, 2), (16, 32, 8, 2)],
                1024: [(16, 32, 8, 2), (32, 16, 8, 2)],
                "split": [(16, 32, 8, 2), (32, 16, 8, 2)]},
-    "grad_y": {16: [(128, 64, 4, 3), (64, 64, 4, 4)],
-               32: [(128, 64, 4, 3), (64, 64, 4, 4)],
-               64: [(64, 64, 4, 4)],
-               128: [(128, 64, 8, 3), (64, 64, 4, 3)],
-               256: [(64, 32, 4, 2), (128, 32, 8, 2)],
+    "grad_y": {16: [(128, 64, 8, 3), (64, 64, 8, 3), (64, 64, 4, 4)],
+               32: [(128, 64, 8, 3), (64, 64, 8, 3), (64, 64, 4, 4)],
+               64: [(64, 64, 8, 3), (64, 32, 4, 4)],
+               128: [(128, 64, 8, 3), (64, 64, 8, 3), (64, 32, 4, 3)],
+               256: [(64, 32, 4, 2)],
                384: [(64, 32, 8, 2), (32, 32, 8, 2)],
                512: [(64, 32, 8, 2), (32, 32, 4, 2)],
-               640: [(32, 32, 16, 2), (32, 16, 8, 2)],
+               640: [(32, 32, 16, 2), (16, 32, 8, 2)],
                768: [(32, 32, 8, 2), (32, 16, 8, 2)],
                896: [(32, 32, 8, 2), (32, 16, 8, 2)],
                1024: [(32, 16, 8, 2), (16, 32, 8, 2)],
@@ -92,12 +94,12 @@ _GRAD = {  # 16-bit inputs, per d class (grad_x holds BLOCK_N rows, grad_y BLOCK
 _FP32 = {  # fp32 inputs: only d <= FP32_MAX_D compiled spill-free (see FP32_MAX_D)
     "row_lse": {16: [(64, 64, 4, 3), (32, 64, 4, 3), (32, 32, 4, 2)],
                 32: [(64, 64, 4, 3), (32, 64, 4, 3), (32, 32, 4, 2)],
-                64: [(64, 64, 4, 3), (64, 32, 4, 3), (32, 64, 4, 3), (32, 32, 4, 2)]},
+                64: [(64, 32, 4, 3), (32, 64, 4, 3), (32, 32, 4, 2)]},
     "grad_x": {16: [(64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)],
-               32: [(64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)],
-               64: [(32, 64, 4, 2), (32, 32, 4, 2)]},
-    "grad_y": {16: [(64, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2)],
                32: [(64, 32, 4, 2), (32, 32, 4, 2)],
+               64: [(32, 32, 4, 2)]},
+    "grad_y": {16: [(64, 32, 4, 2), (32, 32, 4, 2)],
+               32: [(32, 32, 4, 2)],
                64: [(32, 32, 4, 2)]},
 }
 # Widest fp32 feature dim launched on a GPU: from d = 128 on, every tile tried (32..128 x
