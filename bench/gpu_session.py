@@ -24,7 +24,8 @@ budget_s, limit_s, status (pending / ok / failed / timed_out / skipped), rc, sec
 timed_out, the tail of its output, a one-line headline and its parsed result: the self-check
 verdicts, pytest's counts, failing / erroring test ids with their messages, skip reasons, the
 test that was running when a step was stopped; each bench's rows (its JSON is copied to <out>
-too). <out>/<device>-gpu_session.log holds every step's full output. <out> is $OUT when set,
+too), and its output (the last LOG_CHARS characters; one file, not a JSON and a log: what comes
+back from a device call is capped at 8 files, and the results need 7 of them). <out> is $OUT when set,
 else bench/results; --dry-run writes to $OUT or a new temp dir, never to bench/results.
 
 --dry-run walks the same steps on CPU: the build becomes an import check (recorded as
@@ -60,7 +61,7 @@ MIN_LIMIT_S = 10        # a step that would get less is skipped (reason recorded
 MIN_SLACK_S = 30        # a budget-0 step needs at least this much time left over
 GRACE_S = 8             # after SIGINT, before SIGKILL
 TAIL_CHARS = 3000       # of each step's output, in the JSON
-LOG_CHARS = 2_000_000   # of each step's output, in the log (what comes back from a call is capped)
+LOG_CHARS = 1_000_000   # of each step's output, in its "output" (a file that comes back is capped at 16 MiB)
 PER_TEST_TIMEOUT_S = 120  # pytest-timeout, where installed: one hung test fails, the rest run
 
 # the kernel test files: one CUDA step each (most important first), then their CPU-device tests
@@ -411,27 +412,20 @@ def file_name_of(gpu):
 
 # --------------------------------------------------------------------------- running
 class Session:
-    """The session JSON and log in out_dir; save() after every change."""
+    """The session JSON in out_dir; save() after every change."""
 
     def __init__(self, out_dir, device, header, steps):
         self.path = os.path.join(out_dir, f"{device}-gpu_session.json")
-        self.log_path = os.path.join(out_dir, f"{device}-gpu_session.log")
         self.out_dir = out_dir
-        self.data = {**header, "log": os.path.basename(self.log_path), "finished": None, "steps": [
+        self.data = {**header, "finished": None, "steps": [
             {"name": s.name, "status": "pending", "kind": s.kind, "command": shlex.join(s.argv),
              "budget_s": s.budget, **({"real_command": shlex.join(s.real)} if s.real else {}),
              **({"stubbed": True} if s.stubbed else {})} for s in steps]}
-        open(self.log_path, "w").close()
 
     def save(self):
         with atomic.atomic_path(self.path) as tmp:
             with open(tmp, "w") as f:
                 json.dump(self.data, f, indent=1)
-
-    def log(self, name, text):
-        with open(self.log_path, "a") as f:
-            f.write(f"\n===== {name} =====\n")
-            f.write(text[-LOG_CHARS:])
 
 
 def say(msg):
@@ -508,14 +502,13 @@ def run_steps(steps, session, deadline, scratch, base_env, breaks=()):
         seconds = time.monotonic() - t0
         with open(output_path, "rb") as f:
             text = f.read().decode("utf-8", "replace")
-        session.log(step.name, text)
         try:
             result, headline = read_result(step, text, session.out_dir)
         except Exception as exc:  # a reader bug must not cost the session
             result, headline = {"read_error": f"{type(exc).__name__}: {exc}"}, "could not read the result"
         status = "timed_out" if timed_out else ("ok" if rc == 0 else "failed")
         rec.update(status=status, rc=rc, timed_out=timed_out, seconds=round(seconds, 1), headline=headline,
-                   result=result, output_tail=text[-TAIL_CHARS:])
+                   result=result, output_tail=text[-TAIL_CHARS:], output=text[-LOG_CHARS:])
         session.save()
         say(f"end {step.name}: {status} rc={rc} {seconds:.0f} s {headline}")
     return all_ran
@@ -599,7 +592,7 @@ def main(argv=None):
     session.save()
     shutil.rmtree(scratch, ignore_errors=True)
     print(summary_table(session.data["steps"]))
-    print(f"wrote {session.path} and {session.log_path}")
+    print(f"wrote {session.path}")
     return 0 if all_ran else 1
 
 

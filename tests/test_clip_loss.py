@@ -44,15 +44,26 @@ def _run(loss_fn, img, txt, scale, bias, **kw):
     return out, list(grads) + ([None] if b is None else [])
 
 
-def _assert_same(ours, theirs, bar, where=""):
+def _term_sizes(img, txt, scale):
+    """The size of the terms each gradient is a difference of (features: logit_scale x a
+    candidate's norm / N per row; logit_scale: <img_j, txt_i>): a computation in float32 rounds
+    relative to these, also where the terms cancel to an exact 0 (N = 1: p = 1)."""
+    n = img.shape[0]
+    feats = float(scale) * max(img.double().norm(), txt.double().norm()).item() / n
+    return feats, feats, (img.double().norm(dim=1) * txt.double().norm(dim=1)).mean().item()
+
+
+def _assert_same(ours, theirs, bar, where="", sizes=(0.0, 0.0, 0.0)):
+    """Loss within bar (relative); each gradient within bar relative to its norm, or to the size
+    of its terms where that is larger (`sizes`, _term_sizes; at least 0.01)."""
     (v_ours, g_ours), (v_theirs, g_theirs) = ours, theirs
     v_ours = v_ours["contrastive_loss"] if isinstance(v_ours, dict) else v_ours
     v_theirs = v_theirs["contrastive_loss"] if isinstance(v_theirs, dict) else v_theirs
     assert v_ours.shape == v_theirs.shape == ()
     assert abs(v_ours.item() - v_theirs.item()) <= bar * max(1.0, abs(v_theirs.item())), where
-    for what, a, b in zip(("image", "text", "logit_scale"), g_ours[:3], g_theirs[:3]):
-        # relative to the gradient's norm (at least 0.01: with B = 1 the loss and its gradients are 0)
-        err = (a.double() - b.double()).norm().item() / max(b.double().norm().item(), 1e-2)
+    for what, a, b, size in zip(("image", "text", "logit_scale"), g_ours[:3], g_theirs[:3], sizes):
+        # with B = 1 the loss and its gradients are exactly 0: relative to the terms' size then
+        err = (a.double() - b.double()).norm().item() / max(b.double().norm().item(), size, 1e-2)
         assert err <= bar, f"{where} grad {what}: {err:.3g}"
     if g_theirs[3] is not None:  # the bias cancels: open_clip's gradient is rounding noise, ours 0
         assert abs(g_ours[3].item()) <= 1e-6 and abs(g_theirs[3].item()) <= 1e-6, where
@@ -75,7 +86,7 @@ def test_one_process_equals_open_clip_on_random_configurations(backend, case, ge
     for call in range(2):
         ours, theirs = _run(ours_fn, img, txt, scale, bias, **output), _run(theirs_fn, img, txt, scale, bias, **output)
         assert type(ours[0]) is type(theirs[0]) and (not isinstance(ours[0], dict) or ours[0].keys() == theirs[0].keys())
-        _assert_same(ours, theirs, _tol(backend, dtype), f"call {call}")
+        _assert_same(ours, theirs, _tol(backend, dtype), f"call {call}", _term_sizes(img, txt, scale))
 
 
 def test_scale_as_a_number_and_the_constructor_surface():
