@@ -329,7 +329,11 @@ def test_triton_backward_matches_dense(gen, n, m, d, dtype, with_columns):
     want_outs = dense_lse(x64, y64, xm.cpu(), ym.cpu(), s64, True, *(t.cpu() if isinstance(t, torch.Tensor) else t
                                                                      for t in more))[:len(outs)]
     want = torch.autograd.grad(want_outs, (x64, y64, s64), [u * k.cpu() for u, k in zip(ups, keep)])
+    # d lse_j / d scale = E_p[cos] (|.| <= 1): the scale's gradient is a sum of n (+ m) terms of
+    # size |g_j| that cancel under random g, so float32 rounding is relative to their size
+    terms = sum((u.abs() * k.cpu()).sum().item() for u, k in zip(ups, keep))
     for what, a, b in zip(("x", "y", "scale"), got, want):
         assert a.dtype == (dtype if what != "scale" else torch.float32)
-        err = tolerances.rel_error(a, b)
+        err = tolerances.rel_error(a, b) if what != "scale" else \
+            abs(a.item() - b.item()) / max(abs(b.item()), terms)
         assert err <= TRITON_BWD_TOL[dtype], f"{what}: {err:.3g}"
