@@ -244,11 +244,13 @@ def _ddp_rank(rank, port, world_dir, results):
 
         dist.all_reduce = counting
         out = {}
-        for micro_batch in (None, 5, K):
-            model = torch.nn.parallel.DistributedDataParallel(_method("courier", items, batch_rows=8))
+        for gather, micro_batch in ((True, None), (True, 5), (True, K), ("ring", None), ("ring", K)):
+            backend = "auto" if gather == "ring" else "reference"  # the ring needs a kernel backend
+            method = _method("courier", items, batch_rows=8, gather=gather, backend=backend)
+            model = torch.nn.parallel.DistributedDataParallel(method)
             calls.clear()
             _, grads, _ = _run_step(model, batch, micro_batch)
-            out[micro_batch] = (grads, len(calls))
+            out[gather, micro_batch] = (grads, len(calls))
         results[rank] = out
     finally:
         dist.destroy_process_group()
@@ -256,12 +258,15 @@ def _ddp_rank(rank, port, world_dir, results):
 
 @pytest.mark.distributed
 def test_two_ranks_equal_plain_ddp_with_one_gradient_all_reduce(world):
+    """Gathered or ring negatives: micro-batched DDP steps give plain DDP's gradients, with one
+    dist.all_reduce more than the plain step's (its loss's), whatever the number of chunks."""
     results = mp.Manager().dict()
     mp.spawn(_ddp_rank, args=(_free_port(), world, results), nprocs=2)
     for rank in range(2):
-        want, plain_calls = results[rank][None]  # DDP's own all-reduce is not a dist.all_reduce call
-        for micro_batch in (5, K):
-            got, calls = results[rank][micro_batch]
-            _assert_same_grads(got, want, 1e-10)
-            assert calls == plain_calls + 1, (micro_batch, calls, plain_calls)  # not one per chunk
-    _assert_same_grads(results[1][K][0], results[0][K][0], 0)  # the ranks agree
+        for gather, micro_batches in ((True, (5, K)), ("ring", (K,))):
+            want, plain_calls = results[rank][gather, None]  # DDP's own all-reduce is no dist.all_reduce call
+            for micro_batch in micro_batches:
+                got, calls = results[rank][gather, micro_batch]
+                _assert_same_grads(got, want, 1e-10)
+                assert calls == plain_calls + 1, (gather, micro_batch, calls, plain_calls)
+    _assert_same_grads(results[1][True, K][0], results[0][True, K][0], 0)  # the ranks agree
