@@ -1,8 +1,8 @@
 """Encoder micro-batching (courier_fast.grad_cache through train_step's encoder_micro_batch): the
 plain step's gradients in float64 for every trained method; with dropout and stochastic depth,
 gradient checkpointing, bf16 / fp16 autocast (GradScaler) those of a plain step whose encoder runs
-chunk by chunk with the same random numbers; BatchNorm running statistics updated once per chunk;
-validation, the CLI flag, resume, and 2 gloo ranks with one gradient all-reduce per step."""
+chunk by chunk with the same random numbers; no host reads; BatchNorm running statistics updated
+once per chunk; validation, the CLI flag, resume, and 2 gloo ranks with one gradient all-reduce per step."""
 import copy
 import dataclasses
 import math
@@ -154,6 +154,17 @@ def test_autocast_and_grad_scaler(world, amp):
     assert all(bool(g.isfinite().all()) for g in got.values())
     assert 0 < _error(got, exact) <= 2 * _error(plain, exact), (_error(got, exact), _error(plain, exact))
     assert {(dtype, grad) for _, dtype, grad in calls} == {(amp, False), (amp, True)}  # both passes autocast
+
+
+def test_a_micro_batched_step_reads_nothing_back(world):
+    from courier_fast._validate import input_checks
+    from host_reads import HostReads
+
+    items, batch = _batch(world)
+    method = _method("courier", items, **DROPOUT)
+    with input_checks(False), HostReads() as reads:  # train()'s setting
+        _step(method, batch, K)
+    assert reads.reads == [], reads.reads[:3]
 
 
 # ----------------------------------------------------------------------------- BatchNorm
