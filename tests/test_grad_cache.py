@@ -1,8 +1,9 @@
 """Encoder micro-batching (courier_fast.grad_cache through train_step's encoder_micro_batch): the
-plain step's gradients in float64 for every trained method; with dropout and stochastic depth,
-gradient checkpointing, bf16 / fp16 autocast (GradScaler) those of a plain step whose encoder runs
-chunk by chunk with the same random numbers; no host reads; BatchNorm running statistics updated
-once per chunk; validation, the CLI flag, resume, and 2 gloo ranks with one gradient all-reduce per step."""
+plain step's gradients in float64 for every trained method; with dropout and stochastic depth, and
+with gradient checkpointing, those of a plain step whose encoder runs chunk by chunk with the same
+random numbers; under bf16 / fp16 autocast (GradScaler) at most twice the plain step's error; no
+host reads; BatchNorm running statistics updated once per chunk; validation, the CLI flag, resume,
+and 2 gloo ranks (gathered and ring negatives) with one gradient all-reduce per step."""
 import copy
 import dataclasses
 import math
