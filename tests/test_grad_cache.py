@@ -121,6 +121,19 @@ def test_dropout_and_stochastic_depth_replay_their_random_numbers(world, name):
     assert max(float((other[n] - g).abs().max() / g.abs().max()) for n, g in want.items()) > 1e-3
 
 
+def test_random_numbers_drawn_after_the_encoder_are_kept(world):
+    """A loss that draws random numbers after the encoder (dropout in the head): pass 2 replays the
+    encoder's and then puts the RNG back where the loss left it."""
+    items, batch = _batch(world)
+    method = _method("category_supervised", items, **DROPOUT)
+    method.classifier = torch.nn.Sequential(torch.nn.Dropout(0.5), method.classifier)
+    _, want, _ = _run_step(_chunked(method), batch, None)
+    after_reference = torch.get_rng_state()
+    _, got, _ = _step(method, batch, K)
+    _assert_same_grads(got, want, 1e-10)
+    assert torch.equal(torch.get_rng_state(), after_reference)
+
+
 def test_gradient_checkpointing(world):
     items, batch = _batch(world)
     plain = _method("courier", items, **DROPOUT)
