@@ -205,6 +205,10 @@ def _add_train(sub):
                     help="courier: subtract the log of each candidate's page-view frequency (logQ correction)")
     tr.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"))
     tr.add_argument("--grad-checkpointing", action="store_true")
+    tr.add_argument("--encoder-micro-batch", type=int, metavar="K",
+                    help="encode K images at a time: the encoder's activations of K images, the gradients of the "
+                         "plain step, one extra encoder forward without a graph (GradCache; BatchNorm sees K-image "
+                         "batches)")
     tr.add_argument("--freeze-backbone", action="store_true")
     tr.add_argument("--checkpoint-every", type=int)
     tr.add_argument("--log-every", type=int)

@@ -1,7 +1,9 @@
 """Pre-training methods, all on the same ImageEncoder and the same SessionBatch stream.
 
 Every method is an nn.Module with `.encoder` (the ImageEncoder whose embeddings are exported)
-and `forward(batch, generator) -> dict` of losses ("loss" is optimised), and
+and `forward(batch, generator) -> dict` of losses ("loss" is optimised), which augments the batch
+once and calls the encoder through `encode(images)` (where train_step's encoder micro-batching,
+courier_fast.grad_cache, takes over), and
 `images_per_step(batch)`: encoder image passes of one step (the budget unit; a method with two
 views counts both). `build_method(name, items, **kwargs)` makes one:
 
@@ -44,6 +46,13 @@ def _ids(batch, like):
 
 class _Method(nn.Module):
     batch_rows = None
+    grad_cache = None  # a courier_fast.grad_cache.GradCache while train_step micro-batches the encoder
+
+    def encode(self, images):
+        """Embeddings (n, embed_dim) of images (n, 3, S, S) (uint8, or normalised float): one
+        encoder forward, or pass 1 of the attached GradCache (a leaf whose gradient it sends into
+        the encoder afterwards)."""
+        return self.encoder(images) if self.grad_cache is None else self.grad_cache.encode(self.encoder, images)
 
     def images_per_step(self, batch):
         """Encoder image passes of one step: each distinct item of the batch once."""
@@ -65,7 +74,7 @@ class CourierMethod(_Method):
         self.augment = Augment.light()
 
     def forward(self, batch, generator=None):
-        return self.model(batch, self.augment(to_float(batch.images), generator))
+        return self.model(batch, embeddings=self.encode(self.augment(to_float(batch.images), generator)))
 
 
 class SimCLRMethod(_Method):
@@ -83,7 +92,7 @@ class SimCLRMethod(_Method):
 
     def forward(self, batch, generator=None):
         x = to_float(batch.images)
-        z = self.projection(self.encoder(torch.cat([self.augment(x, generator), self.augment(x, generator)])))
+        z = self.projection(self.encode(torch.cat([self.augment(x, generator), self.augment(x, generator)])))
         z1, z2 = z.chunk(2)
         return {"loss": contrastive_loss(z1, z2, temperature=self.temperature, symmetric=True, group=_global_group(),
                                          capacity=self.item_capacity(batch), candidate_ids=_ids(batch, z1),
@@ -100,7 +109,7 @@ class CategorySupervisedMethod(_Method):
         self.augment = Augment.light()
 
     def forward(self, batch, generator=None):
-        logits = self.classifier(self.encoder(self.augment(to_float(batch.images), generator))).float()
+        logits = self.classifier(self.encode(self.augment(to_float(batch.images), generator))).float()
         target = batch.image_category.to(logits.device) % logits.shape[1]
         return {"loss": F.cross_entropy(logits, target)}
 
@@ -136,7 +145,7 @@ class ClipTitlesMethod(_Method):
         return self.text_head(bag)
 
     def forward(self, batch, generator=None):
-        img = self.encoder(self.augment(to_float(batch.images), generator))
+        img = self.encode(self.augment(to_float(batch.images), generator))
         txt = self.encode_titles(batch.image_ids)
         return {"loss": contrastive_loss(img, txt.to(img.dtype), temperature=self.temperature, symmetric=True,
                                          group=_global_group(), capacity=self.item_capacity(batch),

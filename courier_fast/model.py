@@ -228,15 +228,18 @@ class CourierModel(nn.Module):
             q = q + self.category_query(cat.to(emb.device)).to(emb.dtype)
         return q
 
-    def embed_batch(self, batch, images=None):
-        """(embeddings of the batch's distinct items with a zero row for padding: (U + 1, d))."""
-        emb = self.encoder(batch.images if images is None else images)
+    def embed_batch(self, batch, images=None, embeddings=None):
+        """(embeddings of the batch's distinct items with a zero row for padding: (U + 1, d)).
+        `embeddings` (U, d) are used instead of encoding the images."""
+        emb = self.encoder(batch.images if images is None else images) if embeddings is None else embeddings
         return torch.cat([emb, emb.new_zeros(1, emb.shape[1])])
 
-    def forward(self, batch, images=None):
-        """Losses of one SessionBatch; `images` replaces batch.images (e.g. an augmented copy)."""
+    def forward(self, batch, images=None, *, embeddings=None):
+        """Losses of one SessionBatch; `images` replaces batch.images (e.g. an augmented copy);
+        `embeddings` (U, d), the distinct items' embeddings computed by the caller (e.g.
+        courier_fast.methods' encode()), replace the encoder pass."""
         dev = self.attention.in_proj_weight.device
-        emb = self.embed_batch(batch, images)
+        emb = self.embed_batch(batch, images, embeddings)
         hist_idx, pv_idx = batch.history_index.to(dev), batch.pv_index.to(dev)
         hist_pad, pv_pad = batch.history_pad.to(dev), batch.pv_pad.to(dev)
         clicks = batch.clicks.to(dev)

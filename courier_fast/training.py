@@ -22,7 +22,13 @@ batch padded to `batch_size` rows (courier_fast.distributed: no rank needs anoth
 across ranks, image counts are summed at those points too. Two exceptions: under a `max_images`
 budget, which every rank must see reached at the same step, the image count is summed and read
 once per step; fp16 AMP's GradScaler reads its overflow flag.
+
+`encoder_micro_batch=K` runs the encoder K images at a time in two passes (courier_fast.grad_cache,
+GradCache): the encoder's activations are those of K images, the gradients the plain step's (for
+encoders without batch-dependent layers; BatchNorm sees K-image batches). Under DDP the chunks'
+gradients accumulate locally and are averaged once per step.
 """
+import contextlib
 import dataclasses
 import json
 import math
@@ -38,10 +44,12 @@ from courier_fast.checkpoint import CHECKPOINT, ENCODER_FILE, load_checkpoint, s
 from courier_fast.data import SessionLoader, load_dataset
 from courier_fast.data.decode import ImageDecoder
 from courier_fast.data.format import atomic_path
+from courier_fast.grad_cache import GradCache, average_gradients
 from courier_fast.methods import METHODS, build_method
 
 METRICS = "metrics.jsonl"
 CONTRASTIVE_METHODS = ("courier", "simclr", "clip_titles")  # the ones with an InfoNCE loss
+TRAINED_METHODS = ("courier", "simclr", "category_supervised", "clip_titles")  # random_encoder is not
 LOSS_WEIGHTS = ("contrastive_weight", "history_weight", "ctr_weight")  # CourierModel's
 LR_SCHEDULES = ("constant", "cosine", "linear")
 
@@ -77,6 +85,7 @@ class TrainConfig:
     logq: bool = False               # courier: logQ correction from the items' page-view frequencies
     amp: str = "auto"                # auto (bf16 on a GPU, off on CPU) | bf16 | fp16 | off
     grad_checkpointing: bool = False
+    encoder_micro_batch: int = None  # images per encoder forward, exact gradients in two passes (None: one pass)
     freeze_backbone: bool = False
     channels_last: bool = True
     checkpoint_every: int = 200
@@ -106,6 +115,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be None or >= 0, got {value}")
         self._only_for(("temperature", "backend", "ring"), CONTRASTIVE_METHODS)
         self._only_for(LOSS_WEIGHTS + ("logq",), ("courier",))
+        self._only_for(("encoder_micro_batch",), TRAINED_METHODS)
+        if self.encoder_micro_batch is not None:
+            _validate.positive_int("encoder_micro_batch", self.encoder_micro_batch)
         choices = {"amp": ("auto", "bf16", "fp16", "off"), "device": ("auto", "cpu", "cuda"),
                    "on_error": ("raise", "skip"), "lr_schedule": LR_SCHEDULES,
                    "backend": ("auto",) + dispatch.BACKENDS}
@@ -243,18 +255,31 @@ def make_loader(cfg, data, device, rank=0, world=1):
                          drop_last=world > 1)
 
 
-def train_step(model, batch, generator, optimizer, scaler, amp_dtype=None, grad_clip=None):
+def train_step(model, batch, generator, optimizer, scaler, amp_dtype=None, grad_clip=None, encoder_micro_batch=None):
     """One optimiser step of `model` (a method of courier_fast.methods, or its DDP wrapper) on
     `batch` (a SessionBatch on the model's device): forward under autocast in amp_dtype (None:
     off), backward through `scaler` (a torch.amp.GradScaler, enabled for fp16 only), clipping of
     the global gradient norm to grad_clip (None: none), then the optimiser's step.
+    encoder_micro_batch: None, or the most images per encoder forward (int > 0): the two passes of
+    courier_fast.grad_cache (the second under the same autocast, from the scaled loss's embedding
+    gradients); under DDP every backward runs in no_sync() and the gradients are averaged once.
 
     Returns (losses: the method's dict of 0-d tensors, grad_norm: a 0-d tensor or None). Reads
     nothing back from the device, except fp16's GradScaler, which reads its overflow flag."""
-    with torch.autocast(batch.images.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        losses = model(batch, generator)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(losses["loss"]).backward()
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    cache = None if encoder_micro_batch is None else GradCache(encoder_micro_batch)
+    local = model.no_sync() if ddp and cache is not None else contextlib.nullcontext()
+    attached = contextlib.nullcontext() if cache is None else cache.attached(model.module if ddp else model)
+    autocast = torch.autocast(batch.images.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+    with local:
+        with autocast, attached:
+            losses = model(batch, generator)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(losses["loss"]).backward()
+        if cache is not None:
+            cache.backward()
+    if ddp and cache is not None:
+        average_gradients(model.parameters(), model.process_group)
     grad_norm = None
     if grad_clip is not None:
         scaler.unscale_(optimizer)
@@ -375,7 +400,7 @@ def train(config):
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 losses, grad_norm = train_step(model, batch, _step_generator(cfg.seed, step), optimizer, scaler,
-                                               amp_dtype, cfg.grad_clip)
+                                               amp_dtype, cfg.grad_clip, cfg.encoder_micro_batch)
                 images.add(method.images_per_step(batch))
                 step += 1
                 first_bad = torch.where((first_bad < 0) & ~torch.isfinite(losses["loss"].detach()), step, first_bad)
