@@ -549,7 +549,7 @@ def test_padded_jagged_round_trip(gen, shape):
     valid = valid.view(*valid.shape, *([1] * (len(shape) - 2)))
     torch.testing.assert_close(back, torch.where(valid, padded, torch.full_like(padded, -7.0)))
     torch.testing.assert_close(got_lengths, lengths)
-    if back.numel():
+    if values.numel():  # every length 0 (random): all padding, nothing to differentiate
         back.sum().backward()
         torch.testing.assert_close(padded.grad, valid.expand_as(padded).double())
 
