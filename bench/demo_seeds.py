@@ -6,13 +6,18 @@ share of the no_image -> oracle gap it recovers, and merges the summary into
 bench/results/<device>-demo.json under "quick" or "full". `courier` is the default run
 (courier_learned_query), listed once; "courier_query" names its query.
 
+With --feature-forms each demo also scores every method's vector / simscore / cluster features
+alone (courier_fast.demo's feature_forms); the summary adds, per method and form, the AUC per
+seed and its gain over "none" (ID / category features only), and names the best generic
+baseline (highest mean AUC with all features) -- the table the README shows for it and COURIER.
+
 With --runs NAME ... it trains, embeds and evaluates only those runs of courier_fast.demo.RUNS
 (e.g. courier_target_image, the paper's literal query, which the demo leaves out) on each seed's
 world, with the demo's budget, and merges per-seed AUC / GAUC into
 bench/results/<device>-demo_runs.json under "<mode>" / <run> (a file of its own: its header
 names the torch and commit of these runs, not of the demo's).
 
-    python bench/demo_seeds.py --quick --seeds 0 1 2
+    python bench/demo_seeds.py --quick --seeds 0 1 2 [--feature-forms]
     python bench/demo_seeds.py --quick --seeds 0 1 2 --runs courier_target_image
 """
 import argparse
@@ -26,7 +31,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
-from courier_fast.demo import COURIER_QUERY, GENERIC, ORDER, RUNS, _world, demo, label, run_method  # noqa: E402
+from courier_fast.demo import COURIER_QUERY, FORMS, GENERIC, ORDER, RUNS, _world, demo, label, run_method  # noqa: E402
 from courier_fast.evaluate import evaluate  # noqa: E402
 
 
@@ -41,7 +46,28 @@ def summarise(reports):
             "courier_query": COURIER_QUERY,
             "auc": per_seed, "gauc": {m: [r["results"][m]["gauc"] for r in reports] for m in ORDER},
             "margin_over_best_generic": margin.tolist(), "gap_recovered": recovered.tolist(),
-            "over_no_image": (courier - np.array(per_seed["no_image"])).tolist()}
+            "over_no_image": (courier - np.array(per_seed["no_image"])).tolist(),
+            **(summarise_forms(reports) if "feature_forms" in reports[0] else {})}
+
+
+def summarise_forms(reports):
+    """{"feature_forms": {method: {form: {"auc": [per seed], "gain": [AUC - none's]}}}, "best_generic"}."""
+    out = {}
+    for m in reports[0]["feature_forms"]:
+        rows = [r["feature_forms"][m] for r in reports]
+        out[m] = {f: {"auc": [row[f]["auc"] for row in rows], "gain": [row[f]["auc"] - row["none"]["auc"] for row in rows]}
+                  for f in ("none",) + FORMS + ("all",)}
+    best = max(GENERIC, key=lambda m: np.mean(out[m]["all"]["auc"]))
+    return {"feature_forms": out, "best_generic": best}
+
+
+def print_forms(s):
+    cols = FORMS + ("all",)
+    print("\nAUC gain over ID / category features alone (mean ± std over seeds; paper: cluster > simscore > vector)")
+    print(f"{'method':<24}" + "".join(f"{c:>18}" for c in cols))
+    for m in ("courier", s["best_generic"], "oracle_attributes"):
+        gains = [np.array(s["feature_forms"][m][c]["gain"]) for c in cols]
+        print(f"{label(m):<24}" + "".join(f"{g.mean():>+11.4f} ± {g.std(ddof=1) if len(g) > 1 else 0:.4f}" for g in gains))
 
 
 def extra_runs(names, seeds, quick, workdir):
@@ -78,6 +104,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--workdir", default="courier_demo")
+    ap.add_argument("--feature-forms", action="store_true", help="also score each feature form alone")
     ap.add_argument("--runs", nargs="+", choices=sorted(RUNS), help="only these runs (not the whole demo)")
     args = ap.parse_args()
     mode = "quick" if args.quick else "full"
@@ -89,8 +116,8 @@ def main():
                   + f"{a.mean():>11.4f} ± {a.std(ddof=1) if len(a) > 1 else 0:.4f}")
         _merge("demo_runs", mode, out, per_run=True)
         return
-    reports = [demo(seed=s, quick=args.quick, workdir=os.path.join(args.workdir, f"{mode}-seed{s}"), progress=False)
-               for s in args.seeds]
+    reports = [demo(seed=s, quick=args.quick, workdir=os.path.join(args.workdir, f"{mode}-seed{s}"), progress=False,
+                    feature_forms=args.feature_forms) for s in args.seeds]
     s = summarise(reports)
     print(f"\n{'method':<24}" + "".join(f"{'seed ' + str(k):>10}" for k in s["seeds"]) + f"{'mean ± std':>18}")
     for m in ORDER:
@@ -101,6 +128,8 @@ def main():
     print(f"courier - best generic: {margin.mean():+.4f} ± {sd:.4f} (per seed {', '.join(f'{v:+.4f}' for v in margin)}); "
           f"gap recovered {', '.join(f'{100 * v:.0f} %' for v in s['gap_recovered'])}; "
           f"seconds {', '.join(f'{v:.0f}' for v in s['seconds'])}")
+    if args.feature_forms:
+        print_forms(s)
     _merge("demo", mode, s)
 
 

@@ -50,6 +50,9 @@ def main(argv=None):
     ev.add_argument("--data", required=True)
     ev.add_argument("--embeddings", help="an embedding file from `courier-fast embed` (omit: no image features)")
     ev.add_argument("--oracle", action="store_true", help="use the world's true attributes (oracle.parquet)")
+    ev.add_argument("--features", default="all", metavar="FORM",
+                    help="the form of the image features: all (default), one of vector / simscore / cluster "
+                         "(the paper's forms, one at a time), or none (ID / category features only)")
     ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
     dm = sub.add_parser("demo", help="generate a world, pre-train every method, embed, evaluate, compare")
     dm.add_argument("--quick", action="store_true", help="the small world and budget (minutes on 2 CPU cores)")
@@ -58,6 +61,9 @@ def main(argv=None):
     dm.add_argument("--json", dest="json_path", help="results JSON path (default <workdir>/results.json)")
     dm.add_argument("--data", help="run on this data directory (e.g. from `courier-fast import`) instead of "
                                    "generating the world")
+    dm.add_argument("--feature-forms", action="store_true",
+                    help="also evaluate each method's vector / simscore / cluster features alone (the paper's "
+                         "forms; adds three CTR fits per method)")
     dm.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     try:
@@ -271,14 +277,14 @@ def _run(parser, args):
         if args.oracle and args.embeddings:
             parser.error("give --embeddings or --oracle, not both")
         emb = oracle_embeddings(args.data) if args.oracle else args.embeddings
-        metrics = evaluate(args.data, emb)
+        metrics = evaluate(args.data, emb, features=args.features)
         print(json.dumps(metrics) if args.json else
               "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
         return 0
     if args.command == "demo":
         from courier_fast.demo import demo
         demo(seed=args.seed, quick=args.quick, workdir=args.workdir, json_path=args.json_path,
-             progress=not args.no_progress, data=args.data)
+             progress=not args.no_progress, data=args.data, feature_forms=args.feature_forms)
         return 0
 
     import courier_fast

@@ -10,6 +10,11 @@ shown once, under this name, its query named in the table and in "courier_query"
 courier_target_query, oracle_attributes (true attributes: the ceiling). Runs resume: a method
 whose checkpoint is complete is not trained again. RUNS also holds runs the demo does not make
 (courier_target_image: the paper's literal query), for bench/demo_seeds.py --runs.
+feature_forms=True (`--feature-forms`) also evaluates each method's embeddings in each of the
+paper's feature forms alone (vector, simscore, cluster; evaluate()'s `features`) and adds
+    "feature_forms": {<method>: {<form>: {"auc", "gauc", "logloss"}}}
+with "none" (= no_image) and "all" (= the main result) beside them, and "feature_forms_seconds"
+(the extra fits' share of "seconds"); off by default (the extra fits cost time).
 data=DIR runs on an existing data directory (e.g. one `courier-fast import` wrote) instead of
 generating the world; oracle_attributes is reported only where DIR has the world's oracle.parquet.
 """
@@ -23,6 +28,7 @@ from courier_fast.data.format import atomic_path
 GENERIC = ("random_encoder", "category_supervised", "simclr", "clip_titles")
 PRETRAINED = GENERIC + ("courier_target_query", "courier_learned_query")
 ORDER = ("no_image",) + GENERIC + ("courier", "courier_target_query", "oracle_attributes")
+FORMS = ("vector", "simscore", "cluster")  # the paper's appendix: each form of the embedding on its own
 
 # Shared by every method: the encoder, its input size, rows per step, optimiser and budget.
 PRESETS = {
@@ -82,10 +88,20 @@ def run_method(name, world, workdir, seed, quick, progress=True):
     return embed_checkpoint(os.path.join(out, "checkpoint.pt"), world, clusters=p["clusters"], seed=seed)
 
 
-def demo(seed=0, quick=False, workdir=None, json_path=None, png_path=None, progress=True, log=print, data=None):
+def demo(seed=0, quick=False, workdir=None, json_path=None, png_path=None, progress=True, log=print, data=None,
+         feature_forms=False):
     """Run everything (on `data` when given, else on the generated world); returns the JSON dict
     (also written to json_path)."""
     from courier_fast.evaluate import evaluate, oracle_embeddings
+
+    forms, forms_seconds = {}, [0.0]
+
+    def score(method, emb):
+        results[method] = evaluate(world, emb)
+        if feature_forms:
+            t = time.time()
+            forms[method] = {f: evaluate(world, emb, features=f) for f in FORMS}
+            forms_seconds[0] += time.time() - t
 
     start = time.time()
     name = f"{'quick' if quick else 'full'}-seed{seed}"
@@ -98,17 +114,26 @@ def demo(seed=0, quick=False, workdir=None, json_path=None, png_path=None, progr
     results = {"no_image": evaluate(world)}
     for name in PRETRAINED:
         t0 = time.time()
-        emb = run_method(name, world, workdir, seed, quick, progress)
-        results[name] = evaluate(world, emb)
+        score(name, run_method(name, world, workdir, seed, quick, progress))
         log(f"{name:<24} AUC {results[name]['auc']:.4f}  ({time.time() - t0:.0f} s)")
     results["courier"] = results.pop(DEFAULT_COURIER)
+    if feature_forms:
+        forms["courier"] = forms.pop(DEFAULT_COURIER)
     if os.path.exists(os.path.join(world, "oracle.parquet")):
-        results["oracle_attributes"] = evaluate(world, oracle_embeddings(world, PRESETS[quick]["clusters"], seed))
+        score("oracle_attributes", oracle_embeddings(world, PRESETS[quick]["clusters"], seed))
+    metrics = lambda r: {k: r[k] for k in ("auc", "gauc", "logloss")}  # noqa: E731
     report = {"seed": seed, "quick": quick, "seconds": round(time.time() - start, 1), "courier_query": COURIER_QUERY,
-              "results": {m: {k: results[m][k] for k in ("auc", "gauc", "logloss")} for m in ORDER if m in results}}
+              "results": {m: metrics(results[m]) for m in ORDER if m in results}}
+    if feature_forms:  # "seconds" includes these fits; "feature_forms_seconds" says how much of it they took
+        report["feature_forms_seconds"] = round(forms_seconds[0], 1)
+        report["feature_forms"] = {m: {"none": report["results"]["no_image"],
+                                       **{f: metrics(forms[m][f]) for f in FORMS}, "all": report["results"][m]}
+                                   for m in ORDER if m in forms}
     if data is not None:
         report["data"] = os.path.abspath(data)
     log(format_table(report))
+    if feature_forms:
+        log(format_forms(report))
     json_path = json_path or os.path.join(workdir, "results.json")
     with atomic_path(json_path) as tmp, open(tmp, "w") as f:
         json.dump(report, f, indent=2)
@@ -133,6 +158,17 @@ def format_table(report):
     c = res["courier"]["auc"]
     lines.append(f"courier - best generic baseline: {c - best_generic:+.4f} AUC; "
                  f"recovers {100 * (c - base) / gap if gap > 0 else float('nan'):.0f} % of the no_image -> oracle gap")
+    return "\n".join(lines)
+
+
+def format_forms(report):
+    """The AUC gain of each feature form over "none" (ID / category features only), per method."""
+    ff = report["feature_forms"]
+    cols = FORMS + ("all",)
+    lines = ["AUC gain over ID / category features alone, by feature form (paper: cluster > simscore > vector)",
+             f"{'method':<24}" + "".join(f"{c:>10}" for c in cols)]
+    for m, r in ff.items():
+        lines.append(f"{label(m):<24}" + "".join(f"{r[c]['auc'] - r['none']['auc']:>+10.4f}" for c in cols))
     return "\n".join(lines)
 
 

@@ -6,10 +6,15 @@ ctr_train, so item ids carry nothing). Features:
 
 * always (ID / category): the candidate's category (one-hot), the number of history items, the
   number and fraction of history items sharing its category;
-* with an ItemEmbeddings (image features, docs/design.md §1): the vector itself; SimScore, the cosine
-  to each history slot plus its mean, max, and sum / max over same-category history items; the
-  cluster ID (one-hot) and how many history items share the candidate's cluster (overall and
-  within its category).
+* with an ItemEmbeddings (image features, docs/design.md §1), in three forms (the paper's
+  appendix measures each on its own):
+  - "simscore": the cosine to each history slot plus its mean, max, and sum / max over
+    same-category history items;
+  - "cluster": the cluster ID (one-hot) and how many history items share the candidate's
+    cluster (overall and within its category); needs the embeddings' cluster_ids;
+  - "vector": the vector itself.
+  `features` picks one form, "all" (the default: every form the embeddings have) or "none"
+  (the ID / category features alone, as without embeddings).
 
 Metrics: AUC, GAUC (per-user AUC weighted by the user's impressions, users with both labels)
 and logloss. `oracle_embeddings()` builds the ceiling from the world's true attributes.
@@ -22,8 +27,31 @@ from courier_fast.data.loader import padded_column
 from courier_fast.embed import ItemEmbeddings, simscore
 
 
-def ctr_features(sessions, items, emb=None, history_len=5):
-    """(X (n, f) float32, y (n,) float32, user (n,) int64) over every valid shown slot of `sessions`."""
+FEATURE_FORMS = ("all", "vector", "simscore", "cluster", "none")
+
+
+def check_features(features, emb):
+    """Raise a ValueError naming `features` when it is not a form or `emb` (an ItemEmbeddings, a
+    path to one, or None) cannot give it."""
+    if features not in FEATURE_FORMS:
+        raise ValueError(f"features must be one of {FEATURE_FORMS}, got {features!r}")
+    if emb is None and features not in ("all", "none"):
+        raise ValueError(f"features={features!r} needs embeddings (give embeddings, or features='none')")
+    if features == "cluster" and isinstance(emb, ItemEmbeddings) and emb.cluster_ids is None:
+        raise ValueError("features='cluster' needs embeddings with cluster ids (ItemEmbeddings.with_clusters, "
+                         "or `courier-fast embed --clusters K`)")
+
+
+def ctr_features(sessions, items, emb=None, history_len=5, features="all"):
+    """(X (n, f) float32, y (n,) float32, user (n,) int64) over every valid shown slot of `sessions`.
+
+    features: which image features `emb` adds (FEATURE_FORMS; module docstring). The ID /
+    category columns come first in every form; the image columns follow in the order
+    simscore, cluster, vector.
+    """
+    check_features(features, emb)
+    if features == "none":
+        emb = None
     ids = items.column("item_id").to_numpy()
     cats = items.column("category").to_numpy()
     order = np.argsort(ids)
@@ -44,19 +72,20 @@ def ctr_features(sessions, items, emb=None, history_len=5):
     n_hist = hvalid.sum(-1).repeat(pv.shape[1], 1)
     feats = [np.eye(n_cat, dtype=np.float32)[pc.clip(min=0)], n_hist[..., None],
              same.sum(-1, keepdims=True), (same.sum(-1) / np.maximum(n_hist, 1))[..., None]]
-    if emb is not None:
+    if emb is not None and features in ("all", "simscore"):
         s = simscore(emb, hist, pv)                                           # (R, P, L), 0 at padding
         neg = np.where(hvalid > 0, s, -1.0)
         same_neg = np.where(same > 0, s, -1.0)
         feats += [s, (s.sum(-1) / np.maximum(n_hist, 1))[..., None], neg.max(-1, keepdims=True),
                   (s * same).sum(-1, keepdims=True), same_neg.max(-1, keepdims=True)]
-        if emb.cluster_ids is not None:
-            k = int(emb.cluster_ids.max()) + 1
-            cl = lambda x: np.where(x >= 0, emb.cluster_ids[emb.rows(x)], -2)  # noqa: E731
-            hcl, pcl = cl(hist), cl(pv)
-            same_cl = (hcl[:, None, :] == pcl[:, :, None]).astype(np.float32)
-            feats += [np.eye(k, dtype=np.float32)[pcl.clip(min=0)], same_cl.sum(-1, keepdims=True),
-                      (same_cl * same).sum(-1, keepdims=True)]
+    if emb is not None and features in ("all", "cluster") and emb.cluster_ids is not None:
+        k = int(emb.cluster_ids.max()) + 1
+        cl = lambda x: np.where(x >= 0, emb.cluster_ids[emb.rows(x)], -2)  # noqa: E731
+        hcl, pcl = cl(hist), cl(pv)
+        same_cl = (hcl[:, None, :] == pcl[:, :, None]).astype(np.float32)
+        feats += [np.eye(k, dtype=np.float32)[pcl.clip(min=0)], same_cl.sum(-1, keepdims=True),
+                  (same_cl * same).sum(-1, keepdims=True)]
+    if emb is not None and features in ("all", "vector"):
         feats.append(emb.vectors[emb.rows(pv)])
     x = np.concatenate(feats, -1)
     return x[valid].astype(np.float32), clicks[valid].astype(np.float32), np.broadcast_to(users[:, None], pv.shape)[valid]
@@ -78,13 +107,18 @@ def gauc(scores, labels, users):
     return total / weight if weight else float("nan")
 
 
-def evaluate(data, embeddings=None, C=0.1, history_len=5):
+def evaluate(data, embeddings=None, C=0.1, history_len=5, features="all"):
     """Fit on ctr_train, score ctr_test: {"auc", "gauc", "logloss", "train_rows", "test_rows"}.
 
     embeddings: None (ID/category features only), an ItemEmbeddings, or a path to one (a
     file or a `courier-fast embed` parts directory); it needs a vector for every item the two
     tables show or hold in a history.
+    features: the form of the image features (FEATURE_FORMS: "all", "vector", "simscore",
+    "cluster" or "none"; module docstring); the ID / category features are always in.
     """
+    check_features(features, embeddings)  # before any file is read
+    if features == "none":
+        embeddings = None
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import log_loss, roc_auc_score
     from sklearn.pipeline import make_pipeline
@@ -104,8 +138,8 @@ def evaluate(data, embeddings=None, C=0.1, history_len=5):
         if missing.size:
             raise ValueError(f"embeddings: {missing.size} items that {data} ctr_train / ctr_test show have no "
                              f"embedding (e.g. id {missing[0]})")
-    x, y, _ = ctr_features(tables["ctr_train"], tables["items"], emb, history_len)
-    xt, yt, ut = ctr_features(tables["ctr_test"], tables["items"], emb, history_len)
+    x, y, _ = ctr_features(tables["ctr_train"], tables["items"], emb, history_len, features)
+    xt, yt, ut = ctr_features(tables["ctr_test"], tables["items"], emb, history_len, features)
     if len(np.unique(y)) < 2 or len(np.unique(yt)) < 2:
         raise ValueError(f"data: {data} ctr_train and ctr_test need both clicks and non-clicks")
     model = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000))

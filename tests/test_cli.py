@@ -184,3 +184,15 @@ def test_train_options_reach_the_config(world, tmp_path):
 def test_train_bad_option_names_it(capsys, world, tmp_path):
     _fails(capsys, ["train", "--data", world, "--out", str(tmp_path / "r"), *TRAIN, "--temperature", "0"],
            "temperature")
+
+
+def test_eval_features_option(capsys, world):
+    assert main(["eval", "--data", world, "--oracle", "--features", "cluster", "--json"]) == 0
+    cluster = json.loads(capsys.readouterr().out)
+    assert main(["eval", "--data", world, "--features", "none", "--json"]) == 0
+    none = json.loads(capsys.readouterr().out)
+    assert main(["eval", "--data", world, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == none  # no embeddings: "all" adds nothing
+    assert cluster["auc"] != none["auc"] and cluster["test_rows"] == none["test_rows"]
+    _fails(capsys, ["eval", "--data", world, "--features", "pixels"], "features", "pixels")
+    _fails(capsys, ["eval", "--data", world, "--features", "vector"], "features='vector'", "needs embeddings")

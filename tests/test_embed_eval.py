@@ -247,3 +247,61 @@ def test_ctr_features_shapes(world, rng, clusters):
     np.testing.assert_array_equal(xe[:, :n_cat + 3], x)
     shown = np.concatenate(sessions.column("pv_items").to_pylist())
     np.testing.assert_allclose(xe[:, -d:], emb.vectors[emb.rows(shown)])
+
+
+# ----------------------------------------------------------------------------- feature forms
+@pytest.mark.parametrize("clusters", [0, 3])
+def test_ctr_features_each_form_is_its_columns_of_all(world, rng, clusters):
+    """Each form alone is the ID / category columns plus exactly that form's columns of "all"
+    (simscore, then cluster, then vector); "none" is the features without embeddings."""
+    data = load_dataset(world, tables=("ctr_test",))
+    items, sessions = data["items"], data["ctr_test"]
+    ids = items.column("item_id").to_numpy()
+    d = int(rng.integers(3, 9))
+    emb = ItemEmbeddings(ids, rng.normal(size=(len(ids), d)))
+    if clusters:
+        emb = emb.with_clusters(clusters, seed=int(rng.integers(100)))
+    base, y, users = ctr_features(sessions, items)
+    full, _, _ = ctr_features(sessions, items, emb, features="all")
+    b, s = base.shape[1], 5 + 4
+    k = int(emb.cluster_ids.max()) + 3 if clusters else 0
+    spans = {"none": [], "simscore": [slice(b, b + s)], "cluster": [slice(b + s, b + s + k)] if clusters else None,
+             "vector": [slice(b + s + k, b + s + k + d)]}
+    assert full.shape[1] == b + s + k + d
+    for form, cols in spans.items():
+        if cols is None:
+            with pytest.raises(ValueError, match="features='cluster'.*cluster ids"):
+                ctr_features(sessions, items, emb, features=form)
+            continue
+        x, yf, uf = ctr_features(sessions, items, emb, features=form)
+        np.testing.assert_array_equal(x, np.concatenate([base] + [full[:, c] for c in cols], 1))
+        np.testing.assert_array_equal(yf, y)
+        np.testing.assert_array_equal(uf, users)
+
+
+@pytest.mark.parametrize("form", ["vector", "simscore", "cluster"])
+def test_image_forms_need_embeddings(world, form):
+    data = load_dataset(world, tables=("ctr_test",))
+    with pytest.raises(ValueError, match=f"features='{form}' needs embeddings"):
+        ctr_features(data["ctr_test"], data["items"], None, features=form)
+    with pytest.raises(ValueError, match=f"features='{form}' needs embeddings"):
+        evaluate(world, features=form)
+
+
+def test_unknown_form_is_named_before_any_file_is_read(tmp_path):
+    with pytest.raises(ValueError, match="features must be one of .*'clusters'"):
+        evaluate(str(tmp_path / "no_such_data"), str(tmp_path / "no_such.parquet"), features="clusters")
+
+
+def test_evaluate_forms(world, rng):
+    """"none" is the no-embedding fit (the embeddings are not even read); every form fits on the
+    same rows; the oracle's cluster form alone beats ID / category features on this world."""
+    base = evaluate(world)
+    assert evaluate(world, "no/such/embeddings.parquet", features="none") == base
+    oracle = oracle_embeddings(world, clusters=8)
+    forms = {f: evaluate(world, oracle, features=f) for f in ("vector", "simscore", "cluster")}
+    for m in forms.values():
+        _check_metrics(m)
+        assert (m["train_rows"], m["test_rows"]) == (base["train_rows"], base["test_rows"])
+    assert len({m["auc"] for m in forms.values()}) == 3  # three different fits
+    assert forms["cluster"]["auc"] > base["auc"] + 0.02
