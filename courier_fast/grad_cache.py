@@ -16,8 +16,10 @@ no_sync, with one gradient all-reduce after the last chunk).
 Same embeddings in both passes: pass 1 saves torch's RNG state (CPU, and the images' CUDA device)
 before each chunk and pass 2 restores it, so dropout and stochastic depth draw the same masks;
 the RNG state after backward() is the one it found. Pass 2 runs under pass 1's autocast state.
-The batch is augmented once before encode() (the methods do), and the encoder's kernels must be
-deterministic and choose the same algorithm with or without a graph.
+The batch's augmentation is drawn once before encode() (the methods do: Augment.draw) and
+applied chunk by chunk in both passes (encode's `prepare`), so neither the float batch nor its
+augmented copy is ever held whole; the encoder's kernels must be deterministic and choose the same
+algorithm with or without a graph.
 
 Layers that depend on the batch see each chunk as a batch: BatchNorm normalises with the chunk's
 statistics, so such an encoder's step is not the plain step's (it is the plain step of an encoder
@@ -43,6 +45,7 @@ class _Pass:
     rng_states: list    # the RNG state before each chunk's pass-1 forward
     embeddings: torch.Tensor  # (n, d) leaf that requires grad
     autocast: tuple     # (device_type, enabled, dtype) of pass 1
+    prepare: object     # None, or prepare(chunk, start) -> the encoder's input
 
 
 class GradCache:
@@ -62,22 +65,26 @@ class GradCache:
         finally:
             method.grad_cache = None
 
-    def encode(self, encoder, images):
+    def encode(self, encoder, images, prepare=None):
         """Pass 1: embeddings (n, d) of images (n, ...) in the encoder's output dtype, computed
         `micro_batch` images at a time without a graph, as a leaf that requires grad (backward()
-        sends its gradient into the encoder). May be called several times before backward()."""
+        sends its gradient into the encoder). May be called several times before backward().
+        prepare: None, or prepare(chunk, start) -> the encoder's input for images[start : start +
+        len(chunk)] (e.g. uint8 -> a float augmented with an AugmentDraw of the whole batch); it
+        runs per chunk in both passes, so it must be deterministic, and the whole prepared batch
+        never exists at once."""
         trainable = any(p.requires_grad for p in encoder.parameters())
         if images.shape[0] <= self.micro_batch or not trainable or not torch.is_grad_enabled():
-            return encoder(images)
+            return encoder(_prepared(prepare, images, 0))
         chunks, states, out = images.split(self.micro_batch), [], []
         device_type = images.device.type
         autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
         with torch.no_grad(), _autocast(autocast):
-            for chunk in chunks:
+            for k, chunk in enumerate(chunks):
                 states.append(_rng_state(images.device))
-                out.append(encoder(chunk))
+                out.append(encoder(_prepared(prepare, chunk, k * self.micro_batch)))
         leaf = torch.cat(out).requires_grad_()
-        self._passes.append(_Pass(encoder, chunks, states, leaf, autocast))
+        self._passes.append(_Pass(encoder, chunks, states, leaf, autocast, prepare))
         return leaf
 
     def backward(self):
@@ -90,15 +97,20 @@ class GradCache:
                 continue
             device = p.embeddings.device
             resume, buffers = _rng_state(device), [b.clone() for b in p.encoder.buffers()]
-            for chunk, state, grad in zip(p.chunks, p.rng_states, p.embeddings.grad.split(self.micro_batch)):
+            grads = p.embeddings.grad.split(self.micro_batch)
+            for k, (chunk, state, grad) in enumerate(zip(p.chunks, p.rng_states, grads)):
                 _set_rng_state(state, device)
                 with torch.enable_grad(), _autocast(p.autocast):
-                    emb = p.encoder(chunk)
+                    emb = p.encoder(_prepared(p.prepare, chunk, k * self.micro_batch))
                 emb.backward(grad)
             _set_rng_state(resume, device)
             with torch.no_grad():
                 for b, saved in zip(p.encoder.buffers(), buffers):
                     b.copy_(saved)
+
+
+def _prepared(prepare, images, start):
+    return images if prepare is None else prepare(images, start)
 
 
 def _autocast(state):

@@ -1,9 +1,10 @@
 """Pre-training methods, all on the same ImageEncoder and the same SessionBatch stream.
 
 Every method is an nn.Module with `.encoder` (the ImageEncoder whose embeddings are exported)
-and `forward(batch, generator) -> dict` of losses ("loss" is optimised), which augments the batch
-once and calls the encoder through `encode(images)` (where train_step's encoder micro-batching,
-courier_fast.grad_cache, takes over), and
+and `forward(batch, generator) -> dict` of losses ("loss" is optimised), which draws the batch's
+augmentation once (Augment.draw) and calls the encoder through `encode(images, augment)` (where
+train_step's encoder micro-batching, courier_fast.grad_cache, takes over and augments chunk by
+chunk), and
 `images_per_step(batch)`: encoder image passes of one step (the budget unit; a method with two
 views counts both). `build_method(name, items, **kwargs)` makes one:
 
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from courier_fast._validate import positive_int
-from courier_fast.augment import Augment, to_float
+from courier_fast.augment import Augment, AugmentDraw, to_float
 from courier_fast.contrastive import contrastive_loss
 from courier_fast.model import CourierModel, ImageEncoder, gather_capacity
 
@@ -48,11 +49,15 @@ class _Method(nn.Module):
     batch_rows = None
     grad_cache = None  # a courier_fast.grad_cache.GradCache while train_step micro-batches the encoder
 
-    def encode(self, images):
-        """Embeddings (n, embed_dim) of images (n, 3, S, S) (uint8, or normalised float): one
-        encoder forward, or pass 1 of the attached GradCache (a leaf whose gradient it sends into
-        the encoder afterwards)."""
-        return self.encoder(images) if self.grad_cache is None else self.grad_cache.encode(self.encoder, images)
+    def encode(self, images, augment=None):
+        """Embeddings (n, embed_dim) of images (n, 3, S, S) (uint8, or normalised float), each
+        augmented by `augment` (None, or an AugmentDraw over the n images): one encoder forward,
+        or pass 1 of the attached GradCache (a leaf whose gradient it sends into the encoder
+        afterwards), which converts and augments chunk by chunk."""
+        prepare = None if augment is None else (lambda x, start: augment(to_float(x), start))
+        if self.grad_cache is None:
+            return self.encoder(images if prepare is None else prepare(images, 0))
+        return self.grad_cache.encode(self.encoder, images, prepare)
 
     def images_per_step(self, batch):
         """Encoder image passes of one step: each distinct item of the batch once."""
@@ -74,7 +79,7 @@ class CourierMethod(_Method):
         self.augment = Augment.light()
 
     def forward(self, batch, generator=None):
-        return self.model(batch, embeddings=self.encode(self.augment(to_float(batch.images), generator)))
+        return self.model(batch, embeddings=self.encode(batch.images, self.augment.draw(len(batch.images), generator)))
 
 
 class SimCLRMethod(_Method):
@@ -91,8 +96,9 @@ class SimCLRMethod(_Method):
         return 2 * batch.images.shape[0]
 
     def forward(self, batch, generator=None):
-        x = to_float(batch.images)
-        z = self.projection(self.encode(torch.cat([self.augment(x, generator), self.augment(x, generator)])))
+        n = len(batch.images)
+        views = AugmentDraw.cat([self.augment.draw(n, generator), self.augment.draw(n, generator)])
+        z = self.projection(self.encode(torch.cat([batch.images, batch.images]), views))
         z1, z2 = z.chunk(2)
         return {"loss": contrastive_loss(z1, z2, temperature=self.temperature, symmetric=True, group=_global_group(),
                                          capacity=self.item_capacity(batch), candidate_ids=_ids(batch, z1),
@@ -109,7 +115,7 @@ class CategorySupervisedMethod(_Method):
         self.augment = Augment.light()
 
     def forward(self, batch, generator=None):
-        logits = self.classifier(self.encode(self.augment(to_float(batch.images), generator))).float()
+        logits = self.classifier(self.encode(batch.images, self.augment.draw(len(batch.images), generator))).float()
         target = batch.image_category.to(logits.device) % logits.shape[1]
         return {"loss": F.cross_entropy(logits, target)}
 
@@ -145,7 +151,7 @@ class ClipTitlesMethod(_Method):
         return self.text_head(bag)
 
     def forward(self, batch, generator=None):
-        img = self.encode(self.augment(to_float(batch.images), generator))
+        img = self.encode(batch.images, self.augment.draw(len(batch.images), generator))
         txt = self.encode_titles(batch.image_ids)
         return {"loss": contrastive_loss(img, txt.to(img.dtype), temperature=self.temperature, symmetric=True,
                                          group=_global_group(), capacity=self.item_capacity(batch),

@@ -108,6 +108,26 @@ def test_gradients_equal_the_plain_step(world, name):
     assert [(size, grad) for size, _, grad in calls] == [(m, False) for m in chunks] + [(m, True) for m in chunks]
 
 
+@pytest.mark.parametrize("name", ["courier", "simclr", "category_supervised", "clip_titles"])
+def test_augmentation_is_applied_chunk_by_chunk(world, name, monkeypatch):
+    """The batch's augmentation is drawn once and applied to each chunk in each pass: no call
+    converts or augments more than K images, so the whole float batch never exists."""
+    from courier_fast.augment import AugmentDraw
+
+    items, batch = _batch(world, dtype=torch.float32)
+    batch = dataclasses.replace(batch, images=torch.randint(0, 256, batch.images.shape, dtype=torch.uint8))
+    method = _method(name, items, dtype=torch.float32)
+    applied, draws, call, draw = [], [], AugmentDraw.__call__, type(method.augment).draw
+    monkeypatch.setattr(AugmentDraw, "__call__", lambda self, x, start=0: applied.append((x.dtype, len(x), start))
+                        or call(self, x, start))
+    monkeypatch.setattr(type(method.augment), "draw", lambda self, n, g=None: draws.append(n) or draw(self, n, g))
+    _run_step(method, batch, K)
+    n = batch.images.shape[0] * (2 if name == "simclr" else 1)
+    starts = list(range(0, n, K))
+    assert draws == [batch.images.shape[0]] * (2 if name == "simclr" else 1)
+    assert applied == 2 * [(torch.float32, min(K, n - s), s) for s in starts]
+
+
 @pytest.mark.parametrize("name", ["courier", "simclr"])
 def test_dropout_and_stochastic_depth_replay_their_random_numbers(world, name):
     items, batch = _batch(world)

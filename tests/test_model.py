@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from courier_fast.augment import Augment
+from courier_fast.augment import Augment, AugmentDraw
 from courier_fast.data import ImageDecoder, SessionLoader, load_dataset
 from courier_fast.methods import METHODS, build_method
 from courier_fast.model import QUERIES, CourierModel, candidate_mask
@@ -347,6 +347,30 @@ def test_augment_full_crop_without_flip_is_identity():
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
     y = Augment(crop_scale=(1.0, 1.0), flip=False)(x, g)
     torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("make", [Augment.light, Augment.simclr])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_augment_draw_in_chunks_is_the_whole_call(make, dtype, seed):
+    """Drawing first and augmenting row ranges gives the one-call result bit for bit, and leaves
+    the generator where the call leaves it; two draws joined are two calls."""
+    rng = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(1, 40, (1,), generator=rng))
+    x = torch.randn(n, 3, 10, 10, generator=rng, dtype=dtype)
+    whole, after = make()(x, torch.Generator().manual_seed(seed)), torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    draw = make().draw(n, g)
+    cuts = sorted({0, n, *torch.randint(0, n + 1, (3,), generator=rng).tolist()})
+    parts = [draw(x[a:b], a) for a, b in zip(cuts, cuts[1:])]
+    assert torch.equal(torch.cat(parts), whole) and len(draw) == n
+    make()(x, after)
+    assert torch.equal(torch.rand(4, generator=g), torch.rand(4, generator=after))
+    g1, g2 = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+    both = AugmentDraw.cat([make().draw(n, g1), make().draw(0, g1), make().draw(n, g1)])
+    want = torch.cat([make()(x, g2), make()(x, g2)])
+    assert torch.equal(both(torch.cat([x, x])), want)
+    with pytest.raises(ValueError, match="images: rows"):
+        draw(x[:2], n - 1)
 
 
 def test_augment_rejects_bad_crop_scale():
