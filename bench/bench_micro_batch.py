@@ -22,7 +22,8 @@ ms/image over plain ms/image at each R (target <= 1.5), and the memory each extr
 "swin_t_224_80gb" (arithmetic, not run on a GPU): the images and page-view candidates one step
 can hold on one 80 GB GPU for Swin-T at 224 px in bf16, plain and micro-batched, from the
 activation bytes autograd saves per image (counted here, on the CPU, with saved_tensors_hooks under
-bf16 autocast) and the per-image bytes a micro-batched step keeps for the whole batch.
+bf16 autocast), the 224 px image sizes, and the other per-image bytes the micro-batched rows here
+kept for the whole batch (scaled from embed_dim 128 to the paper's 256).
 
     python bench/bench_micro_batch.py                      # the README's table (about 15 min, 2 cores)
     python bench/bench_micro_batch.py --rows 64 512 --steps 2 --quick
@@ -124,27 +125,32 @@ def saved_bytes(n, encoder="swin_tiny_patch4_window7_224", size=224, dtype=torch
     return sum(seen.values()), params_count, model.num_features
 
 
-def swin_estimate(gpu_gb=80, micro_batch=256, history=5, page=10, embed_dim=256):
-    """Arithmetic for one GPU (module docstring); every input is in the returned dict."""
+def swin_estimate(other_bytes_per_image, measured_embed_dim=EMBED_DIM, gpu_gb=80, micro_batch=256, history=5,
+                  page=10, embed_dim=256):
+    """Arithmetic for one GPU (module docstring); every input is in the returned dict.
+
+    other_bytes_per_image: what a micro-batched step kept per image on this CPU besides the
+    uint8 image (its memory slope minus 3 x 32 x 32 bytes: embeddings, their gradients, the
+    loss's and attention's per-candidate state, the decoder's buffers), at measured_embed_dim;
+    scaled to embed_dim, since that state is O(d) per image."""
     two, params, features = saved_bytes(2)
     four, _, _ = saved_bytes(4)
     act = (four - two) / 2  # per image: what is saved once per forward (bf16 weight copies) cancels
     weights_and_adam = params * (4 + 4 + 8)        # fp32 weights, fp32 grads, AdamW's two fp32 moments
     reserve = 0.10 * gpu_gb * 2**30                # allocator fragmentation, cuDNN / cuBLAS workspaces, CUDA context
     budget = gpu_gb * 2**30 - weights_and_adam - reserve
-    image_u8 = 3 * 224 * 224                        # the decoded batch, kept for pass 2
-    image_float = 3 * 224 * 224 * 2                 # one augmented bf16 copy of an image in flight
-    # per image of the whole batch under micro-batching: the uint8 image, its embedding (bf16 pass 1,
-    # fp32 gradient and fp32 loss copies) and the loss's per-candidate state (fused InfoNCE: O(d) per row)
-    keep = image_u8 + embed_dim * (2 + 4 + 4 + 4)
-    plain_images = budget / (act + image_u8 + image_float + embed_dim * 14)
-    micro_images = (budget - micro_batch * (act + image_float)) / keep
+    image_u8 = 3 * 224 * 224                        # the decoded batch (kept whole: pass 2 re-reads it)
+    image_float = 2 * 3 * 224 * 224 * 4             # fp32 normalised + augmented copies of an image being encoded
+    other = other_bytes_per_image * embed_dim / measured_embed_dim
+    plain_images = budget / (act + image_u8 + image_float + other)  # everything for the whole batch at once
+    micro_images = (budget - micro_batch * (act + image_float)) / (image_u8 + other)  # activations: one chunk
     share = page / (page + history)                # images of a step that are page-view candidates
     return {"unrun": True, "gpu_memory_gb": gpu_gb, "encoder": "swin_tiny_patch4_window7_224", "image_size": 224,
             "dtype": "bfloat16", "saved_activation_bytes_per_image": round(act), "encoder_params": params,
             "encoder_features": features, "embed_dim": embed_dim, "weights_grads_adam_bytes": weights_and_adam,
-            "reserve_bytes": round(reserve), "micro_batch": micro_batch,
-            "kept_bytes_per_image_micro": keep, "history": history, "page_views": page,
+            "reserve_bytes": round(reserve), "micro_batch": micro_batch, "image_bytes_uint8": image_u8,
+            "image_bytes_float_in_flight": image_float, "other_bytes_per_image": round(other),
+            "history": history, "page_views": page,
             "plain_images_per_step": int(plain_images), "plain_candidates_per_step": int(plain_images * share),
             "micro_images_per_step": int(micro_images), "micro_candidates_per_step": int(micro_images * share),
             "paper_candidates_per_step": 48 * 64 * page}
@@ -197,7 +203,9 @@ def main():
             a, b = ok[lo, mode], ok[hi, mode]
             summary[f"{mode}_kb_per_extra_image"] = (1024 * (b["step_peak_mb"] - a["step_peak_mb"])
                                                      / (b["images_per_step"] - a["images_per_step"]))
-    summary["swin_t_224_80gb"] = swin_estimate(micro_batch=args.micro_batch)
+    if "micro_kb_per_extra_image" in summary:
+        other = max(0.0, 1024 * summary["micro_kb_per_extra_image"] - 3 * IMAGE_SIZE * IMAGE_SIZE)
+        summary["swin_t_224_80gb"] = swin_estimate(other, micro_batch=args.micro_batch)
     print(json.dumps(summary, indent=1))
     print("wrote", harness.write_results("micro_batch", {}, {"runs": rows, "summary": summary}, quick=args.quick))
 
