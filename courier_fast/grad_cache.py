@@ -3,7 +3,7 @@ holds the encoder activations of at most `micro_batch` images at a time, whateve
 computes the gradients of the plain step.
 
     cache = GradCache(micro_batch=64)
-    with cache.attached(method):                    # method.encode(images) goes through the cache
+    with cache.attached(method):                    # method.encode(images, augment) goes through the cache
         loss = method(batch, generator)["loss"]     # pass 1: chunks encoded without a graph
     loss.backward()                                 # every other parameter's gradient, and the
                                                     # gradient of the cached embeddings

@@ -76,9 +76,48 @@ def test_skip_mode_counts_and_keeps_the_rest(gen, backend):
     assert dec(good).shape[0] == 3 and dec.skipped == 2 and dec.last_skipped == []
 
 
-def test_mixed_sizes_without_resize_is_an_error(gen):
-    with pytest.raises(ValueError, match="different sizes"):
-        ImageDecoder(backend="pil")([_jpeg(gen, 32, 32), _jpeg(gen, 40, 32)])
+@pytest.mark.parametrize("backend", ["pil", "torchvision"])
+def test_mixed_sizes_without_resize_is_an_error(gen, backend):
+    with pytest.raises(ValueError, match=r"different sizes \(\(3, 32, 32\) and image 2's \(3, 32, 40\)\)"):
+        ImageDecoder(backend=backend)([_jpeg(gen, 32, 32), _jpeg(gen, 32, 32), _jpeg(gen, 40, 32)])
+
+
+_PEAK = """
+import io, json, sys
+import numpy as np
+from PIL import Image
+from courier_fast.data import ImageDecoder
+
+def rss(key):
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith(key)) / 1024
+
+buf = io.BytesIO()
+Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(buf, "JPEG")
+images = [buf.getvalue()] * 8000
+decoder = ImageDecoder(backend=sys.argv[1], size=32)
+decoder(images[:8])  # imports and first-call allocations
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+before = rss("VmRSS")
+out = decoder(images)
+print(json.dumps({"peak": rss("VmHWM") - before, "out": out.numel() / 2**20}))
+"""
+
+
+@pytest.mark.parametrize("backend", ["pil", "torchvision"])
+def test_cpu_decode_peak_is_about_the_batch(backend):
+    """A batch's decode holds about the batch, not a list of decoded images beside their stacked
+    copy (twice the batch and more); peak RSS of a fresh process (VmHWM reset before the call)."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _PEAK, backend], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    r = json.loads(done.stdout.strip().splitlines()[-1])
+    assert r["out"] == 8000 * 3 * 32 * 32 / 2**20
+    assert r["peak"] < 1.4 * r["out"] + 4, r
 
 
 @pytest.mark.parametrize("kwargs,msg", [({"backend": "opencv"}, "backend must be"),

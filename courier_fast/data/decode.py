@@ -128,11 +128,22 @@ class ImageDecoder:
         """x: (B, 3, H, W) uint8 on the device."""
         return imagenet_normalize(x) if self.normalize else x
 
-    def _stack(self, tensors):
-        shapes = {tuple(t.shape) for t in tensors}
-        if len(shapes) > 1:
-            raise ValueError(f"decoded images have different sizes {sorted(shapes)[:3]}...; pass size= to resize")
-        return torch.stack(tensors).to(self.device)
+    def _stack(self, tensors, n=None):
+        """(n, 3, H, W) from `tensors`, a sequence, or an iterable of n CHW tensors that is
+        consumed one image at a time into the preallocated batch (the CPU decoders: never a list
+        of n decoded images beside their stacked copy)."""
+        if n is None:
+            tensors = list(tensors)
+            n = len(tensors)
+        out = None
+        for i, t in enumerate(tensors):
+            if out is None:
+                out = torch.empty((n, *t.shape), dtype=t.dtype, device=t.device)
+            elif t.shape != out.shape[1:]:
+                raise ValueError(f"decoded images have different sizes ({tuple(out.shape[1:])} and image {i}'s "
+                                 f"{tuple(t.shape)}); pass size= to resize")
+            out[i] = t
+        return out.to(self.device)
 
     def _resize_crop_chw(self, x):
         from torchvision.transforms.v2 import functional as TF
@@ -143,9 +154,11 @@ class ImageDecoder:
 
     # ------------------------------------------------------------------ backends
     def _decode_pil(self, images):
+        return self._stack(self._pil_images(images), n=len(images))
+
+    def _pil_images(self, images):
         import numpy as np
         from PIL import Image
-        out = []
         for data in images:
             with Image.open(io.BytesIO(bytes(data))) as im:
                 im = im.convert("RGB")
@@ -156,17 +169,19 @@ class ImageDecoder:
                     im = im.resize((nw, nh), Image.BILINEAR)
                     left, top = (nw - self.size) // 2, (nh - self.size) // 2
                     im = im.crop((left, top, left + self.size, top + self.size))
-                out.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))
-        return self._stack(out)
+                yield torch.from_numpy(np.array(im)).permute(2, 0, 1)  # a writable copy: from_numpy warns on read-only
 
     def _decode_torchvision(self, images):
         from torchvision.io import ImageReadMode, decode_image, decode_jpeg
-        data = [torch.frombuffer(bytearray(bytes(d)), dtype=torch.uint8) for d in images]
+
+        def data(d):
+            return torch.frombuffer(bytearray(bytes(d)), dtype=torch.uint8)
+
         if self.device.type == "cuda":
-            decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
-        else:
-            decoded = [decode_image(d, mode=ImageReadMode.RGB) for d in data]
-        return self._stack([self._resize_crop_chw(x) for x in decoded])
+            decoded = decode_jpeg([data(d) for d in images], mode=ImageReadMode.RGB, device=self.device)
+            return self._stack([self._resize_crop_chw(x) for x in decoded])
+        return self._stack((self._resize_crop_chw(decode_image(data(d), mode=ImageReadMode.RGB)) for d in images),
+                           n=len(images))
 
     def _build_dali_pipe(self):
         """A DALI pipeline for up to max_batch images on this decoder's device."""
