@@ -4,14 +4,19 @@ computes the gradients of the plain step.
 
     cache = GradCache(micro_batch=64)
     with cache.attached(method):                    # method.encode(images, augment) goes through the cache
-        loss = method(batch, generator)["loss"]     # pass 1: chunks encoded without a graph
+        loss = method(batch, generator)["loss"]     # pass 1: chunks encoded without a graph (the last with one)
     loss.backward()                                 # every other parameter's gradient, and the
                                                     # gradient of the cached embeddings
-    cache.backward()                                # pass 2: each chunk re-encoded with a graph,
-                                                    # backward from its cached gradient
+    cache.backward()                                # pass 2: each other chunk re-encoded with a
+                                                    # graph, backward from its cached gradient
 
 courier_fast.training.train_step does this when encoder_micro_batch is set (under DDP inside
 no_sync, with one gradient all-reduce after the last chunk).
+
+The last chunk of pass 1 is encoded with a graph, kept until backward(), which backpropagates
+through it first: pass 2 re-encodes the other chunks only (n / micro_batch - 1 extra forwards,
+not n / micro_batch), for one chunk's activations held during the loss (one per encode() call).
+A checkpointed kept graph replays its own RNG state (torch.utils.checkpoint preserves it).
 
 Same embeddings in both passes: pass 1 saves torch's RNG state (CPU, and the images' CUDA device)
 before each chunk and pass 2 restores it, so dropout and stochastic depth draw the same masks;
@@ -42,10 +47,11 @@ from courier_fast._validate import positive_int
 class _Pass:
     encoder: torch.nn.Module
     chunks: tuple       # (m, ...) image tensors, m <= micro_batch
-    rng_states: list    # the RNG state before each chunk's pass-1 forward
+    rng_states: list    # the RNG state before each chunk's pass-1 forward (but the last's)
     embeddings: torch.Tensor  # (n, d) leaf that requires grad
     autocast: tuple     # (device_type, enabled, dtype) of pass 1
     prepare: object     # None, or prepare(chunk, start) -> the encoder's input
+    last: torch.Tensor  # the last chunk's embeddings, with the graph of its pass-1 forward
 
 
 class GradCache:
@@ -67,8 +73,9 @@ class GradCache:
 
     def encode(self, encoder, images, prepare=None):
         """Pass 1: embeddings (n, d) of images (n, ...) in the encoder's output dtype, computed
-        `micro_batch` images at a time without a graph, as a leaf that requires grad (backward()
-        sends its gradient into the encoder). May be called several times before backward().
+        `micro_batch` images at a time without a graph (but the last chunk, whose graph is kept
+        for backward()), as a leaf that requires grad (backward() sends its gradient into the
+        encoder). May be called several times before backward().
         prepare: None, or prepare(chunk, start) -> the encoder's input for images[start : start +
         len(chunk)] (e.g. uint8 -> a float augmented with an AugmentDraw of the whole batch); it
         runs per chunk in both passes, so it must be deterministic, and the whole prepared batch
@@ -80,17 +87,20 @@ class GradCache:
         device_type = images.device.type
         autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
         with torch.no_grad(), _autocast(autocast):
-            for k, chunk in enumerate(chunks):
+            for k, chunk in enumerate(chunks[:-1]):
                 states.append(_rng_state(images.device))
                 out.append(encoder(_prepared(prepare, chunk, k * self.micro_batch)))
-        leaf = torch.cat(out).requires_grad_()
-        self._passes.append(_Pass(encoder, chunks, states, leaf, autocast, prepare))
+        with _autocast(autocast):  # the last chunk keeps its graph: pass 2 does not encode it again
+            last = encoder(_prepared(prepare, chunks[-1], (len(chunks) - 1) * self.micro_batch))
+        leaf = torch.cat(out + [last.detach()]).requires_grad_()
+        self._passes.append(_Pass(encoder, chunks[:-1], states, leaf, autocast, prepare, last))
         return leaf
 
     def backward(self):
-        """Pass 2: re-encode each chunk with a graph, under the RNG state and autocast of its pass-1
-        forward, and backpropagate the gradient its embeddings received (embeddings that got no
-        gradient are skipped). Accumulates into the encoder parameters' .grad."""
+        """Pass 2: re-encode each chunk but the last with a graph, under the RNG state and autocast
+        of its pass-1 forward, and backpropagate the gradient its embeddings received (the last
+        chunk backpropagates through its kept graph; embeddings that got no gradient are
+        skipped). Accumulates into the encoder parameters' .grad."""
         passes, self._passes = self._passes, []
         for p in passes:
             if p.embeddings.grad is None:
@@ -98,6 +108,8 @@ class GradCache:
             device = p.embeddings.device
             resume, buffers = _rng_state(device), [b.clone() for b in p.encoder.buffers()]
             grads = p.embeddings.grad.split(self.micro_batch)
+            p.last.backward(grads[-1])  # first: its activations are freed before any chunk is re-encoded
+            p.last = None
             for k, (chunk, state, grad) in enumerate(zip(p.chunks, p.rng_states, grads)):
                 _set_rng_state(state, device)
                 with torch.enable_grad(), _autocast(p.autocast):
