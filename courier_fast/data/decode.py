@@ -130,8 +130,8 @@ class ImageDecoder:
 
     def _stack(self, tensors, n=None):
         """(n, 3, H, W) from `tensors`, a sequence, or an iterable of n CHW tensors that is
-        consumed one image at a time into the preallocated batch (the CPU decoders: never a list
-        of n decoded images beside their stacked copy)."""
+        consumed one image at a time into the preallocated batch (PIL, DALI, torchvision on CPU:
+        never a list of n decoded images beside their stacked copy)."""
         if n is None:
             tensors = list(tensors)
             n = len(tensors)
@@ -204,10 +204,13 @@ class ImageDecoder:
 
     def _decode_dali(self, images):
         """Chunks of at most max_batch images through the one pipeline -> (B, 3, H, W) uint8."""
+        return self._stack(self._dali_images(images), n=len(images))
+
+    def _dali_images(self, images):
+        """Each image's CHW tensor, decoded max_batch at a time (consumed one by one into the batch)."""
         import numpy as np
         if self._pipe is None:
             self._pipe = self._build_dali_pipe()
-        tensors = []
         for start in range(0, len(images), self.max_batch):
             chunk = images[start:start + self.max_batch]
             self._pipe.feed_input("encoded", [np.frombuffer(bytes(d), dtype=np.uint8) for d in chunk])
@@ -218,9 +221,12 @@ class ImageDecoder:
                 for i in range(len(chunk)):
                     t = torch.empty(out[i].shape(), dtype=torch.uint8, device=self.device)
                     feed_ndarray(out[i], t, cuda_stream=stream)
-                    tensors.append(t.permute(2, 0, 1))
+                    yield t.permute(2, 0, 1)  # the batch copies it on the same stream
                 if start + self.max_batch < len(images):
                     stream.synchronize()  # the next run() may reuse the buffers being copied
+            elif out.is_dense_tensor():  # one (m, H, W, 3) array: no small allocation per image
+                for hwc in torch.from_numpy(out.as_array()):
+                    yield hwc.permute(2, 0, 1)
             else:
-                tensors += [torch.from_numpy(np.array(out[i])).permute(2, 0, 1) for i in range(len(chunk))]
-        return self._stack(tensors)
+                for i in range(len(chunk)):
+                    yield torch.from_numpy(np.array(out[i])).permute(2, 0, 1)
