@@ -94,14 +94,15 @@ def demo(seed=0, quick=False, workdir=None, json_path=None, png_path=None, progr
     (also written to json_path)."""
     from courier_fast.evaluate import evaluate, oracle_embeddings
 
-    forms, forms_seconds = {}, [0.0]
+    forms, forms_seconds = {}, 0.0
 
     def score(method, emb):
+        nonlocal forms_seconds
         results[method] = evaluate(world, emb)
         if feature_forms:
             t = time.time()
             forms[method] = {f: evaluate(world, emb, features=f) for f in FORMS}
-            forms_seconds[0] += time.time() - t
+            forms_seconds += time.time() - t
 
     start = time.time()
     name = f"{'quick' if quick else 'full'}-seed{seed}"
@@ -125,7 +126,7 @@ def demo(seed=0, quick=False, workdir=None, json_path=None, png_path=None, progr
     report = {"seed": seed, "quick": quick, "seconds": round(time.time() - start, 1), "courier_query": COURIER_QUERY,
               "results": {m: metrics(results[m]) for m in ORDER if m in results}}
     if feature_forms:  # "seconds" includes these fits; "feature_forms_seconds" says how much of it they took
-        report["feature_forms_seconds"] = round(forms_seconds[0], 1)
+        report["feature_forms_seconds"] = round(forms_seconds, 1)
         report["feature_forms"] = {m: {"none": report["results"]["no_image"],
                                        **{f: metrics(forms[m][f]) for f in FORMS}, "all": report["results"][m]}
                                    for m in ORDER if m in forms}
