@@ -3,7 +3,9 @@
 Runs `courier-fast demo` for each seed (resuming finished runs in <workdir>/<mode>-seed<S>),
 prints per-seed AUCs, mean ± std, COURIER's margin over the best generic baseline and the
 share of the no_image -> oracle gap it recovers, and merges the summary into
-bench/results/<device>-demo.json under "quick" or "full". `courier` is the default run
+bench/results/<device>-demo.json under "quick" or "full", each with "run": the commit, dirty
+flag, torch and date of the run that wrote it (the file's header is the last run's, and the two
+modes are often run apart). `courier` is the default run
 (courier_learned_query), listed once; "courier_query" names its query.
 
 With --feature-forms each demo also scores every method's vector / simscore / cluster features
@@ -21,12 +23,14 @@ names the torch and commit of these runs, not of the demo's).
     python bench/demo_seeds.py --quick --seeds 0 1 2 --runs courier_target_image
 """
 import argparse
+import datetime
 import json
 import os
 import sys
 import time
 
 import numpy as np
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
@@ -119,6 +123,9 @@ def main():
     reports = [demo(seed=s, quick=args.quick, workdir=os.path.join(args.workdir, f"{mode}-seed{s}"), progress=False,
                     feature_forms=args.feature_forms) for s in args.seeds]
     s = summarise(reports)
+    # the file's header names the last run's commit; each mode keeps the provenance of its own run
+    s["run"] = {"git": harness._AT_START["commit"], "dirty": harness._AT_START["dirty"], "torch": torch.__version__,
+                "date": datetime.date.today().isoformat()}
     print(f"\n{'method':<24}" + "".join(f"{'seed ' + str(k):>10}" for k in s["seeds"]) + f"{'mean ± std':>18}")
     for m in ORDER:
         a = np.array(s["auc"][m])
