@@ -46,7 +46,7 @@ from courier_fast._validate import positive_int
 @dataclass
 class _Pass:
     encoder: torch.nn.Module
-    chunks: tuple       # (m, ...) image tensors, m <= micro_batch
+    chunks: tuple       # (m, ...) image tensors, m <= micro_batch: every chunk but the last
     rng_states: list    # the RNG state before each chunk's pass-1 forward (but the last's)
     embeddings: torch.Tensor  # (n, d) leaf that requires grad
     autocast: tuple     # (device_type, enabled, dtype) of pass 1

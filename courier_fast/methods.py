@@ -59,6 +59,11 @@ class _Method(nn.Module):
             return self.encoder(images if prepare is None else prepare(images, 0))
         return self.grad_cache.encode(self.encoder, images, prepare)
 
+    def encode_augmented(self, images, generator=None):
+        """encode(images, augment): each image augmented by `self.augment`, drawn once for the
+        batch from `generator`."""
+        return self.encode(images, self.augment.draw(len(images), generator))
+
     def images_per_step(self, batch):
         """Encoder image passes of one step: each distinct item of the batch once."""
         return batch.images.shape[0]
@@ -79,7 +84,7 @@ class CourierMethod(_Method):
         self.augment = Augment.light()
 
     def forward(self, batch, generator=None):
-        return self.model(batch, embeddings=self.encode(batch.images, self.augment.draw(len(batch.images), generator)))
+        return self.model(batch, embeddings=self.encode_augmented(batch.images, generator))
 
 
 class SimCLRMethod(_Method):
@@ -115,7 +120,7 @@ class CategorySupervisedMethod(_Method):
         self.augment = Augment.light()
 
     def forward(self, batch, generator=None):
-        logits = self.classifier(self.encode(batch.images, self.augment.draw(len(batch.images), generator))).float()
+        logits = self.classifier(self.encode_augmented(batch.images, generator)).float()
         target = batch.image_category.to(logits.device) % logits.shape[1]
         return {"loss": F.cross_entropy(logits, target)}
 
@@ -151,7 +156,7 @@ class ClipTitlesMethod(_Method):
         return self.text_head(bag)
 
     def forward(self, batch, generator=None):
-        img = self.encode(batch.images, self.augment.draw(len(batch.images), generator))
+        img = self.encode_augmented(batch.images, generator)
         txt = self.encode_titles(batch.image_ids)
         return {"loss": contrastive_loss(img, txt.to(img.dtype), temperature=self.temperature, symmetric=True,
                                          group=_global_group(), capacity=self.item_capacity(batch),
