@@ -73,7 +73,6 @@ def one(world, rows, mode, micro_batch, steps, warmup):
     method = build_method("courier", data["items"], encoder=ENCODER, embed_dim=EMBED_DIM, batch_rows=rows)
     opt = torch.optim.AdamW(method.parameters(), lr=1e-4)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    cf.set_input_checks(False)  # as train() does
     loader = SessionLoader(data["items"], data["pretrain"], batch_size=rows, drop_last=True, seed=0, prefetch=0,
                            image_size=IMAGE_SIZE)
     generator = torch.Generator().manual_seed(0)
@@ -81,16 +80,18 @@ def one(world, rows, mode, micro_batch, steps, warmup):
     base = harness.rss_mb()
     times, images, candidates = [], [], []
     batches = loader.batches()
-    for k in range(warmup + steps):
-        batch = next(batches)
-        t0 = time.perf_counter()
-        train_step(method, batch, generator, opt, scaler, encoder_micro_batch=micro_batch if mode == "micro" else None)
-        t1 = time.perf_counter()
-        if k >= warmup:
-            times.append(t1 - t0)
-            images.append(batch.images.shape[0])
-            candidates.append(int((~batch.pv_pad).sum()))
-        del batch
+    with cf._validate.input_checks(False):  # as train() does; restored after (tests call this in-process)
+        for k in range(warmup + steps):
+            batch = next(batches)
+            t0 = time.perf_counter()
+            train_step(method, batch, generator, opt, scaler,
+                       encoder_micro_batch=micro_batch if mode == "micro" else None)
+            t1 = time.perf_counter()
+            if k >= warmup:
+                times.append(t1 - t0)
+                images.append(batch.images.shape[0])
+                candidates.append(int((~batch.pv_pad).sum()))
+            del batch
     peak = harness.peak_rss_mb()
     sec = statistics.median(times)
     per_step = statistics.mean(images)

@@ -54,6 +54,17 @@ def seed(request):
     return s
 
 
+@pytest.fixture(autouse=True)
+def input_checks_restored():
+    """Fails the test that leaves courier_fast's global input checks off (set_input_checks(False)
+    without restoring it): every later validation test would stop raising."""
+    from courier_fast import _validate
+    yield
+    if not _validate._DATA_CHECKS:
+        _validate.set_input_checks(True)
+        pytest.fail("this test left courier_fast's input checks off; use `with _validate.input_checks(False):`")
+
+
 @pytest.fixture(scope="session")
 def world(tmp_path_factory):
     """Path of a tiny generated world (60 items, 16 px), made once per session; read-only
