@@ -228,6 +228,25 @@ class CourierModel(nn.Module):
             q = q + self.category_query(cat.to(emb.device)).to(emb.dtype)
         return q
 
+    def reconstruct(self, e, category, h, hist_pad):
+        """Reconstructions r (B, P, d) of the page-view targets e (B, P, d) (categories (B, P)) from
+        the history h (B, L, d) (hist_pad (B, L), True = padding). The learned query is the same
+        for every target, so a row's P reconstructions are one: attention runs once per row (B, 1)
+        and r is that row expanded over P (a view), P times less attention work and memory."""
+        if self.query == "learned":
+            return self.attention(self.queries(e[:, :1], None), h, key_padding_mask=hist_pad).expand_as(e)
+        return self.attention(self.queries(e, category), h, key_padding_mask=hist_pad)
+
+    def ctr_logits(self, r, e):
+        """CTR head on [r ; e] per slot: (B, P, d) x 2 -> float32 logits (B, P). The first layer is
+        applied to r and e separately (W [r ; e] = W_r r + W_e e), so no (B, P, 2d) concatenation is
+        built or saved, and a row-shared r (reconstruct()'s expanded view) is multiplied once per row."""
+        first, rest = self.ctr_head[0], self.ctr_head[1:]
+        d = e.shape[-1]
+        r_part = F.linear(r[:, :1] if r.stride(1) == 0 else r, first.weight[:, :d])
+        hidden = F.linear(e, first.weight[:, d:], first.bias) + r_part
+        return rest(hidden).squeeze(-1).float()
+
     def embed_batch(self, batch, images=None, embeddings=None):
         """(embeddings of the batch's distinct items with a zero row for padding: (U + 1, d)).
         `embeddings` (U, d) are used instead of encoding the images."""
@@ -249,7 +268,7 @@ class CourierModel(nn.Module):
         d = e.shape[-1]
         valid = ~pv_pad
         clicked = (clicks > 0) & valid
-        r = self.attention(self.queries(e, batch.pv_category), h, key_padding_mask=hist_pad)
+        r = self.reconstruct(e, batch.pv_category, h, hist_pad)
         out = {}
         w = self.weights
         rows = emb.shape[0]  # distinct items + the padding row: every index is below it
@@ -269,7 +288,7 @@ class CourierModel(nn.Module):
             out["history"] = self.infonce(rh.reshape(-1, d), h.reshape(-1, d), anchor_weight=anchor.reshape(-1),
                                           candidate_mask=cand, capacity=history_capacity, candidate_ids=ids)
         if w["ctr"]:
-            logits = self.ctr_head(torch.cat([r, e], -1)).squeeze(-1).float()
+            logits = self.ctr_logits(r, e)
             bce = F.binary_cross_entropy_with_logits(logits, clicks, reduction="none")
             # mean over valid slots, 0 when there is none; no boolean indexing (a host sync)
             out["ctr"] = (bce * valid).sum() / valid.sum().clamp(min=1)
