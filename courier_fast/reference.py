@@ -29,8 +29,16 @@ def unit_rows(x, normalize):
 
 def positive_logits(anchors, candidates, scale, normalize):
     """(N,) s * <r_j, e_j>: each anchor's logit for its own candidate (shared by all backends);
-    scale is a float or a 0-d tensor (then differentiated)."""
-    return scale * (unit_rows(anchors, normalize) * unit_rows(candidates, normalize)).sum(-1)
+    scale is a float or a 0-d tensor (then differentiated). With normalize, <r, e> / (max(|r|, eps)
+    max(|e|, eps)): the dot of the two F.normalize'd rows, but autograd keeps only the inputs and
+    two (N,) norms, not two normalised (N, d) copies (rows with |r| |e| above ~3e38 overflow fp32)."""
+    a, c = anchors.to(compute_dtype(anchors.dtype)), candidates.to(compute_dtype(candidates.dtype))
+    dot = (a * c).sum(-1)
+    if normalize:
+        norms = torch.linalg.vector_norm(a, dim=-1).clamp_min(NORM_EPS) * \
+            torch.linalg.vector_norm(c, dim=-1).clamp_min(NORM_EPS)
+        dot = dot / norms
+    return scale * dot
 
 
 @dataclasses.dataclass(frozen=True)
