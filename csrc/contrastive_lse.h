@@ -57,12 +57,13 @@ inline Rows normalize_rows(const at::Tensor& x, bool normalize, at::ScalarType d
   return {xc * inv_norm, inv_norm, clamped};
 }
 
-// Gradient through x_hat = x / max(||x||, eps), given g = dL/dx_hat.
-inline at::Tensor normalize_rows_backward(const at::Tensor& g, const Rows& rows) {
+// Gradient through x_hat = x / max(||x||, eps), given g = dL/dx_hat, computed in g's storage (g
+// is the caller's own buffer): (g - x_hat <g, x_hat>) / max(||x||, eps), without the radial term
+// where the norm is clamped (there x_hat = x / eps is linear in x). No (n, d) temporary is kept.
+inline at::Tensor normalize_rows_backward_(at::Tensor g, const Rows& rows) {
   if (!rows.inv_norm.defined()) return g;
-  at::Tensor radial = (g * rows.hat).sum(1, /*keepdim=*/true);
-  at::Tensor tangential = (g - rows.hat * radial) * rows.inv_norm;
-  return at::where(rows.clamped, g * rows.inv_norm, tangential);
+  at::Tensor radial = (g * rows.hat).sum(1, /*keepdim=*/true).masked_fill_(rows.clamped, 0);
+  return g.addcmul_(rows.hat, radial, -1).mul_(rows.inv_norm);
 }
 
 inline bool given(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
@@ -244,11 +245,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_lse_backward(
     at::mm_out(gx_rows, s, yr.hat);                // unscaled until the end
     gy_hat.addmm_(s.t(), xr.hat.slice(0, r0, r1));  // likewise
   }
+  xs = at::Tensor();  // released: the step's peak is then the loop's, not the loop's plus what follows
+  tile = at::Tensor();
   at::Tensor grad_scale = (gx_hat * xr.hat).sum().to(scale.scalar_type()).reshape(scale.sizes());
   gx_hat.mul_(sc);
   gy_hat.mul_(sc);
-  at::Tensor gx = normalize_rows_backward(gx_hat, xr).to(x.scalar_type());
-  at::Tensor gy = normalize_rows_backward(gy_hat, yr).to(y.scalar_type());
+  at::Tensor gx = normalize_rows_backward_(gx_hat, xr).to(x.scalar_type());
+  at::Tensor gy = normalize_rows_backward_(gy_hat, yr).to(y.scalar_type());
   return {gx, gy, grad_scale};
 }
 
