@@ -16,6 +16,9 @@ no_sync, with one gradient all-reduce after the last chunk).
 The last chunk of pass 1 is encoded with a graph, kept until backward(), which backpropagates
 through it first: pass 2 re-encodes the other chunks only (n / micro_batch - 1 extra forwards,
 not n / micro_batch), for one chunk's activations held during the loss (one per encode() call).
+The chunks are images[:r], then micro_batch images at a time (1 <= r <= micro_batch): the part
+that does not fill a chunk comes first, so the kept last chunk is a full one and pass 2
+re-encodes as few images as it can (899 images, micro_batch 256: 643 re-encoded, not 768).
 A checkpointed kept graph replays its own RNG state (torch.utils.checkpoint preserves it).
 
 Same embeddings in both passes: pass 1 saves torch's RNG state (CPU, and the images' CUDA device)
@@ -36,6 +39,7 @@ An encode() of at most `micro_batch` images, without trainable encoder parameter
 grad mode, is one plain forward.
 """
 import contextlib
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +51,7 @@ from courier_fast._validate import positive_int
 class _Pass:
     encoder: torch.nn.Module
     chunks: tuple       # (m, ...) image tensors, m <= micro_batch: every chunk but the last
+    sizes: list         # images per chunk, the last's included (chunk_sizes)
     rng_states: list    # the RNG state before each chunk's pass-1 forward (but the last's)
     embeddings: torch.Tensor  # (n, d) leaf that requires grad
     autocast: tuple     # (device_type, enabled, dtype) of pass 1
@@ -83,17 +88,18 @@ class GradCache:
         trainable = any(p.requires_grad for p in encoder.parameters())
         if images.shape[0] <= self.micro_batch or not trainable or not torch.is_grad_enabled():
             return encoder(_prepared(prepare, images, 0))
-        chunks, states, out = images.split(self.micro_batch), [], []
+        sizes = chunk_sizes(images.shape[0], self.micro_batch)
+        chunks, starts, states, out = images.split(sizes), _starts(sizes), [], []
         device_type = images.device.type
         autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
         with torch.no_grad(), _autocast(autocast):
             for k, chunk in enumerate(chunks[:-1]):
                 states.append(_rng_state(images.device))
-                out.append(encoder(_prepared(prepare, chunk, k * self.micro_batch)))
+                out.append(encoder(_prepared(prepare, chunk, starts[k])))
         with _autocast(autocast):  # the last chunk keeps its graph: pass 2 does not encode it again
-            last = encoder(_prepared(prepare, chunks[-1], (len(chunks) - 1) * self.micro_batch))
+            last = encoder(_prepared(prepare, chunks[-1], starts[-1]))
         leaf = torch.cat(out + [last.detach()]).requires_grad_()
-        self._passes.append(_Pass(encoder, chunks[:-1], states, leaf, autocast, prepare, last))
+        self._passes.append(_Pass(encoder, chunks[:-1], sizes, states, leaf, autocast, prepare, last))
         return leaf
 
     def backward(self):
@@ -107,18 +113,29 @@ class GradCache:
                 continue
             device = p.embeddings.device
             resume, buffers = _rng_state(device), [b.clone() for b in p.encoder.buffers()]
-            grads = p.embeddings.grad.split(self.micro_batch)
+            grads, starts = p.embeddings.grad.split(p.sizes), _starts(p.sizes)
             p.last.backward(grads[-1])  # first: its activations are freed before any chunk is re-encoded
             p.last = None
             for k, (chunk, state, grad) in enumerate(zip(p.chunks, p.rng_states, grads)):
                 _set_rng_state(state, device)
                 with torch.enable_grad(), _autocast(p.autocast):
-                    emb = p.encoder(_prepared(p.prepare, chunk, k * self.micro_batch))
+                    emb = p.encoder(_prepared(p.prepare, chunk, starts[k]))
                 emb.backward(grad)
             _set_rng_state(resume, device)
             with torch.no_grad():
                 for b, saved in zip(p.encoder.buffers(), buffers):
                     b.copy_(saved)
+
+
+def chunk_sizes(n, micro_batch):
+    """Images per encoder forward for a batch of n > 0: [r] + [micro_batch] * ((n - 1) //
+    micro_batch), 1 <= r <= micro_batch (the kept last chunk is a full one; module docstring)."""
+    full = (n - 1) // micro_batch
+    return [n - full * micro_batch] + [micro_batch] * full
+
+
+def _starts(sizes):
+    return [0, *itertools.accumulate(sizes[:-1])]
 
 
 def _prepared(prepare, images, start):

@@ -17,12 +17,13 @@ import torch.multiprocessing as mp
 
 from courier_fast.data import ImageDecoder, SessionLoader, load_dataset
 from courier_fast.data.decode import imagenet_normalize
+from courier_fast.grad_cache import chunk_sizes
 from courier_fast.methods import build_method
 from courier_fast.training import TrainConfig, load_checkpoint, train, train_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-K = 7  # images per encoder forward: the test batch's 40 images make chunks of 7, ..., 7, 5
+K = 7  # images per encoder forward: the test batch's 40 images make chunks of 5, 7, ..., 7
 VIT = {"encoder": "test_vit", "embed_dim": 16, "img_size": 16, "patch_size": 4}  # LayerNorm only
 EFFICIENTNET = {"encoder": "test_efficientnet", "embed_dim": 16}  # BatchNorm
 DROPOUT = {"drop_path_rate": 0.3, "proj_drop_rate": 0.3, "pos_drop_rate": 0.2}
@@ -67,7 +68,7 @@ def _chunked(method, k=K):
     again: the copy's forward would still call this one's encoder."""
     method = copy.deepcopy(method)
     forward = method.encoder.forward
-    method.encoder.forward = lambda x: torch.cat([forward(c) for c in x.split(k)])
+    method.encoder.forward = lambda x: torch.cat([forward(c) for c in x.split(chunk_sizes(len(x), k))])
     return method
 
 
@@ -92,6 +93,18 @@ def _encoder_calls(method):
 
 
 # ----------------------------------------------------------------------------- exact gradients
+def test_chunk_sizes_put_the_partial_chunk_first():
+    """The kept last chunk is a full one, so pass 2 re-encodes as few images as it can."""
+    assert chunk_sizes(899, 256) == [131, 256, 256, 256]
+    assert chunk_sizes(512, 256) == [256, 256]
+    assert chunk_sizes(3, 256) == [3]
+    for n in range(1, 60):
+        for k in range(1, 12):
+            sizes = chunk_sizes(n, k)
+            assert sum(sizes) == n and all(1 <= m <= k for m in sizes) and sizes[1:] == [k] * (len(sizes) - 1)
+            assert len(sizes) == math.ceil(n / k)
+
+
 @pytest.mark.parametrize("name", ["courier", "simclr", "category_supervised", "clip_titles"])
 def test_gradients_equal_the_plain_step(world, name):
     items, batch = _batch(world)
@@ -104,7 +117,8 @@ def test_gradients_equal_the_plain_step(world, name):
     for k, v in want_losses.items():
         torch.testing.assert_close(losses[k], v, rtol=1e-12, atol=0)
     n = batch.images.shape[0] * (2 if name == "simclr" else 1)  # simclr encodes two views
-    chunks = [K] * (n // K) + [n % K] * (n % K > 0)
+    chunks = chunk_sizes(n, K)
+    assert chunks[0] < K  # a partial chunk, first
     # pass 1: every chunk, the last with a graph (kept); pass 2: the others again, with graphs
     assert [(size, grad) for size, _, grad in calls] == ([(m, False) for m in chunks[:-1]] + [(chunks[-1], True)]
                                                          + [(m, True) for m in chunks[:-1]])
@@ -125,10 +139,10 @@ def test_augmentation_is_applied_chunk_by_chunk(world, name, monkeypatch):
     monkeypatch.setattr(type(method.augment), "draw", lambda self, n, g=None: draws.append(n) or draw(self, n, g))
     _run_step(method, batch, K)
     n = batch.images.shape[0] * (2 if name == "simclr" else 1)
-    starts = list(range(0, n, K))
+    sizes = chunk_sizes(n, K)
+    chunks = [(torch.float32, size, sum(sizes[:k])) for k, size in enumerate(sizes)]
     assert draws == [batch.images.shape[0]] * (2 if name == "simclr" else 1)
-    assert applied == ([(torch.float32, min(K, n - s), s) for s in starts]
-                       + [(torch.float32, K, s) for s in starts[:-1]])  # pass 2: all chunks but the kept last
+    assert applied == chunks + chunks[:-1]  # pass 2: all chunks but the kept last
 
 
 @pytest.mark.parametrize("name", ["courier", "simclr"])
@@ -216,7 +230,7 @@ def test_batchnorm_running_statistics_updated_once_per_chunk(world, checkpointin
     images = method.augment(batch.images, torch.Generator().manual_seed(5))  # the step's augmentation
     with torch.no_grad():
         before.backbone.set_grad_checkpointing(False)
-        for chunk in images.split(K):
+        for chunk in images.split(chunk_sizes(len(images), K)):
             before(chunk)
     chunks = math.ceil(batch.images.shape[0] / K)
     counts = [b for n, b in stepped.encoder.named_buffers() if n.endswith("num_batches_tracked")]
