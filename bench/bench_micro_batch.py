@@ -15,9 +15,13 @@ enough items that a batch's images are mostly distinct. Per row:
   peak_rss_mb          the process's peak RSS (VmHWM, reset after imports), absolute
   step_peak_mb         peak RSS minus the RSS before the first batch was loaded: what loading
                        and stepping add on top of torch, the item table and the model
-Summary: micro peak RSS at the largest R over the smallest (the issue's target: <= 1.5), micro
-ms/image over plain ms/image at each R (target <= 1.5), and the memory each extra image costs
-(slope of step_peak_mb between the smallest and largest R) in either mode.
+Each (R, mode) process runs --repeats times (default 2), the modes in ABBA order (plain, micro,
+micro, plain, ...), because this machine's speed drifts by tens of percent over minutes: "runs"
+keeps every process, "table" one row per (R, mode) with ms_per_image the mean over its repeats
+and the peak RSS the largest. Summary (from the table): micro peak RSS at the largest R over the
+smallest (the issue's target: <= 1.5), micro ms/image over plain ms/image at each R (target
+<= 1.5), and the memory each extra image costs (slope of step_peak_mb between the smallest and
+largest R) in either mode.
 
 "swin_t_224_80gb" (arithmetic, not run on a GPU): the images and page-view candidates one step
 can hold on one 80 GB GPU for Swin-T at 224 px in bf16, plain and micro-batched, from the
@@ -25,7 +29,7 @@ activation bytes autograd saves per image (counted here, on the CPU, with saved_
 bf16 autocast), the 224 px image sizes, and the other per-image bytes the micro-batched rows here
 kept for the whole batch (scaled from embed_dim 128 to the paper's 256).
 
-    python bench/bench_micro_batch.py                      # the README's table (about 15 min, 2 cores)
+    python bench/bench_micro_batch.py                      # the README's table (about 30 min, 2 cores)
     python bench/bench_micro_batch.py --rows 64 512 --steps 2 --quick
 """
 import argparse
@@ -157,12 +161,57 @@ def swin_estimate(other_bytes_per_image, measured_embed_dim=EMBED_DIM, gpu_gb=80
             "paper_candidates_per_step": 48 * 64 * page}
 
 
+def mode_order(repeats):
+    """The (repeat, mode) processes of one row count, ABBA: plain, micro, micro, plain, ..."""
+    return [(r, mode) for r in range(repeats) for mode in (("plain", "micro") if r % 2 == 0 else ("micro", "plain"))]
+
+
+def table(runs):
+    """One row per (rows, mode) of `runs` (error rows skipped): the first run's fields, with
+    ms_per_image and seconds_per_step the mean over its repeats, peak_rss_mb and step_peak_mb the
+    largest, and "repeats" / "ms_per_image_each"."""
+    grouped = {}
+    for run in runs:
+        if "error" not in run:
+            grouped.setdefault((run["rows"], run["mode"]), []).append(run)
+    out = []
+    for same in grouped.values():
+        row = {k: v for k, v in same[0].items() if k != "repeat"}
+        row.update(repeats=len(same), ms_per_image=round(statistics.mean(x["ms_per_image"] for x in same), 4),
+                   seconds_per_step=round(statistics.mean(x["seconds_per_step"] for x in same), 3),
+                   ms_per_image_each=[x["ms_per_image"] for x in same],
+                   peak_rss_mb=max(x["peak_rss_mb"] for x in same), step_peak_mb=max(x["step_peak_mb"] for x in same))
+        out.append(row)
+    return out
+
+
+def summarize(rows, row_counts, micro_batch):
+    """The summary (module docstring) of table() rows."""
+    ok = {(x["rows"], x["mode"]): x for x in rows}
+    lo, hi = min(row_counts), max(row_counts)
+    summary = {}
+    if (lo, "micro") in ok and (hi, "micro") in ok:
+        summary["micro_peak_ratio_largest_over_smallest"] = ok[hi, "micro"]["peak_rss_mb"] / ok[lo, "micro"]["peak_rss_mb"]
+    summary["micro_over_plain_ms_per_image"] = {str(r): ok[r, "micro"]["ms_per_image"] / ok[r, "plain"]["ms_per_image"]
+                                                for r in row_counts if (r, "micro") in ok and (r, "plain") in ok}
+    for mode in ("plain", "micro"):
+        if (lo, mode) in ok and (hi, mode) in ok and hi != lo:
+            a, b = ok[lo, mode], ok[hi, mode]
+            summary[f"{mode}_kb_per_extra_image"] = (1024 * (b["step_peak_mb"] - a["step_peak_mb"])
+                                                     / (b["images_per_step"] - a["images_per_step"]))
+    if "micro_kb_per_extra_image" in summary:
+        other = max(0.0, 1024 * summary["micro_kb_per_extra_image"] - 3 * IMAGE_SIZE * IMAGE_SIZE)
+        summary["swin_t_224_80gb"] = swin_estimate(other, micro_batch=micro_batch)
+    return summary
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, nargs="+", default=[64, 512, 4096])
     ap.add_argument("--micro-batch", type=int, default=256, help="images per encoder forward in micro mode")
     ap.add_argument("--steps", type=int, default=2, help="timed steps per row")
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=2, help="processes per (rows, mode), in ABBA order")
     ap.add_argument("--workdir", default="courier_bench_micro", help="where the generated world goes")
     ap.add_argument("--quick", action="store_true", help="write …-quick.json (not kept in git)")
     ap.add_argument("--one", nargs=2, metavar=("ROWS", "MODE"), help=argparse.SUPPRESS)
@@ -181,34 +230,22 @@ def main():
         with open(stamp, "w") as f:
             json.dump(vars(cfg), f)
         print(f"world: {cfg} ({time.time() - t:.0f} s)")
-    rows = []
+    runs = []
     for r in args.rows:
-        for mode in ("plain", "micro"):
+        for repeat, mode in mode_order(args.repeats):
             cmd = [sys.executable, os.path.abspath(__file__), "--one", str(r), mode, "--micro-batch",
                    str(args.micro_batch), "--steps", str(steps_for(r, args.steps)), "--warmup", str(args.warmup),
                    "--workdir", args.workdir]
             out = subprocess.run(cmd, capture_output=True, text=True)
             row = (json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0
                    else {"rows": r, "mode": mode, "error": out.stderr.strip()[-400:]})
-            rows.append(row)
+            row["repeat"] = repeat
+            runs.append(row)
             print(json.dumps(row), flush=True)
-    ok = {(x["rows"], x["mode"]): x for x in rows if "error" not in x}
-    lo, hi = min(args.rows), max(args.rows)
-    summary = {}
-    if (lo, "micro") in ok and (hi, "micro") in ok:
-        summary["micro_peak_ratio_largest_over_smallest"] = ok[hi, "micro"]["peak_rss_mb"] / ok[lo, "micro"]["peak_rss_mb"]
-    summary["micro_over_plain_ms_per_image"] = {str(r): ok[r, "micro"]["ms_per_image"] / ok[r, "plain"]["ms_per_image"]
-                                                for r in args.rows if (r, "micro") in ok and (r, "plain") in ok}
-    for mode in ("plain", "micro"):
-        if (lo, mode) in ok and (hi, mode) in ok:
-            a, b = ok[lo, mode], ok[hi, mode]
-            summary[f"{mode}_kb_per_extra_image"] = (1024 * (b["step_peak_mb"] - a["step_peak_mb"])
-                                                     / (b["images_per_step"] - a["images_per_step"]))
-    if "micro_kb_per_extra_image" in summary:
-        other = max(0.0, 1024 * summary["micro_kb_per_extra_image"] - 3 * IMAGE_SIZE * IMAGE_SIZE)
-        summary["swin_t_224_80gb"] = swin_estimate(other, micro_batch=args.micro_batch)
+    rows = table(runs)
+    summary = summarize(rows, args.rows, args.micro_batch)
     print(json.dumps(summary, indent=1))
-    print("wrote", harness.write_results("micro_batch", {}, {"runs": rows, "summary": summary}, quick=args.quick))
+    print("wrote", harness.write_results("micro_batch", {}, {"runs": runs, "table": rows, "summary": summary}, quick=args.quick))
 
 
 if __name__ == "__main__":
