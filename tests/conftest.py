@@ -32,8 +32,23 @@ def seed_of(nodeid):
     return zlib.crc32(f"{BASE_SEED}:{nodeid}".encode()) & 0x7FFFFFFF
 
 
+def _versions():
+    """The versions a failure report needs: what this run resolved, not what the docs assume."""
+    import importlib.metadata
+    import platform
+
+    out = [f"python {platform.python_version()}"]
+    for dist in ("torch", "triton", "pytest", "numpy", "open_clip_torch"):
+        try:
+            out.append(f"{dist} {importlib.metadata.version(dist)}")
+        except importlib.metadata.PackageNotFoundError:
+            out.append(f"{dist} (not installed)")
+    return ", ".join(out)
+
+
 def pytest_report_header(config):
-    return f"courier_fast tests: COURIER_TEST_SEED={BASE_SEED} (set it to rerun with the same random inputs)"
+    return [f"courier_fast tests: COURIER_TEST_SEED={BASE_SEED} (set it to rerun with the same random inputs)",
+            f"courier_fast tests ran with: {_versions()}"]
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -63,6 +78,42 @@ def input_checks_restored():
     if not _validate._DATA_CHECKS:
         _validate.set_input_checks(True)
         pytest.fail("this test left courier_fast's input checks off; use `with _validate.input_checks(False):`")
+
+
+def _global_state():
+    """torch's float32 matmul settings and courier_fast's registry of backends and self-check
+    problems: process-wide state a test may patch, which must be as it was after every test."""
+    from courier_fast import backend_check, registry
+
+    return {"matmul settings": backend_check.matmul_settings(),
+            "backend registry": {op: dict(impls) for op, impls in registry._REGISTRY.items()},
+            "self-check problems": dict(backend_check.PROBLEMS)}
+
+
+def _restore_global_state(state):
+    from courier_fast import backend_check, registry
+
+    torch.backends.cuda.matmul.allow_tf32 = state["matmul settings"]["allow_tf32"]
+    torch.set_float32_matmul_precision(state["matmul settings"]["float32_matmul_precision"])
+    registry._REGISTRY.clear()
+    registry._REGISTRY.update({op: dict(impls) for op, impls in state["backend registry"].items()})
+    backend_check.PROBLEMS.clear()
+    backend_check.PROBLEMS.update(state["self-check problems"])
+
+
+@pytest.fixture(autouse=True)
+def global_state_restored():
+    """Fails the test that leaves the matmul settings, the backend registry or the self-check's
+    problems changed (after its own monkeypatch undo, which runs first), and puts them back, so
+    one failing test cannot fail the tests after it."""
+    before = _global_state()
+    yield
+    after = _global_state()
+    changed = [name for name in before if before[name] != after[name]]
+    if changed:
+        _restore_global_state(before)
+        pytest.fail(f"this test left global state changed: {', '.join(changed)} (restore it, e.g. "
+                    f"with monkeypatch.setitem or backend_check.pinned_matmul_settings)")
 
 
 @pytest.fixture(scope="session")

@@ -57,8 +57,10 @@ def test_cli_info_lists_backends_and_versions():
 
 def test_console_script_installed():
     import shutil
-    exe = shutil.which("courier-fast")
-    assert exe, "the courier-fast console script is not on PATH"
+    # Next to the running python first: `venv/bin/python -m pytest` without the venv activated
+    # has the venv's scripts off PATH, but they are installed beside its interpreter.
+    exe = shutil.which("courier-fast", path=os.path.dirname(sys.executable)) or shutil.which("courier-fast")
+    assert exe, f"the courier-fast console script is neither beside {sys.executable} nor on PATH"
     out = subprocess.run([exe, "info"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "backends:" in out.stdout
 
