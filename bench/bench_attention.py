@@ -94,7 +94,7 @@ def courier_history_index(mha, backend):
 
 
 def implementations(mha, device):
-    from courier_fast import dispatch
+    from courier_fast.ops import dispatch
     impls = {"official": official(mha), "mha_masked": mha_masked(mha), "sdpa": sdpa(mha), "flex": flex(mha),
              "courier_fast:auto": courier(mha, "auto"),
              "courier_fast:auto:history_index": courier_history_index(mha, "auto")}

@@ -109,7 +109,7 @@ def _clip_scale(like):
 
 def clip_implementations(device):
     """{key: fn} of the --clip rows: open_clip's ClipLoss and ours (auto, then each backend)."""
-    from courier_fast import dispatch
+    from courier_fast.ops import dispatch
     impls = {"clip:open_clip": clip_open_clip, "clip:courier_fast:auto": clip_courier("auto")}
     for name, (ok, _) in dispatch.op_backends("contrastive_loss").items():
         impl = dispatch.implementations("contrastive_loss").get(name)
@@ -120,7 +120,7 @@ def clip_implementations(device):
 
 def implementations(device):
     """{key: fn}. Keys ending in ':symmetric' are our op with symmetric=True."""
-    from courier_fast import dispatch
+    from courier_fast.ops import dispatch
     impls = {"naive": naive, "official": official, "courier_fast:auto": courier("auto")}
     for name, (ok, _) in dispatch.op_backends("contrastive_loss").items():
         impl = dispatch.implementations("contrastive_loss").get(name)

@@ -84,7 +84,7 @@ def one(data, checkpoint, out):
     rss = {"start": _rss_mb()}
     import torch
 
-    from courier_fast.catalogue import embed_catalogue
+    from courier_fast.pipeline.catalogue import embed_catalogue
     from courier_fast.data import ImageDecoder, SessionLoader, load_dataset
     torch.set_num_threads(2)
     rss["imports"] = _rss_mb()
@@ -127,7 +127,7 @@ def main():
 
     import harness
 
-    from courier_fast.training import TrainConfig, train
+    from courier_fast.training.loop import TrainConfig, train
 
     rows, failed = {}, False
     for n in args.items:

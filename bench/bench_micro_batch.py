@@ -1,8 +1,8 @@
-"""Encoder micro-batching (courier_fast.grad_cache): peak memory and time per image as the batch grows.
+"""Encoder micro-batching (courier_fast.training.grad_cache): peak memory and time per image as the batch grows.
 
 For each request-row count R (--rows, default 64 512 4096) and each mode -- plain (one encoder
 forward over the batch) and micro (--micro-batch K images per forward, two passes) -- one fresh
-process runs train()'s own COURIER step (courier_fast.training.train_step, float32, CPU) with a
+process runs train()'s own COURIER step (courier_fast.training.loop.train_step, float32, CPU) with a
 tiny timm encoder at 32 px, fed batch by batch by SessionLoader (decode in the training thread:
 prefetch 0, so decoding does not share the cores with the timed step), on a generated world with
 enough items that a batch's images are mostly distinct. Per row:
@@ -69,8 +69,8 @@ def one(world, rows, mode, micro_batch, steps, warmup):
     fresh process: the peak RSS is the process's)."""
     import courier_fast as cf
     from courier_fast.data import SessionLoader, load_dataset
-    from courier_fast.methods import build_method
-    from courier_fast.training import train_step
+    from courier_fast.models.methods import build_method
+    from courier_fast.training.loop import train_step
 
     torch.manual_seed(0)
     data = load_dataset(world, tables=("pretrain",))

@@ -6,7 +6,7 @@ Rows (images/s counts encoder image passes, i.e. the batch's distinct items):
                     loss = mean squared embedding: the ceiling a COURIER step can approach;
   courier_resident  the full COURIER step (attention, both InfoNCE losses, CTR head) on
                     resident batches taken from the loader beforehand: train()'s own step
-                    (courier_fast.training.train_step), with the ops' data checks off as in train();
+                    (courier_fast.training.loop.train_step), with the ops' data checks off as in train();
   courier_loader    the full step fed by SessionLoader (decode + prefetch thread), which adds
                     the time spent waiting for data.
 Each row has "fraction_of_encoder_only" and "data_wait_fraction" (the share of step wall time
@@ -30,9 +30,9 @@ import harness  # noqa: E402
 import courier_fast as cf  # noqa: E402
 from courier_fast.data import SessionLoader, load_dataset  # noqa: E402
 from courier_fast.data.generate import WorldConfig, generate  # noqa: E402
-from courier_fast.methods import build_method  # noqa: E402
-from courier_fast.model import ImageEncoder  # noqa: E402
-from courier_fast.training import train_step  # noqa: E402
+from courier_fast.models.methods import build_method  # noqa: E402
+from courier_fast.models.courier import ImageEncoder  # noqa: E402
+from courier_fast.training.loop import train_step  # noqa: E402
 
 
 def timed_steps(step, batches, device, warmup):

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import demo_seeds  # noqa: E402
 import harness  # noqa: E402
 
-from courier_fast.demo import RUNS  # noqa: E402
+from courier_fast.pipeline.demo import RUNS  # noqa: E402
 
 VARIANTS = {
     "courier_ids": ("courier", {"query": "learned", "method_options": {"candidate_ids": True}}),

@@ -9,11 +9,11 @@ modes are often run apart). `courier` is the default run
 (courier_learned_query), listed once; "courier_query" names its query.
 
 With --feature-forms each demo also scores every method's vector / simscore / cluster features
-alone (courier_fast.demo's feature_forms); the summary adds, per method and form, the AUC per
+alone (courier_fast.pipeline.demo's feature_forms); the summary adds, per method and form, the AUC per
 seed and its gain over "none" (ID / category features only), and names the best generic
 baseline (highest mean AUC with all features) -- the table the README shows for it and COURIER.
 
-With --runs NAME ... it trains, embeds and evaluates only those runs of courier_fast.demo.RUNS
+With --runs NAME ... it trains, embeds and evaluates only those runs of courier_fast.pipeline.demo.RUNS
 (e.g. courier_target_image, the paper's literal query, which the demo leaves out) on each seed's
 world, with the demo's budget, and merges per-seed AUC / GAUC into
 bench/results/<device>-demo_runs.json under "<mode>" / <run> (a file of its own: its header
@@ -35,8 +35,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
-from courier_fast.demo import COURIER_QUERY, FORMS, GENERIC, ORDER, RUNS, _world, demo, label, run_method  # noqa: E402
-from courier_fast.evaluate import evaluate  # noqa: E402
+from courier_fast.pipeline.demo import COURIER_QUERY, FORMS, GENERIC, ORDER, RUNS, _world, demo, label, run_method  # noqa: E402
+from courier_fast.pipeline.evaluate import evaluate  # noqa: E402
 
 
 def summarise(reports):

@@ -31,7 +31,7 @@ else bench/results; --dry-run writes to $OUT or a new temp dir, never to bench/r
 --dry-run walks the same steps on CPU: the build becomes an import check (recorded as
 stubbed), the self-check runs with --device cpu (Triton in its interpreter), the CUDA test
 steps run the same selections (they skip on CPU), the CPU-device kernel tests become
-tests/test_validation.py (real passes), the leftover-time step only collects, the benches run
+tests/ops/test_validation.py (real passes), the leftover-time step only collects, the benches run
 tiny shapes with Triton in the interpreter, the kernel report --quick. Exit status: 0 when
 every step ran (its own rc is a result in the JSON, not fatal), 1 when one was skipped for
 time, 2 on bad arguments or no GPU without --dry-run.
@@ -65,14 +65,14 @@ LOG_CHARS = 1_000_000   # of each step's output, in its "output" (a file that co
 PER_TEST_TIMEOUT_S = 120  # pytest-timeout, where installed: one hung test fails, the rest run
 
 # the kernel test files: one CUDA step each (most important first), then their CPU-device tests
-CUDA_STEPS = (("pytest_contrastive_loss", "tests/test_contrastive_loss.py", 75),
-              ("pytest_contrastive_lse_op", "tests/test_contrastive_lse_op.py", 30),
-              ("pytest_attention", "tests/test_reconstruction_attention.py", 40))
-KERNEL_TEST_FILES = ("tests/test_contrastive_loss.py", "tests/test_contrastive_lse_op.py",
-                     "tests/test_reconstruction_attention.py", "tests/test_attention_core_op.py",
-                     "tests/test_kernel_limits.py", "tests/test_selftest.py", "tests/test_chunked_backend.py")
-DRY_CPU_TESTS = "tests/test_validation.py"
-THIS_TEST = "tests/test_gpu_session.py"  # runs this driver's dry run: never from a GPU run's pytest step
+CUDA_STEPS = (("pytest_contrastive_loss", "tests/ops/test_contrastive_loss.py", 75),
+              ("pytest_contrastive_lse_op", "tests/ops/test_contrastive_lse_op.py", 30),
+              ("pytest_attention", "tests/ops/test_reconstruction_attention.py", 40))
+KERNEL_TEST_FILES = ("tests/ops/test_contrastive_loss.py", "tests/ops/test_contrastive_lse_op.py",
+                     "tests/ops/test_reconstruction_attention.py", "tests/ops/test_attention_core_op.py",
+                     "tests/ops/test_kernel_limits.py", "tests/ops/test_selftest.py", "tests/ops/test_chunked_backend.py")
+DRY_CPU_TESTS = "tests/ops/test_validation.py"
+THIS_TEST = "tests/bench/test_gpu_session.py"  # runs this driver's dry run: never from a GPU run's pytest step
 
 _atomic_spec = importlib.util.spec_from_file_location("_courier_atomic",
                                                       os.path.join(ROOT, "courier_fast", "atomic.py"))

@@ -26,7 +26,7 @@ import harness  # noqa: E402
 from courier_fast.data.generate import EPOCH, WorldConfig, generate, split_days  # noqa: E402
 from courier_fast.data.import_sessions import NEGATIVE_RULE  # noqa: E402
 from courier_fast.data.importer import ImportConfig, import_dataset  # noqa: E402
-from courier_fast.demo import GENERIC, demo  # noqa: E402
+from courier_fast.pipeline.demo import GENERIC, demo  # noqa: E402
 
 
 def margin(report):

@@ -90,7 +90,7 @@ def triton_tasks(quick=False):
     largest feature classes with the first and the last config of each table and every option on
     (contrastive: d = 512 and 1024, the widest accumulator; the last config is the one that fits
     the 99 KB parts; attention: head dim 64 and 256, largest tiles), bf16 only: the subset
-    tests/test_kernel_report.py compiles in CI."""
+    tests/bench/test_kernel_report.py compiles in CI."""
     from courier_fast.kernels import contrastive_lse as lse
     from courier_fast.kernels import reconstruction_attention as attn
 

@@ -9,21 +9,21 @@
     cf.train(cf.TrainConfig(data="world/", out="runs/courier", image_size=0))  # 0: stored size; resumable, torchrun-able
 """
 from courier_fast import _extension  # noqa: F401  (loads courier_fast._C, warns once if missing)
-from courier_fast import _ops  # noqa: F401  (fake kernels + autograd for the compiled ops)
+from courier_fast.ops.backends import compiled as _ops  # noqa: F401  (fake kernels + autograd for the compiled ops)
 from courier_fast import nn
 from courier_fast._validate import set_input_checks
-from courier_fast.attention import reconstruction_attention
-from courier_fast.backend_check import selftest
-from courier_fast.contrastive import contrastive_loss
-from courier_fast.dispatch import backends
+from courier_fast.ops.attention import reconstruction_attention
+from courier_fast.ops.selfcheck.check import selftest
+from courier_fast.ops.contrastive import contrastive_loss
+from courier_fast.ops.dispatch import backends
 from courier_fast.info import build_info
 
 __version__ = "0.1.0"
 
 # The model and training API need the data stack (pyarrow, timm, torchvision): imported on
 # first use, so that the ops above work with nothing but torch (e.g. a CPU-only torch).
-_LAZY = {"CourierModel": "courier_fast.model", "TrainConfig": "courier_fast.training",
-         "train": "courier_fast.training"}
+_LAZY = {"CourierModel": "courier_fast.models.courier", "TrainConfig": "courier_fast.training.loop",
+         "train": "courier_fast.training.loop"}
 
 
 def __getattr__(name):

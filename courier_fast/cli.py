@@ -102,7 +102,7 @@ def _selftest(args):
         return subprocess.call(argv, env={**os.environ, "TRITON_INTERPRET": "1"})
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA GPU is visible")
-    from courier_fast.backend_check import cache_file, selftest
+    from courier_fast.ops.selfcheck.check import cache_file, selftest
     verdicts = selftest(device, force=args.force)
     if args.json:
         print(json.dumps(verdicts, indent=2))
@@ -172,10 +172,10 @@ def _floats(text):
 def _add_train(sub):
     import dataclasses
 
-    from courier_fast.methods import METHODS
-    from courier_fast.model import QUERIES
-    from courier_fast.dispatch import BACKENDS
-    from courier_fast.training import LOSS_WEIGHTS, LR_SCHEDULES, TrainConfig
+    from courier_fast.models.methods import METHODS
+    from courier_fast.models.courier import QUERIES
+    from courier_fast.ops.dispatch import BACKENDS
+    from courier_fast.training.loop import LOSS_WEIGHTS, LR_SCHEDULES, TrainConfig
 
     # an option not given is not passed: its default is TrainConfig's, kept in one place
     defaults = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(TrainConfig)
@@ -263,7 +263,7 @@ def _run(parser, args):
         return 0
 
     if args.command == "train":
-        from courier_fast.training import TrainConfig, train
+        from courier_fast.training.loop import TrainConfig, train
         fields = {k: v for k, v in vars(args).items() if k not in ("command", "no_progress") and v is not None}
         summary = train(TrainConfig(progress=not args.no_progress, **fields))
         print(json.dumps(summary))
@@ -273,7 +273,7 @@ def _run(parser, args):
     if args.command == "selftest":
         return _selftest(args)
     if args.command == "eval":
-        from courier_fast.evaluate import evaluate, oracle_embeddings
+        from courier_fast.pipeline.evaluate import evaluate, oracle_embeddings
         if args.oracle and args.embeddings:
             parser.error("give --embeddings or --oracle, not both")
         emb = oracle_embeddings(args.data) if args.oracle else args.embeddings
@@ -282,7 +282,7 @@ def _run(parser, args):
               "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
         return 0
     if args.command == "demo":
-        from courier_fast.demo import demo
+        from courier_fast.pipeline.demo import demo
         demo(seed=args.seed, quick=args.quick, workdir=args.workdir, json_path=args.json_path,
              progress=not args.no_progress, data=args.data, feature_forms=args.feature_forms)
         return 0
@@ -329,7 +329,7 @@ def _embed(args):
 
     from courier_fast.data import load_dataset, write_table
     from courier_fast.data.loader import padded_column
-    from courier_fast.embed import SUFFIXES, ItemEmbeddings, embed, is_directory_out, simscore
+    from courier_fast.pipeline.embed import SUFFIXES, ItemEmbeddings, embed, is_directory_out, simscore
 
     directory = is_directory_out(args.out)
     if not directory and not args.out.endswith(SUFFIXES):

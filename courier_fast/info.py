@@ -1,30 +1,24 @@
 """build_info() and the `courier-fast info` report (in the spirit of `python -m xformers.info`)."""
-import importlib.metadata
 import platform
 
 import torch
 
-from courier_fast import _extension, dispatch
-
-
-def _version(dist_name):
-    try:
-        return importlib.metadata.version(dist_name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
+from courier_fast import _extension
+from courier_fast._metadata import dist_version
+from courier_fast.ops import dispatch
 
 
 def _dali_version():
     for name in ("nvidia-dali-cuda130", "nvidia-dali-cuda120", "nvidia-dali-cuda110"):
-        if _version(name):
-            return _version(name)
+        if dist_version(name):
+            return dist_version(name)
     return None
 
 
 def build_info() -> dict:
     """What was built and what runs here: extension, CUDA, and library versions."""
     return {
-        "courier_fast": _version("courier_fast"),
+        "courier_fast": dist_version("courier_fast"),
         "extension_loaded": _extension.loaded(),
         "extension_error": _extension.LOAD_ERROR,
         "cuda_compiled": _extension.cuda_compiled(),
@@ -38,9 +32,9 @@ def build_info() -> dict:
         "torch_cuda": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "triton": _version("triton"),
+        "triton": dist_version("triton"),
         "dali": _dali_version(),
-        "timm": _version("timm"),
+        "timm": dist_version("timm"),
         "python": platform.python_version(),
     }
 
@@ -76,7 +70,7 @@ def report() -> str:
 def selftest_verdicts():
     """{op: {backend: {device: cached verdict or None}}} for this machine's devices; the checks
     themselves run on first use by backend='auto' or with `courier-fast selftest`."""
-    from courier_fast import backend_check
+    from courier_fast.ops.selfcheck import check as backend_check
 
     devices = (["cuda"] if torch.cuda.is_available() else []) + ["cpu"]
     out = {}

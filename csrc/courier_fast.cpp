@@ -2,7 +2,7 @@
 //
 // Importing courier_fast._C runs the static TORCH_LIBRARY registrations below (schemas) and in
 // the kernel files (TORCH_LIBRARY_IMPL per backend). Fake (meta) kernels and autograd are
-// registered from Python in courier_fast/_ops.py, as in pytorch/extension-cpp.
+// registered from Python in courier_fast/ops/backends/compiled.py, as in pytorch/extension-cpp.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -69,7 +69,7 @@ TORCH_LIBRARY(courier_fast, m) {
         "Tensor row_lse, Tensor col_lse, Tensor scale, bool normalize, bool with_columns) "
         "-> (Tensor grad_x, Tensor grad_y, Tensor grad_scale)");
   // Reconstruction-attention core after the projections, over segments (the layouts of
-  // courier_fast/attention_layout.py): q (T, h, dh), k/v (S, h, dh) views (dh contiguous);
+  // courier_fast/ops/attention_layout.py): q (T, h, dh), k/v (S, h, dh) views (dh contiguous);
   // target t attends keys [key_offsets[r], key_offsets[r+1]) of its row r = target_rows[t];
   // order (T,) lists the targets grouped by row (order[target_offsets[r]:target_offsets[r+1]]);
   // key_rows (S,) the row of each key; key_padding_mask (S,) bool True = padding; causal: 0 none,

@@ -38,7 +38,7 @@ import triton.language as tl
 from courier_fast.kernels._launch import INTERPRET, device_guard
 from courier_fast.kernels._mma import dot as _dot
 from courier_fast.kernels._mma import to_16bit
-from courier_fast.row_norms import inverse_norms, normalize_backward
+from courier_fast.ops.row_norms import inverse_norms, normalize_backward
 
 CHUNK = 128  # feature chunk above which the kernels loop over features
 MAX_CHUNKS = 8  # accumulator chunks one gradient program holds
@@ -56,7 +56,7 @@ def _cfg(bn, bm, warps, stages):
 # d_class() (16..128, 256, 512: one block; 384, 640..1024: chunks of CHUNK; "split": above).
 # Every entry is one that bench/kernel_report.py compiled for sm_80, sm_86 and sm_90a, with and
 # without column terms and accidental-hit masks, without register spills and within the A100's /
-# H100's shared memory (tests/test_kernel_report.py checks the committed report); configs that
+# H100's shared memory (tests/bench/test_kernel_report.py checks the committed report); configs that
 # failed there were removed (the hit masks and the scale's per-row sum cost registers: several
 # 128-row and 4-warp gradient tiles spill with them). On the 99 KB parts (sm_86 / sm_89)
 # Triton's autotuner skips a config that is out of shared memory, and every table keeps one that

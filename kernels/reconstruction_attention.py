@@ -1,6 +1,6 @@
 """Triton kernels for the reconstruction-attention core (after the Q/K/V projections).
 
-The core runs over segments (courier_fast/attention_layout.py): target t attends the keys
+The core runs over segments (courier_fast/ops/attention_layout.py): target t attends the keys
 [key_offsets[r], key_offsets[r+1]) of its row r = target_rows[t], masked by key_padding_mask
 (True = padding) and by position within the row: causal = 0 none, 1 strict (target t sees
 s < t), 2 inclusive (s <= t). q (T, h, dh) and k/v (S, h, dh) are views with any row and head

@@ -21,7 +21,7 @@ if not torch.cuda.is_available():
     # Triton kernels run in its CPU interpreter (read when kernels are defined: set it first).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from courier_fast import dispatch  # noqa: E402
+from courier_fast.ops import dispatch  # noqa: E402
 
 
 BASE_SEED = int(os.environ.get("COURIER_TEST_SEED") or secrets.randbelow(2**31))
@@ -83,7 +83,8 @@ def input_checks_restored():
 def _global_state():
     """torch's float32 matmul settings and courier_fast's registry of backends and self-check
     problems: process-wide state a test may patch, which must be as it was after every test."""
-    from courier_fast import backend_check, registry
+    from courier_fast.ops.selfcheck import check as backend_check
+    from courier_fast.ops import registry
 
     return {"matmul settings": backend_check.matmul_settings(),
             "backend registry": {op: dict(impls) for op, impls in registry._REGISTRY.items()},
@@ -91,7 +92,8 @@ def _global_state():
 
 
 def _restore_global_state(state):
-    from courier_fast import backend_check, registry
+    from courier_fast.ops.selfcheck import check as backend_check
+    from courier_fast.ops import registry
 
     torch.backends.cuda.matmul.allow_tf32 = state["matmul settings"]["allow_tf32"]
     torch.set_float32_matmul_precision(state["matmul settings"]["float32_matmul_precision"])

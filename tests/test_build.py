@@ -154,7 +154,7 @@ def test_ops_import_without_the_data_stack(tmp_path):
         assert main(["info"]) == 0  # the diagnostic works on a torch-only install
         assert main(["train", "--data", "d", "--out", "o"]) == 2  # and train says what is missing
         assert main(["import", "--interactions", "f", "--items", "f", "--images", "d", "--out", "o"]) == 2
-        from courier_fast import backend_check  # the self-check and its cache need torch only too
+        from courier_fast.ops.selfcheck import check as backend_check  # the self-check and its cache need torch only too
         assert backend_check.verdict("contrastive_loss", "chunked", "cpu", force=True)["ok"]
         assert "pyarrow" not in sys.modules
     """)

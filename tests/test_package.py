@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import courier_fast as cf
-from courier_fast import dispatch
+from courier_fast.ops import dispatch
 
 
 def test_build_info_keys():
@@ -111,14 +111,14 @@ _CALL_TRAIN = """
 @pytest.mark.parametrize("order", [
     "cf.TrainConfig(data=missing, out=missing); print(call_train(), call_train())",
     "print(call_train()); cf.TrainConfig(data=missing, out=missing); print(call_train())",
-    "import courier_fast.training; print(call_train(), call_train())",
-    "from courier_fast.training import train; print(call_train(), call_train())",
+    "import courier_fast.training.loop; print(call_train(), call_train())",
+    "from courier_fast.training.loop import train; print(call_train(), call_train())",
 ])
 def test_cf_train_stays_the_function_whatever_is_imported_first(order, tmp_path):
-    """`cf.train` is the function in every import order: the module is courier_fast.training, so
+    """`cf.train` is the function in every import order: the module is courier_fast.training.loop, so
     importing it (lazily through cf.TrainConfig, or directly) does not rebind the package's `train`."""
     missing = str(tmp_path / "no-such-dir")
     out = _run(f"import courier_fast as cf\nmissing = {missing!r}\n" + textwrap.dedent(_CALL_TRAIN) + order +
-               "\nimport courier_fast.training as m\nassert cf.train is m.train and cf.TrainConfig is m.TrainConfig\n")
+               "\nimport courier_fast.training.loop as m\nassert cf.train is m.train and cf.TrainConfig is m.TrainConfig\n")
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["called", "called"], out.stdout

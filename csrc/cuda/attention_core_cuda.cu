@@ -1,6 +1,6 @@
 // CUDA backend of courier_fast::attention_core: the reconstruction-attention core after the
 // Q/K/V projections, over segments (every input layout: padded, history_index, jagged; see
-// courier_fast/attention_layout.py). One warp per (target, head) in the forward and the dQ pass,
+// courier_fast/ops/attention_layout.py). One warp per (target, head) in the forward and the dQ pass,
 // each target walking only its own row's keys; one warp per (history item, head) in the dK/dV
 // pass, walking the targets of its row: no atomics, K/V read in place (never copied per
 // target), online softmax over the history, so any L works without an L x P buffer. Every
@@ -33,7 +33,7 @@ struct Strides {  // (row, head) element strides of a (N, h, dh) view; dh contig
   int64_t t, h;
 };
 
-// The segment table (courier_fast/attention_layout.py), int64: target t attends the keys
+// The segment table (courier_fast/ops/attention_layout.py), int64: target t attends the keys
 // [key_offsets[r], key_offsets[r+1]) of its row r = target_rows[t]; order[target_offsets[r] ..
 // target_offsets[r+1]) are row r's targets; pad (S,) True = padding or null.
 struct Segments {
