@@ -329,7 +329,8 @@ def _embed(args):
 
     from courier_fast.data import load_dataset, write_table
     from courier_fast.data.loader import padded_column
-    from courier_fast.pipeline.embed import SUFFIXES, ItemEmbeddings, embed, is_directory_out, simscore
+    from courier_fast.pipeline.embed import embed, is_directory_out
+    from courier_fast.pipeline.embeddings import SUFFIXES, ItemEmbeddings, simscore
 
     directory = is_directory_out(args.out)
     if not directory and not args.out.endswith(SUFFIXES):

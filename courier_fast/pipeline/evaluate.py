@@ -24,7 +24,7 @@ import os
 import numpy as np
 
 from courier_fast.data.loader import padded_column
-from courier_fast.pipeline.embed import ItemEmbeddings, simscore
+from courier_fast.pipeline.embeddings import ItemEmbeddings, simscore
 
 
 FEATURE_FORMS = ("all", "vector", "simscore", "cluster", "none")

@@ -19,7 +19,8 @@ import torch.multiprocessing as mp
 from courier_fast.pipeline import cluster
 import courier_fast.pipeline.catalogue as catalogue_module
 from courier_fast.pipeline.catalogue import embed_catalogue
-from courier_fast.pipeline.embed import ItemEmbeddings, embed, embed_checkpoint
+from courier_fast.pipeline.embed import embed, embed_checkpoint
+from courier_fast.pipeline.embeddings import ItemEmbeddings
 from courier_fast.pipeline.evaluate import evaluate
 from courier_fast.training.loop import TrainConfig, train
 

@@ -11,7 +11,7 @@ from conftest import import_bench
 import courier_fast.pipeline.demo as demo_module
 from courier_fast.data import load_dataset
 from courier_fast.pipeline.demo import COURIER_QUERY, DEFAULT_COURIER, FORMS, ORDER, RUNS, format_forms, format_table
-from courier_fast.pipeline.embed import ItemEmbeddings
+from courier_fast.pipeline.embeddings import ItemEmbeddings
 from courier_fast.training.loop import TrainConfig
 
 

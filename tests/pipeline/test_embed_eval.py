@@ -4,7 +4,8 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from courier_fast.data import load_dataset
-from courier_fast.pipeline.embed import ItemEmbeddings, embed, simscore
+from courier_fast.pipeline.embed import embed
+from courier_fast.pipeline.embeddings import ItemEmbeddings, simscore
 from courier_fast.pipeline.evaluate import ctr_features, evaluate, gauc, oracle_embeddings
 from courier_fast.training.loop import TrainConfig, train
 
