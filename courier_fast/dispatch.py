@@ -20,6 +20,8 @@ def select(op, backend, device, probe=None):
     dev = device.type
     if backend == "auto":
         for name in candidates(op, device, probe):
+            if backend_check.vetoed(op, name, device):  # failed on another rank (agree_across_ranks)
+                continue
             if not impls[name].validate or backend_check.trusted(op, name, device):
                 return impls[name].fn
         raise RuntimeError(f"{op}: no backend can run this call on {device} here "
