@@ -33,6 +33,31 @@ def imagenet_normalize(x):
     return (x.float() / 255.0 - mean) / std
 
 
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}  # frame headers
+
+
+def gpu_decodable_jpeg(data):
+    """Whether torchvision's GPU decode_jpeg takes these bytes: a JPEG whose frame header has 1
+    or 3 components (not PNG, not a 4-component CMYK / YCCK JPEG). Reads the markers up to the
+    frame header only."""
+    b = bytes(data[:65536]) if not isinstance(data, bytes) else data
+    if b[:2] != b"\xff\xd8":
+        return False
+    i = 2
+    while i + 4 <= len(b):
+        if b[i] != 0xFF:
+            return False
+        marker = b[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        length = int.from_bytes(b[i + 2:i + 4], "big")
+        if marker in _SOF:
+            return i + 9 < len(b) and b[i + 9] in (1, 3)
+        i += 2 + length
+    return False
+
+
 class DecodeError(ValueError):
     """An image that could not be decoded: .index in the batch, .item_id when known."""
 
@@ -178,10 +203,30 @@ class ImageDecoder:
             return torch.frombuffer(bytearray(bytes(d)), dtype=torch.uint8)
 
         if self.device.type == "cuda":
-            decoded = decode_jpeg([data(d) for d in images], mode=ImageReadMode.RGB, device=self.device)
-            return self._stack([self._resize_crop_chw(x) for x in decoded])
+            return self._stack([self._resize_crop_chw(x) for x in self._torchvision_on_gpu(images, self.device)])
         return self._stack((self._resize_crop_chw(decode_image(data(d), mode=ImageReadMode.RGB)) for d in images),
                            n=len(images))
+
+    @staticmethod
+    def _torchvision_on_gpu(images, device):
+        """Each image's decoded CHW uint8 tensor on `device`, in order: the JPEGs nvJPEG takes
+        (decode_jpeg on the GPU, one batched call), and the others (PNG, CMYK / YCCK JPEG, which
+        decode_jpeg on the GPU rejects) decoded on the CPU and copied over."""
+        from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
+        def data(d):
+            return torch.frombuffer(bytearray(bytes(d)), dtype=torch.uint8)
+
+        on_gpu = [i for i, d in enumerate(images) if gpu_decodable_jpeg(d)]
+        out = [None] * len(images)
+        if on_gpu:
+            decoded = decode_jpeg([data(images[i]) for i in on_gpu], mode=ImageReadMode.RGB, device=device)
+            for i, x in zip(on_gpu, decoded):
+                out[i] = x
+        for i, d in enumerate(images):
+            if out[i] is None:
+                out[i] = decode_image(data(d), mode=ImageReadMode.RGB).to(device)
+        return out
 
     def _build_dali_pipe(self):
         """A DALI pipeline for up to max_batch images on this decoder's device."""
