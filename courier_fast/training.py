@@ -324,11 +324,11 @@ def _truncate_metrics(path, step):
 
 def make_loader(cfg, data, device, rank=0, world=1):
     """The SessionLoader of `cfg` over data["pretrain"]; it decodes on `device` itself (cuda:k for
-    local rank k), not on the default GPU."""
+    local rank k), not on the default GPU, and pins its batches on CUDA (non-blocking copies)."""
     decoder = ImageDecoder(backend=cfg.decoder, device=device, size=cfg.image_size or None, on_error=cfg.on_error)
     return SessionLoader(data["items"], data["pretrain"], batch_size=cfg.batch_size, history_len=cfg.history_len,
                          pv_len=cfg.pv_len, decoder=decoder, seed=cfg.seed, rank=rank, world_size=world,
-                         drop_last=world > 1)
+                         drop_last=world > 1, pin_memory=device.type == "cuda")
 
 
 def train_step(model, batch, generator, optimizer, scaler, amp_dtype=None, grad_clip=None, encoder_micro_batch=None):
