@@ -7,11 +7,14 @@ Writes into `out`: config.json, metrics.jsonl (one JSON line every `log_every` s
 lr, images/s, the fraction of time spent waiting for data), checkpoint.pt, replaced
 atomically every `checkpoint_every` steps and at the end, and encoder.safetensors (the encoder
 alone, at the end; see courier_fast.checkpoint). `resume=True` continues from
-checkpoint.pt to the same result as an uninterrupted run: the data order is a function of
-(seed, epoch), augmentation draws from a generator seeded by (seed, step), and model,
-optimiser and scaler states are restored. Launched by torchrun (WORLD_SIZE > 1) it joins the
-process group (NCCL on GPUs, gloo on CPU), shards the rows, wraps the model in DDP and uses
-every rank's items as negatives. AdamW with linear warm-up to `lr`, then constant, cosine or
+checkpoint.pt to the same result as an uninterrupted run (bitwise on CPU; on a GPU bitwise only
+with deterministic=True, docs/training.md): the data order is a function of (seed, epoch),
+augmentation draws from a generator seeded by (seed, step, rank), and model, optimiser and
+scaler states and every rank's CPU / CUDA RNG state (dropout, drop path) are restored. Launched
+by torchrun (WORLD_SIZE > 1) it joins the process group (NCCL on GPUs, bound to cuda:LOCAL_RANK;
+gloo on CPU; timeout `dist_timeout`), shards the rows, wraps the model in DDP and uses every
+rank's items as negatives; ranks draw their own random numbers (the rank is folded into the
+seeds), agree on one backend per op (backend_check.agree_across_ranks) and on the resume step. AdamW with linear warm-up to `lr`, then constant, cosine or
 linear decay to 0 at the last step (`lr_schedule`), optional gradient-norm clipping.
 
 A step (train_step) reads nothing back from the device: losses are materialised and checked for
