@@ -76,3 +76,25 @@ def test_loader_pins_its_batches_for_cuda(world, tmp_path, monkeypatch):
     batch = next(iter(loader))
     assert len(pinned) == 11 and pinned[0] == batch.images.shape  # every field of the batch
     assert not make_loader(cfg, data, torch.device("cpu")).pin_memory
+
+
+def test_draw_parameters_move_as_one_packed_tensor(monkeypatch):
+    """On a GPU an AugmentDraw's rows move in one copy of one packed (n, k) tensor and are split
+    there (emulated: the copy to a pretend device returns the CPU rows), giving every parameter."""
+    from courier_fast.augment import Augment
+    draw = Augment.simclr().draw(10, torch.Generator().manual_seed(3))
+    assert draw.params["hue_matrix"].shape == (10, 9)
+    copies, to = [], torch.Tensor.to
+
+    def to_pretend_gpu(self, *args, **kwargs):
+        if args and args[0] == torch.device("meta"):
+            copies.append((tuple(self.shape), kwargs.get("non_blocking")))
+            return self
+        return to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", to_pretend_gpu)
+    got = draw._on(torch.device("meta"), 2, 5)
+    assert copies == [((5, sum(v[0].numel() for v in draw.params.values())), True)]
+    assert got.keys() == draw.params.keys()
+    for k, v in draw.params.items():
+        assert torch.equal(got[k], v[2:7]), k
