@@ -13,6 +13,8 @@ on_error="skip", is left out and counted in .skipped (indices of the last call i
 DALI keeps one pipeline per decoder, built for `max_batch` images; a longer call is decoded in
 chunks of at most `max_batch`, so memory stays bounded whatever the batch sizes (a pipeline per
 distinct size would grow without end). A pipeline that raised is dropped and rebuilt. On a GPU
+the decoded samples are copied out of DALI's buffers on a side stream, and before the next chunk's
+run() the host waits for those copies alone (not for the work queued on the current stream). On a GPU
 the decoder works on its own device (device="cuda" means the current device when it is made),
 whatever thread calls it.
 """
@@ -26,11 +28,58 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 BACKENDS = ("auto", "dali", "pil", "torchvision")
 
 
+_CONSTANTS: dict = {}  # (device, name) -> a constant tensor on that device, made once
+
+
+def device_constant(name, values, device):
+    """float32 tensor of `values` (a nested tuple) on `device`, made once per device and reused:
+    torch.tensor(..., device=cuda) is a blocking host-to-device copy, a host sync at every call.
+    Made outside inference mode (usable by autograd later); not cached while torch.compile
+    traces (its fake tensors must not outlive the trace)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (device, name)
+    t = _CONSTANTS.get(key)
+    if t is None:
+        with torch.inference_mode(False):
+            t = torch.tensor(values, dtype=torch.float32, device=device)
+        if torch.compiler.is_compiling():
+            return t
+        _CONSTANTS[key] = t
+    return t
+
+
 def imagenet_normalize(x):
     """uint8 images (..., 3, H, W) -> float32 ImageNet-normalised."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
+    mean = device_constant("imagenet_mean", IMAGENET_MEAN, x.device).view(3, 1, 1)
+    std = device_constant("imagenet_std", IMAGENET_STD, x.device).view(3, 1, 1)
     return (x.float() / 255.0 - mean) / std
+
+
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}  # frame headers
+
+
+def gpu_decodable_jpeg(data):
+    """Whether torchvision's GPU decode_jpeg takes these bytes: a JPEG whose frame header has 1
+    or 3 components (not PNG, not a 4-component CMYK / YCCK JPEG). Reads the markers up to the
+    frame header only."""
+    b = bytes(data[:65536]) if not isinstance(data, bytes) else data
+    if b[:2] != b"\xff\xd8":
+        return False
+    i = 2
+    while i + 4 <= len(b):
+        if b[i] != 0xFF:
+            return False
+        marker = b[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        length = int.from_bytes(b[i + 2:i + 4], "big")
+        if marker in _SOF:
+            return i + 9 < len(b) and b[i + 9] in (1, 3)
+        i += 2 + length
+    return False
 
 
 class DecodeError(ValueError):
@@ -71,6 +120,7 @@ class ImageDecoder:
         self.num_threads, self.max_batch = num_threads, max_batch
         self.skipped, self.last_skipped = 0, []
         self._pipe = None  # the DALI pipeline (batch_size = max_batch), built on first use
+        self._copy_stream = None  # CUDA stream of the copies out of DALI's buffers (DALI on a GPU)
 
     def __repr__(self):
         return (f"ImageDecoder(backend={self.backend!r}, device={str(self.device)!r}, size={self.size}, "
@@ -172,16 +222,36 @@ class ImageDecoder:
                 yield torch.from_numpy(np.array(im)).permute(2, 0, 1)  # a writable copy: from_numpy warns on read-only
 
     def _decode_torchvision(self, images):
-        from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+        from torchvision.io import ImageReadMode, decode_image
 
         def data(d):
             return torch.frombuffer(bytearray(bytes(d)), dtype=torch.uint8)
 
         if self.device.type == "cuda":
-            decoded = decode_jpeg([data(d) for d in images], mode=ImageReadMode.RGB, device=self.device)
-            return self._stack([self._resize_crop_chw(x) for x in decoded])
+            return self._stack([self._resize_crop_chw(x) for x in self._torchvision_on_gpu(images, self.device)])
         return self._stack((self._resize_crop_chw(decode_image(data(d), mode=ImageReadMode.RGB)) for d in images),
                            n=len(images))
+
+    @staticmethod
+    def _torchvision_on_gpu(images, device):
+        """Each image's decoded CHW uint8 tensor on `device`, in order: the JPEGs nvJPEG takes
+        (decode_jpeg on the GPU, one batched call), and the others (PNG, CMYK / YCCK JPEG, which
+        decode_jpeg on the GPU rejects) decoded on the CPU and copied over."""
+        from torchvision.io import ImageReadMode, decode_image
+
+        def data(d):
+            return torch.frombuffer(bytearray(bytes(d)), dtype=torch.uint8)
+
+        on_gpu = [i for i, d in enumerate(images) if gpu_decodable_jpeg(d)]
+        out = [None] * len(images)
+        if on_gpu:
+            decoded = decode_jpeg([data(images[i]) for i in on_gpu], mode=ImageReadMode.RGB, device=device)
+            for i, x in zip(on_gpu, decoded):
+                out[i] = x
+        for i, d in enumerate(images):
+            if out[i] is None:
+                out[i] = decode_image(data(d), mode=ImageReadMode.RGB).to(device)
+        return out
 
     def _build_dali_pipe(self):
         """A DALI pipeline for up to max_batch images on this decoder's device."""
@@ -211,19 +281,31 @@ class ImageDecoder:
         import numpy as np
         if self._pipe is None:
             self._pipe = self._build_dali_pipe()
+        copied = None  # the event after the last chunk's copies out of DALI's buffers
         for start in range(0, len(images), self.max_batch):
             chunk = images[start:start + self.max_batch]
+            if copied is not None:
+                copied.synchronize()  # run() may reuse the buffers: wait for those copies alone
             self._pipe.feed_input("encoded", [np.frombuffer(bytes(d), dtype=np.uint8) for d in chunk])
             (out,) = self._pipe.run()
-            if self.device.type == "cuda":  # copy each decoded sample into a torch tensor on the GPU
+            if self.device.type == "cuda":
+                # copy the decoded samples on a side stream: waiting for them before the next run()
+                # does not wait for the training work queued on the current stream (a host sync)
                 from nvidia.dali.plugin.pytorch import feed_ndarray
-                stream = torch.cuda.current_stream(self.device)
-                for i in range(len(chunk)):
-                    t = torch.empty(out[i].shape(), dtype=torch.uint8, device=self.device)
-                    feed_ndarray(out[i], t, cuda_stream=stream)
-                    yield t.permute(2, 0, 1)  # the batch copies it on the same stream
-                if start + self.max_batch < len(images):
-                    stream.synchronize()  # the next run() may reuse the buffers being copied
+                if self._copy_stream is None:
+                    self._copy_stream = torch.cuda.Stream(self.device)
+                side, current = self._copy_stream, torch.cuda.current_stream(self.device)
+                samples = []
+                with torch.cuda.stream(side):  # allocated for the side stream: no reuse race with `current`
+                    for i in range(len(chunk)):
+                        t = torch.empty(out[i].shape(), dtype=torch.uint8, device=self.device)
+                        feed_ndarray(out[i], t, cuda_stream=side)
+                        samples.append(t)
+                copied = side.record_event()
+                current.wait_event(copied)  # the batch's copies (on `current`) come after, on the GPU
+                for t in samples:
+                    t.record_stream(current)  # used on `current` too: freed only once that is done
+                    yield t.permute(2, 0, 1)
             elif out.is_dense_tensor():  # one (m, H, W, 3) array: no small allocation per image
                 for hwc in torch.from_numpy(out.as_array()):
                     yield hwc.permute(2, 0, 1)

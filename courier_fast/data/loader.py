@@ -69,6 +69,12 @@ class SessionBatch:
     def pv_category(self):
         return torch.where(self.pv_pad, -1, self._gather(self.image_category, self.pv_index))
 
+    def pin_memory(self):
+        """A copy with every CPU tensor in pinned (page-locked) memory, so that
+        to(cuda, non_blocking=True) copies without a host sync (GPU tensors are kept)."""
+        return SessionBatch(**{f.name: (t.pin_memory() if t.device.type == "cpu" else t)
+                               for f in fields(self) for t in (getattr(self, f.name),)})
+
     def to(self, device, non_blocking=False):
         """A copy with every tensor on `device`."""
         return SessionBatch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
@@ -114,7 +120,7 @@ def _use_device_of(decoder):
 class SessionLoader:
     def __init__(self, items, sessions, *, batch_size, image_size=None, history_len=5, pv_len=None,
                  decoder=None, shuffle=True, seed=0, rank=0, world_size=1, drop_last=False,
-                 prefetch=2, device="cpu", normalize=False):
+                 prefetch=2, device="cpu", normalize=False, pin_memory=False):
         if batch_size <= 0:
             raise ValueError(f"batch_size must be > 0, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -123,6 +129,7 @@ class SessionLoader:
             raise ValueError(f"history_len must be > 0, got {history_len}")
         self.batch_size, self.history_len, self.shuffle, self.seed = batch_size, history_len, shuffle, seed
         self.rank, self.world_size, self.drop_last, self.prefetch = rank, world_size, drop_last, prefetch
+        self.pin_memory = pin_memory  # batches' CPU tensors pinned (in the prefetch thread)
         self.decoder = decoder or ImageDecoder(device=device, size=image_size, normalize=normalize)
         self.epoch = 0
         ids = items.column("item_id").to_numpy()
@@ -226,10 +233,11 @@ class SessionLoader:
         def index(ids):  # position in `unique`, len(unique) for padding
             return torch.from_numpy(np.where(ids >= 0, np.searchsorted(unique, ids), len(unique)))
 
-        return SessionBatch(
+        batch = SessionBatch(
             images=images, image_ids=torch.from_numpy(unique), image_category=torch.from_numpy(self._categories[pos]),
             history_index=index(hist_ids), pv_index=index(pv_ids),
             history_pad=torch.from_numpy(hist_ids < 0), pv_pad=torch.from_numpy(pv_ids < 0),
             clicks=torch.from_numpy(np.where(pv_ids >= 0, clicks, 0).astype(np.float32)),
             history_ids=torch.from_numpy(hist_ids), pv_ids=torch.from_numpy(pv_ids),
             user_id=torch.from_numpy(self._users[rows].astype(np.int64)))
+        return batch.pin_memory() if self.pin_memory else batch

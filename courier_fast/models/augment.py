@@ -16,7 +16,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-from courier_fast.data.decode import IMAGENET_MEAN, IMAGENET_STD, imagenet_normalize
+from courier_fast.data.decode import IMAGENET_MEAN, IMAGENET_STD, device_constant, imagenet_normalize
+
+GRAY_WEIGHTS = (0.299, 0.587, 0.114)
+_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_FROM_YIQ = torch.linalg.inv(_TO_YIQ)  # on the CPU, once (on a GPU, linalg.inv syncs with the host)
 
 
 def to_float(images):
@@ -71,6 +75,7 @@ class Augment:
             params["saturation"] = uniform(1 - self.saturation, 1 + self.saturation)
             if self.hue:
                 params["hue"] = uniform(-self.hue, self.hue) * 2 * math.pi
+                params["hue_matrix"] = _hue_matrices(params["hue"]).reshape(n, 9)
             if self.grayscale:
                 params["gray"] = (uniform(0, 1) < self.grayscale).float()
         return AugmentDraw(self, n, params)
@@ -88,6 +93,23 @@ class AugmentDraw:
 
     def __init__(self, augment, n, params):
         self.augment, self.n, self.params = augment, n, params
+        self._packed = None  # (n, k) float32 of every parameter, pinned where CUDA is available
+
+    def _on(self, device, start, m):
+        """The parameters of rows start .. start + m on `device`: one copy of one packed tensor
+        (pinned and non-blocking on CUDA: no host sync), split into views there."""
+        if device.type == "cpu":
+            return {k: v[start:start + m] for k, v in self.params.items()}
+        if self._packed is None:
+            packed = torch.cat([v.reshape(self.n, -1).float() for v in self.params.values()], dim=1)
+            self._packed = packed.pin_memory() if torch.cuda.is_available() else packed
+        rows = self._packed[start:start + m].to(device, non_blocking=True)
+        out, col = {}, 0
+        for k, v in self.params.items():
+            width = v[0].numel() if self.n else 1
+            out[k] = rows[:, col:col + width].reshape(m, *v.shape[1:])
+            col += width
+        return out
 
     def __len__(self):
         return self.n
@@ -109,7 +131,7 @@ class AugmentDraw:
             return images
         if start < 0 or start + m > self.n:
             raise ValueError(f"images: rows {start} .. {start + m} of a draw over {self.n} images")
-        p = {k: v[start:start + m].to(dev) for k, v in self.params.items()}
+        p = self._on(dev, start, m)
         theta = torch.zeros(m, 2, 3, device=dev)
         theta[:, 0, 0], theta[:, 0, 2] = p["sx"], p["cx"]
         theta[:, 1, 1], theta[:, 1, 2] = p["sy"], p["cy"]
@@ -124,26 +146,28 @@ def _colour(x, p):
     """Colour jitter of normalised images x (m, 3, S, S) with the per-image parameters p."""
     m, dev = x.shape[0], x.device
     view = lambda v: v.view(m, 1, 1, 1)  # noqa: E731
-    mean = torch.tensor(IMAGENET_MEAN, device=dev).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=dev).view(1, 3, 1, 1)
+    mean = device_constant("imagenet_mean", IMAGENET_MEAN, dev).view(1, 3, 1, 1)
+    std = device_constant("imagenet_std", IMAGENET_STD, dev).view(1, 3, 1, 1)
     rgb = x * std + mean
-    gray_w = torch.tensor((0.299, 0.587, 0.114), device=dev).view(1, 3, 1, 1)
+    gray_w = device_constant("gray_weights", GRAY_WEIGHTS, dev).view(1, 3, 1, 1)
     jit = rgb * view(p["brightness"])
     gray = (jit * gray_w).sum(1, keepdim=True)
     jit = (jit - gray.mean((2, 3), keepdim=True)) * view(p["contrast"]) + gray.mean((2, 3), keepdim=True)
     gray = (jit * gray_w).sum(1, keepdim=True)
     jit = (jit - gray) * view(p["saturation"]) + gray
-    if "hue" in p:  # rotate chroma in YIQ by up to hue * 360 degrees
-        to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], device=dev)
-        cos, sin = p["hue"].cos(), p["hue"].sin()
-        rot = torch.zeros(m, 3, 3, device=dev)
-        rot[:, 0, 0] = 1
-        rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
-        mat = torch.linalg.inv(to_yiq) @ rot @ to_yiq  # (m, 3, 3)
-        jit = torch.einsum("nij,njhw->nihw", mat, jit)
+    if "hue_matrix" in p:  # rotate chroma in YIQ by up to hue * 360 degrees (matrices made on the CPU)
+        jit = torch.einsum("nij,njhw->nihw", p["hue_matrix"].view(m, 3, 3), jit)
     on = view(p["on"])
     rgb = on * jit.clamp(0, 1) + (1 - on) * rgb
     if "gray" in p:
         g = view(p["gray"])
         rgb = g * (rgb * gray_w).sum(1, keepdim=True).expand_as(rgb) + (1 - g) * rgb
     return (rgb - mean) / std
+
+
+def _hue_matrices(hue):
+    """(n,) angles -> (n, 3, 3) RGB matrices that rotate chroma in YIQ space by each angle (CPU)."""
+    cos, sin = hue.cos(), hue.sin()
+    one, zero = torch.ones_like(hue), torch.zeros_like(hue)
+    rot = torch.stack([one, zero, zero, zero, cos, -sin, zero, sin, cos], 1).view(-1, 3, 3)
+    return _FROM_YIQ @ rot @ _TO_YIQ

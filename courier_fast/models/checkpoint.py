@@ -6,6 +6,10 @@ with torch.load(weights_only=True) (no pickled code runs):
     encoder                         ImageEncoder's constructor arguments (encoder_config())
     step, images_seen, complete     progress
     model, optimizer, scaler        state_dicts
+    rng                             every rank's RNG state, in rank order: [{"cpu": uint8 tensor,
+                                    "cuda": uint8 tensor of its GPU or None}] (gathered at each save;
+                                    on resume each rank restores its own, so dropout and drop path
+                                    draw what the uninterrupted run would)
 encoder.safetensors (save_encoder; train() writes one next to a complete checkpoint.pt): the
 ImageEncoder's state_dict alone (backbone.* and head.*, float tensors as trained), with its
 constructor arguments and the training image size as JSON in the safetensors metadata.

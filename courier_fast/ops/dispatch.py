@@ -9,7 +9,7 @@ What exists (the registry, register(), backends()) lives in courier_fast.ops.reg
 re-exported here.
 """
 from courier_fast.ops.registry import (AUTO_ORDER, BACKENDS, Impl, backends, candidates,  # noqa: F401
-                                       implementations, op_backends, ops, register, validated)
+                                       implementations, op_backends, ops, register, validated, vetoed)
 
 
 def select(op, backend, device, probe=None):
@@ -19,6 +19,8 @@ def select(op, backend, device, probe=None):
     dev = device.type
     if backend == "auto":
         for name in candidates(op, device, probe):
+            if vetoed(op, name, device):  # failed on another rank (selfcheck.check.agree_across_ranks)
+                continue
             if not impls[name].validate or validated(op, name, device):
                 return impls[name].fn
         raise RuntimeError(f"{op}: no backend can run this call on {device} here "

@@ -41,6 +41,19 @@ def set_validator(fn):
     _VALIDATOR = fn
 
 
+_VETOED: set = set()  # (op, backend, str(device)): unusable on some rank (selfcheck.check.agree_across_ranks)
+
+
+def veto(op, backend, device):
+    """Mark `backend` of `op` unusable on `device` for auto, because it failed on another rank."""
+    _VETOED.add((op, backend, str(torch.device(device))))
+
+
+def vetoed(op, backend, device):
+    """Whether auto must skip `backend` of `op` on `device` (veto())."""
+    return bool(_VETOED) and (op, backend, str(torch.device(device))) in _VETOED
+
+
 def validated(op, backend, device):
     """Whether the installed validator trusts `backend` of `op` on `device`; False when none is
     installed (auto then takes only backends that need no validation)."""

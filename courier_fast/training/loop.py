@@ -7,11 +7,14 @@ Writes into `out`: config.json, metrics.jsonl (one JSON line every `log_every` s
 lr, images/s, the fraction of time spent waiting for data), checkpoint.pt, replaced
 atomically every `checkpoint_every` steps and at the end, and encoder.safetensors (the encoder
 alone, at the end; see courier_fast.models.checkpoint). `resume=True` continues from
-checkpoint.pt to the same result as an uninterrupted run: the data order is a function of
-(seed, epoch), augmentation draws from a generator seeded by (seed, step), and model,
-optimiser and scaler states are restored. Launched by torchrun (WORLD_SIZE > 1) it joins the
-process group (NCCL on GPUs, gloo on CPU), shards the rows, wraps the model in DDP and uses
-every rank's items as negatives. AdamW with linear warm-up to `lr`, then constant, cosine or
+checkpoint.pt to the same result as an uninterrupted run (bitwise on CPU; on a GPU bitwise only
+with deterministic=True, docs/training.md): the data order is a function of (seed, epoch),
+augmentation draws from a generator seeded by (seed, step, rank), and model, optimiser and
+scaler states and every rank's CPU / CUDA RNG state (dropout, drop path) are restored. Launched
+by torchrun (WORLD_SIZE > 1) it joins the process group (NCCL on GPUs, bound to cuda:LOCAL_RANK;
+gloo on CPU; timeout `dist_timeout`), shards the rows, wraps the model in DDP and uses every
+rank's items as negatives; ranks draw their own random numbers (the rank is folded into the
+seeds), agree on one backend per op (courier_fast.ops.selfcheck.check.agree_across_ranks) and on the resume step. AdamW with linear warm-up to `lr`, then constant, cosine or
 linear decay to 0 at the last step (`lr_schedule`), optional gradient-norm clipping.
 
 A step (train_step) reads nothing back from the device: losses are materialised and checked for
@@ -34,6 +37,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -41,6 +45,7 @@ import torch.distributed as dist
 
 from courier_fast import _validate
 from courier_fast.ops import dispatch
+from courier_fast.ops.selfcheck import check as backend_check
 from courier_fast.models.checkpoint import CHECKPOINT, ENCODER_FILE, load_checkpoint, save_checkpoint, save_encoder
 from courier_fast.data import SessionLoader, load_dataset
 from courier_fast.data.decode import ImageDecoder
@@ -97,6 +102,8 @@ class TrainConfig:
     decoder: str = "auto"            # ImageDecoder backend
     on_error: str = "raise"          # a corrupt image: raise | skip (its slots become padding)
     progress: bool = True
+    deterministic: bool = False      # cuDNN / torch deterministic algorithms, fixed cuBLAS workspace (set_deterministic)
+    dist_timeout: float = None       # seconds a collective may wait across ranks (None: torch's default)
     method_options: dict = field(default_factory=dict)  # e.g. {"temperature": 0.1}
 
     def validate(self):
@@ -106,7 +113,7 @@ class TrainConfig:
                      "history_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("pv_len", "temperature", "grad_clip"):
+        for name in ("pv_len", "temperature", "grad_clip", "dist_timeout"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be None or > 0, got {value}")
@@ -216,26 +223,99 @@ def _atomic_write_text(text, path):
         f.write(text)
 
 
-def setup_distributed(device_type):
-    """(rank, world) — joins the process group when launched by torchrun with WORLD_SIZE > 1."""
+def setup_distributed(device_type, timeout=None):
+    """(rank, world) — joins the process group when launched by torchrun with WORLD_SIZE > 1:
+    NCCL bound to this rank's GPU (cuda:LOCAL_RANK, init_process_group's device_id) on CUDA,
+    gloo otherwise. timeout: seconds a collective may wait (None: torch's default, 10 minutes
+    for NCCL, shorter than a large catalogue's k-means barrier)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+        kwargs = {}
+        if timeout is not None:
+            import datetime
+            kwargs["timeout"] = datetime.timedelta(seconds=timeout)
+        if device_type == "cuda":
+            kwargs["device_id"] = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", **kwargs)
     return dist.get_rank(), dist.get_world_size()
 
 
 def _amp_dtype(cfg, device):
+    """None (off) or the autocast dtype: amp="auto" is bf16 on GPUs of compute capability >= 8.0
+    and fp16 (with the GradScaler) on older ones (V100, T4: no bf16 tensor cores), off on CPU."""
     if cfg.amp == "off" or (cfg.amp == "auto" and device.type != "cuda"):
         return None
+    if cfg.amp == "auto":
+        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
     if cfg.amp == "fp16":
         return torch.float16
     return torch.bfloat16
 
 
-def _step_generator(seed, step):
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+def set_deterministic(on=True):
+    """Bitwise-repeatable GPU kernels (TrainConfig.deterministic): cuDNN's deterministic
+    algorithms without benchmarking, torch.use_deterministic_algorithms, and cuBLAS's fixed
+    workspace (CUBLAS_WORKSPACE_CONFIG, unless already set; it must be set before cuBLAS starts).
+    Slower; an op without a deterministic kernel raises."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic = on
+    torch.backends.cudnn.benchmark = False if on else torch.backends.cudnn.benchmark
+    torch.use_deterministic_algorithms(on)
+
+
+_RANK_STRIDE = 1 << 22  # torch's CPU generator keeps 32 bits of a seed: 4M steps for each of 1024 ranks
+
+
+def _step_generator(seed, step, rank=0):
+    """The CPU generator of one step's augmentation on `rank`: a function of (seed, step, rank),
+    so ranks draw different augmentations and a resumed run draws what it would have drawn.
+    The seeds of one run are distinct for steps < 2**22 and ranks < 1024 (the CPU generator
+    (mt19937) uses the low 32 bits of a seed)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step + rank * _RANK_STRIDE) % (1 << 32))
+
+
+def _rank_seed(seed, rank):
+    """torch's global seed of `rank` once the model is built (dropout, drop path): rank 0 keeps
+    `seed`, others a different one, so ranks draw different masks; a run stays reproducible for a
+    given (seed, world size)."""
+    return seed if rank == 0 else (seed + rank * 0x9E3779B9) % (1 << 32)  # mt19937 keeps 32 bits
+
+
+def rng_state(device):
+    """This process's RNG state: {"cpu": ByteTensor, "cuda": ByteTensor of `device` or None}."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return {"cpu": torch.get_rng_state(), "cuda": cuda}
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def gather_rng_states(device, world):
+    """Every rank's rng_state, in rank order (a collective when world > 1: every rank calls it)."""
+    mine = rng_state(device)
+    if world == 1:
+        return [mine]
+    states = [None] * world
+    dist.all_gather_object(states, mine)
+    return [{k: None if v is None else v.cpu() for k, v in s.items()} for s in states]
+
+
+def _agree_on_step(step, device, world):
+    """Every rank's resume step must be the same (e.g. no rank without the shared checkpoint)."""
+    if world == 1:
+        return
+    t = torch.tensor([step, -step], dtype=torch.long, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    hi, lo = int(t[0]), -int(t[1])
+    if hi != lo:
+        raise RuntimeError(f"resume: the ranks found checkpoints of different steps ({lo} .. {hi}); "
+                           f"every rank must read the same checkpoint.pt")
 
 
 def _truncate_metrics(path, step):
@@ -249,11 +329,11 @@ def _truncate_metrics(path, step):
 
 def make_loader(cfg, data, device, rank=0, world=1):
     """The SessionLoader of `cfg` over data["pretrain"]; it decodes on `device` itself (cuda:k for
-    local rank k), not on the default GPU."""
+    local rank k), not on the default GPU, and pins its batches on CUDA (non-blocking copies)."""
     decoder = ImageDecoder(backend=cfg.decoder, device=device, size=cfg.image_size or None, on_error=cfg.on_error)
     return SessionLoader(data["items"], data["pretrain"], batch_size=cfg.batch_size, history_len=cfg.history_len,
                          pv_len=cfg.pv_len, decoder=decoder, seed=cfg.seed, rank=rank, world_size=world,
-                         drop_last=world > 1)
+                         drop_last=world > 1, pin_memory=device.type == "cuda")
 
 
 def train_step(model, batch, generator, optimizer, scaler, amp_dtype=None, grad_clip=None, encoder_micro_batch=None):
@@ -297,10 +377,14 @@ def train(config):
     cfg.validate()
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
                           else "cpu" if cfg.device == "auto" else cfg.device)
-    rank, world = setup_distributed(device.type)
+    if cfg.deterministic:
+        set_deterministic(True)
+    rank, world = setup_distributed(device.type, cfg.dist_timeout)
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
+    if world > 1 and cfg.method in CONTRASTIVE_METHODS and cfg.backend == "auto":
+        backend_check.agree_across_ranks(device)  # one backend per op on every rank (the ring needs it)
     os.makedirs(cfg.out, exist_ok=True)
     ckpt_path = os.path.join(cfg.out, CHECKPOINT)
     metrics_path = os.path.join(cfg.out, METRICS)
@@ -313,15 +397,17 @@ def train(config):
         raise ValueError(f"data: {cfg.data}/pretrain.parquet has fewer rows than one batch per rank")
     total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * per_epoch
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same initial model on every rank
     extra = {"item_logq": item_log_frequencies(data["pretrain"])} if cfg.logq else {}
     method = build_method(cfg.method, items, **cfg.method_kwargs(), **extra).to(device)
+    if rank:
+        torch.manual_seed(_rank_seed(cfg.seed, rank))  # this rank's own dropout / drop-path masks
     params = [p for p in method.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     amp_dtype = _amp_dtype(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
-    step, images_seen = 0, 0
+    step, images_seen, saved_rng = 0, 0, None
     if cfg.resume and os.path.exists(ckpt_path):
         ckpt = load_checkpoint(ckpt_path)
         if ckpt["method"] != cfg.method:
@@ -333,6 +419,12 @@ def train(config):
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         step, images_seen = ckpt["step"], ckpt["images_seen"]
+        saved_rng = ckpt.get("rng")
+        if saved_rng is None or len(saved_rng) != world:
+            warnings.warn(f"resume: {ckpt_path} holds no RNG state for {world} rank(s) (an older checkpoint or "
+                          f"another world size): dropout and drop path will not repeat the uninterrupted run",
+                          RuntimeWarning, stacklevel=2)
+            saved_rng = None
         if rank == 0:
             _truncate_metrics(metrics_path, step)
     elif rank == 0 and os.path.exists(metrics_path):
@@ -340,6 +432,7 @@ def train(config):
     if rank == 0:
         _atomic_write_text(json.dumps(dataclasses.asdict(cfg), indent=2), os.path.join(cfg.out, "config.json"))
 
+    _agree_on_step(step, device, world)
     model = method
     if world > 1 and step < total_steps and cfg.method != "random_encoder":
         model = torch.nn.parallel.DistributedDataParallel(
@@ -363,11 +456,12 @@ def train(config):
     def save(complete):
         check_finite()
         images.flush()
+        rng = gather_rng_states(device, world)  # every rank's, so that a resume draws what this run would
         if rank == 0:
             save_checkpoint({"method": cfg.method, "method_kwargs": cfg.method_kwargs(), "config": dataclasses.asdict(cfg),
                              "encoder": method.encoder.config, "step": step, "images_seen": images.seen,
                              "complete": complete, "model": method.state_dict(), "optimizer": optimizer.state_dict(),
-                             "scaler": scaler.state_dict()}, ckpt_path)
+                             "scaler": scaler.state_dict(), "rng": rng}, ckpt_path)
             if complete:
                 save_encoder(method.encoder, os.path.join(cfg.out, ENCODER_FILE), cfg.image_size or None)
         if world > 1:
@@ -382,6 +476,8 @@ def train(config):
         # under an image budget the step count is not known ahead (the demo passes steps=10**9)
         bar = tqdm(total=None if cfg.max_images is not None else total_steps, initial=step,
                    desc=f"train {cfg.method}", unit="step", dynamic_ncols=True)
+    if saved_rng is not None:
+        set_rng_state(saved_rng[rank], device)
     method.train()
     window = {"start": time.perf_counter(), "wait": 0.0}
     last = {}
@@ -400,7 +496,7 @@ def train(config):
                 lr = lr_at(cfg, step, total_steps)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                losses, grad_norm = train_step(model, batch, _step_generator(cfg.seed, step), optimizer, scaler,
+                losses, grad_norm = train_step(model, batch, _step_generator(cfg.seed, step, rank), optimizer, scaler,
                                                amp_dtype, cfg.grad_clip, cfg.encoder_micro_batch)
                 images.add(method.images_per_step(batch))
                 step += 1

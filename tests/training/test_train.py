@@ -20,6 +20,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL = {"encoder": "test_efficientnet", "embed_dim": 32, "num_heads": 4, "batch_size": 8, "progress": False,
          "image_size": 0}  # the world's 16 px
 TIMING = ("images_per_s", "data_wait_fraction")
+# an encoder that draws from torch's RNG (stochastic depth): resume must restore the RNG state
+DROP_PATH = {**SMALL, "encoder": "test_vit", "method_options": {"drop_path_rate": 0.3}}
 
 
 def _metrics(out):
@@ -64,14 +66,14 @@ def test_tiny_run_writes_checkpoint_config_and_metrics(world, tmp_path):
 @pytest.fixture(scope="module")
 def reference_run(world, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("reference"))
-    train(TrainConfig(data=world, out=out, steps=10, log_every=1, checkpoint_every=4, lr=1e-3, **SMALL))
+    train(TrainConfig(data=world, out=out, steps=10, log_every=1, checkpoint_every=4, lr=1e-3, **DROP_PATH))
     return out
 
 
 @pytest.mark.parametrize("first", [4, 6])  # mid-epoch and at the epoch boundary (6 batches per epoch)
 def test_resume_equals_uninterrupted_in_process(world, reference_run, tmp_path, first):
     out = str(tmp_path / "run")
-    cfg = dict(data=world, out=out, log_every=1, checkpoint_every=4, lr=1e-3, **SMALL)
+    cfg = dict(data=world, out=out, log_every=1, checkpoint_every=4, lr=1e-3, **DROP_PATH)
     train(TrainConfig(steps=first, **cfg))
     summary = train(TrainConfig(steps=10, resume=True, **cfg))
     assert summary["step"] == 10

@@ -23,6 +23,12 @@ $XDG_CACHE_HOME/courier_fast, else ~/.cache/courier_fast), one JSON file per env
 written atomically. dispatch.select(backend="auto") calls trusted(), which runs the check of one
 backend the first time it is needed. COURIER_FAST_VALIDATE=0 trusts without checking; =force
 re-checks once per process.
+
+Across ranks (agree_across_ranks, called by train() before its first step): every rank judges
+every auto candidate, the verdicts are all-reduced, and a backend that fails on any rank is vetoed
+on all of them, so auto chooses the same backend everywhere. The driver in the cache key is
+NVML's version (pynvml) where installed, else /proc/driver/nvidia/version, else a string saying
+that the key lacks it.
 """
 import contextlib
 import functools
@@ -175,17 +181,28 @@ def _hash_contents(stamps):
 
 
 def _driver_version():
-    getter = getattr(torch._C, "_cuda_getDriverVersion", None)
-    if getter is not None:
+    """The NVIDIA driver version for the cache key: NVML's (pynvml / nvidia-ml-py) where
+    installed, else the first line of /proc/driver/nvidia/version, else a string saying the key
+    lacks it (torch has no driver-version call: torch._C._cuda_getDriverVersion does not exist)."""
+    try:
+        import pynvml
+    except ImportError:
+        pynvml = None
+    if pynvml is not None:
         try:
-            return str(getter())
-        except Exception:
+            pynvml.nvmlInit()
+            try:
+                version = pynvml.nvmlSystemGetDriverVersion()
+            finally:
+                pynvml.nvmlShutdown()
+            return "nvml " + (version.decode() if isinstance(version, bytes) else str(version))
+        except Exception:  # noqa: BLE001  (NVMLError and its many subclasses)
             pass
     try:
         with open("/proc/driver/nvidia/version") as f:
             return f.readline().strip()
     except OSError:
-        return None
+        return "unknown: no NVML (pip install nvidia-ml-py) and no /proc/driver/nvidia/version; the key lacks it"
 
 
 def environment(device):
@@ -309,6 +326,42 @@ def selftest(device="cuda", force=False):
     backend of device; cached verdicts unless force."""
     return {op: {name: verdict(op, name, device, force=force) for name in names}
             for op, names in registered(device).items()}
+
+
+
+# ----------------------------------------------------------------------------- ranks that agree
+def agree_across_ranks(device, group=None):
+    """Make backend="auto" choose the same backend of every op on every rank of `group` (a
+    collective: every rank calls it, e.g. train() before its first step). Each rank judges every
+    auto candidate of every op on its `device` (available here, and self-checked where the
+    backend validates), one all-reduce (MIN) of the verdicts follows, and a backend that is not
+    usable on every rank is vetoed here: auto then skips it on every rank, so each call takes the
+    first backend valid everywhere (a rank falling back to `reference` alone would raise under
+    ring=True while the others wait in the ring until the timeout). Returns {op: the first
+    backend usable on every rank (before supports(), which depends on the call)}."""
+    import torch.distributed as dist
+
+    dev = torch.device(device)
+    order = registry.AUTO_ORDER.get(dev.type, ("reference",))
+    status = registry.backends()
+    table, local = [], []
+    for op in sorted(registry.ops()):  # the same layout on every rank, whatever is registered where
+        impls = registry.implementations(op)
+        for name in order:
+            impl = impls.get(name)
+            ok = (impl is not None and impl.auto and dev.type in impl.devices and status.get(name, (False,))[0]
+                  and (not impl.validate or trusted(op, name, dev)))
+            table.append((op, name))
+            local.append(1 if ok else 0)
+    votes = torch.tensor(local, dtype=torch.int32, device=dev)
+    dist.all_reduce(votes, op=dist.ReduceOp.MIN, group=group)
+    agreed = {}
+    for (op, name), vote in zip(table, votes.tolist()):
+        if vote:
+            agreed.setdefault(op, name)
+        else:
+            registry.veto(op, name, dev)
+    return agreed
 
 
 # auto asks the registry, which asks this module (late-bound, so a patched `trusted` is seen):
