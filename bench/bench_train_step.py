@@ -31,7 +31,7 @@ import courier_fast as cf  # noqa: E402
 from courier_fast.data import SessionLoader, load_dataset  # noqa: E402
 from courier_fast.data.generate import WorldConfig, generate  # noqa: E402
 from courier_fast.models.methods import build_method  # noqa: E402
-from courier_fast.models.courier import ImageEncoder  # noqa: E402
+from courier_fast.models.encoder import ImageEncoder  # noqa: E402
 from courier_fast.training.loop import train_step  # noqa: E402
 
 

@@ -237,7 +237,7 @@ class ImageDecoder:
         """Each image's decoded CHW uint8 tensor on `device`, in order: the JPEGs nvJPEG takes
         (decode_jpeg on the GPU, one batched call), and the others (PNG, CMYK / YCCK JPEG, which
         decode_jpeg on the GPU rejects) decoded on the CPU and copied over."""
-        from torchvision.io import ImageReadMode, decode_image
+        from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
         def data(d):
             return torch.frombuffer(bytearray(bytes(d)), dtype=torch.uint8)

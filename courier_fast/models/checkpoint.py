@@ -90,7 +90,7 @@ def export_encoder(checkpoint, path):
 def load_encoder(path):
     """(ImageEncoder in eval mode on the CPU, training image size or None) from checkpoint.pt or
     encoder.safetensors."""
-    from courier_fast.models.courier import ImageEncoder
+    from courier_fast.models.encoder import ImageEncoder
 
     path = str(path)
     if path.endswith(".safetensors"):

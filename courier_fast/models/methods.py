@@ -29,7 +29,8 @@ from torch import nn
 from courier_fast._validate import positive_int
 from courier_fast.models.augment import Augment, AugmentDraw, to_float
 from courier_fast.ops.contrastive import contrastive_loss
-from courier_fast.models.courier import CourierModel, ImageEncoder, gather_capacity
+from courier_fast.models.courier import CourierModel, gather_capacity
+from courier_fast.models.encoder import ImageEncoder
 
 METHODS = ("courier", "simclr", "category_supervised", "clip_titles", "random_encoder")
 

@@ -13,6 +13,8 @@ The gather's backward sums, over ranks, the gradients each rank computed for thi
 (an all-reduce of the gathered gradient, then this rank's slice): exactly the chain rule for a
 global loss, so that after DDP averages gradients they match one process on the whole batch.
 """
+import os
+
 import torch
 import torch.distributed as dist
 
@@ -219,3 +221,22 @@ def ring_lse(x, y, scale, normalize, batch, lse_ops, ids=None, logq=None):
     j share ids[j]): accidental hits leave each row's LSE; logq: None or (m,) float, subtracted
     from every logit of this rank's y rows."""
     return _RingLSE.apply(x, y, scale, normalize, batch, lse_ops, ids, logq)
+
+
+def setup_distributed(device_type, timeout=None):
+    """(rank, world) — joins the process group when launched by torchrun with WORLD_SIZE > 1:
+    NCCL bound to this rank's GPU (cuda:LOCAL_RANK, init_process_group's device_id) on CUDA,
+    gloo otherwise. timeout: seconds a collective may wait (None: torch's default, 10 minutes
+    for NCCL, shorter than a large catalogue's k-means barrier)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        kwargs = {}
+        if timeout is not None:
+            import datetime
+            kwargs["timeout"] = datetime.timedelta(seconds=timeout)
+        if device_type == "cuda":
+            kwargs["device_id"] = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", **kwargs)
+    return dist.get_rank(), dist.get_world_size()

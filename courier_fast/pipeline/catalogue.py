@@ -134,7 +134,7 @@ def embed_catalogue(checkpoint, data, out, clusters=32, batch_size=256, device="
     what a previous run of the same plan left; -> the manifest dict (on every rank)."""
     from courier_fast.models.checkpoint import load_encoder
     from courier_fast.data import read_items
-    from courier_fast.training.loop import setup_distributed
+    from courier_fast.ops.distributed import setup_distributed
 
     if clusters < 0 or batch_size <= 0 or chunk_size <= 0:
         raise ValueError("clusters must be >= 0, batch_size and chunk_size > 0")

@@ -45,6 +45,7 @@ import torch.distributed as dist
 
 from courier_fast import _validate
 from courier_fast.ops import dispatch
+from courier_fast.ops.distributed import setup_distributed
 from courier_fast.ops.selfcheck import check as backend_check
 from courier_fast.models.checkpoint import CHECKPOINT, ENCODER_FILE, load_checkpoint, save_checkpoint, save_encoder
 from courier_fast.data import SessionLoader, load_dataset
@@ -221,25 +222,6 @@ class _ImageCounter:
 def _atomic_write_text(text, path):
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         f.write(text)
-
-
-def setup_distributed(device_type, timeout=None):
-    """(rank, world) — joins the process group when launched by torchrun with WORLD_SIZE > 1:
-    NCCL bound to this rank's GPU (cuda:LOCAL_RANK, init_process_group's device_id) on CUDA,
-    gloo otherwise. timeout: seconds a collective may wait (None: torch's default, 10 minutes
-    for NCCL, shorter than a large catalogue's k-means barrier)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    if not dist.is_initialized():
-        kwargs = {}
-        if timeout is not None:
-            import datetime
-            kwargs["timeout"] = datetime.timedelta(seconds=timeout)
-        if device_type == "cuda":
-            kwargs["device_id"] = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", **kwargs)
-    return dist.get_rank(), dist.get_world_size()
 
 
 def _amp_dtype(cfg, device):

@@ -14,7 +14,7 @@ import courier_fast.data.images as images_module
 from courier_fast.data import ImageDecoder, SessionLoader, load_dataset
 from courier_fast.data.format import ITEM_PATH_SCHEMA, read_items, write_table
 from courier_fast.pipeline.embed import encode_items
-from courier_fast.models.courier import ImageEncoder
+from courier_fast.models.encoder import ImageEncoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

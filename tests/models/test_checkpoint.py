@@ -12,7 +12,7 @@ from courier_fast.models.checkpoint import (ENCODER_FILE, export_encoder, load_c
                                      save_checkpoint)
 from courier_fast.data.format import write_table
 from courier_fast.pipeline.embed import embed_checkpoint
-from courier_fast.models.courier import ImageEncoder
+from courier_fast.models.encoder import ImageEncoder
 from courier_fast.training.loop import TrainConfig, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
