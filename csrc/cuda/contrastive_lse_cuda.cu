@@ -14,28 +14,37 @@ namespace {
 
 constexpr int kThreads = 256;
 
+// Running (max, sum of exp(. - max)), with torch.logsumexp's special values: -inf entries are
+// skipped (an empty set stays (-inf, 0)), a NaN entry makes the max NaN for good, a +inf entry
+// makes it +inf (the sum then counts the +inf entries). No inf - inf appears.
+template <typename T>
+__device__ __forceinline__ T rescale(T l, T from, T to) {
+  return from == to ? l : l * exp(from - to);
+}
+
 template <typename T>
 __device__ __forceinline__ void online_add(T& m, T& l, T v) {
-  // Running (max, sum of exp(. - max)); -inf entries are skipped so that no inf - inf appears.
-  if (v == -INFINITY) return;
-  if (v > m) {
-    l = l * exp(m - v) + T(1);
+  if (v == -INFINITY || m != m) return;
+  if (v != v) {
+    m = v;
+  } else if (v > m) {
+    l = rescale(l, m, v) + T(1);
     m = v;
   } else {
-    l += exp(v - m);
+    l += rescale(T(1), v, m);
   }
 }
 
 template <typename T>
 __device__ __forceinline__ void online_merge(T& m, T& l, T m2, T l2) {
-  if (m2 == -INFINITY) return;
-  if (m == -INFINITY) {
+  if (m2 == -INFINITY || m != m) return;
+  if (m == -INFINITY || m2 != m2) {
     m = m2;
     l = l2;
     return;
   }
   const T mx = m > m2 ? m : m2;
-  l = l * exp(m - mx) + l2 * exp(m2 - mx);
+  l = rescale(l, m, mx) + rescale(l2, m2, mx);
   m = mx;
 }
 
@@ -170,35 +179,10 @@ struct CudaTileOps {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor> lse_cuda(const at::Tensor& x, const at::Tensor& y,
-                                            const std::optional<at::Tensor>& x_mask,
-                                            const std::optional<at::Tensor>& y_mask,
-                                            const std::optional<at::Tensor>& y_logq,
-                                            const std::optional<at::Tensor>& x_ids,
-                                            const std::optional<at::Tensor>& y_ids, int64_t id_offset,
-                                            const at::Tensor& scale, bool normalize, bool with_columns) {
-  const c10::cuda::CUDAGuard guard(x.device());
-  return contrastive_lse_forward<CudaTileOps>(x, y, x_mask, y_mask, y_logq, x_ids, y_ids, id_offset, scale,
-                                              normalize, with_columns);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_backward_cuda(
-    const at::Tensor& grad_row, const at::Tensor& grad_col, const at::Tensor& x,
-    const at::Tensor& y, const std::optional<at::Tensor>& x_mask,
-    const std::optional<at::Tensor>& y_mask, const std::optional<at::Tensor>& y_logq,
-    const std::optional<at::Tensor>& x_ids, const std::optional<at::Tensor>& y_ids, int64_t id_offset,
-    const at::Tensor& row_lse, const at::Tensor& col_lse, const at::Tensor& scale, bool normalize,
-    bool with_columns) {
-  const c10::cuda::CUDAGuard guard(x.device());
-  return contrastive_lse_backward<CudaTileOps>(grad_row, grad_col, x, y, x_mask, y_mask, y_logq, x_ids, y_ids,
-                                               id_offset, row_lse, col_lse, scale, normalize, with_columns);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(courier_fast, CUDA, m) {
-  m.impl("contrastive_lse", &lse_cuda);
-  m.impl("contrastive_lse_backward", &lse_backward_cuda);
+  register_contrastive_lse<CudaTileOps, c10::cuda::CUDAGuard>(m);
 }
 
 }  // namespace courier_fast
