@@ -14,6 +14,15 @@ namespace {
 
 constexpr int kThreads = 256;
 
+// Logit s plus bias b (0 or -inf for masked out, minus logq): an entry masked out or an
+// accidental hit (s = -inf) stays -inf whatever the other value is (NaN, +inf).
+template <typename T>
+__device__ __forceinline__ T kept(T s, const T* bias, int64_t i) {
+  if (!bias) return s;
+  const T b = bias[i];
+  return (s == T(-INFINITY) || b == T(-INFINITY)) ? T(-INFINITY) : s + b;
+}
+
 // Running (max, sum of exp(. - max)), with torch.logsumexp's special values: -inf entries are
 // skipped (an empty set stays (-inf, 0)), a NaN entry makes the max NaN for good, a +inf entry
 // makes it +inf (the sum then counts the +inf entries). No inf - inf appears.
@@ -56,7 +65,7 @@ __global__ void row_lse_kernel(const T* __restrict__ s, const T* __restrict__ y_
   const T* row = s + r * m_cols;
   T m = -INFINITY, l = 0;
   for (int64_t i = threadIdx.x; i < m_cols; i += blockDim.x)
-    online_add(m, l, row[i] + (y_bias ? y_bias[i] : T(0)));
+    online_add(m, l, kept(row[i], y_bias, i));
   __shared__ T sm[kThreads], sl[kThreads];
   sm[threadIdx.x] = m;
   sl[threadIdx.x] = l;
@@ -80,7 +89,7 @@ __global__ void col_update_kernel(const T* __restrict__ s, const T* __restrict__
   const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (i >= m_cols) return;
   T m = col_max[i], l = col_sum[i];
-  for (int64_t r = 0; r < rows; ++r) online_add(m, l, s[r * m_cols + i] + (x_bias ? x_bias[r] : T(0)));
+  for (int64_t r = 0; r < rows; ++r) online_add(m, l, kept(s[r * m_cols + i], x_bias, r));
   col_max[i] = m;
   col_sum[i] = l;
 }
@@ -97,8 +106,9 @@ __global__ void grad_tile_kernel(T* __restrict__ s, int64_t rows, int64_t m_cols
        idx += int64_t(gridDim.x) * blockDim.x) {
     const int64_t r = idx / m_cols, i = idx - r * m_cols;
     const T v = s[idx];
-    T out = g[r] * exp(v + (y_bias ? y_bias[i] : T(0)) - row_lse[r]);
-    if (h) out += h[i] * exp(v + (x_bias ? x_bias[r] : T(0)) - col_lse[i]);
+    // a row or column whose LSE is infinite (arrives as +inf) gets no gradient, as on the CPU
+    T out = row_lse[r] == T(INFINITY) ? T(0) : g[r] * exp(kept(v, y_bias, i) - row_lse[r]);
+    if (h && col_lse[i] != T(INFINITY)) out += h[i] * exp(kept(v, x_bias, r) - col_lse[i]);
     s[idx] = out;
   }
 }
