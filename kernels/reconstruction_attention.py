@@ -87,6 +87,9 @@ def _own_keys(t, t_ok, TROW, KOFF, TOFF, MASK, causal, BLOCK_L: tl.constexpr):
     row = tl.load(TROW + t, mask=t_ok, other=0)
     first = tl.load(KOFF + row, mask=t_ok, other=0)
     count = (tl.load(KOFF + row + 1, mask=t_ok, other=0) - first).to(tl.int32)  # < 2^31 per row
+    # bounds of the trusted segment table (docs/design.md §3.4); active in the interpreter and
+    # under TRITON_DEBUG=1 (the upper bounds B, S are not kernel arguments)
+    tl.device_assert((row >= 0) & (first >= 0) & (count >= 0), "attention_core: bad target_rows or key_offsets")
     pos = (t - tl.load(TOFF + row, mask=t_ok, other=0)).to(tl.int32)
     slot = tl.arange(0, BLOCK_L)
     key = first[:, None] + slot[None, :]

@@ -122,3 +122,27 @@ def test_triton_attention_core_checks_every_argument(index, value, exc, name):
     args[index] = value(args[index])
     with pytest.raises(exc, match=name):
         _triton_ops.attention_core(*args)
+
+
+def test_triton_attention_core_asserts_a_negative_row_on_the_device(monkeypatch):
+    """Index contents are trusted by the op; the kernel's device assert (compiled in under
+    TRITON_DEBUG=1 on a GPU; here the interpreter's debug option, which TRITON_DEBUG does not
+    reach, is set for the test) turns a negative target row into an error instead of a read
+    before the start of key_offsets (the short-history kernels read target_rows)."""
+    pytest.importorskip("triton")
+    import dataclasses
+
+    from triton.runtime import interpreter
+
+    from courier_fast import _triton_ops
+    from courier_fast.kernels import reconstruction_attention as kernels
+    if not kernels.INTERPRET:
+        pytest.skip("on a GPU the device asserts need TRITON_DEBUG=1 when the kernels compile")
+    builder = interpreter.interpreter_builder
+    monkeypatch.setattr(builder, "options", dataclasses.replace(builder.options, debug=True))
+    args = _core_args()
+    _triton_ops.attention_core(*args)  # a valid table passes the asserts
+    args[3] = args[3].clone()
+    args[3][2] = -1
+    with pytest.raises(Exception, match="bad target_rows or key_offsets"):
+        _triton_ops.attention_core(*args)
