@@ -127,8 +127,8 @@ def test_triton_attention_core_checks_every_argument(index, value, exc, name):
 def test_triton_attention_core_asserts_a_negative_row_on_the_device(monkeypatch):
     """Index contents are trusted by the op; the kernel's device assert (compiled in under
     TRITON_DEBUG=1 on a GPU; here the interpreter's debug option, which TRITON_DEBUG does not
-    reach, is set for the test) turns a negative target row into an error instead of a read
-    before the start of key_offsets (the short-history kernels read target_rows)."""
+    reach, is set for the test) turns a negative target row into an error before it is used to
+    read key_offsets (the short-history kernels read target_rows)."""
     pytest.importorskip("triton")
     import dataclasses
 
@@ -144,5 +144,5 @@ def test_triton_attention_core_asserts_a_negative_row_on_the_device(monkeypatch)
     _triton_ops.attention_core(*args)  # a valid table passes the asserts
     args[3] = args[3].clone()
     args[3][2] = -1
-    with pytest.raises(Exception, match="bad target_rows or key_offsets"):
+    with pytest.raises(Exception, match="negative target_rows"):
         _triton_ops.attention_core(*args)
