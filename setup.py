@@ -11,6 +11,11 @@ warning is printed, and the compiler's first error line is recorded in the exten
     TORCH_CUDA_ARCH_LIST        architectures (default: the visible GPUs; with none, every
                                 architecture torch was built for that nvcc supports, +PTX
                                 for the newest)
+    COURIER_FAST_SANITIZE=1     add -fsanitize=address,undefined -fno-omit-frame-pointer -g to the
+                                C++ compile and link (CPU-only builds; for .ci/sanitize.sh, which
+                                runs the op tests with the gcc ASan runtime LD_PRELOADed)
+    COURIER_FAST_DEVICE_ASSERTS=1  compile the CUDA kernels' index bound checks
+                                (CUDA_KERNEL_ASSERT; a bad segment index then traps loudly)
 """
 import contextlib
 import glob
@@ -80,11 +85,21 @@ else:
 from torch.utils import cpp_extension  # noqa: E402  (after CUDA_HOME is set)
 
 CXX_FLAGS = ["-O3"]  # the C++ standard comes from torch.utils.cpp_extension
+LINK_FLAGS = []
+SANITIZE = os.environ.get("COURIER_FAST_SANITIZE", "").strip() == "1"
+if SANITIZE:
+    if CUDA_HOME:
+        raise RuntimeError("COURIER_FAST_SANITIZE=1 is for CPU-only builds: set COURIER_FAST_BUILD_CUDA=0")
+    CXX_FLAGS = ["-O1", "-g", "-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
+    LINK_FLAGS = ["-fsanitize=address,undefined"]
+    _log("sanitizer build: " + " ".join(CXX_FLAGS))
+DEVICE_ASSERTS = os.environ.get("COURIER_FAST_DEVICE_ASSERTS", "").strip() == "1"
 
 
 def cpu_extension():
     return cpp_extension.CppExtension("courier_fast._C", sorted(glob.glob("csrc/*.cpp")),
-                                      extra_compile_args={"cxx": list(CXX_FLAGS)})
+                                      extra_compile_args={"cxx": list(CXX_FLAGS)},
+                                      extra_link_args=list(LINK_FLAGS))
 
 
 def cuda_extension():
@@ -94,7 +109,7 @@ def cuda_extension():
         "courier_fast._C",
         sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu")),
         include_dirs=toolchain.include_dirs(CUDA_HOME, torch.version.cuda),
-        define_macros=[("COURIER_WITH_CUDA", None)],
+        define_macros=[("COURIER_WITH_CUDA", None)] + ([("COURIER_DEVICE_ASSERTS", None)] if DEVICE_ASSERTS else []),
         extra_compile_args={"cxx": list(CXX_FLAGS), "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
         library_dirs=[libdir] if libdir else [],
         extra_link_args=[f"-l:libcudart.so.{major}"] if libdir else [],

@@ -25,6 +25,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
@@ -104,6 +105,18 @@ inline int64_t chunk_rows(int64_t n, int64_t m, TilePolicy policy) {
   return std::max<int64_t>(1, std::min(n, c));
 }
 
+// Checks of every tensor argument of contrastive_lse (forward and backward, CPU and CUDA) before
+// any raw access; each error names the argument. Contents are trusted as they are (any float
+// values, NaN included, and any int64 ids: ids are only compared, never used as indices).
+inline void check_vector(const char* name, const std::optional<at::Tensor>& t, int64_t len, const char* what,
+                         const at::Tensor& x) {
+  if (!given(t)) return;
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == len, "contrastive_lse: ", name, " must be ", what, " = (", len,
+              ",), got shape ", t->sizes());
+  TORCH_CHECK(t->device() == x.device(), "contrastive_lse: ", name, " is on ", t->device(), " but x is on ",
+              x.device());
+}
+
 inline void check_lse_inputs(const at::Tensor& x, const at::Tensor& y,
                              const std::optional<at::Tensor>& x_mask,
                              const std::optional<at::Tensor>& y_mask,
@@ -115,26 +128,53 @@ inline void check_lse_inputs(const at::Tensor& x, const at::Tensor& y,
   TORCH_CHECK(x.size(1) == y.size(1), "contrastive_lse: x and y need the same feature dim, got ",
               x.size(1), " and ", y.size(1));
   TORCH_CHECK(x.device() == y.device(), "contrastive_lse: x and y on different devices");
-  TORCH_CHECK(x.scalar_type() == y.scalar_type(), "contrastive_lse: x and y differ in dtype");
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "contrastive_lse: x must be floating point");
-  if (x_mask.has_value() && x_mask->defined())
-    TORCH_CHECK(x_mask->dim() == 1 && x_mask->size(0) == x.size(0), "contrastive_lse: x_mask must be (N,)");
-  if (y_mask.has_value() && y_mask->defined())
-    TORCH_CHECK(y_mask->dim() == 1 && y_mask->size(0) == y.size(0), "contrastive_lse: y_mask must be (M,)");
+  TORCH_CHECK_TYPE(x.scalar_type() == y.scalar_type(), "contrastive_lse: x and y differ in dtype");
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), "contrastive_lse: x must be floating point, got ",
+                   x.scalar_type());
+  const int64_t n = x.size(0), m = y.size(0);
+  check_vector("x_mask", x_mask, n, "(N,)", x);
+  check_vector("y_mask", y_mask, m, "(M,)", x);
+  check_vector("y_logq", y_logq, m, "(M,)", x);
+  check_vector("x_ids", x_ids, n, "(N,)", x);
+  check_vector("y_ids", y_ids, m, "(M,)", x);
+  for (const auto& [name, mask] : {std::pair{"x_mask", &x_mask}, std::pair{"y_mask", &y_mask}})
+    if (given(*mask))
+      TORCH_CHECK_TYPE((*mask)->scalar_type() == at::kBool, "contrastive_lse: ", name, " must be bool, got ",
+                       (*mask)->scalar_type());
   if (given(y_logq))
-    TORCH_CHECK(y_logq->dim() == 1 && y_logq->size(0) == y.size(0) && at::isFloatingType(y_logq->scalar_type()),
-                "contrastive_lse: y_logq must be (M,) floating point");
+    TORCH_CHECK_TYPE(at::isFloatingType(y_logq->scalar_type()), "contrastive_lse: y_logq must be floating point");
   TORCH_CHECK(given(x_ids) == given(y_ids), "contrastive_lse: give both x_ids and y_ids, or neither");
-  if (given(x_ids)) {
-    TORCH_CHECK(x_ids->dim() == 1 && x_ids->size(0) == x.size(0) && x_ids->scalar_type() == at::kLong,
-                "contrastive_lse: x_ids must be (N,) int64");
-    TORCH_CHECK(y_ids->dim() == 1 && y_ids->size(0) == y.size(0) && y_ids->scalar_type() == at::kLong,
-                "contrastive_lse: y_ids must be (M,) int64");
-    TORCH_CHECK(x_ids->device() == x.device() && y_ids->device() == x.device(),
-                "contrastive_lse: ids must be on the inputs' device");
+  if (given(x_ids))
+    TORCH_CHECK_TYPE(x_ids->scalar_type() == at::kLong && y_ids->scalar_type() == at::kLong,
+                     "contrastive_lse: x_ids and y_ids must be int64, got ", x_ids->scalar_type(), " and ",
+                     y_ids->scalar_type());
+  TORCH_CHECK(scale.numel() == 1 && scale.device() == x.device(),
+              "contrastive_lse: scale must be a 1-element tensor on the inputs' device, got shape ", scale.sizes(),
+              " on ", scale.device());
+  TORCH_CHECK_TYPE(at::isFloatingType(scale.scalar_type()), "contrastive_lse: scale must be floating point");
+}
+
+// The backward's own tensors: the upstream gradients (any floating dtype) and the saved LSEs (the
+// forward's dtype: float32, float64 for float64 x; their values are trusted), all read for every row
+// (grad_row, row_lse: (N,)) and, with columns, every column (grad_col, col_lse: (M,)); without
+// columns grad_col and col_lse are not read (any 1-D length; autograd passes (0,)).
+inline void check_lse_backward_inputs(const at::Tensor& grad_row, const at::Tensor& grad_col,
+                                      const at::Tensor& row_lse, const at::Tensor& col_lse, const at::Tensor& x,
+                                      int64_t m, bool with_columns) {
+  const int64_t n = x.size(0);
+  const std::pair<const char*, const at::Tensor*> rows[] = {{"grad_row", &grad_row}, {"row_lse", &row_lse}};
+  const std::pair<const char*, const at::Tensor*> cols[] = {{"grad_col", &grad_col}, {"col_lse", &col_lse}};
+  for (const auto& [name, t] : rows) check_vector(name, *t, n, "(N,)", x);
+  for (const auto& [name, t] : cols) {
+    if (with_columns) check_vector(name, *t, m, "(M,) (with_columns)", x);
+    TORCH_CHECK(t->dim() == 1, "contrastive_lse: ", name, " must be 1-D, got shape ", t->sizes());
   }
-  TORCH_CHECK(scale.numel() == 1 && at::isFloatingType(scale.scalar_type()) && scale.device() == x.device(),
-              "contrastive_lse: scale must be a 1-element floating tensor on the inputs' device");
+  for (const auto& [name, t] : {rows[0], cols[0]})
+    TORCH_CHECK_TYPE(at::isFloatingType(t->scalar_type()), "contrastive_lse: ", name, " must be floating point, got ",
+                     t->scalar_type());
+  for (const auto& [name, t] : {rows[1], cols[1]})  // the forward's own outputs: its dtype
+    TORCH_CHECK_TYPE(t->scalar_type() == compute_dtype(x), "contrastive_lse: ", name, " must be ",
+                     compute_dtype(x), " (the forward's LSE dtype), got ", t->scalar_type());
 }
 
 // The accidental-hit rule of one tile (rows [r0, r1)): ids contiguous int64, or undefined.
@@ -149,6 +189,12 @@ inline TileIds tile_ids(const at::Tensor& x_ids, const at::Tensor& y_ids, int64_
   return {x_ids.slice(0, r0, r1), y_ids, id_offset + r0};
 }
 
+// An id_offset outside [-N, M] puts no row's positive in y, like -N or M: clamped so that
+// id_offset + row never overflows (any int64 is a valid id_offset).
+inline int64_t clamp_id_offset(int64_t id_offset, int64_t n, int64_t m) {
+  return std::clamp<int64_t>(id_offset, -n, m);
+}
+
 inline at::Tensor ids_or_undefined(const std::optional<at::Tensor>& ids) {
   return given(ids) ? ids->contiguous() : at::Tensor();
 }
@@ -158,13 +204,19 @@ inline at::Tensor finish_columns(const at::Tensor& col_max, const at::Tensor& co
   return at::where(at::isinf(col_max), col_max, col_max + at::log(col_sum));
 }
 
-template <class TileOps>
+// The device guard of the CPU kernels: none.
+struct NoDeviceGuard {
+  explicit NoDeviceGuard(at::Device) {}
+};
+
+template <class TileOps, class Guard>
 std::tuple<at::Tensor, at::Tensor> contrastive_lse_forward(
     const at::Tensor& x, const at::Tensor& y, const std::optional<at::Tensor>& x_mask,
     const std::optional<at::Tensor>& y_mask, const std::optional<at::Tensor>& y_logq,
     const std::optional<at::Tensor>& x_ids_opt, const std::optional<at::Tensor>& y_ids_opt, int64_t id_offset,
     const at::Tensor& scale, bool normalize, bool with_columns) {
   check_lse_inputs(x, y, x_mask, y_mask, y_logq, x_ids_opt, y_ids_opt, scale);
+  const Guard guard(x.device());
   const auto dt = compute_dtype(x);
   const int64_t n = x.size(0), m = y.size(0);
   Rows xr = normalize_rows(x, normalize, dt), yr = normalize_rows(y, normalize, dt);
@@ -173,6 +225,7 @@ std::tuple<at::Tensor, at::Tensor> contrastive_lse_forward(
   const auto opts = xs.options();
   at::Tensor x_bias = mask_bias(x_mask, opts), y_bias = mask_bias(y_mask, opts, y_logq);
   at::Tensor x_ids = ids_or_undefined(x_ids_opt), y_ids = ids_or_undefined(y_ids_opt);
+  id_offset = clamp_id_offset(id_offset, n, m);
 
   at::Tensor row_lse = at::empty({n}, opts);
   at::Tensor col_max, col_sum;
@@ -201,7 +254,7 @@ std::tuple<at::Tensor, at::Tensor> contrastive_lse_forward(
 // dL/dx_hat = scale * dS @ y_hat,  dL/dy_hat = scale * dS.T @ x_hat,
 // dL/dscale = sum_ji dS[j, i] <x_hat_j, y_hat_i> = sum_j <x_hat_j, (dS @ y_hat)_j>: from the first
 // GEMM's output before it is scaled, so the scale costs no pass over the tiles.
-template <class TileOps>
+template <class TileOps, class Guard>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_lse_backward(
     const at::Tensor& grad_row, const at::Tensor& grad_col, const at::Tensor& x,
     const at::Tensor& y, const std::optional<at::Tensor>& x_mask,
@@ -210,6 +263,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_lse_backward(
     const at::Tensor& row_lse, const at::Tensor& col_lse, const at::Tensor& scale, bool normalize,
     bool with_columns) {
   check_lse_inputs(x, y, x_mask, y_mask, y_logq, x_ids_opt, y_ids_opt, scale);
+  check_lse_backward_inputs(grad_row, grad_col, row_lse, col_lse, x, y.size(0), with_columns);
+  const Guard guard(x.device());
   const auto dt = compute_dtype(x);
   const int64_t n = x.size(0), m = y.size(0);
   Rows xr = normalize_rows(x, normalize, dt), yr = normalize_rows(y, normalize, dt);
@@ -219,6 +274,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_lse_backward(
   const auto opts = xs.options();
   at::Tensor x_bias = mask_bias(x_mask, opts), y_bias = mask_bias(y_mask, opts, y_logq);
   at::Tensor x_ids = ids_or_undefined(x_ids_opt), y_ids = ids_or_undefined(y_ids_opt);
+  id_offset = clamp_id_offset(id_offset, n, m);
   // An empty set's LSE is the constant -inf: no gradient. Using +inf there makes exp(S - lse) = 0.
   auto safe = [&](const at::Tensor& lse) {
     at::Tensor l = lse.to(dt);
@@ -253,6 +309,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_lse_backward(
   at::Tensor gx = normalize_rows_backward_(gx_hat, xr).to(x.scalar_type());
   at::Tensor gy = normalize_rows_backward_(gy_hat, yr).to(y.scalar_type());
   return {gx, gy, grad_scale};
+}
+
+// The CPU or CUDA kernels of contrastive_lse and its backward: the driver above with the
+// backend's TileOps and device guard (CPU: NoDeviceGuard; CUDA: c10::cuda::CUDAGuard). Called
+// from the backend's TORCH_LIBRARY_IMPL block.
+template <class TileOps, class Guard>
+void register_contrastive_lse(torch::Library& m) {
+  m.impl("contrastive_lse", &contrastive_lse_forward<TileOps, Guard>);
+  m.impl("contrastive_lse_backward", &contrastive_lse_backward<TileOps, Guard>);
 }
 
 }  // namespace courier_fast

@@ -53,6 +53,20 @@ COURIER_INLINE double exp_approx(double x) { return std::exp(x); }
 // without reassociating floating-point sums on its own (no -ffast-math needed).
 constexpr int64_t kLanes = 16;
 
+// Logit s plus bias b (0 or -inf for masked out, minus logq): an entry masked out (b = -inf) or
+// an accidental hit (s = -inf) stays -inf whatever the other value is (NaN, +inf): what is left
+// out of a set never changes its LSE.
+template <typename T>
+COURIER_INLINE T kept(T s, T b) {
+  return (s == kNegInf<T> || b == kNegInf<T>) ? kNegInf<T> : s + b;
+}
+
+// max(a, v) that keeps a NaN once seen (a NaN logit makes its LSE NaN, as torch.logsumexp).
+template <typename T>
+COURIER_INLINE T nan_max(T a, T v) {
+  return (v > a || v != v) ? v : a;
+}
+
 template <typename T>
 COURIER_INLINE void row_lse_rows(const T* s, const T* bias, int64_t r0, int64_t r1, int64_t m, T* out) {
   const int64_t m_vec = m - m % kLanes;
@@ -62,25 +76,22 @@ COURIER_INLINE void row_lse_rows(const T* s, const T* bias, int64_t r0, int64_t 
     for (int64_t k = 0; k < kLanes; ++k) lane[k] = kNegInf<T>;
     for (int64_t i = 0; i < m_vec; i += kLanes)
       for (int64_t k = 0; k < kLanes; ++k) {
-        const T v = row[i + k] + (bias ? bias[i + k] : T(0));
-        lane[k] = v > lane[k] ? v : lane[k];
+        lane[k] = nan_max(lane[k], bias ? kept(row[i + k], bias[i + k]) : row[i + k]);
       }
     T mx = kNegInf<T>;
-    for (int64_t k = 0; k < kLanes; ++k) mx = lane[k] > mx ? lane[k] : mx;
-    for (int64_t i = m_vec; i < m; ++i) {
-      const T v = row[i] + (bias ? bias[i] : T(0));
-      mx = v > mx ? v : mx;
-    }
-    if (mx == kNegInf<T>) {  // nothing kept: the LSE of an empty set
+    for (int64_t k = 0; k < kLanes; ++k) mx = nan_max(mx, lane[k]);
+    for (int64_t i = m_vec; i < m; ++i) mx = nan_max(mx, bias ? kept(row[i], bias[i]) : row[i]);
+    // nothing kept: the LSE of an empty set (-inf); a NaN or +inf logit: NaN or +inf
+    if (mx == kNegInf<T> || mx != mx || mx == -kNegInf<T>) {
       out[r] = mx;
       continue;
     }
     for (int64_t k = 0; k < kLanes; ++k) lane[k] = 0;
     for (int64_t i = 0; i < m_vec; i += kLanes)
-      for (int64_t k = 0; k < kLanes; ++k) lane[k] += exp_approx(row[i + k] + (bias ? bias[i + k] : T(0)) - mx);
+      for (int64_t k = 0; k < kLanes; ++k) lane[k] += exp_approx((bias ? kept(row[i + k], bias[i + k]) : row[i + k]) - mx);
     T sum = 0;
     for (int64_t k = 0; k < kLanes; ++k) sum += lane[k];
-    for (int64_t i = m_vec; i < m; ++i) sum += exp_approx(row[i] + (bias ? bias[i] : T(0)) - mx);
+    for (int64_t i = m_vec; i < m; ++i) sum += exp_approx((bias ? kept(row[i], bias[i]) : row[i]) - mx);
     out[r] = mx + std::log(sum);
   }
 }
@@ -101,8 +112,7 @@ COURIER_INLINE void col_update_cols(const T* s, const T* x_bias, int64_t rows, i
     if (b == kNegInf<T>) continue;
     const T* row = s + r * m + c0;
     for (int64_t i = 0; i < w; ++i) {
-      const T v = row[i] + b;
-      tmax[i] = v > tmax[i] ? v : tmax[i];
+      tmax[i] = nan_max(tmax[i], row[i] + b);
     }
   }
   for (int64_t r = 0; r < rows; ++r) {
@@ -110,12 +120,14 @@ COURIER_INLINE void col_update_cols(const T* s, const T* x_bias, int64_t rows, i
     if (b == kNegInf<T>) continue;
     const T* row = s + r * m + c0;
     for (int64_t i = 0; i < w; ++i) {
-      const T shift = tmax[i] == kNegInf<T> ? T(0) : tmax[i];
+      const T shift = std::isinf(tmax[i]) ? T(0) : tmax[i];
       tsum[i] += exp_approx(row[i] + b - shift);
     }
   }
+  // shift 0 for an infinite max: -inf (nothing yet) keeps the sum 0, +inf makes the LSE +inf
+  // (finish_columns returns an infinite max as it is); a NaN max stays NaN.
   for (int64_t i = 0; i < w; ++i) {
-    const T shift = tmax[i] == kNegInf<T> ? T(0) : tmax[i];
+    const T shift = std::isinf(tmax[i]) ? T(0) : tmax[i];
     col_sum[c0 + i] = col_sum[c0 + i] * exp_approx(col_max[c0 + i] - shift) + tsum[i];
     col_max[c0 + i] = tmax[i];
   }
@@ -136,13 +148,13 @@ COURIER_INLINE void grad_rows(T* s, const T* y_bias, const T* x_bias, const T* g
     if (!use_row && !use_col) {  // e.g. an unclicked anchor: no exp at all
       for (int64_t i = 0; i < m; ++i) row[i] = 0;
     } else if (!use_col) {
-      for (int64_t i = 0; i < m; ++i) row[i] = gr * exp_approx(row[i] + (y_bias ? y_bias[i] : T(0)) - lse);
+      for (int64_t i = 0; i < m; ++i) row[i] = gr * exp_approx((y_bias ? kept(row[i], y_bias[i]) : row[i]) - lse);
     } else if (!use_row) {
       for (int64_t i = 0; i < m; ++i) row[i] = h[i] * exp_approx(row[i] + xb - col_lse[i]);
     } else {
       for (int64_t i = 0; i < m; ++i) {
         const T v = row[i];
-        row[i] = gr * exp_approx(v + (y_bias ? y_bias[i] : T(0)) - lse) + h[i] * exp_approx(v + xb - col_lse[i]);
+        row[i] = gr * exp_approx((y_bias ? kept(v, y_bias[i]) : v) - lse) + h[i] * exp_approx(v + xb - col_lse[i]);
       }
     }
   }
@@ -261,33 +273,10 @@ struct CpuTileOps {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor> lse_cpu(const at::Tensor& x, const at::Tensor& y,
-                                           const std::optional<at::Tensor>& x_mask,
-                                           const std::optional<at::Tensor>& y_mask,
-                                           const std::optional<at::Tensor>& y_logq,
-                                           const std::optional<at::Tensor>& x_ids,
-                                           const std::optional<at::Tensor>& y_ids, int64_t id_offset,
-                                           const at::Tensor& scale, bool normalize, bool with_columns) {
-  return contrastive_lse_forward<CpuTileOps>(x, y, x_mask, y_mask, y_logq, x_ids, y_ids, id_offset, scale,
-                                             normalize, with_columns);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_backward_cpu(
-    const at::Tensor& grad_row, const at::Tensor& grad_col, const at::Tensor& x,
-    const at::Tensor& y, const std::optional<at::Tensor>& x_mask,
-    const std::optional<at::Tensor>& y_mask, const std::optional<at::Tensor>& y_logq,
-    const std::optional<at::Tensor>& x_ids, const std::optional<at::Tensor>& y_ids, int64_t id_offset,
-    const at::Tensor& row_lse, const at::Tensor& col_lse, const at::Tensor& scale, bool normalize,
-    bool with_columns) {
-  return contrastive_lse_backward<CpuTileOps>(grad_row, grad_col, x, y, x_mask, y_mask, y_logq, x_ids, y_ids,
-                                              id_offset, row_lse, col_lse, scale, normalize, with_columns);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(courier_fast, CPU, m) {
-  m.impl("contrastive_lse", &lse_cpu);
-  m.impl("contrastive_lse_backward", &lse_backward_cpu);
+  register_contrastive_lse<CpuTileOps, NoDeviceGuard>(m);
 }
 
 }  // namespace courier_fast

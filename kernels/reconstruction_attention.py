@@ -85,8 +85,12 @@ def _own_keys(t, t_ok, TROW, KOFF, TOFF, MASK, causal, BLOCK_L: tl.constexpr):
     t is key key_offsets[r] + j of its row r; attended when j < the row's length, the key is not
     padding and the causal rule allows it (positions within the row)."""
     row = tl.load(TROW + t, mask=t_ok, other=0)
+    # bounds of the trusted segment table (docs/design.md §3.4), each before the read it guards;
+    # compiled in under TRITON_DEBUG=1 (the upper bounds B, S are not kernel arguments)
+    tl.device_assert(row >= 0, "attention_core: negative target_rows")
     first = tl.load(KOFF + row, mask=t_ok, other=0)
     count = (tl.load(KOFF + row + 1, mask=t_ok, other=0) - first).to(tl.int32)  # < 2^31 per row
+    tl.device_assert((first >= 0) & (count >= 0), "attention_core: key_offsets not non-decreasing from 0")
     pos = (t - tl.load(TOFF + row, mask=t_ok, other=0)).to(tl.int32)
     slot = tl.arange(0, BLOCK_L)
     key = first[:, None] + slot[None, :]

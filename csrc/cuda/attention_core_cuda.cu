@@ -17,6 +17,16 @@
 #include <cmath>
 #include <limits>
 
+#include "../attention_core.h"
+
+// Device-side bound checks of the segment table's contents (trusted by the host, see
+// attention_core.h): compiled in with COURIER_DEVICE_ASSERTS (setup.py: COURIER_FAST_DEVICE_ASSERTS=1).
+#ifdef COURIER_DEVICE_ASSERTS
+#define COURIER_KERNEL_ASSERT(cond) CUDA_KERNEL_ASSERT(cond)
+#else
+#define COURIER_KERNEL_ASSERT(cond) ((void)0)
+#endif
+
 namespace courier_fast {
 namespace {
 
@@ -35,7 +45,8 @@ struct Strides {  // (row, head) element strides of a (N, h, dh) view; dh contig
 
 // The segment table (courier_fast/ops/attention_layout.py), int64: target t attends the keys
 // [key_offsets[r], key_offsets[r+1]) of its row r = target_rows[t]; order[target_offsets[r] ..
-// target_offsets[r+1]) are row r's targets; pad (S,) True = padding or null.
+// target_offsets[r+1]) are row r's targets; pad (S,) True = padding or null. B rows, T targets,
+// S keys: the bounds the device asserts check the table's contents against.
 struct Segments {
   const int64_t* target_rows;
   const int64_t* key_rows;
@@ -43,7 +54,29 @@ struct Segments {
   const int64_t* key_offsets;
   const int64_t* order;
   const bool* pad;
+  int64_t B, T, S;
 };
+
+// The (target, head) of the calling warp (w = t * H + h) and its row's keys [k0, k0 + count);
+// false for a warp past the last. The forward's and the dQ pass's preamble.
+struct TargetWarp {
+  int64_t warp, t, h, row, k0, count;
+  int lane;
+};
+
+__device__ __forceinline__ bool target_warp(const Segments& seg, int64_t H, TargetWarp& w) {
+  w.warp = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / kWarp;
+  w.lane = threadIdx.x % kWarp;
+  if (w.warp >= seg.T * H) return false;
+  w.t = w.warp / H;
+  w.h = w.warp % H;
+  w.row = seg.target_rows[w.t];
+  COURIER_KERNEL_ASSERT(w.row >= 0 && w.row < seg.B);
+  w.k0 = seg.key_offsets[w.row];
+  w.count = seg.key_offsets[w.row + 1] - w.k0;
+  COURIER_KERNEL_ASSERT(w.k0 >= 0 && w.count >= 0 && w.k0 + w.count <= seg.S);
+  return true;
+}
 
 // kPerLane values per lane: head dims up to 32 * kPerLane (the host picks the smallest).
 template <int kPerLane, typename scalar_t, typename acc_t>
@@ -78,13 +111,12 @@ __device__ __forceinline__ int64_t causal_end(int64_t pos, int64_t count, int64_
 template <int kPerLane, typename scalar_t, typename acc_t>
 __global__ void attn_fwd_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
                                 const scalar_t* __restrict__ v, Segments seg, acc_t* __restrict__ out,
-                                acc_t* __restrict__ lse, int64_t T, int64_t H, int dh, acc_t sm_scale,
+                                acc_t* __restrict__ lse, int64_t H, int dh, acc_t sm_scale,
                                 int64_t causal, Strides sq, Strides sk, Strides sv) {
-  const int64_t warp = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / kWarp;
-  const int lane = threadIdx.x % kWarp;
-  if (warp >= T * H) return;
-  const int64_t t = warp / H, h = warp % H, row = seg.target_rows[t];
-  const int64_t k0 = seg.key_offsets[row], count = seg.key_offsets[row + 1] - k0;
+  TargetWarp w;
+  if (!target_warp(seg, H, w)) return;
+  const int64_t warp = w.warp, t = w.t, h = w.h, row = w.row, k0 = w.k0, count = w.count;
+  const int lane = w.lane;
   acc_t qr[kPerLane], acc[kPerLane];
   load_lane<kPerLane>(q + t * sq.t + h * sq.h, lane, dh, qr, sm_scale);
 #pragma unroll
@@ -123,13 +155,12 @@ __global__ void attn_bwd_dq_kernel(const scalar_t* __restrict__ q, const scalar_
                                    const scalar_t* __restrict__ v, Segments seg,
                                    const scalar_t* __restrict__ dout, const acc_t* __restrict__ out,
                                    const acc_t* __restrict__ lse, acc_t* __restrict__ delta,
-                                   acc_t* __restrict__ dq, int64_t T, int64_t H, int dh, acc_t sm_scale,
+                                   acc_t* __restrict__ dq, int64_t H, int dh, acc_t sm_scale,
                                    int64_t causal, Strides sq, Strides sk, Strides sv, Strides so) {
-  const int64_t warp = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / kWarp;
-  const int lane = threadIdx.x % kWarp;
-  if (warp >= T * H) return;
-  const int64_t t = warp / H, h = warp % H, row = seg.target_rows[t];
-  const int64_t k0 = seg.key_offsets[row], count = seg.key_offsets[row + 1] - k0;
+  TargetWarp w;
+  if (!target_warp(seg, H, w)) return;
+  const int64_t warp = w.warp, t = w.t, h = w.h, row = w.row, k0 = w.k0, count = w.count;
+  const int lane = w.lane;
   acc_t qr[kPerLane], dor[kPerLane], acc[kPerLane];
   load_lane<kPerLane>(q + t * sq.t + h * sq.h, lane, dh, qr, sm_scale);
   load_lane<kPerLane>(dout + t * so.t + h * so.h, lane, dh, dor, acc_t(1));
@@ -170,8 +201,10 @@ __global__ void attn_bwd_dkdv_kernel(const scalar_t* __restrict__ q, const scala
   const int lane = threadIdx.x % kWarp;
   if (warp >= S * H) return;
   const int64_t s = warp / H, h = warp % H, row = seg.key_rows[s];
+  COURIER_KERNEL_ASSERT(row >= 0 && row < seg.B);
   const int64_t slot = s - seg.key_offsets[row];
   const int64_t t0 = seg.target_offsets[row], count = seg.target_offsets[row + 1] - t0;
+  COURIER_KERNEL_ASSERT(slot >= 0 && t0 >= 0 && count >= 0 && t0 + count <= seg.T);
   acc_t kr[kPerLane], vr[kPerLane], gk[kPerLane], gv[kPerLane];
   load_lane<kPerLane>(k + s * sk.t + h * sk.h, lane, dh, kr, sm_scale);
   load_lane<kPerLane>(v + s * sv.t + h * sv.h, lane, dh, vr, acc_t(1));
@@ -181,6 +214,7 @@ __global__ void attn_bwd_dkdv_kernel(const scalar_t* __restrict__ q, const scala
   // causal: the targets at positions p > slot (strict) or p >= slot (inclusive) see this key
   for (int64_t p = causal ? slot + 1 - causal / 2 : 0; !masked && p < count; ++p) {
     const int64_t t = seg.order[t0 + p];
+    COURIER_KERNEL_ASSERT(t >= 0 && t < seg.T);
     const acc_t row_lse = lse[t * H + h];
     if (row_lse == -INFINITY) continue;
     const scalar_t* qp = q + t * sq.t + h * sq.h;
@@ -208,37 +242,34 @@ __global__ void attn_bwd_dkdv_kernel(const scalar_t* __restrict__ q, const scala
 
 Strides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1)}; }
 
-void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                  std::initializer_list<at::Tensor> index) {
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "attention_core: q, k, v must be (N, h, dh)");
-  TORCH_CHECK(q.is_cuda() && k.is_cuda() && v.is_cuda(), "attention_core: CUDA tensors expected");
-  TORCH_CHECK(k.sizes() == v.sizes(), "attention_core: k and v shapes differ");
-  TORCH_CHECK(q.size(1) == k.size(1) && q.size(2) == k.size(2), "attention_core: q and k disagree in heads or head dim");
-  TORCH_CHECK(q.size(2) <= kWarp * 8, "attention_core: head dim > 256 is not supported");
-  TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1, "attention_core: head dim must be contiguous");
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "attention_core: dtypes differ");
-  for (const auto& t : index)
-    TORCH_CHECK(t.device() == q.device() && t.dim() == 1, "attention_core: segment tensors must be 1-D on q's device");
-}
-
-// int64 contiguous copies of the segment tensors (kept alive by the caller) and their pointers.
-struct SegmentTensors {
+// What the forward and the backward share: the checked arguments, the device guard, the segment
+// table's pointers (int64 contiguous tensors, kept alive here) and the sizes.
+struct Launch {
+  c10::cuda::CUDAGuard guard;
   at::Tensor target_rows, key_rows, target_offsets, key_offsets, order, pad;
-  Segments view() const {
+  int64_t T, H, dh, S;
+  cudaStream_t stream;
+
+  Launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& target_rows_,
+         const at::Tensor& key_rows_, const at::Tensor& target_offsets_, const at::Tensor& key_offsets_,
+         const at::Tensor& order_, const std::optional<at::Tensor>& key_padding_mask, int64_t causal,
+         int64_t max_targets, int64_t max_keys)
+      : guard((check_attention_core_args(q, k, v, target_rows_, key_rows_, target_offsets_, key_offsets_, order_,
+                                         key_padding_mask, causal, max_targets, max_keys, kWarp * 8),
+               q.device())),
+        target_rows(target_rows_.contiguous()), key_rows(key_rows_.contiguous()),
+        target_offsets(target_offsets_.contiguous()), key_offsets(key_offsets_.contiguous()),
+        order(order_.contiguous()),
+        pad(key_padding_mask.has_value() && key_padding_mask->defined() ? key_padding_mask->contiguous()
+                                                                        : at::Tensor()),
+        T(q.size(0)), H(q.size(1)), dh(q.size(2)), S(k.size(0)), stream(at::cuda::getCurrentCUDAStream()) {}
+
+  Segments segments() const {
     return {target_rows.data_ptr<int64_t>(), key_rows.data_ptr<int64_t>(), target_offsets.data_ptr<int64_t>(),
             key_offsets.data_ptr<int64_t>(), order.data_ptr<int64_t>(),
-            pad.defined() ? pad.data_ptr<bool>() : nullptr};
+            pad.defined() ? pad.data_ptr<bool>() : nullptr, target_offsets.size(0) - 1, T, S};
   }
 };
-
-SegmentTensors segment_tensors(const at::Tensor& target_rows, const at::Tensor& key_rows,
-                               const at::Tensor& target_offsets, const at::Tensor& key_offsets,
-                               const at::Tensor& order, const std::optional<at::Tensor>& key_padding_mask) {
-  auto i64 = [](const at::Tensor& t) { return t.to(at::kLong).contiguous(); };
-  at::Tensor pad = key_padding_mask.has_value() && key_padding_mask->defined()
-                       ? key_padding_mask->to(target_rows.device(), at::kBool).contiguous() : at::Tensor();
-  return {i64(target_rows), i64(key_rows), i64(target_offsets), i64(key_offsets), i64(order), pad};
-}
 
 int64_t blocks_for(int64_t warps) { return (warps * kWarp + kThreads - 1) / kThreads; }
 
@@ -257,9 +288,9 @@ std::tuple<at::Tensor, at::Tensor> attention_core_cuda(
     const at::Tensor& key_rows, const at::Tensor& target_offsets, const at::Tensor& key_offsets,
     const at::Tensor& order, const std::optional<at::Tensor>& key_padding_mask, int64_t causal,
     double sm_scale, int64_t max_targets, int64_t max_keys) {
-  check_inputs(q, k, v, {target_rows, key_rows, target_offsets, key_offsets, order});
-  const c10::cuda::CUDAGuard guard(q.device());
-  const int64_t T = q.size(0), H = q.size(1), dh = q.size(2);
+  const Launch run(q, k, v, target_rows, key_rows, target_offsets, key_offsets, order, key_padding_mask, causal,
+                   max_targets, max_keys);
+  const int64_t T = run.T, H = run.H, dh = run.dh;
   // O in the accumulation type: the backward's delta = rowsum(dO * O) must come from the
   // unrounded O (from a 16-bit O its error does not cancel in dS); the caller rounds O for the
   // output projection.
@@ -267,15 +298,12 @@ std::tuple<at::Tensor, at::Tensor> attention_core_cuda(
   at::Tensor out = at::empty({T, H * dh}, q.options().dtype(acc_type));
   at::Tensor lse = at::empty({T, H}, q.options().dtype(acc_type));
   if (T * H == 0) return {out, lse};
-  const SegmentTensors seg = segment_tensors(target_rows, key_rows, target_offsets, key_offsets, order,
-                                             key_padding_mask);
-  auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_core_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     with_per_lane(dh, [&](auto per_lane) {
-      attn_fwd_kernel<decltype(per_lane)::value, scalar_t, acc_t><<<blocks_for(T * H), kThreads, 0, stream>>>(
-          q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), seg.view(),
-          out.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), T, H, static_cast<int>(dh),
+      attn_fwd_kernel<decltype(per_lane)::value, scalar_t, acc_t><<<blocks_for(T * H), kThreads, 0, run.stream>>>(
+          q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), run.segments(),
+          out.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), H, static_cast<int>(dh),
           static_cast<acc_t>(sm_scale), causal, strides_of(q), strides_of(k), strides_of(v));
     });
   });
@@ -289,33 +317,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_core_backward_cuda(
     const at::Tensor& target_offsets, const at::Tensor& key_offsets, const at::Tensor& order,
     const std::optional<at::Tensor>& key_padding_mask, int64_t causal, double sm_scale,
     int64_t max_targets, int64_t max_keys) {
-  check_inputs(q, k, v, {target_rows, key_rows, target_offsets, key_offsets, order});
-  const c10::cuda::CUDAGuard guard(q.device());
-  const int64_t T = q.size(0), H = q.size(1), dh = q.size(2), S = k.size(0);
+  const Launch run(q, k, v, target_rows, key_rows, target_offsets, key_offsets, order, key_padding_mask, causal,
+                   max_targets, max_keys);
+  check_attention_core_backward_args(grad_out, q, out, lse);
+  const int64_t T = run.T, H = run.H, dh = run.dh, S = run.S;
   const auto acc_type = lse.scalar_type();
+  const at::Tensor lse_c = lse.contiguous();  // (T, H), read at t * H + h
   at::Tensor dout = grad_out.to(q.scalar_type()).contiguous().view({T, H, dh});
   at::Tensor out_c = out.to(acc_type).contiguous();  // (T, H * dh)
   at::Tensor delta = at::empty({T, H}, q.options().dtype(acc_type));  // written by the dQ pass
   at::Tensor dq = at::zeros({T, H, dh}, q.options().dtype(acc_type));
   at::Tensor dk = at::zeros({S, H, dh}, q.options().dtype(acc_type));
   at::Tensor dv = at::zeros_like(dk);
-  const SegmentTensors seg = segment_tensors(target_rows, key_rows, target_offsets, key_offsets, order,
-                                             key_padding_mask);
-  auto stream = at::cuda::getCurrentCUDAStream();
+  const Segments seg = run.segments();
+  const cudaStream_t stream = run.stream;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_core_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     with_per_lane(dh, [&](auto per_lane) {
       constexpr int kPerLane = decltype(per_lane)::value;
       if (T * H > 0)
         attn_bwd_dq_kernel<kPerLane, scalar_t, acc_t><<<blocks_for(T * H), kThreads, 0, stream>>>(
-            q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), seg.view(),
-            dout.data_ptr<scalar_t>(), out_c.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), delta.data_ptr<acc_t>(),
-            dq.data_ptr<acc_t>(), T, H, static_cast<int>(dh), static_cast<acc_t>(sm_scale), causal, strides_of(q),
+            q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), seg,
+            dout.data_ptr<scalar_t>(), out_c.data_ptr<acc_t>(), lse_c.data_ptr<acc_t>(), delta.data_ptr<acc_t>(),
+            dq.data_ptr<acc_t>(), H, static_cast<int>(dh), static_cast<acc_t>(sm_scale), causal, strides_of(q),
             strides_of(k), strides_of(v), strides_of(dout));
       if (S * H > 0 && T > 0)  // after the dQ pass: it reads delta
         attn_bwd_dkdv_kernel<kPerLane, scalar_t, acc_t><<<blocks_for(S * H), kThreads, 0, stream>>>(
-            q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), seg.view(),
-            dout.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(), delta.data_ptr<acc_t>(), dk.data_ptr<acc_t>(),
+            q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), seg,
+            dout.data_ptr<scalar_t>(), lse_c.data_ptr<acc_t>(), delta.data_ptr<acc_t>(), dk.data_ptr<acc_t>(),
             dv.data_ptr<acc_t>(), S, H, static_cast<int>(dh), static_cast<acc_t>(sm_scale), causal,
             strides_of(q), strides_of(k), strides_of(v), strides_of(dout));
     });

@@ -14,28 +14,46 @@ namespace {
 
 constexpr int kThreads = 256;
 
+// Logit s plus bias b (0 or -inf for masked out, minus logq): an entry masked out or an
+// accidental hit (s = -inf) stays -inf whatever the other value is (NaN, +inf).
+template <typename T>
+__device__ __forceinline__ T kept(T s, const T* bias, int64_t i) {
+  if (!bias) return s;
+  const T b = bias[i];
+  return (s == T(-INFINITY) || b == T(-INFINITY)) ? T(-INFINITY) : s + b;
+}
+
+// Running (max, sum of exp(. - max)), with torch.logsumexp's special values: -inf entries are
+// skipped (an empty set stays (-inf, 0)), a NaN entry makes the max NaN for good, a +inf entry
+// makes it +inf (the sum then counts the +inf entries). No inf - inf appears.
+template <typename T>
+__device__ __forceinline__ T rescale(T l, T from, T to) {
+  return from == to ? l : l * exp(from - to);
+}
+
 template <typename T>
 __device__ __forceinline__ void online_add(T& m, T& l, T v) {
-  // Running (max, sum of exp(. - max)); -inf entries are skipped so that no inf - inf appears.
-  if (v == -INFINITY) return;
-  if (v > m) {
-    l = l * exp(m - v) + T(1);
+  if (v == -INFINITY || m != m) return;
+  if (v != v) {
+    m = v;
+  } else if (v > m) {
+    l = rescale(l, m, v) + T(1);
     m = v;
   } else {
-    l += exp(v - m);
+    l += rescale(T(1), v, m);
   }
 }
 
 template <typename T>
 __device__ __forceinline__ void online_merge(T& m, T& l, T m2, T l2) {
-  if (m2 == -INFINITY) return;
-  if (m == -INFINITY) {
+  if (m2 == -INFINITY || m != m) return;
+  if (m == -INFINITY || m2 != m2) {
     m = m2;
     l = l2;
     return;
   }
   const T mx = m > m2 ? m : m2;
-  l = l * exp(m - mx) + l2 * exp(m2 - mx);
+  l = rescale(l, m, mx) + rescale(l2, m2, mx);
   m = mx;
 }
 
@@ -47,7 +65,7 @@ __global__ void row_lse_kernel(const T* __restrict__ s, const T* __restrict__ y_
   const T* row = s + r * m_cols;
   T m = -INFINITY, l = 0;
   for (int64_t i = threadIdx.x; i < m_cols; i += blockDim.x)
-    online_add(m, l, row[i] + (y_bias ? y_bias[i] : T(0)));
+    online_add(m, l, kept(row[i], y_bias, i));
   __shared__ T sm[kThreads], sl[kThreads];
   sm[threadIdx.x] = m;
   sl[threadIdx.x] = l;
@@ -71,7 +89,7 @@ __global__ void col_update_kernel(const T* __restrict__ s, const T* __restrict__
   const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (i >= m_cols) return;
   T m = col_max[i], l = col_sum[i];
-  for (int64_t r = 0; r < rows; ++r) online_add(m, l, s[r * m_cols + i] + (x_bias ? x_bias[r] : T(0)));
+  for (int64_t r = 0; r < rows; ++r) online_add(m, l, kept(s[r * m_cols + i], x_bias, r));
   col_max[i] = m;
   col_sum[i] = l;
 }
@@ -88,8 +106,9 @@ __global__ void grad_tile_kernel(T* __restrict__ s, int64_t rows, int64_t m_cols
        idx += int64_t(gridDim.x) * blockDim.x) {
     const int64_t r = idx / m_cols, i = idx - r * m_cols;
     const T v = s[idx];
-    T out = g[r] * exp(v + (y_bias ? y_bias[i] : T(0)) - row_lse[r]);
-    if (h) out += h[i] * exp(v + (x_bias ? x_bias[r] : T(0)) - col_lse[i]);
+    // a row or column whose LSE is infinite (arrives as +inf) gets no gradient, as on the CPU
+    T out = row_lse[r] == T(INFINITY) ? T(0) : g[r] * exp(kept(v, y_bias, i) - row_lse[r]);
+    if (h && col_lse[i] != T(INFINITY)) out += h[i] * exp(kept(v, x_bias, r) - col_lse[i]);
     s[idx] = out;
   }
 }
@@ -170,35 +189,10 @@ struct CudaTileOps {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor> lse_cuda(const at::Tensor& x, const at::Tensor& y,
-                                            const std::optional<at::Tensor>& x_mask,
-                                            const std::optional<at::Tensor>& y_mask,
-                                            const std::optional<at::Tensor>& y_logq,
-                                            const std::optional<at::Tensor>& x_ids,
-                                            const std::optional<at::Tensor>& y_ids, int64_t id_offset,
-                                            const at::Tensor& scale, bool normalize, bool with_columns) {
-  const c10::cuda::CUDAGuard guard(x.device());
-  return contrastive_lse_forward<CudaTileOps>(x, y, x_mask, y_mask, y_logq, x_ids, y_ids, id_offset, scale,
-                                              normalize, with_columns);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_backward_cuda(
-    const at::Tensor& grad_row, const at::Tensor& grad_col, const at::Tensor& x,
-    const at::Tensor& y, const std::optional<at::Tensor>& x_mask,
-    const std::optional<at::Tensor>& y_mask, const std::optional<at::Tensor>& y_logq,
-    const std::optional<at::Tensor>& x_ids, const std::optional<at::Tensor>& y_ids, int64_t id_offset,
-    const at::Tensor& row_lse, const at::Tensor& col_lse, const at::Tensor& scale, bool normalize,
-    bool with_columns) {
-  const c10::cuda::CUDAGuard guard(x.device());
-  return contrastive_lse_backward<CudaTileOps>(grad_row, grad_col, x, y, x_mask, y_mask, y_logq, x_ids, y_ids,
-                                               id_offset, row_lse, col_lse, scale, normalize, with_columns);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(courier_fast, CUDA, m) {
-  m.impl("contrastive_lse", &lse_cuda);
-  m.impl("contrastive_lse_backward", &lse_backward_cuda);
+  register_contrastive_lse<CudaTileOps, c10::cuda::CUDAGuard>(m);
 }
 
 }  // namespace courier_fast

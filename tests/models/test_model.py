@@ -282,7 +282,7 @@ def test_batch_rows_sets_the_gather_capacity(name, world, batch, monkeypatch):
     batch_rows x the slots of a row (courier: page-view, then history slots; the others: both, the
     most distinct items a batch holds), leaves the loss unchanged and caps the batch's rows."""
     import courier_fast.models.methods as methods_module
-    import courier_fast.nn as nn_module
+    import courier_fast.nn.loss as nn_module
 
     calls = []
     for module in (methods_module, nn_module):

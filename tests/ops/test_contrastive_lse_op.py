@@ -232,11 +232,12 @@ def test_op_rejects_mismatched_dims(gen):
         lse(_ops.contrastive_lse, randn(gen, 4, 3), randn(gen, 4, 5), None, None, 1.0, True, False)
     x, y = randn(gen, 4, 3), randn(gen, 5, 3)
     ids = torch.arange(4)
-    for args, message in (((None, ids, None), "both x_ids and y_ids"),
-                          ((None, ids.int(), torch.arange(5).int()), "x_ids must be"),
-                          ((torch.zeros(4), None, None), "y_logq must be"),
-                          ((None, ids, torch.arange(4)), "y_ids must be")):
-        with pytest.raises(RuntimeError, match=message):
+    for args, message, exc in (((None, ids, None), "both x_ids and y_ids", RuntimeError),
+                               ((None, ids.int(), torch.arange(5).int()), "x_ids and y_ids must be int64",
+                                TypeError),  # a wrong dtype is a TypeError (issue 30)
+                               ((torch.zeros(4), None, None), "y_logq must be", RuntimeError),
+                               ((None, ids, torch.arange(4)), "y_ids must be", RuntimeError)):
+        with pytest.raises(exc, match=message):
             lse(_ops.contrastive_lse, x, y, None, None, 1.0, True, False, *args)
     with pytest.raises(RuntimeError, match="scale must be"):
         _ops.contrastive_lse(x, y, None, None, None, None, None, 0, torch.ones(2), True, False)
