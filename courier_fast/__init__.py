@@ -11,6 +11,7 @@
 from courier_fast import _extension  # noqa: F401  (loads courier_fast._C, warns once if missing)
 from courier_fast.ops.backends import compiled as _ops  # noqa: F401  (fake kernels + autograd for the compiled ops)
 from courier_fast import nn
+from courier_fast.ops import jagged  # cf.jagged: padded <-> jagged (values + offsets) conversions
 from courier_fast._validate import set_input_checks
 from courier_fast.ops.attention import reconstruction_attention
 from courier_fast.ops.selfcheck.check import selftest
@@ -32,5 +33,5 @@ def __getattr__(name):
 
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'courier_fast' has no attribute {name!r}")
-__all__ = ["contrastive_loss", "reconstruction_attention", "nn", "backends", "build_info",
+__all__ = ["contrastive_loss", "reconstruction_attention", "nn", "jagged", "backends", "build_info",
            "set_input_checks", "selftest", "CourierModel", "TrainConfig", "train", "__version__"]

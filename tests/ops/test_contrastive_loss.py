@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import courier_fast as cf
-import courier_fast.ops.dispatch  # noqa: F401  (cf.dispatch in the large-batch test)
+from courier_fast.ops import dispatch
 from courier_fast.ops.reference import contrastive_loss_reference
 
 from courier_fast.ops.selfcheck import tolerances
@@ -394,7 +394,7 @@ def test_symmetric_module_equals_open_clip_cliploss(gen, backend, device):
 def test_large_batch_float32_matches_float64_cpu(gen, temperature):
     """N = 20000 (a 3.2 GB float64 logit matrix for the dense reference): the cpu backend's float32 result agrees
     with its own float64 path (validated against the reference above) and stays finite."""
-    if "cpu" not in dict((n, ok) for n, (ok, _) in cf.dispatch.op_backends(OP).items() if ok):
+    if "cpu" not in dict((n, ok) for n, (ok, _) in dispatch.op_backends(OP).items() if ok):
         pytest.skip("cpu backend not built")
     n, d = 20000, 8
     a64, c64 = randn(gen, n, d, dtype=torch.float64), randn(gen, n, d, dtype=torch.float64)
