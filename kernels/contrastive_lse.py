@@ -31,6 +31,8 @@ overflow) to the input dtype, FlashAttention style: every tl.dot runs at the inp
 with fp32 accumulation. fp32 inputs use 3xTF32 dots (IEEE fp32 under TRITON_INTERPRET=1,
 which emulates the 16-bit MMA: kernels/_mma.py).
 """
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -111,9 +113,9 @@ D_CLASSES = (16, 32, 64, 128, 256, 384, 512, 640, 768, 896, 1024, "split")
 
 
 def config_table(kernel, d_class, fp32=False):
-    """[(BLOCK_N, BLOCK_M, num_warps, num_stages)] the autotuner of `kernel` ('row_lse',
-    'grad_x', 'grad_y') may pick for feature dims of d_class and 16-bit (fp32=False) or fp32
-    inputs."""
+    """[(BLOCK_N, BLOCK_M, num_warps, num_stages)] that `kernel` ('row_lse', 'grad_x', 'grad_y')
+    may run for feature dims of d_class and 16-bit (fp32=False) or fp32 inputs, most efficient
+    first: choose_config() picks one by the work model, the opt-in autotuner by timing."""
     if fp32:
         return _FP32[kernel][d_class]
     if kernel == "row_lse":
@@ -395,18 +397,63 @@ def _grad_y_kernel(X, Y, INV_X, INV_Y, X_BIAS, Y_BIAS, X_IDS, Y_IDS, id_offset, 
 
 
 # ----------------------------------------------------------------------------- host side
+# Which config a launch runs. By default a pure function of (kernel, d class, input kind, the
+# power-of-two bucket of the size its grid runs over, feature groups): the same on every rank,
+# in a resumed run and inside CUDA-graph capture, and nothing is benchmarked. Work model: a
+# table lists a kernel's configs most efficient first (largest tiles: least re-read of the
+# other operand); launches want at least MIN_PROGRAMS programs (two waves of an H100's 132 SMs,
+# 2.4 of an A100's 108) so that small batches still fill the device. The first config that
+# gives that many programs at the bucket is chosen, else the one giving the most (the first
+# such). Opt-in (COURIER_FAST_TRITON_AUTOTUNE=1): Triton's timing autotuner, one per (kernel,
+# class, kind, bucket) and keyed on D only, so it benchmarks once per bucket and d in a process
+# (never during CUDA-graph capture: the deterministic choice runs there); its choice can differ
+# between processes.
+MIN_PROGRAMS = 256
+AUTOTUNE_ENV = "COURIER_FAST_TRITON_AUTOTUNE"
+_KERNELS = {"row_lse": "_row_lse_kernel", "grad_x": "_grad_x_kernel", "grad_y": "_grad_y_kernel"}
 _TUNED = {}
 
 
-def tuned(kernel, cls, fp32):
-    """The autotuned launcher of `kernel` ('row_lse', 'grad_x', 'grad_y') for d class `cls` and
-    fp32 (else 16-bit) inputs: one Autotuner per (kernel, class, fp32), so it can only pick
-    configs of config_table()."""
-    if (kernel, cls, fp32) not in _TUNED:
-        fn, key = {"row_lse": (_row_lse_kernel, ["M", "D"]), "grad_x": (_grad_x_kernel, ["M", "D"]),
-                   "grad_y": (_grad_y_kernel, ["N", "D"])}[kernel]
-        _TUNED[kernel, cls, fp32] = triton.autotune(configs=_configs(kernel, cls, fp32), key=key)(fn)
-    return _TUNED[kernel, cls, fp32]
+def size_bucket(size):
+    """The power of two >= size (at least 1): sizes that share it share a config."""
+    return triton.next_power_of_2(max(1, int(size)))
+
+
+def choose_config(kernel, cls, fp32, size, groups=1, table=None):
+    """(BLOCK_N, BLOCK_M, num_warps, num_stages) that `kernel` runs for d class `cls`, fp32 (else
+    16-bit) inputs and `size` rows on its parallel axis (row_lse, grad_x: N; grad_y: M), with
+    `groups` feature groups on grid axis 1: see the work model above. table: the candidates
+    (default: what _configs() gives the launch)."""
+    table = [(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"], c.num_warps, c.num_stages)
+             for c in _configs(kernel, cls, fp32)] if table is None else table
+    axis = 1 if kernel == "grad_y" else 0
+    bucket = size_bucket(size)
+    programs = [triton.cdiv(bucket, c[axis]) * groups for c in table]
+    for c, p in zip(table, programs):
+        if p >= MIN_PROGRAMS:
+            return c
+    return table[programs.index(max(programs))]
+
+
+def _autotune():
+    return os.environ.get(AUTOTUNE_ENV, "") == "1"
+
+
+def _capturing(t):
+    return t.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def launch(kernel, cls, fp32, size, groups, grid, *args, **kwargs):
+    """Runs `kernel` ('row_lse', 'grad_x', 'grad_y') on grid(meta) with the config chosen for
+    (cls, fp32, size's bucket, groups): deterministic unless the timing autotuner is opted in."""
+    fn = globals()[_KERNELS[kernel]]
+    if _autotune() and not _capturing(args[0]):
+        key = (kernel, cls, fp32, size_bucket(size))
+        if key not in _TUNED:
+            _TUNED[key] = triton.autotune(configs=_configs(kernel, cls, fp32), key=["D"])(fn)
+        return _TUNED[key][grid](*args, **kwargs)
+    bn, bm, warps, stages = choose_config(kernel, cls, fp32, size, groups)
+    return fn[grid](*args, **kwargs, BLOCK_N=bn, BLOCK_M=bm, num_warps=warps, num_stages=stages)
 
 
 def forward_constexprs(d):
@@ -482,7 +529,7 @@ def _row_lse(x, inv_x, y, inv_y, y_bias, x_ids, y_ids, id_offset, scale):
         return out
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)
     with device_guard(x):
-        tuned("row_lse", d_class(d), x.dtype == torch.float32)[grid](
+        launch("row_lse", d_class(d), x.dtype == torch.float32, n, 1, grid,
             x, y, inv_x, inv_y, y_bias, _ids(x_ids, x.device), _ids(y_ids, x.device), int(id_offset), scale, out,
             n, m, d, x.stride(0), y.stride(0), HAS_IDS=x_ids is not None, DOT_FP32=dot_fp32(x.dtype),
             **forward_constexprs(d))
@@ -547,10 +594,10 @@ def lse_backward(grad_row, grad_col, x, y, x_mask, y_mask, row_lse_, col_lse, sc
                       **grad_constexprs(d))
         groups, cls, fp32 = feature_groups(d), d_class(d), xk.dtype == torch.float32
         with device_guard(xk):
-            tuned("grad_x", cls, fp32)[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), groups)](
-                *args, _abs_max(h), s, gx_hat, dscos, n, m, d, xk.stride(0), yk.stride(0), **common)
-            tuned("grad_y", cls, fp32)[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), groups)](
-                *args, _abs_max(g), s, gy_hat, n, m, d, xk.stride(0), yk.stride(0), **common)
+            launch("grad_x", cls, fp32, n, groups, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), groups),
+                   *args, _abs_max(h), s, gx_hat, dscos, n, m, d, xk.stride(0), yk.stride(0), **common)
+            launch("grad_y", cls, fp32, m, groups, lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), groups),
+                   *args, _abs_max(g), s, gy_hat, n, m, d, xk.stride(0), yk.stride(0), **common)
     if normalize:
         gx_hat = normalize_backward(gx_hat, x, true_inv_x)
         gy_hat = normalize_backward(gy_hat, y, true_inv_y)
