@@ -242,6 +242,28 @@ def _acc_chunk(acc, p, PTR, idx, ok, stride, f0, D, BLOCK_K: tl.constexpr, DOT_F
 
 
 @triton.jit
+def _acc_all(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, p, PTR, idx, ok, stride, f0, D,
+             NUM_K: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr):
+    """The first NUM_K accumulator chunks, each + p @ PTR[idx, its BLOCK_K features from f0]."""
+    acc0 = _acc_chunk(acc0, p, PTR, idx, ok, stride, f0, D, BLOCK_K, DOT_FP32)
+    if NUM_K > 1:
+        acc1 = _acc_chunk(acc1, p, PTR, idx, ok, stride, f0 + BLOCK_K, D, BLOCK_K, DOT_FP32)
+    if NUM_K > 2:
+        acc2 = _acc_chunk(acc2, p, PTR, idx, ok, stride, f0 + 2 * BLOCK_K, D, BLOCK_K, DOT_FP32)
+    if NUM_K > 3:
+        acc3 = _acc_chunk(acc3, p, PTR, idx, ok, stride, f0 + 3 * BLOCK_K, D, BLOCK_K, DOT_FP32)
+    if NUM_K > 4:
+        acc4 = _acc_chunk(acc4, p, PTR, idx, ok, stride, f0 + 4 * BLOCK_K, D, BLOCK_K, DOT_FP32)
+    if NUM_K > 5:
+        acc5 = _acc_chunk(acc5, p, PTR, idx, ok, stride, f0 + 5 * BLOCK_K, D, BLOCK_K, DOT_FP32)
+    if NUM_K > 6:
+        acc6 = _acc_chunk(acc6, p, PTR, idx, ok, stride, f0 + 6 * BLOCK_K, D, BLOCK_K, DOT_FP32)
+    if NUM_K > 7:
+        acc7 = _acc_chunk(acc7, p, PTR, idx, ok, stride, f0 + 7 * BLOCK_K, D, BLOCK_K, DOT_FP32)
+    return acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7
+
+
+@triton.jit
 def _store_chunk(OUT, acc, factor, idx, ok, f0, D, BLOCK_K: tl.constexpr):
     ks = f0 + tl.arange(0, BLOCK_K)
     tl.store(OUT + idx.to(tl.int64)[:, None] * D + ks[None, :], acc * factor[:, None],
@@ -294,21 +316,9 @@ def _grad_x_kernel(X, Y, INV_X, INV_Y, X_BIAS, Y_BIAS, X_IDS, Y_IDS, id_offset, 
         if ONE_K:
             acc0 += _dot(p, y, DOT_FP32)
         else:
-            acc0 = _acc_chunk(acc0, p, Y, cols, col_ok, stride_y, f0, D, BLOCK_K, DOT_FP32)
-            if NUM_K > 1:
-                acc1 = _acc_chunk(acc1, p, Y, cols, col_ok, stride_y, f0 + BLOCK_K, D, BLOCK_K, DOT_FP32)
-            if NUM_K > 2:
-                acc2 = _acc_chunk(acc2, p, Y, cols, col_ok, stride_y, f0 + 2 * BLOCK_K, D, BLOCK_K, DOT_FP32)
-            if NUM_K > 3:
-                acc3 = _acc_chunk(acc3, p, Y, cols, col_ok, stride_y, f0 + 3 * BLOCK_K, D, BLOCK_K, DOT_FP32)
-            if NUM_K > 4:
-                acc4 = _acc_chunk(acc4, p, Y, cols, col_ok, stride_y, f0 + 4 * BLOCK_K, D, BLOCK_K, DOT_FP32)
-            if NUM_K > 5:
-                acc5 = _acc_chunk(acc5, p, Y, cols, col_ok, stride_y, f0 + 5 * BLOCK_K, D, BLOCK_K, DOT_FP32)
-            if NUM_K > 6:
-                acc6 = _acc_chunk(acc6, p, Y, cols, col_ok, stride_y, f0 + 6 * BLOCK_K, D, BLOCK_K, DOT_FP32)
-            if NUM_K > 7:
-                acc7 = _acc_chunk(acc7, p, Y, cols, col_ok, stride_y, f0 + 7 * BLOCK_K, D, BLOCK_K, DOT_FP32)
+            acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _acc_all(
+                acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, p, Y, cols, col_ok, stride_y, f0, D, NUM_K,
+                BLOCK_K, DOT_FP32)
     factor = scale / out_scale
     _store_all(GX, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, factor, rows, row_ok, f0, D, NUM_K, BLOCK_K)
     if tl.program_id(1) == 0:
@@ -377,21 +387,9 @@ def _grad_y_kernel(X, Y, INV_X, INV_Y, X_BIAS, Y_BIAS, X_IDS, Y_IDS, id_offset, 
         if ONE_K:
             acc0 += _dot(p, x, DOT_FP32)
         else:
-            acc0 = _acc_chunk(acc0, p, X, rows, row_ok, stride_x, f0, D, BLOCK_K, DOT_FP32)
-            if NUM_K > 1:
-                acc1 = _acc_chunk(acc1, p, X, rows, row_ok, stride_x, f0 + BLOCK_K, D, BLOCK_K, DOT_FP32)
-            if NUM_K > 2:
-                acc2 = _acc_chunk(acc2, p, X, rows, row_ok, stride_x, f0 + 2 * BLOCK_K, D, BLOCK_K, DOT_FP32)
-            if NUM_K > 3:
-                acc3 = _acc_chunk(acc3, p, X, rows, row_ok, stride_x, f0 + 3 * BLOCK_K, D, BLOCK_K, DOT_FP32)
-            if NUM_K > 4:
-                acc4 = _acc_chunk(acc4, p, X, rows, row_ok, stride_x, f0 + 4 * BLOCK_K, D, BLOCK_K, DOT_FP32)
-            if NUM_K > 5:
-                acc5 = _acc_chunk(acc5, p, X, rows, row_ok, stride_x, f0 + 5 * BLOCK_K, D, BLOCK_K, DOT_FP32)
-            if NUM_K > 6:
-                acc6 = _acc_chunk(acc6, p, X, rows, row_ok, stride_x, f0 + 6 * BLOCK_K, D, BLOCK_K, DOT_FP32)
-            if NUM_K > 7:
-                acc7 = _acc_chunk(acc7, p, X, rows, row_ok, stride_x, f0 + 7 * BLOCK_K, D, BLOCK_K, DOT_FP32)
+            acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _acc_all(
+                acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, p, X, rows, row_ok, stride_x, f0, D, NUM_K,
+                BLOCK_K, DOT_FP32)
     _store_all(GY, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, scale / out_scale, cols, col_ok, f0, D,
                NUM_K, BLOCK_K)
 
