@@ -36,6 +36,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from courier_fast.kernels._launch import INTERPRET, device_guard
 from courier_fast.kernels._mma import dot as _dot
@@ -402,8 +403,10 @@ def _grad_y_kernel(X, Y, INV_X, INV_Y, X_BIAS, Y_BIAS, X_IDS, Y_IDS, id_offset, 
 # other operand); launches want at least MIN_PROGRAMS programs (two waves of an H100's 132 SMs,
 # 2.4 of an A100's 108) so that small batches still fill the device. The first config that
 # gives that many programs at the bucket is chosen, else the one giving the most (the first
-# such). Opt-in (COURIER_FAST_TRITON_AUTOTUNE=1): Triton's timing autotuner, one per (kernel,
-# class, kind, bucket) and keyed on D only, so it benchmarks once per bucket and d in a process
+# such); a config out of the device's shared memory (the 99 KB of sm_86 / sm_89: Triton's
+# autotuner used to skip those) gives way to the table's next. Opt-in
+# (COURIER_FAST_TRITON_AUTOTUNE=1): Triton's timing autotuner, one per (kernel, class, kind,
+# bucket) and keyed on D only, so it benchmarks once per bucket and d in a process
 # (never during CUDA-graph capture: the deterministic choice runs there); its choice can differ
 # between processes.
 MIN_PROGRAMS = 256
@@ -417,20 +420,27 @@ def size_bucket(size):
     return triton.next_power_of_2(max(1, int(size)))
 
 
-def choose_config(kernel, cls, fp32, size, groups=1, table=None):
-    """(BLOCK_N, BLOCK_M, num_warps, num_stages) that `kernel` runs for d class `cls`, fp32 (else
-    16-bit) inputs and `size` rows on its parallel axis (row_lse, grad_x: N; grad_y: M), with
-    `groups` feature groups on grid axis 1: see the work model above. table: the candidates
-    (default: what _configs() gives the launch)."""
+def config_order(kernel, cls, fp32, size, groups=1, table=None):
+    """The configs `kernel` tries for d class `cls`, fp32 (else 16-bit) inputs and `size` rows on
+    its parallel axis (row_lse, grad_x: N; grad_y: M), with `groups` feature groups on grid axis
+    1, in order: choose_config()'s first, then the rest of the table in its order (a config out
+    of the device's shared memory, e.g. on sm_86 / sm_89's 99 KB, is skipped: see launch()).
+    table: the candidates (default: what _configs() gives the launch)."""
     table = [(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"], c.num_warps, c.num_stages)
-             for c in _configs(kernel, cls, fp32)] if table is None else table
+             for c in _configs(kernel, cls, fp32)] if table is None else list(table)
     axis = 1 if kernel == "grad_y" else 0
     bucket = size_bucket(size)
     programs = [triton.cdiv(bucket, c[axis]) * groups for c in table]
-    for c, p in zip(table, programs):
-        if p >= MIN_PROGRAMS:
-            return c
-    return table[programs.index(max(programs))]
+    enough = [c for c, p in zip(table, programs) if p >= MIN_PROGRAMS]
+    first = enough[0] if enough else table[programs.index(max(programs))]
+    return [first] + [c for c in table if c != first]
+
+
+def choose_config(kernel, cls, fp32, size, groups=1, table=None):
+    """(BLOCK_N, BLOCK_M, num_warps, num_stages) that `kernel` runs first (config_order): the
+    table's first config that gives >= MIN_PROGRAMS programs at size's bucket, else the one
+    giving the most (the first such)."""
+    return config_order(kernel, cls, fp32, size, groups, table)[0]
 
 
 def _autotune():
@@ -441,17 +451,30 @@ def _capturing(t):
     return t.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
+_OUT_OF_RESOURCES = set()  # (kernel, cls, fp32, config, device) that did not fit the device
+
+
 def launch(kernel, cls, fp32, size, groups, grid, *args, **kwargs):
-    """Runs `kernel` ('row_lse', 'grad_x', 'grad_y') on grid(meta) with the config chosen for
-    (cls, fp32, size's bucket, groups): deterministic unless the timing autotuner is opted in."""
+    """Runs `kernel` ('row_lse', 'grad_x', 'grad_y') on grid(meta) with the first config of
+    config_order() that fits the device (as Triton's autotuner skipped configs out of shared
+    memory, and remembered per process): deterministic unless the timing autotuner is opted in."""
     fn = globals()[_KERNELS[kernel]]
     if _autotune() and not _capturing(args[0]):
         key = (kernel, cls, fp32, size_bucket(size))
         if key not in _TUNED:
             _TUNED[key] = triton.autotune(configs=_configs(kernel, cls, fp32), key=["D"])(fn)
         return _TUNED[key][grid](*args, **kwargs)
-    bn, bm, warps, stages = choose_config(kernel, cls, fp32, size, groups)
-    return fn[grid](*args, **kwargs, BLOCK_N=bn, BLOCK_M=bm, num_warps=warps, num_stages=stages)
+    device = str(args[0].device)
+    error = None
+    for bn, bm, warps, stages in config_order(kernel, cls, fp32, size, groups):
+        if (kernel, cls, fp32, (bn, bm, warps, stages), device) in _OUT_OF_RESOURCES:
+            continue
+        try:
+            return fn[grid](*args, **kwargs, BLOCK_N=bn, BLOCK_M=bm, num_warps=warps, num_stages=stages)
+        except OutOfResources as e:
+            _OUT_OF_RESOURCES.add((kernel, cls, fp32, (bn, bm, warps, stages), device))
+            error = e
+    raise error if error is not None else RuntimeError(f"no config of {kernel} fits {device}")
 
 
 def forward_constexprs(d):

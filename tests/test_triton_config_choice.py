@@ -118,3 +118,35 @@ def test_choice_is_a_function_of_the_bucket_and_in_the_table():
                     else:
                         assert triton.cdiv(bucket, got[axis]) == max(triton.cdiv(bucket, c[axis]) for c in table) \
                             or triton.cdiv(bucket, got[axis]) >= lse_kernels.MIN_PROGRAMS
+
+
+class _TooBig:
+    """Stands in for a kernel: a launch with BLOCK_N == `big` raises OutOfResources (as on a
+    99 KB sm_86 part), any other records its blocks."""
+
+    def __init__(self, big, ran):
+        self.big, self.ran = big, ran
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            if kwargs["BLOCK_N"] == self.big:
+                raise lse_kernels.OutOfResources(120000, 101376, "shared memory")
+            self.ran.append((kwargs["BLOCK_N"], kwargs["BLOCK_M"]))
+        return run
+
+
+def test_a_config_out_of_shared_memory_gives_way_to_the_next(monkeypatch):
+    """The chosen config does not fit the device: the table's next runs, and later launches on
+    that device go straight to it (the set of failed configs is remembered per process)."""
+    ran = []
+    monkeypatch.setattr(lse_kernels, "_configs", lambda kernel, cls, fp32: [lse_kernels._cfg(*c) for c in TWO])
+    monkeypatch.setattr(lse_kernels, "_OUT_OF_RESOURCES", set())
+    monkeypatch.setattr(lse_kernels, "_row_lse_kernel", _TooBig(16, ran))
+    x = torch.zeros(3, 16)
+    for _ in range(2):
+        lse_kernels.launch("row_lse", 16, True, 3, 1, lambda meta: (1,), x)
+    assert ran == [(32, 16), (32, 16)]
+    assert len(lse_kernels._OUT_OF_RESOURCES) == 1
+    monkeypatch.setattr(lse_kernels, "_row_lse_kernel", _TooBig(32, ran))
+    with pytest.raises(lse_kernels.OutOfResources):  # nothing fits: the error, not a silent skip
+        lse_kernels.launch("row_lse", 16, True, 3, 1, lambda meta: (1,), x)
