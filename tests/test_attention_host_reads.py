@@ -1,5 +1,6 @@
-"""Host reads of the triton attention backend (issue 27 item 4): with history_index or target_offsets and a history longer than 16 items, the flash kernels' grid
-needs the most targets in a row, read once in the forward and once in the backward (stated in
+"""Host reads of the triton attention backend (issue 27 item 4): with history_index or
+target_offsets and a history longer than 16 items, the flash kernels' grid needs the most
+targets in a row, read once in the forward and once in the backward (stated in
 reconstruction_attention's docstring and docs/design.md); every other layout reads nothing.
 
 tests/host_reads.HostReads cannot see these: its dispatch mode sees the custom op
