@@ -171,7 +171,7 @@ class _RingLSE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, y, scale, normalize, batch, lse_ops, ids, logq):
-        fwd, _ = lse_ops
+        fwd = lse_ops[0]
         lse = None
         for step, (blk, keep, blk_ids, blk_logq) in enumerate(_blocks(y, batch, ids, logq)):
             offset = 0 if step == 0 else blk.shape[0]
@@ -187,13 +187,15 @@ class _RingLSE(torch.autograd.Function):
         x, y, scale, lse, *extra = ctx.saved_tensors
         ids = extra.pop(0) if ctx.has[0] else None
         logq = extra.pop(0) if ctx.has[1] else None
-        _, bwd = ctx.lse_ops
-        # Round once: each step's shares come out of the op in at least fp32 (it is handed x and
-        # the block in that dtype: the cpu and cuda ops compute 16-bit inputs in fp32 anyway, the
-        # Triton op then runs fp32 operands), are added up in fp32, and the gradient buffer
-        # travels the ring in fp32; the sums are rounded to the embeddings' dtype at the end.
+        bwd, widen = ctx.lse_ops[1], (ctx.lse_ops[2] if len(ctx.lse_ops) > 2 else True)
+        # Round once: each step's shares are added up in at least fp32, the gradient buffer
+        # travels the ring in fp32, and the sums are rounded to the embeddings' dtype at the end.
+        # Where the op allows (widen: the cpu, cuda and chunked ops, which compute 16-bit inputs
+        # in fp32 anyway) it is handed x and the block in fp32, so its shares come out unrounded;
+        # the Triton op keeps its 16-bit MMA (fp32 inputs launch there only up to d = 64), and
+        # rounds each share to the input dtype once.
         acc = torch.promote_types(x.dtype, torch.float32)
-        xw = x.to(acc)
+        xw = x.to(acc if widen else x.dtype)
         grad_x = torch.zeros_like(xw)
         grad_scale = torch.zeros_like(scale, dtype=torch.promote_types(scale.dtype, torch.float32))
         grad_blk = torch.zeros_like(_padded(y, ctx.batch.capacity), dtype=acc)
@@ -203,7 +205,7 @@ class _RingLSE(torch.autograd.Function):
             if step:
                 (grad_blk,) = _ring_shift([grad_blk], ctx.batch.group)
             offset = 0 if step == 0 else blk.shape[0]
-            gx, gy, gs = bwd(grad, empty, xw, blk.to(acc), None, keep.bool(), blk_logq, ids, blk_ids, offset,
+            gx, gy, gs = bwd(grad, empty, xw, blk.to(xw.dtype), None, keep.bool(), blk_logq, ids, blk_ids, offset,
                              lse, empty, scale, ctx.normalize, False)
             grad_x += gx
             grad_blk += gy

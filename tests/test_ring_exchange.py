@@ -180,7 +180,16 @@ def _bf16_worker(rank, world, port, rows, d, results):
                                               scale, True, False)
             lse.sum().backward()
             out[ring] = (x.grad.double(), y.grad.double())
-        results[rank] = (x_all.double(), y_all.double(), out)
+        seen = []  # the dtype the ring hands the op's backward, widened or not
+
+        def recording_bwd(grad, grad_col, x, y, *rest):
+            seen.append(x.dtype)
+            return lse_ops[1](grad, grad_col, x, y, *rest)
+
+        for widen in (True, False):
+            x = x_all[sl].clone().requires_grad_()
+            distributed.ring_lse(x, y_all[sl], scale, True, batch, (lse_ops[0], recording_bwd, widen)).sum().backward()
+        results[rank] = (x_all.double(), y_all.double(), out, seen)
     finally:
         dist.destroy_process_group()
 
@@ -193,7 +202,8 @@ def test_ring_bf16_gradients_within_all_gather_error():
     world, rows, d = 4, 32, 16
     results = mp.Manager().dict()
     mp.spawn(_bf16_worker, args=(world, _free_port(), rows, d, results), nprocs=world)
-    x_all, y_all, _ = results[0]
+    x_all, y_all, _, seen = results[0]
+    assert seen == [torch.float32] * world + [torch.bfloat16] * world  # widen=False (Triton): its 16-bit MMA
     x, y = x_all.clone().requires_grad_(), y_all.clone().requires_grad_()
     xh, yh = torch.nn.functional.normalize(x, dim=1), torch.nn.functional.normalize(y, dim=1)
     gx, gy = torch.autograd.grad(torch.logsumexp(20.0 * xh @ yh.T, dim=1).sum(), (x, y))
