@@ -39,6 +39,23 @@ def build_info() -> dict:
     }
 
 
+# The GEMMs each backend runs for 16-bit (bf16 / fp16) inputs, from reading its code (none of the
+# GPU rows has been measured on a GPU). The default CUDA path is AUTO_ORDER's first validated
+# backend: `cuda` where the extension was built with CUDA.
+GEMM_16BIT = {
+    ("contrastive_loss", "cuda"): "fp32 cuBLAS GEMMs on fp32 copies of the inputs (no 16-bit tensor "
+                                  "cores; TF32 only where torch.backends.cuda.matmul.allow_tf32)",
+    ("contrastive_loss", "triton"): "16-bit tensor-core MMA, fp32 accumulation (no fp32 copies)",
+    ("contrastive_loss", "cpu"): "fp32 ATen GEMMs on fp32 copies of the inputs",
+    ("contrastive_loss", "chunked"): "fp32 ATen GEMMs on fp32 copies of the inputs",
+    ("contrastive_loss", "reference"): "fp32 dense logits (fp32 copies)",
+    ("reconstruction_attention", "cuda"): "fp32 CUDA-core dot products (no tensor cores)",
+    ("reconstruction_attention", "triton"): "histories > 16 items: 16-bit tensor-core MMA, fp32 accumulation; "
+                                            "<= 16 items: fp32 CUDA-core products",
+    ("reconstruction_attention", "reference"): "ATen GEMMs in the inputs' dtype",
+}
+
+
 def report() -> str:
     """Human-readable table of versions, backends and per-op implementations."""
     info = build_info()
@@ -60,6 +77,8 @@ def report() -> str:
         lines += ["", f"{op}:"]
         for name, (ok, reason) in dispatch.op_backends(op).items():
             lines.append(f"  {name:<10} {'yes' if ok else 'no '}  {reason}")
+            if (op, name) in GEMM_16BIT and name in dispatch.implementations(op):
+                lines.append(f"  {'':<10}      16-bit inputs: {GEMM_16BIT[op, name]}")
             for device, v in verdicts.get(op, {}).get(name, {}).items():
                 lines.append(f"  {'':<10}      self-check on {device}: " + (
                     "not run yet (`courier-fast selftest`)" if v is None else

@@ -31,9 +31,12 @@ overflow) to the input dtype, FlashAttention style: every tl.dot runs at the inp
 with fp32 accumulation. fp32 inputs use 3xTF32 dots (IEEE fp32 under TRITON_INTERPRET=1,
 which emulates the 16-bit MMA: kernels/_mma.py).
 """
+import os
+
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from courier_fast.kernels._launch import INTERPRET, device_guard
 from courier_fast.kernels._mma import dot as _dot
@@ -111,9 +114,9 @@ D_CLASSES = (16, 32, 64, 128, 256, 384, 512, 640, 768, 896, 1024, "split")
 
 
 def config_table(kernel, d_class, fp32=False):
-    """[(BLOCK_N, BLOCK_M, num_warps, num_stages)] the autotuner of `kernel` ('row_lse',
-    'grad_x', 'grad_y') may pick for feature dims of d_class and 16-bit (fp32=False) or fp32
-    inputs."""
+    """[(BLOCK_N, BLOCK_M, num_warps, num_stages)] that `kernel` ('row_lse', 'grad_x', 'grad_y')
+    may run for feature dims of d_class and 16-bit (fp32=False) or fp32 inputs, most efficient
+    first: choose_config() picks one by the work model, the opt-in autotuner by timing."""
     if fp32:
         return _FP32[kernel][d_class]
     if kernel == "row_lse":
@@ -240,6 +243,28 @@ def _acc_chunk(acc, p, PTR, idx, ok, stride, f0, D, BLOCK_K: tl.constexpr, DOT_F
 
 
 @triton.jit
+def _acc_all(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, p, PTR, idx, ok, stride, f0, D,
+             NUM_K: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr):
+    """The first NUM_K accumulator chunks, each + p @ PTR[idx, its BLOCK_K features from f0]."""
+    acc0 = _acc_chunk(acc0, p, PTR, idx, ok, stride, f0, D, BLOCK_K, DOT_FP32)
+    if NUM_K > 1:
+        acc1 = _acc_chunk(acc1, p, PTR, idx, ok, stride, f0 + BLOCK_K, D, BLOCK_K, DOT_FP32)
+    if NUM_K > 2:
+        acc2 = _acc_chunk(acc2, p, PTR, idx, ok, stride, f0 + 2 * BLOCK_K, D, BLOCK_K, DOT_FP32)
+    if NUM_K > 3:
+        acc3 = _acc_chunk(acc3, p, PTR, idx, ok, stride, f0 + 3 * BLOCK_K, D, BLOCK_K, DOT_FP32)
+    if NUM_K > 4:
+        acc4 = _acc_chunk(acc4, p, PTR, idx, ok, stride, f0 + 4 * BLOCK_K, D, BLOCK_K, DOT_FP32)
+    if NUM_K > 5:
+        acc5 = _acc_chunk(acc5, p, PTR, idx, ok, stride, f0 + 5 * BLOCK_K, D, BLOCK_K, DOT_FP32)
+    if NUM_K > 6:
+        acc6 = _acc_chunk(acc6, p, PTR, idx, ok, stride, f0 + 6 * BLOCK_K, D, BLOCK_K, DOT_FP32)
+    if NUM_K > 7:
+        acc7 = _acc_chunk(acc7, p, PTR, idx, ok, stride, f0 + 7 * BLOCK_K, D, BLOCK_K, DOT_FP32)
+    return acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7
+
+
+@triton.jit
 def _store_chunk(OUT, acc, factor, idx, ok, f0, D, BLOCK_K: tl.constexpr):
     ks = f0 + tl.arange(0, BLOCK_K)
     tl.store(OUT + idx.to(tl.int64)[:, None] * D + ks[None, :], acc * factor[:, None],
@@ -292,21 +317,9 @@ def _grad_x_kernel(X, Y, INV_X, INV_Y, X_BIAS, Y_BIAS, X_IDS, Y_IDS, id_offset, 
         if ONE_K:
             acc0 += _dot(p, y, DOT_FP32)
         else:
-            acc0 = _acc_chunk(acc0, p, Y, cols, col_ok, stride_y, f0, D, BLOCK_K, DOT_FP32)
-            if NUM_K > 1:
-                acc1 = _acc_chunk(acc1, p, Y, cols, col_ok, stride_y, f0 + BLOCK_K, D, BLOCK_K, DOT_FP32)
-            if NUM_K > 2:
-                acc2 = _acc_chunk(acc2, p, Y, cols, col_ok, stride_y, f0 + 2 * BLOCK_K, D, BLOCK_K, DOT_FP32)
-            if NUM_K > 3:
-                acc3 = _acc_chunk(acc3, p, Y, cols, col_ok, stride_y, f0 + 3 * BLOCK_K, D, BLOCK_K, DOT_FP32)
-            if NUM_K > 4:
-                acc4 = _acc_chunk(acc4, p, Y, cols, col_ok, stride_y, f0 + 4 * BLOCK_K, D, BLOCK_K, DOT_FP32)
-            if NUM_K > 5:
-                acc5 = _acc_chunk(acc5, p, Y, cols, col_ok, stride_y, f0 + 5 * BLOCK_K, D, BLOCK_K, DOT_FP32)
-            if NUM_K > 6:
-                acc6 = _acc_chunk(acc6, p, Y, cols, col_ok, stride_y, f0 + 6 * BLOCK_K, D, BLOCK_K, DOT_FP32)
-            if NUM_K > 7:
-                acc7 = _acc_chunk(acc7, p, Y, cols, col_ok, stride_y, f0 + 7 * BLOCK_K, D, BLOCK_K, DOT_FP32)
+            acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _acc_all(
+                acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, p, Y, cols, col_ok, stride_y, f0, D, NUM_K,
+                BLOCK_K, DOT_FP32)
     factor = scale / out_scale
     _store_all(GX, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, factor, rows, row_ok, f0, D, NUM_K, BLOCK_K)
     if tl.program_id(1) == 0:
@@ -375,38 +388,93 @@ def _grad_y_kernel(X, Y, INV_X, INV_Y, X_BIAS, Y_BIAS, X_IDS, Y_IDS, id_offset, 
         if ONE_K:
             acc0 += _dot(p, x, DOT_FP32)
         else:
-            acc0 = _acc_chunk(acc0, p, X, rows, row_ok, stride_x, f0, D, BLOCK_K, DOT_FP32)
-            if NUM_K > 1:
-                acc1 = _acc_chunk(acc1, p, X, rows, row_ok, stride_x, f0 + BLOCK_K, D, BLOCK_K, DOT_FP32)
-            if NUM_K > 2:
-                acc2 = _acc_chunk(acc2, p, X, rows, row_ok, stride_x, f0 + 2 * BLOCK_K, D, BLOCK_K, DOT_FP32)
-            if NUM_K > 3:
-                acc3 = _acc_chunk(acc3, p, X, rows, row_ok, stride_x, f0 + 3 * BLOCK_K, D, BLOCK_K, DOT_FP32)
-            if NUM_K > 4:
-                acc4 = _acc_chunk(acc4, p, X, rows, row_ok, stride_x, f0 + 4 * BLOCK_K, D, BLOCK_K, DOT_FP32)
-            if NUM_K > 5:
-                acc5 = _acc_chunk(acc5, p, X, rows, row_ok, stride_x, f0 + 5 * BLOCK_K, D, BLOCK_K, DOT_FP32)
-            if NUM_K > 6:
-                acc6 = _acc_chunk(acc6, p, X, rows, row_ok, stride_x, f0 + 6 * BLOCK_K, D, BLOCK_K, DOT_FP32)
-            if NUM_K > 7:
-                acc7 = _acc_chunk(acc7, p, X, rows, row_ok, stride_x, f0 + 7 * BLOCK_K, D, BLOCK_K, DOT_FP32)
+            acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _acc_all(
+                acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, p, X, rows, row_ok, stride_x, f0, D, NUM_K,
+                BLOCK_K, DOT_FP32)
     _store_all(GY, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, scale / out_scale, cols, col_ok, f0, D,
                NUM_K, BLOCK_K)
 
 
 # ----------------------------------------------------------------------------- host side
+# Which config a launch runs. By default a pure function of (kernel, d class, input kind, the
+# power-of-two bucket of the size its grid runs over, feature groups): the same on every rank,
+# in a resumed run and inside CUDA-graph capture, and nothing is benchmarked. Work model: a
+# table lists a kernel's configs most efficient first (largest tiles: least re-read of the
+# other operand); launches want at least MIN_PROGRAMS programs (two waves of an H100's 132 SMs,
+# 2.4 of an A100's 108) so that small batches still fill the device. The first config that
+# gives that many programs at the bucket is chosen, else the one giving the most (the first
+# such); a config out of the device's shared memory (the 99 KB of sm_86 / sm_89: Triton's
+# autotuner used to skip those) gives way to the table's next. Opt-in
+# (COURIER_FAST_TRITON_AUTOTUNE=1): Triton's timing autotuner, one per (kernel, class, kind,
+# bucket) and keyed on D only, so it benchmarks once per bucket and d in a process
+# (never during CUDA-graph capture: the deterministic choice runs there); its choice can differ
+# between processes.
+MIN_PROGRAMS = 256
+AUTOTUNE_ENV = "COURIER_FAST_TRITON_AUTOTUNE"
+_KERNELS = {"row_lse": "_row_lse_kernel", "grad_x": "_grad_x_kernel", "grad_y": "_grad_y_kernel"}
 _TUNED = {}
 
 
-def tuned(kernel, cls, fp32):
-    """The autotuned launcher of `kernel` ('row_lse', 'grad_x', 'grad_y') for d class `cls` and
-    fp32 (else 16-bit) inputs: one Autotuner per (kernel, class, fp32), so it can only pick
-    configs of config_table()."""
-    if (kernel, cls, fp32) not in _TUNED:
-        fn, key = {"row_lse": (_row_lse_kernel, ["M", "D"]), "grad_x": (_grad_x_kernel, ["M", "D"]),
-                   "grad_y": (_grad_y_kernel, ["N", "D"])}[kernel]
-        _TUNED[kernel, cls, fp32] = triton.autotune(configs=_configs(kernel, cls, fp32), key=key)(fn)
-    return _TUNED[kernel, cls, fp32]
+def size_bucket(size):
+    """The power of two >= size (at least 1): sizes that share it share a config."""
+    return triton.next_power_of_2(max(1, int(size)))
+
+
+def config_order(kernel, cls, fp32, size, groups=1, table=None):
+    """The configs `kernel` tries for d class `cls`, fp32 (else 16-bit) inputs and `size` rows on
+    its parallel axis (row_lse, grad_x: N; grad_y: M), with `groups` feature groups on grid axis
+    1, in order: choose_config()'s first, then the rest of the table in its order (a config out
+    of the device's shared memory, e.g. on sm_86 / sm_89's 99 KB, is skipped: see launch()).
+    table: the candidates (default: what _configs() gives the launch)."""
+    table = [(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"], c.num_warps, c.num_stages)
+             for c in _configs(kernel, cls, fp32)] if table is None else list(table)
+    axis = 1 if kernel == "grad_y" else 0
+    bucket = size_bucket(size)
+    programs = [triton.cdiv(bucket, c[axis]) * groups for c in table]
+    enough = [c for c, p in zip(table, programs) if p >= MIN_PROGRAMS]
+    first = enough[0] if enough else table[programs.index(max(programs))]
+    return [first] + [c for c in table if c != first]
+
+
+def choose_config(kernel, cls, fp32, size, groups=1, table=None):
+    """(BLOCK_N, BLOCK_M, num_warps, num_stages) that `kernel` runs first (config_order): the
+    table's first config that gives >= MIN_PROGRAMS programs at size's bucket, else the one
+    giving the most (the first such)."""
+    return config_order(kernel, cls, fp32, size, groups, table)[0]
+
+
+def _autotune():
+    return os.environ.get(AUTOTUNE_ENV, "") == "1"
+
+
+def _capturing(t):
+    return t.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+_OUT_OF_RESOURCES = set()  # (kernel, cls, fp32, config, device) that did not fit the device
+
+
+def launch(kernel, cls, fp32, size, groups, grid, *args, **kwargs):
+    """Runs `kernel` ('row_lse', 'grad_x', 'grad_y') on grid(meta) with the first config of
+    config_order() that fits the device (as Triton's autotuner skipped configs out of shared
+    memory, and remembered per process): deterministic unless the timing autotuner is opted in."""
+    fn = globals()[_KERNELS[kernel]]
+    if _autotune() and not _capturing(args[0]):
+        key = (kernel, cls, fp32, size_bucket(size))
+        if key not in _TUNED:
+            _TUNED[key] = triton.autotune(configs=_configs(kernel, cls, fp32), key=["D"])(fn)
+        return _TUNED[key][grid](*args, **kwargs)
+    device = str(args[0].device)
+    error = None
+    for bn, bm, warps, stages in config_order(kernel, cls, fp32, size, groups):
+        if (kernel, cls, fp32, (bn, bm, warps, stages), device) in _OUT_OF_RESOURCES:
+            continue
+        try:
+            return fn[grid](*args, **kwargs, BLOCK_N=bn, BLOCK_M=bm, num_warps=warps, num_stages=stages)
+        except OutOfResources as e:
+            _OUT_OF_RESOURCES.add((kernel, cls, fp32, (bn, bm, warps, stages), device))
+            error = e
+    raise error if error is not None else RuntimeError(f"no config of {kernel} fits {device}")
 
 
 def forward_constexprs(d):
@@ -482,7 +550,7 @@ def _row_lse(x, inv_x, y, inv_y, y_bias, x_ids, y_ids, id_offset, scale):
         return out
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)
     with device_guard(x):
-        tuned("row_lse", d_class(d), x.dtype == torch.float32)[grid](
+        launch("row_lse", d_class(d), x.dtype == torch.float32, n, 1, grid,
             x, y, inv_x, inv_y, y_bias, _ids(x_ids, x.device), _ids(y_ids, x.device), int(id_offset), scale, out,
             n, m, d, x.stride(0), y.stride(0), HAS_IDS=x_ids is not None, DOT_FP32=dot_fp32(x.dtype),
             **forward_constexprs(d))
@@ -547,10 +615,10 @@ def lse_backward(grad_row, grad_col, x, y, x_mask, y_mask, row_lse_, col_lse, sc
                       **grad_constexprs(d))
         groups, cls, fp32 = feature_groups(d), d_class(d), xk.dtype == torch.float32
         with device_guard(xk):
-            tuned("grad_x", cls, fp32)[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), groups)](
-                *args, _abs_max(h), s, gx_hat, dscos, n, m, d, xk.stride(0), yk.stride(0), **common)
-            tuned("grad_y", cls, fp32)[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), groups)](
-                *args, _abs_max(g), s, gy_hat, n, m, d, xk.stride(0), yk.stride(0), **common)
+            launch("grad_x", cls, fp32, n, groups, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), groups),
+                   *args, _abs_max(h), s, gx_hat, dscos, n, m, d, xk.stride(0), yk.stride(0), **common)
+            launch("grad_y", cls, fp32, m, groups, lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), groups),
+                   *args, _abs_max(g), s, gy_hat, n, m, d, xk.stride(0), yk.stride(0), **common)
     if normalize:
         gx_hat = normalize_backward(gx_hat, x, true_inv_x)
         gy_hat = normalize_backward(gy_hat, y, true_inv_y)

@@ -245,10 +245,11 @@ def _scores(q, k, keys, col_ok, rows, cols, MASK, sm_scale, causal, DOT_FP32: tl
 
 
 @triton.jit
-def _flash_fwd_kernel(Q, K, V, MASK, TOFF, KOFF, ORDER, O, LSE, H, DH, sm_scale, causal,
-                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                      stride_ot, stride_oh, DOT_FP32: tl.constexpr, BLOCK_P: tl.constexpr,
-                      BLOCK_L: tl.constexpr, BLOCK_DH: tl.constexpr):
+def _target_tile(Q, TOFF, KOFF, ORDER, H, DH, stride_qt, stride_qh, BLOCK_P: tl.constexpr,
+                 BLOCK_DH: tl.constexpr):
+    """The forward's and dQ's program: (head, target count, first key, key count, keys to visit
+    (0 for a tile past the row's targets: no work), target slots in the row, their mask, the
+    targets' flat indices, feature indices, their mask, the (BLOCK_P, BLOCK_DH) q tile)."""
     b, hd, t0, tn, k0, kn = _row_program(TOFF, KOFF, H)
     rows = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     row_ok = rows < tn
@@ -256,10 +257,20 @@ def _flash_fwd_kernel(Q, K, V, MASK, TOFF, KOFF, ORDER, O, LSE, H, DH, sm_scale,
     dh_idx = tl.arange(0, BLOCK_DH)
     dh_ok = dh_idx < DH
     q = _load_rows(Q, t, row_ok, hd, stride_qt, stride_qh, dh_idx, dh_ok)
+    n_keys = tl.where(tl.program_id(1) * BLOCK_P < tn, kn, 0)
+    return hd, tn, k0, kn, n_keys, rows, row_ok, t, dh_idx, dh_ok, q
+
+
+@triton.jit
+def _flash_fwd_kernel(Q, K, V, MASK, TOFF, KOFF, ORDER, O, LSE, H, DH, sm_scale, causal,
+                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                      stride_ot, stride_oh, DOT_FP32: tl.constexpr, BLOCK_P: tl.constexpr,
+                      BLOCK_L: tl.constexpr, BLOCK_DH: tl.constexpr):
+    hd, tn, k0, kn, n_keys, rows, row_ok, t, dh_idx, dh_ok, q = _target_tile(
+        Q, TOFF, KOFF, ORDER, H, DH, stride_qt, stride_qh, BLOCK_P, BLOCK_DH)
     m_i = tl.full([BLOCK_P], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_P], dtype=tl.float32)
     acc = tl.zeros([BLOCK_P, BLOCK_DH], dtype=tl.float32)
-    n_keys = tl.where(tl.program_id(1) * BLOCK_P < tn, kn, 0)  # a tile past the row's targets: no work
     for c0 in range(0, n_keys, BLOCK_L):
         cols = c0 + tl.arange(0, BLOCK_L)
         col_ok = cols < kn
@@ -322,18 +333,12 @@ def _flash_bwd_dq_kernel(Q, K, V, MASK, DO, LSE, DELTA, TOFF, KOFF, ORDER, DQ, H
                          stride_ot, stride_oh, DOT_FP32: tl.constexpr, BLOCK_P: tl.constexpr,
                          BLOCK_L: tl.constexpr, BLOCK_DH: tl.constexpr):
     """dQ = sm_scale * dS K for one tile of a row's targets, looping over the row's keys."""
-    b, hd, t0, tn, k0, kn = _row_program(TOFF, KOFF, H)
-    rows = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
-    row_ok = rows < tn
-    t = tl.load(ORDER + t0 + rows, mask=row_ok, other=0)
-    dh_idx = tl.arange(0, BLOCK_DH)
-    dh_ok = dh_idx < DH
-    q = _load_rows(Q, t, row_ok, hd, stride_qt, stride_qh, dh_idx, dh_ok)
+    hd, tn, k0, kn, n_keys, rows, row_ok, t, dh_idx, dh_ok, q = _target_tile(
+        Q, TOFF, KOFF, ORDER, H, DH, stride_qt, stride_qh, BLOCK_P, BLOCK_DH)
     do = _load_rows(DO, t, row_ok, hd, stride_ot, stride_oh, dh_idx, dh_ok)
     lse = tl.load(LSE + t * H + hd, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + t * H + hd, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_P, BLOCK_DH], dtype=tl.float32)
-    n_keys = tl.where(tl.program_id(1) * BLOCK_P < tn, kn, 0)
     for c0 in range(0, n_keys, BLOCK_L):
         cols = c0 + tl.arange(0, BLOCK_L)
         col_ok = cols < kn
@@ -461,7 +466,9 @@ def _check_head_dim(dh):
 
 
 def _max_targets(seg):
-    """The most targets in a row (one host read when the layout did not say)."""
+    """The most targets in a row: the flash kernels' grid. One host read when the layout did not
+    say (history_index, target_offsets), stated in reconstruction_attention's docstring and
+    docs/design.md; tests/ops/test_attention_host_reads.py counts it."""
     if seg.max_targets >= 0:
         return seg.max_targets
     counts = seg.target_offsets[1:] - seg.target_offsets[:-1]
@@ -494,9 +501,10 @@ def attention_forward(q, k, v, seg, causal, sm_scale):
                 q, k, v, mask, trow, koff, toff, o, lse, n_t, *common,
                 BLOCK_T=bt, BLOCK_L=bl, BLOCK_D=bd, num_warps=SHORT_WARPS, num_stages=NUM_STAGES)
         else:
-            bp, bl, bdh = blocks(_max_targets(seg), seg.max_keys, dh, q.dtype == torch.float32)
+            most = _max_targets(seg)
+            bp, bl, bdh = blocks(most, seg.max_keys, dh, q.dtype == torch.float32)
             n_rows = toff.numel() - 1
-            _flash_fwd_kernel[grid(n_rows, h, triton.cdiv(_max_targets(seg), bp))](
+            _flash_fwd_kernel[grid(n_rows, h, triton.cdiv(most, bp))](
                 q, k, v, mask, toff, koff, order, o, lse, *common,
                 DOT_FP32=_dot_fp32(q.dtype), BLOCK_P=bp, BLOCK_L=bl, BLOCK_DH=bdh,
                 num_warps=num_warps(bp, bl, bdh, _dot_fp32(q.dtype)), num_stages=NUM_STAGES)

@@ -33,6 +33,10 @@ def reconstruction_attention(targets, history, in_proj_weight, in_proj_bias, out
                   the targets' shape. max_history_len: an int >= the longest history row (else
                   it is read from the offsets, one host read). See courier_fast.ops.jagged for
                   padded <-> jagged helpers.
+        Host reads of the triton backend: with history_index or target_offsets and a history
+        longer than 16 items (its flash kernels, whose grid spans the most targets in a row),
+        the most targets in a row is read from the device once in the forward and once in the
+        backward; padded targets and histories of at most 16 items read nothing.
 
     Args:
         targets, history: float16/bfloat16/32/64, same dtype and device, layouts above.

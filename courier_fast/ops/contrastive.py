@@ -206,9 +206,10 @@ def _scalar_tensor(name, t, anchors):
     _validate.finite(name, t)
 
 
-def _terms_from_lse(lse, lse_backward):
+def _terms_from_lse(lse, lse_backward, widen=True):
     """Per-anchor terms from a backend's masked-LSE op (same contract as the reference).
-    lse_backward is the op's backward, used directly by the ring exchange. The op's row
+    lse_backward is the op's backward, used directly by the ring exchange; widen: the
+    ring may hand it 16-bit inputs as fp32 (see distributed._RingLSE.backward). The op's row
     direction subtracts y_logq; its columns never do (see the reference for why)."""
 
     def terms(anchors, candidates, all_candidates, all_anchors, all_mask, scale, normalize,
@@ -228,7 +229,7 @@ def _terms_from_lse(lse, lse_backward):
                      scale, normalize, False)
         return 0.5 * (terms + _term(rev, positive, bias))
 
-    terms.lse_ops = (lse, lse_backward)
+    terms.lse_ops = (lse, lse_backward, widen)
     return terms
 
 
@@ -259,8 +260,8 @@ if _extension.loaded():
 if importlib.util.find_spec("triton") is not None:
     from courier_fast.ops.backends import triton as _triton_ops
 
-    dispatch.register(OP, "triton", _terms_from_lse(_triton_ops.contrastive_lse,
-                                                    _triton_ops.contrastive_lse_backward),
+    dispatch.register(OP, "triton", _terms_from_lse(_triton_ops.contrastive_lse,  # fp32 inputs: d <= 64 on a GPU
+                                                    _triton_ops.contrastive_lse_backward, widen=False),
                       devices=("cuda", "cpu") if _triton_ops.INTERPRET else ("cuda",),
                       supports=_triton_ops.contrastive_supports,
                       note="fused Triton kernels (normalise, mask, online LSE, atomics-free "

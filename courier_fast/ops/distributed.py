@@ -142,17 +142,22 @@ def grad_over_ranks(x, group, mean=False):
 
 
 def _ring_shift(tensors, group):
-    """Send tensors to the next rank and receive the previous rank's (same shapes/dtypes)."""
+    """Send tensors to the next rank and receive the previous rank's (same shapes/dtypes).
+
+    One grouped batch_isend_irecv per call, every receive listed before its send, waited on
+    together: under NCCL the batch is one ncclGroupStart/End, so every send meets a posted
+    receive (a send posted before its peer's receive cannot finish beyond NCCL's eager buffer,
+    and with both ranks of a pair sending first neither does: NVIDIA/nccl#479). Backends
+    without grouping run the list in order, receives first, which is enough even where a send
+    blocks until it is received."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     nxt = dist.get_global_rank(group, (rank + 1) % world) if group is not None else (rank + 1) % world
     prv = dist.get_global_rank(group, (rank - 1) % world) if group is not None else (rank - 1) % world
-    received = []
-    for t in tensors:
-        out = torch.empty_like(t)
-        req = dist.isend(t.contiguous(), nxt, group=group)
-        dist.recv(out, prv, group=group)
+    received = [torch.empty_like(t) for t in tensors]
+    ops = [dist.P2POp(dist.irecv, out, prv, group) for out in received]
+    ops += [dist.P2POp(dist.isend, t.contiguous(), nxt, group) for t in tensors]
+    for req in dist.batch_isend_irecv(ops):
         req.wait()
-        received.append(out)
     return received
 
 
@@ -168,7 +173,7 @@ class _RingLSE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, y, scale, normalize, batch, lse_ops, ids, logq):
-        fwd, _ = lse_ops
+        fwd = lse_ops[0]
         lse = None
         for step, (blk, keep, blk_ids, blk_logq) in enumerate(_blocks(y, batch, ids, logq)):
             offset = 0 if step == 0 else blk.shape[0]
@@ -184,22 +189,32 @@ class _RingLSE(torch.autograd.Function):
         x, y, scale, lse, *extra = ctx.saved_tensors
         ids = extra.pop(0) if ctx.has[0] else None
         logq = extra.pop(0) if ctx.has[1] else None
-        _, bwd = ctx.lse_ops
-        grad_x, grad_scale = torch.zeros_like(x), torch.zeros_like(scale)
-        grad_blk = torch.zeros_like(_padded(y, ctx.batch.capacity))
+        bwd, widen = ctx.lse_ops[1], (ctx.lse_ops[2] if len(ctx.lse_ops) > 2 else True)
+        # Round once: each step's shares are added up in at least fp32, the gradient buffer
+        # travels the ring in fp32, and the sums are rounded to the embeddings' dtype at the end.
+        # Where the op allows (widen: the cpu, cuda and chunked ops, which compute 16-bit inputs
+        # in fp32 anyway) it is handed x and the block in fp32, so its shares come out unrounded;
+        # the Triton op keeps its 16-bit MMA (fp32 inputs launch there only up to d = 64), and
+        # rounds each share to the input dtype once.
+        acc = torch.promote_types(x.dtype, torch.float32)
+        xw = x.to(acc if widen else x.dtype)
+        grad_x = torch.zeros_like(xw)
+        grad_scale = torch.zeros_like(scale, dtype=torch.promote_types(scale.dtype, torch.float32))
+        grad_blk = torch.zeros_like(_padded(y, ctx.batch.capacity), dtype=acc)
         empty = lse.new_empty(0)
         grad = grad.to(lse.dtype).contiguous()
         for step, (blk, keep, blk_ids, blk_logq) in enumerate(_blocks(y, ctx.batch, ids, logq)):
             if step:
                 (grad_blk,) = _ring_shift([grad_blk], ctx.batch.group)
             offset = 0 if step == 0 else blk.shape[0]
-            gx, gy, gs = bwd(grad, empty, x, blk, None, keep.bool(), blk_logq, ids, blk_ids, offset, lse, empty,
-                             scale, ctx.normalize, False)
+            gx, gy, gs = bwd(grad, empty, xw, blk.to(xw.dtype), None, keep.bool(), blk_logq, ids, blk_ids, offset,
+                             lse, empty, scale, ctx.normalize, False)
             grad_x += gx
             grad_blk += gy
             grad_scale += gs
         (grad_blk,) = _ring_shift([grad_blk], ctx.batch.group)  # home to the block's owner
-        return grad_x, grad_blk[:y.shape[0]], grad_scale, None, None, None, None, None
+        return (grad_x.to(x.dtype), grad_blk[:y.shape[0]].to(y.dtype), grad_scale.to(scale.dtype),
+                None, None, None, None, None)
 
 
 def _blocks(y, batch, ids, logq):

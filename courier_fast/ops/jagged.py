@@ -53,7 +53,7 @@ def jagged_to_padded(values, offsets, max_len=None, padding_value=0):
     longest = int(lengths.max()) if lengths.numel() and (max_len is None or _validate._data_checks_on()) else 0
     if max_len is None:
         max_len = longest
-    elif isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 0:
+    elif isinstance(max_len, bool) or not isinstance(max_len, (int, torch.SymInt)) or max_len < 0:
         raise ValueError(f"max_len must be an int >= 0, got {max_len!r}")
     elif longest > max_len:
         raise ValueError(f"max_len={max_len} is shorter than the longest row ({longest} items)")

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from courier_fast._validate import causal_mode
-from courier_fast.ops.jagged import jagged_to_padded, lengths_to_offsets, padded_to_jagged
+from courier_fast.ops.jagged import jagged_to_padded, lengths_to_offsets
 
 NORM_EPS = 1e-12  # as torch.nn.functional.normalize; the C++ and Triton kernels use the same
 
@@ -186,23 +186,45 @@ def reconstruction_attention_reference(targets, history, in_proj_weight, in_proj
     """
     mode = causal_mode("causal", causal)
     if history_offsets is not None:  # jagged history -> (B, L, d) + padding
-        history, lengths = jagged_to_padded(history, history_offsets, max_history_len)
+        width = max_history_len
+        if width is None:
+            width = _group_width(history_offsets[1:].long() - history_offsets[:-1].long())
+        history, lengths = jagged_to_padded(history, history_offsets, width)
         pad = torch.arange(history.shape[1], device=history.device)[None, :] >= lengths[:, None]
         if key_padding_mask is not None:
             pad = pad | jagged_to_padded(key_padding_mask, history_offsets, history.shape[1], padding_value=True)[0]
         key_padding_mask = pad
     params = (in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, num_heads)
     if history_index is not None:  # targets grouped into their rows: copies of the targets, never of the history
-        counts = torch.bincount(history_index, minlength=history.shape[0])
-        order = torch.argsort(history_index, stable=True)
-        grouped, _ = jagged_to_padded(targets[order], lengths_to_offsets(counts))
+        rows = history_index.long()
+        counts = torch.bincount(rows, minlength=history.shape[0])
+        order = torch.argsort(rows, stable=True)
+        offsets = lengths_to_offsets(counts)
+        grouped, _ = jagged_to_padded(targets[order], offsets, _group_width(counts))
         out = _padded_attention(grouped, history, *params, key_padding_mask, 0)
-        return padded_to_jagged(out, counts)[0][torch.argsort(order)]
+        rank = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        return out[rows, rank - offsets[rows]]  # target t's slot in its row: its rank there
     if target_offsets is not None:  # jagged targets -> (B, P, d), and back
-        padded, counts = jagged_to_padded(targets, target_offsets, history.shape[1] if mode else None)
+        offsets = target_offsets.long()
+        width = history.shape[1] if mode else _group_width(offsets[1:] - offsets[:-1])
+        padded, _ = jagged_to_padded(targets, target_offsets, width)
         out = _padded_attention(padded, history, *params, key_padding_mask, mode)
-        return out[torch.arange(padded.shape[1], device=out.device)[None, :] < counts[:, None]]
+        flat = torch.arange(targets.shape[0], device=targets.device)
+        rows = torch.searchsorted(offsets, flat, right=True) - 1
+        return out[rows, flat - offsets[rows]]
     return _padded_attention(targets, history, *params, key_padding_mask, mode)
+
+
+def _group_width(counts):
+    """The padded width for rows of `counts` items: the longest row (one host read; under
+    torch.compile an unbacked size u) plus 2, so that the compiler can tell the width is not 1
+    (inductor's bmm lowering guards on a size being 1, which it cannot decide for a
+    data-dependent size: GuardOnDataDependentSymNode). The padding is never read back."""
+    if not counts.numel():
+        return 2
+    longest = int(counts.max())
+    torch._check(longest >= 0)
+    return longest + 2
 
 
 def _padded_attention(targets, history, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias,
