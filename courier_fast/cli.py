@@ -220,6 +220,10 @@ def _add_train(sub):
     tr.add_argument("--log-every", type=int)
     tr.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     tr.add_argument("--seed", type=int)
+    tr.add_argument("--deterministic", action="store_true", default=None,
+                    help="bitwise-repeatable GPU kernels (cuDNN / torch deterministic algorithms; slower)")
+    tr.add_argument("--dist-timeout", type=float, metavar="SECONDS",
+                    help="how long a collective may wait across ranks (default: torch's, 10 min for NCCL)")
     tr.add_argument("--device", choices=("auto", "cpu", "cuda"))
     tr.add_argument("--decoder", choices=("auto", "dali", "pil", "torchvision"))
     tr.add_argument("--on-error", choices=("raise", "skip"), help="a corrupt image: raise, or skip it (padding)")

@@ -170,15 +170,16 @@ def test_train_options_reach_the_config(world, tmp_path):
     out = tmp_path / "r"
     opts = ["--history-len", "3", "--pv-len", "4", "--temperature", "0.2", "--contrastive-weight", "0.5",
             "--history-weight", "0", "--ctr-weight", "2", "--backend", "reference", "--ring", "--on-error", "skip",
-            "--lr-schedule", "cosine", "--grad-clip", "1.5"]
+            "--lr-schedule", "cosine", "--grad-clip", "1.5", "--dist-timeout", "60"]
     assert main(["train", "--data", world, "--out", str(out), "--steps", "1", *TRAIN, *opts]) == 0
     with open(out / "config.json") as f:
         cfg = json.load(f)
     assert {k: cfg[k] for k in ("history_len", "pv_len", "temperature", "contrastive_weight", "history_weight",
-                                "ctr_weight", "backend", "ring", "on_error", "lr_schedule", "grad_clip")} == {
+                                "ctr_weight", "backend", "ring", "on_error", "lr_schedule", "grad_clip",
+                                "dist_timeout")} == {
         "history_len": 3, "pv_len": 4, "temperature": 0.2, "contrastive_weight": 0.5, "history_weight": 0.0,
         "ctr_weight": 2.0, "backend": "reference", "ring": True, "on_error": "skip", "lr_schedule": "cosine",
-        "grad_clip": 1.5}
+        "grad_clip": 1.5, "dist_timeout": 60.0}
 
 
 def test_train_bad_option_names_it(capsys, world, tmp_path):
