@@ -40,11 +40,13 @@ def build_info() -> dict:
 
 
 # The GEMMs each backend runs for 16-bit (bf16 / fp16) inputs, from reading its code (none of the
-# GPU rows has been measured on a GPU). The default CUDA path is AUTO_ORDER's first validated
-# backend: `cuda` where the extension was built with CUDA.
+# GPU rows has been measured on a GPU). The default CUDA path for the loss is AUTO_ORDER's first
+# validated backend that supports the call: `triton` for 16-bit inputs once it passed the
+# self-check (ops/contrastive._cuda_supports), else `cuda`.
 GEMM_16BIT = {
     ("contrastive_loss", "cuda"): "fp32 cuBLAS GEMMs on fp32 copies of the inputs (no 16-bit tensor "
-                                  "cores; TF32 only where torch.backends.cuda.matmul.allow_tf32)",
+                                  "cores; TF32 only where torch.backends.cuda.matmul.allow_tf32); auto "
+                                  "sends 16-bit calls to triton once it passed the self-check",
     ("contrastive_loss", "triton"): "16-bit tensor-core MMA, fp32 accumulation (no fp32 copies)",
     ("contrastive_loss", "cpu"): "fp32 ATen GEMMs on fp32 copies of the inputs",
     ("contrastive_loss", "chunked"): "fp32 ATen GEMMs on fp32 copies of the inputs",

@@ -250,13 +250,29 @@ dispatch.register(OP, "reference", _reference_terms, devices=("cpu", "cuda"), va
 dispatch.register(OP, "chunked", _terms_from_lse(chunked.contrastive_lse, chunked.lse_backward),
                   devices=("cpu", "cuda"), validate=False,
                   note="ATen row tiles + recomputing autograd; O(N d + tile) memory on any device")
+def _cuda_supports(anchors, candidates, **_):
+    """auto's `cuda` backend computes in fp32 (fp32 copies of the inputs, fp32 cuBLAS GEMMs), so a
+    bf16 / fp16 call goes to the Triton kernels instead (16-bit tensor-core MMA with fp32
+    accumulation, no fp32 copy) wherever they can run it and have passed the self-check on the
+    call's device; otherwise `cuda` takes it. Asked for by name, `cuda` runs any dtype."""
+    if anchors.dtype not in (torch.bfloat16, torch.float16):
+        return True
+    triton = dispatch.implementations(OP).get("triton")
+    if triton is None or not dispatch.backends()["triton"][0] or anchors.device.type not in triton.devices:
+        return True
+    if triton.supports is not None and not triton.supports(anchors=anchors, candidates=candidates):
+        return True
+    return not dispatch.validated(OP, "triton", anchors.device)
+
+
 if _extension.loaded():
     _compiled = _terms_from_lse(_ops.contrastive_lse, torch.ops.courier_fast.contrastive_lse_backward)
     dispatch.register(OP, "cpu", _compiled, devices=("cpu",), validate=False,
                       note="C++ chunked online-LSE op (ATen GEMMs on row tiles)")
     if _extension.cuda_compiled():
-        dispatch.register(OP, "cuda", _compiled, devices=("cuda",),
-                          note="cuBLAS row tiles + fused CUDA epilogues")
+        dispatch.register(OP, "cuda", _compiled, devices=("cuda",), supports=_cuda_supports,
+                          note="cuBLAS row tiles + fused CUDA epilogues (auto sends 16-bit inputs to "
+                               "triton once it passed the self-check)")
 if importlib.util.find_spec("triton") is not None:
     from courier_fast.ops.backends import triton as _triton_ops
 

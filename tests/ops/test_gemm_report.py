@@ -16,6 +16,8 @@ def test_report_prints_the_16bit_gemms():
     for op in dispatch.ops():
         for name in dispatch.implementations(op):
             assert f"16-bit inputs: {info.GEMM_16BIT[op, name]}" in text, (op, name)
-    # the default CUDA path (cuda first in AUTO_ORDER) is stated as running fp32 GEMMs
+    # the `cuda` loss runs fp32 GEMMs, and says that auto routes 16-bit calls past it
+    # (tests/ops/test_16bit_default_path.py checks the routing itself)
     assert dispatch.AUTO_ORDER["cuda"][0] == "cuda"
-    assert info.GEMM_16BIT["contrastive_loss", "cuda"].startswith("fp32")
+    cuda = info.GEMM_16BIT["contrastive_loss", "cuda"]
+    assert cuda.startswith("fp32") and "sends 16-bit calls to triton" in cuda
