@@ -28,11 +28,10 @@ def cuda_machine(monkeypatch):
     """cuda and triton registered and available for the loss; `trusted` decides the validator."""
     impls = dispatch.implementations(OP)
     for name in ("cuda", "triton"):
-        if name not in impls:  # a CPU-only build: register stand-ins with the real rules
-            monkeypatch.setitem(impls, name, registry.Impl(fn=lambda *a, **k: name, devices=("cuda",),
-                                                           supports=contrastive._cuda_supports if name == "cuda" else None))
-        else:
-            monkeypatch.setitem(impls, name, registry.Impl(**{**vars(impls[name]), "devices": ("cuda", "cpu")}))
+        # a marker fn per backend (cpu and cuda share one fn); the registered supports() where the
+        # build registered the backend, else the rule it would register (a CPU-only build)
+        supports = impls[name].supports if name in impls else (contrastive._cuda_supports if name == "cuda" else None)
+        monkeypatch.setitem(impls, name, registry.Impl(fn=_marker(name), devices=("cuda",), supports=supports))
     real = registry.backends()
     emulated = lambda: {**real, "cuda": (True, "emulated"), "triton": (True, "emulated")}  # noqa: E731
     monkeypatch.setattr(registry, "backends", emulated)
@@ -42,14 +41,19 @@ def cuda_machine(monkeypatch):
     return types.SimpleNamespace(trusted=trusted, impls=impls)
 
 
+def _marker(name):
+    def fn(*args, **kwargs):
+        return name
+    return fn
+
+
 def _probe(dtype, n=64, d=32):
     x = torch.zeros(n, d, dtype=dtype)
     return {"anchors": _On(x, "cuda"), "candidates": _On(x, "cuda")}
 
 
 def _chosen(probe):
-    fn = dispatch.select(OP, "auto", torch.device("cuda"), probe=probe)
-    return next(name for name, impl in dispatch.implementations(OP).items() if impl.fn is fn)
+    return dispatch.select(OP, "auto", torch.device("cuda"), probe=probe)()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -67,5 +71,4 @@ def test_16bit_falls_back_to_cuda_when_triton_failed_its_self_check(cuda_machine
 
 
 def test_cuda_by_name_still_runs_16bit(cuda_machine):
-    fn = dispatch.select(OP, "cuda", torch.device("cuda"))
-    assert fn is cuda_machine.impls["cuda"].fn
+    assert dispatch.select(OP, "cuda", torch.device("cuda"))() == "cuda"
