@@ -1,17 +1,20 @@
 """COURIER on the demo with and without candidate ids and the logQ correction (issue 19).
 
-Trains, embeds and evaluates the default COURIER run (learned query) in three variants on each
+Trains, embeds and evaluates the default COURIER run (learned query) in these variants on each
 seed's world, with the demo's budget (bench/demo_seeds.py's extra_runs):
     courier_ids          candidate_ids=True: accidental hits by item id (CourierModel's default)
     courier_in_rank      candidate_ids=False: the previous rule (one candidate per distinct item
                          of the rank unless clicked in several rows)
     courier_ids_logq     candidate ids and the logQ correction (courier-fast train --logq)
+    courier_ids_target   candidate ids and the target-aware query (query="target")
 and writes per-seed cold-item AUC / GAUC to bench/results/<device>-demo_candidates.json (or
 --out) under "quick" / "full". A single process: no cross-rank duplicates, so the first two
 differ only in how in-rank duplicates count (every copy left out of the anchor's own
 denominator and repeated negatives counted per slot, against one candidate per item).
 
     python bench/demo_candidates.py --quick --seeds 0 1 2 [--workdir DIR] [--runs NAME ...]
+
+bench/demo_paired.py compares two of them (or any RUNS) seed by seed (docs/design.md §5).
 """
 import argparse
 import os
@@ -29,6 +32,7 @@ VARIANTS = {
     "courier_ids": ("courier", {"query": "learned", "method_options": {"candidate_ids": True}}),
     "courier_in_rank": ("courier", {"query": "learned", "method_options": {"candidate_ids": False}}),
     "courier_ids_logq": ("courier", {"query": "learned", "logq": True, "method_options": {"candidate_ids": True}}),
+    "courier_ids_target": ("courier", {"query": "target", "method_options": {"candidate_ids": True}}),
 }
 
 
