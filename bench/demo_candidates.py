@@ -8,6 +8,7 @@ seed's world, with the demo's budget (bench/demo_seeds.py's extra_runs):
     courier_ids_logq     candidate ids and the logQ correction (courier-fast train --logq)
     courier_ids_target   candidate ids and the target-aware query (query="target")
     courier_ids_t010     the default with temperature 0.1 (CourierModel's is 0.05)
+    courier_ids_t0025    the default with temperature 0.025
     courier_ids_ctr2     the default with the CTR head's loss weight 2 (CourierModel's is 1)
     courier_ids_hist05   the default with the history self-reconstruction weight 0.5 (is 1)
 and writes per-seed cold-item AUC / GAUC to bench/results/<device>-demo_candidates.json (or
@@ -38,6 +39,8 @@ VARIANTS = {
     "courier_ids_target": ("courier", {"query": "target", "method_options": {"candidate_ids": True}}),
     # issue 28 item 3: where the default may leave signal, each judged against courier_ids
     "courier_ids_t010": ("courier", {"query": "learned", "temperature": 0.1, "method_options": {"candidate_ids": True}}),
+    "courier_ids_t0025": ("courier", {"query": "learned", "temperature": 0.025,
+                                      "method_options": {"candidate_ids": True}}),
     "courier_ids_ctr2": ("courier", {"query": "learned", "ctr_weight": 2.0, "method_options": {"candidate_ids": True}}),
     "courier_ids_hist05": ("courier", {"query": "learned", "history_weight": 0.5,
                                        "method_options": {"candidate_ids": True}}),
