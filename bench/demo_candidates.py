@@ -19,6 +19,8 @@ denominator and repeated negatives counted per slot, against one candidate per i
     python bench/demo_candidates.py --quick --seeds 0 1 2 [--workdir DIR] [--runs NAME ...]
 
 bench/demo_paired.py compares two of them (or any RUNS) seed by seed (docs/design.md §5).
+Options a variant does not name take CourierModel's defaults at the commit that runs it (the
+temperature was 0.05 before issue 28 made it 0.1): each results JSON names its commit.
 """
 import argparse
 import os
