@@ -11,6 +11,8 @@ seed's world, with the demo's budget (bench/demo_seeds.py's extra_runs):
     courier_ids_t0025    the default with temperature 0.025
     courier_ids_ctr2     the default with the CTR head's loss weight 2 (CourierModel's is 1)
     courier_ids_hist05   the default with the history self-reconstruction weight 0.5 (is 1)
+    courier_ids_t020     temperature 0.2 (against courier_ids_t010, the default since issue 28)
+    courier_ids_t010_ctr2  temperature 0.1 and the CTR head's loss weight 2
 and writes per-seed cold-item AUC / GAUC to bench/results/<device>-demo_candidates.json (or
 --out) under "quick" / "full". A single process: no cross-rank duplicates, so the first two
 differ only in how in-rank duplicates count (every copy left out of the anchor's own
@@ -46,6 +48,9 @@ VARIANTS = {
     "courier_ids_ctr2": ("courier", {"query": "learned", "ctr_weight": 2.0, "method_options": {"candidate_ids": True}}),
     "courier_ids_hist05": ("courier", {"query": "learned", "history_weight": 0.5,
                                        "method_options": {"candidate_ids": True}}),
+    "courier_ids_t020": ("courier", {"query": "learned", "temperature": 0.2, "method_options": {"candidate_ids": True}}),
+    "courier_ids_t010_ctr2": ("courier", {"query": "learned", "temperature": 0.1, "ctr_weight": 2.0,
+                                          "method_options": {"candidate_ids": True}}),
 }
 
 
