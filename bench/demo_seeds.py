@@ -74,20 +74,36 @@ def print_forms(s):
         print(f"{label(m):<24}" + "".join(f"{g.mean():>+11.4f} ± {g.std(ddof=1) if len(g) > 1 else 0:.4f}" for g in gains))
 
 
+def seed_runs(names, seed, quick, workdir, log=print):
+    """{run: {"auc", "gauc", "seconds"}} of `names` on seed's world at the demo's budget: runs of
+    RUNS (trained, resuming, in <workdir>/<mode>-seed<S>/runs/<run>), "no_image" (ID / category
+    features only) and "oracle_attributes" (the true attributes: the ceiling)."""
+    from courier_fast.pipeline.demo import PRESETS
+    from courier_fast.pipeline.evaluate import oracle_embeddings
+
+    wd = os.path.join(workdir, f"{'quick' if quick else 'full'}-seed{seed}")
+    world = _world(wd, seed, quick)
+    out = {}
+    for name in names:
+        start = time.time()
+        if name == "no_image":
+            metrics = evaluate(world)
+        elif name == "oracle_attributes":
+            metrics = evaluate(world, oracle_embeddings(world, PRESETS[quick]["clusters"], seed))
+        else:
+            metrics = evaluate(world, run_method(name, world, wd, seed, quick, progress=False))
+        out[name] = {"auc": metrics["auc"], "gauc": metrics["gauc"], "seconds": round(time.time() - start, 1)}
+        log(f"seed {seed} {name:<24} AUC {metrics['auc']:.4f} GAUC {metrics['gauc']:.4f}")
+    return out
+
+
 def extra_runs(names, seeds, quick, workdir):
     """{run: {"seeds", "seconds", "auc", "gauc"} (lists per seed)} of RUNS outside the demo."""
-    mode = "quick" if quick else "full"
     out = {n: {"seeds": list(seeds), "seconds": [], "auc": [], "gauc": []} for n in names}
     for s in seeds:
-        wd = os.path.join(workdir, f"{mode}-seed{s}")
-        world = _world(wd, s, quick)
-        for name in names:
-            start = time.time()
-            metrics = evaluate(world, run_method(name, world, wd, s, quick, progress=False))
-            out[name]["seconds"].append(round(time.time() - start, 1))
-            out[name]["auc"].append(metrics["auc"])
-            out[name]["gauc"].append(metrics["gauc"])
-            print(f"seed {s} {name:<24} AUC {metrics['auc']:.4f} GAUC {metrics['gauc']:.4f}")
+        for name, r in seed_runs(names, s, quick, workdir).items():
+            for k in ("seconds", "auc", "gauc"):
+                out[name][k].append(r[k])
     return out
 
 

@@ -194,7 +194,7 @@ def test_losses_match_float64_reference(query, candidate_ids, logq, batch):
     if logq:
         lookup = dict(zip(table[0].tolist(), table[1].tolist()))
         q = torch.tensor([lookup.get(i, table[1].min().item()) for i in batch.pv_ids.reshape(-1).tolist()])
-    ref = _infonce64(r.reshape(-1, d), e.reshape(-1, d), clicked.reshape(-1), keep, 0.05, q)
+    ref = _infonce64(r.reshape(-1, d), e.reshape(-1, d), clicked.reshape(-1), keep, model.infonce.temperature, q)
     torch.testing.assert_close(out["contrastive"].double(), ref, rtol=1e-4, atol=1e-5)
 
     # history: position t (valid, with a valid earlier position) reconstructed from positions < t
@@ -203,7 +203,7 @@ def test_losses_match_float64_reference(query, candidate_ids, logq, batch):
         hkeep = _ids_keep(batch.history_ids, hvalid)
     else:
         hkeep = _loop_keep(batch.history_index.reshape(-1), anchor.reshape(-1), hvalid.reshape(-1))
-    href = _infonce64(rh.reshape(-1, d), h.reshape(-1, d), anchor.reshape(-1), hkeep, 0.05)
+    href = _infonce64(rh.reshape(-1, d), h.reshape(-1, d), anchor.reshape(-1), hkeep, model.infonce.temperature)
     torch.testing.assert_close(out["history"].double(), href, rtol=1e-4, atol=1e-5)
 
     ctr = F.binary_cross_entropy_with_logits(logits[valid].double(), batch.clicks[valid].double())

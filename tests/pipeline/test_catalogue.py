@@ -199,14 +199,14 @@ def test_cuda_device_is_set_before_the_first_collective(world, checkpoint, tmp_p
 
 
 def test_imports_go_one_way():
-    """embed -> catalogue -> (encode, embedding_files): no module below imports one above it,
-    not even inside a function."""
-    import courier_fast
+    """Within pipeline/: embed -> catalogue -> (encode, embeddings): no module below imports one
+    above it, not even inside a function (tests/test_layers.py checks the layers between packages)."""
+    import courier_fast.pipeline
 
-    root = os.path.dirname(courier_fast.__file__)
+    root = os.path.dirname(courier_fast.pipeline.__file__)
     above = {"catalogue": {"courier_fast.pipeline.embed"},
              "encode": {"courier_fast.pipeline.embed", "courier_fast.pipeline.catalogue", "courier_fast.pipeline.embeddings"},
-             "embedding_files": {"courier_fast.pipeline.embed", "courier_fast.pipeline.catalogue", "courier_fast.pipeline.encode"}}
+             "embeddings": {"courier_fast.pipeline.embed", "courier_fast.pipeline.catalogue", "courier_fast.pipeline.encode"}}
     for module, forbidden in above.items():
         with open(os.path.join(root, f"{module}.py")) as f:
             tree = ast.parse(f.read())
