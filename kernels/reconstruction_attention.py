@@ -66,6 +66,15 @@ def num_warps(block_p, block_l, block_dh=None, fp32=False):
 
 # ----------------------------------------------------------------------------- short kernels
 @triton.jit
+def _visible(key_pos, target_pos, causal):
+    """Whether key position s is visible to target position t (broadcast tiles, positions within
+    the row): causal 0 all, 1 s < t, 2 s <= t. The no-causal case is compared as a tile, not as the
+    scalar `causal == 0`: Triton's interpreter widens a scalar bool or'ed into a tile to int32,
+    which its tl.load (Triton 3.9) rejects as a mask."""
+    return (key_pos < target_pos + causal // 2) | (key_pos * 0 + causal == 0)
+
+
+@triton.jit
 def _rows(PTR, idx, ok, hd, stride_t, stride_h, d, d_ok):
     """(len(idx), BLOCK_D) fp32 tile: rows idx of head hd, columns d; 0 where not ok."""
     ptr = PTR + idx.to(tl.int64)[:, None] * stride_t + hd * stride_h + d[None, :]
@@ -97,7 +106,7 @@ def _own_keys(t, t_ok, TROW, KOFF, TOFF, MASK, causal, BLOCK_L: tl.constexpr):
     keep = t_ok[:, None] & (slot[None, :] < count[:, None])
     pad = tl.load(MASK + key, mask=keep, other=1)
     keep = keep & (pad == 0)
-    keep = keep & ((slot[None, :] < pos[:, None] + causal // 2) | (causal == 0))  # 1: s < t, 2: s <= t
+    keep = keep & _visible(slot[None, :], pos[:, None], causal)
     return key, keep
 
 
@@ -240,7 +249,7 @@ def _scores(q, k, keys, col_ok, rows, cols, MASK, sm_scale, causal, DOT_FP32: tl
     s = _dot(q, tl.trans(k), DOT_FP32) * sm_scale
     pad = tl.load(MASK + keys, mask=col_ok, other=1)
     keep = (col_ok & (pad == 0))[None, :] & (rows[:, None] >= 0)
-    keep = keep & ((cols[None, :] < rows[:, None] + causal // 2) | (causal == 0))  # 1: s < t, 2: s <= t
+    keep = keep & _visible(cols[None, :], rows[:, None], causal)
     return tl.where(keep, s, float("-inf"))
 
 
