@@ -154,7 +154,7 @@ def short_attention_tasks(dtypes, quick=False):
             bs, bdh = attn.reduce_blocks(dh)  # dK/dV phase 2 (fp32 partials; both families)
             seen.add(("dkdv_reduce", (("BLOCK_S", bs), ("BLOCK_DH", bdh))))
         for kernel, cx in sorted(seen):
-            warps = attn.SHORT_DKDV_WARPS if kernel == "short_bwd_dkdv" else attn.SHORT_WARPS
+            warps = {"short_bwd_dkdv": attn.SHORT_DKDV_WARPS, "dkdv_reduce": attn.REDUCE_WARPS}.get(kernel, attn.SHORT_WARPS)
             tasks.append(("reconstruction_attention", kernel, dt, {**dict(cx), "products": "fma"},
                           warps, attn.NUM_STAGES, "short history"))
     return tasks

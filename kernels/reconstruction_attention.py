@@ -198,17 +198,26 @@ def _piece(p, PROW, POFF, TOFF, KOFF, B, MAXK, CHUNK):
 
 
 @triton.jit
-def _store_dkdv(DK, DV, WK, WV, WOFF, row, c, m, k0, slots, slot_ok, lr, hd, H, DH, d, d_ok, dk, dv):
-    """A piece's dK/dV rows for key slots `slots` of its row: straight into DK/DV (S, h, dh) when
-    the row is one piece (m == 1), else fp32 partials into WK/WV at workspace row
-    WOFF[row] + c * lr + slot (phase 2, _dkdv_reduce_kernel, sums them)."""
+def _out_first(WOFF, row, c, m, k0, lr):
+    """The first output row of a piece: its row's first key in DK/DV (S, h, dh) when the row is
+    one piece (m == 1), else its partials' first workspace row WOFF[row] + c * lr. Taken before
+    the target loop, so that row, c and lr need not stay live across it."""
+    return tl.where(m == 1, k0, tl.load(WOFF + row) + c * lr)
+
+
+@triton.jit
+def _store_dkdv(DK, DV, WK, WV, first, m, slots, slot_ok, hd, H, DH, d, d_ok, dk, dv):
+    """A piece's dK/dV rows for key slots `slots` (output rows first + slot, _out_first): into
+    DK/DV when the row is one piece (m == 1), else fp32 partials into WK/WV, which phase 2
+    (_dkdv_reduce_kernel) sums."""
     ok = slot_ok[:, None] & d_ok[None, :]
-    at = ((k0 + slots) * H + hd)[:, None] * DH + d[None, :]
-    tl.store(DK + at, dk, mask=ok & (m == 1))
-    tl.store(DV + at, dv, mask=ok & (m == 1))
-    ws = ((tl.load(WOFF + row) + c * lr + slots) * H + hd)[:, None] * DH + d[None, :]
-    tl.store(WK + ws, dk, mask=ok & (m > 1))
-    tl.store(WV + ws, dv, mask=ok & (m > 1))
+    at = ((first + slots) * H + hd)[:, None] * DH + d[None, :]
+    if m == 1:
+        tl.store(DK + at, dk, mask=ok)
+        tl.store(DV + at, dv, mask=ok)
+    else:
+        tl.store(WK + at, dk, mask=ok)
+        tl.store(WV + at, dv, mask=ok)
 
 
 @triton.jit
@@ -218,11 +227,12 @@ def _short_bwd_dkdv_kernel(Q, DO, PS, DS, PROW, POFF, TOFF, KOFF, WOFF, ORDER, D
     """Phase 1 of dK/dV for one piece (a row's chunk of <= CHUNK targets, kernels/attention_split.py)
     and head: dV[s] = sum_t P[t, s] dO[t], dK[s] = sm_scale sum_t dS[t, s] Q[t] over the chunk's
     targets (order[first:first + cnt]) for the row's key slots (BLOCK_L = LS slots per target in the
-    stored P and dS), BLOCK_P targets per step; every slot < its row's count is written (0 when no
-    target attends it)."""
+    stored P and dS), BLOCK_P targets per step (unrolled); every slot < its row's count is written
+    (0 when no target attends it)."""
     hd = tl.program_id(1).to(tl.int64)
     ok, row, c, m, first, lo, cnt, k0, kn, lr = _piece(tl.program_id(0).to(tl.int64), PROW, POFF, TOFF,
                                                        KOFF, B, MAXK, CHUNK)
+    out = _out_first(WOFF, row, c, m, k0, lr)
     slot = tl.arange(0, BLOCK_L)
     s_ok = slot < lr
     scratch = hd * LS + slot  # head and key slot within a target's stored P / dS
@@ -232,16 +242,19 @@ def _short_bwd_dkdv_kernel(Q, DO, PS, DS, PROW, POFF, TOFF, KOFF, WOFF, ORDER, D
         dk = tl.zeros([BLOCK_L, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_L, BLOCK_D], dtype=tl.float32)
         for j0 in range(0, cnt, BLOCK_P):
-            j = j0 + tl.arange(0, BLOCK_P)
-            j_ok = j < cnt
-            t = tl.load(ORDER + first + j, mask=j_ok, other=0)
-            at = t[None, :] * (H * LS) + scratch[:, None]
-            both = s_ok[:, None] & j_ok[None, :]
-            p = tl.load(PS + at, mask=both, other=0.0)
-            ds = tl.load(DS + at, mask=both, other=0.0)
-            dv += tl.sum(p[:, :, None] * _rows(DO, t, j_ok, hd, stride_ot, stride_oh, d, d_ok)[None, :, :], axis=1)
-            dk += tl.sum(ds[:, :, None] * _rows(Q, t, j_ok, hd, stride_qt, stride_qh, d, d_ok)[None, :, :], axis=1)
-        _store_dkdv(DK, DV, WK, WV, WOFF, row, c, m, k0, slot, s_ok, lr, hd, H, DH, d, d_ok, dk * sm_scale, dv)
+            # rank-1 updates, one target at a time (BLOCK_P unrolled): a broadcast-multiply-sum
+            # over the step's targets was turned into a tl.dot by Triton (an FMA dot: no MMA)
+            for jj in tl.static_range(BLOCK_P):
+                ok_j = j0 + jj < cnt
+                t = tl.load(ORDER + first + j0 + jj, mask=ok_j, other=0)
+                at = t * (H * LS) + scratch
+                p = tl.load(PS + at, mask=s_ok & ok_j, other=0.0)
+                ds = tl.load(DS + at, mask=s_ok & ok_j, other=0.0)
+                do = _widen(tl.load(DO + t * stride_ot + hd * stride_oh + d, mask=d_ok & ok_j, other=0.0))
+                q = _widen(tl.load(Q + t * stride_qt + hd * stride_qh + d, mask=d_ok & ok_j, other=0.0))
+                dv += p[:, None] * do[None, :]
+                dk += ds[:, None] * q[None, :]
+        _store_dkdv(DK, DV, WK, WV, out, m, slot, s_ok, hd, H, DH, d, d_ok, dk * sm_scale, dv)
 
 
 @triton.jit
@@ -373,6 +386,7 @@ def _flash_bwd_dkdv_kernel(Q, K, V, MASK, DO, LSE, DELTA, PROW, POFF, TOFF, KOFF
     pid = tl.program_id(0).to(tl.int64)
     hd = pid % H
     ok, row, c, m, first, lo, cnt, k0, kn, lr = _piece(pid // H, PROW, POFF, TOFF, KOFF, B, MAXK, CHUNK)
+    out = _out_first(WOFF, row, c, m, k0, lr)
     cols = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
     col_ok = cols < lr
     dh_idx = tl.arange(0, BLOCK_DH)
@@ -396,7 +410,7 @@ def _flash_bwd_dkdv_kernel(Q, K, V, MASK, DO, LSE, DELTA, PROW, POFF, TOFF, KOFF
         delta = tl.load(DELTA + t * H + hd, mask=row_ok, other=0.0)
         ds = p * (dp - delta[:, None])
         dk += _dot(_cast(tl.trans(ds), q, DOT_FP32), q, DOT_FP32)
-    _store_dkdv(DK, DV, WK, WV, WOFF, row, c, m, k0, cols, col_ok, lr, hd, H, DH, dh_idx, dh_ok, dk * sm_scale, dv)
+    _store_dkdv(DK, DV, WK, WV, out, m, cols, col_ok, hd, H, DH, dh_idx, dh_ok, dk * sm_scale, dv)
 
 
 @triton.jit
@@ -439,9 +453,11 @@ _BLOCKS = {16: ((16, 64), (16, 64)), 32: ((16,), (16, 64, 128)), 64: ((16,), (16
            128: ((16,), (16, 32)), 256: ((16, 32), (16,))}
 # fp32 inputs (3xTF32 dots: twice the operand registers): only head dims <= FP32_MAX_HEAD_DIM
 # compiled spill-free; from 128 on every tile tried (16..64 x 16..64) spilled in the backward.
-# Over segments, head dims 16 and 64 need 8 warps (FP32_EIGHT_WARPS) and head dim 16 64-key tiles.
+# Over segments, head dims 16 and 64 need 8 warps (FP32_EIGHT_WARPS) and head dim 16 64-key tiles;
+# head dim 32 too since the dK/dV split (issue 27 item 6: its 16 x 32 dK/dV tile, at 253 registers
+# before, spilled 12 bytes on sm_90a with 4 warps).
 _BLOCKS_FP32 = {16: ((16, 32), (64,)), 32: ((16,), (16, 32)), 64: ((16, 32), (16,))}
-FP32_EIGHT_WARPS = (16, 64)
+FP32_EIGHT_WARPS = (16, 32, 64)
 FP32_MAX_HEAD_DIM = 64
 
 

@@ -201,3 +201,66 @@ def test_cuda_mirror_uses_the_same_policy():
                       "kDkdvMaxChunk": str(attention_split.DKDV_MAX_CHUNK)}
     with open(os.path.join(ROOT, "csrc", "cuda", "attention_core_cuda.cu")) as f:
         assert "dkdv_target_chunk(" in f.read()
+
+
+def _cuda_dkdv_index_emulation(t_off, k_off, n_targets, n_keys, max_keys, max_targets):
+    """The CUDA backend's dK/dV index arithmetic (csrc/cuda/attention_core_cuda.cu: dkdv_plan,
+    attn_bwd_dkdv_kernel's warp -> (row, piece, key, targets, output row), the reduce kernel's
+    reads), transliterated per warp with the host bounds of csrc/attention_core.h (mirrored by
+    attention_split). Returns (writes: {(dest, row index): {(key, target)}}, reads: {key: [ws rows]})."""
+    b = t_off.numel() - 1
+    chunk = attention_split.target_chunk(n_targets, b)
+    n = (t_off[1:] - t_off[:-1]).tolist()
+    keys = (k_off[1:] - k_off[:-1]).clamp(max=max_keys).tolist()
+    m = [(x + chunk - 1) // chunk for x in n]
+    key_pieces = [0]
+    ws_off = [0]
+    for r in range(b):
+        key_pieces.append(key_pieces[-1] + m[r] * keys[r])
+        ws_off.append(ws_off[-1] + (m[r] * keys[r] if m[r] > 1 else 0))
+    warps = (n_targets * max_keys + (chunk - 1) * n_keys) // chunk  # dkdv_key_pieces
+    ws_rows = attention_split.workspace_rows(n_targets, n_keys, chunk, max_keys, max_targets)
+    writes, reads = {}, {}
+    for j in range(warps):
+        if j >= key_pieces[b]:
+            continue
+        lo_r, hi_r = 0, b  # row_of
+        while hi_r - lo_r > 1:
+            mid = lo_r + (hi_r - lo_r) // 2
+            lo_r, hi_r = (mid, hi_r) if key_pieces[mid] <= j else (lo_r, mid)
+        row, local = lo_r, j - key_pieces[lo_r]
+        c, slot = local // keys[row], local % keys[row]
+        s = int(k_off[row]) + slot
+        lo, hi = c * chunk, min(c * chunk + chunk, n[row])
+        dest = ("dk", s) if m[row] == 1 else ("ws", ws_off[row] + local)
+        assert dest not in writes and (dest[0] == "dk" or dest[1] < ws_rows)
+        writes[dest] = {(s, p) for p in range(lo, hi)}
+    for s in range(n_keys):  # the reduce kernel
+        row = int(torch.searchsorted(k_off, torch.tensor(s), right=True)) - 1
+        slot = s - int(k_off[row])
+        if m[row] > 1 and slot < keys[row]:
+            reads[s] = [ws_off[row] + c * keys[row] + slot for c in range(m[row])]
+    return writes, reads
+
+
+def test_cuda_dkdv_index_arithmetic_covers_every_pair_once(gen):
+    """Emulated on CPU (the CUDA kernels cannot run here): every (key, target) pair of a row is
+    summed by exactly one warp, each warp writes its own dK row or workspace row (within the host
+    bound), and the reduce kernel reads exactly the workspace rows of its key's pieces."""
+    split_rows = 0
+    for trial in range(12):
+        b = int(torch.randint(1, 8, (), generator=gen))
+        n = torch.randint(0, 2, (b,), generator=gen) * torch.randint(0, 150, (b,), generator=gen)
+        keys = torch.randint(0, 9, (b,), generator=gen)
+        t_off, k_off = cf.jagged.lengths_to_offsets(n), cf.jagged.lengths_to_offsets(keys)
+        n_t, n_s = int(n.sum()), int(keys.sum())
+        writes, reads = _cuda_dkdv_index_emulation(t_off, k_off, n_t, n_s, int(keys.max()), -1)
+        split_rows += len(reads)
+        pairs = [pair for got in writes.values() for pair in got]
+        want = {(int(k_off[r]) + s, p) for r in range(b) for s in range(int(keys[r])) for p in range(int(n[r]))}
+        assert len(pairs) == len(set(pairs)) and set(pairs) == want
+        for s, rows in reads.items():
+            assert all(writes[("ws", w)] and {k for k, _ in writes[("ws", w)]} == {s} for w in rows)
+            assert set().union(*(writes[("ws", w)] for w in rows)) == {(s, p) for p in range(int(n[int(
+                torch.searchsorted(k_off, torch.tensor(s), right=True)) - 1]))}
+    assert split_rows > 0  # some keys had several pieces
