@@ -46,8 +46,9 @@ MMA_DTYPE = {"bf16": "bf16", "f16": "fp16", "tf32": "tf32", "f32": "fp32", "e4m3
 
 # ----------------------------------------------------------------------------- Triton rows
 INT_ARGS = {"contrastive_loss": {"N", "M", "D"},
-            "reconstruction_attention": {"H", "P", "L", "DH", "causal", "T", "S", "LS"}}
-INDEX_ARGS = {"TROW", "KROW", "TOFF", "KOFF", "ORDER"}  # the attention segment table, int64
+            "reconstruction_attention": {"H", "P", "L", "DH", "causal", "T", "S", "LS", "B", "MAXK", "CHUNK"}}
+# the attention segment table and the dK/dV split's tables (kernels/attention_split.py), int64
+INDEX_ARGS = {"TROW", "KROW", "TOFF", "KOFF", "ORDER", "PROW", "POFF", "WOFF"}
 
 
 def _signature(fn, dtype, kind, op):
@@ -132,11 +133,12 @@ def short_attention_tasks(dtypes, quick=False):
     short_dkdv_blocks over max_keys <= SHORT_MAX_KEYS, any target count, head dims <= 16 and
     above; fp32 at every head dim: these kernels have no MMA). quick: COURIER's shape (L = 5,
     P = 10, head dim 64). Their products are FMA by design (config "products": "fma")."""
+    from courier_fast.kernels import attention_split
     from courier_fast.kernels import reconstruction_attention as attn
 
     keys = (5,) if quick else tuple(2 ** i for i in range(attn.SHORT_MAX_KEYS.bit_length()))
     targets = (10,) if quick else attn.SHORT_BLOCK_P
-    dims = (64,) if quick else (16, 64)
+    dims = (64,) if quick else (16, 64, 256)  # 256: the widest dK/dV phase-2 tile
     tasks = []
     for dt in dtypes:
         seen = set()
@@ -145,11 +147,14 @@ def short_attention_tasks(dtypes, quick=False):
                 bt, bl, bd = attn.short_blocks(n, dh)
                 for kernel in ("short_fwd", "short_bwd_dq"):
                     seen.add((kernel, (("BLOCK_T", bt), ("BLOCK_L", bl), ("BLOCK_D", bd))))
-            for n in targets + (-1,):
-                bs, bp, bd = attn.short_dkdv_blocks(n, dh)
-                seen.add(("short_bwd_dkdv", (("BLOCK_S", bs), ("BLOCK_P", bp), ("BLOCK_D", bd))))
+            for n_keys in keys:
+                for n in targets + (-1,):
+                    bl, bp, bd = attn.short_dkdv_blocks(n_keys, n, attention_split.DKDV_MIN_CHUNK)
+                    seen.add(("short_bwd_dkdv", (("BLOCK_L", bl), ("BLOCK_P", bp), ("BLOCK_D", bd))))
+            bs, bdh = attn.reduce_blocks(dh)  # dK/dV phase 2 (fp32 partials; both families)
+            seen.add(("dkdv_reduce", (("BLOCK_S", bs), ("BLOCK_DH", bdh))))
         for kernel, cx in sorted(seen):
-            warps = attn.SHORT_DKDV_WARPS if kernel == "short_bwd_dkdv" else attn.SHORT_WARPS
+            warps = {"short_bwd_dkdv": attn.SHORT_DKDV_WARPS, "dkdv_reduce": attn.REDUCE_WARPS}.get(kernel, attn.SHORT_WARPS)
             tasks.append(("reconstruction_attention", kernel, dt, {**dict(cx), "products": "fma"},
                           warps, attn.NUM_STAGES, "short history"))
     return tasks
@@ -421,23 +426,31 @@ def attention_work(b, p, length, d, h, elem_bytes=2):
       short rows (L <= SHORT_MAX_KEYS): the packed kernels' FMA products (counted like MMA FLOP):
         forward QK, PV and dQ pass QK, dO V, dS K over BLOCK_L key slots per target (B P targets
         padded to BLOCK_T), dK/dV pass P^T dO, dS^T Q over each key's row's P targets in BLOCK_P
-        steps (B L keys padded to BLOCK_S); head dims padded to BLOCK_D.
+        steps over BLOCK_L key slots per piece; head dims padded to BLOCK_D.
       longer rows: the flash kernels' MMA tiles (forward 2 GEMMs, backward 7: dK/dV kernel S,
         dV, dP, dK; dQ kernel S, dP, dQ) on targets and keys padded to the GPU's blocks.
+      Both families' dK/dV pass runs per piece (a row's chunk of <= target_chunk(B P, B) targets,
+      kernels/attention_split.py): each piece's targets padded to BLOCK_P (the phase-2 sum of
+      partials, O(pieces L dh) adds, is not counted).
     cuda_core: the CUDA core (FMA on exactly the existing (target, key) pairs: forward 2, dQ 3,
     dK/dV 4 products; head dim padded to the lanes, 32 per value per lane)."""
+    from courier_fast.kernels import attention_split
     from courier_fast.kernels import reconstruction_attention as attn
 
     dh = d // h
+    chunk = attention_split.target_chunk(b * p, b)
+    pieces = [min(chunk, p - c) for c in range(0, p, chunk)]  # each row's pieces (targets)
     if attn.short_history(length):
         bt, bl, bd = attn.short_blocks(length, dh)
-        bs, bp, bd_kv = attn.short_dkdv_blocks(p, dh)
+        bl_kv, bp, bd_kv = attn.short_dkdv_blocks(length, p, chunk)
         per_slot = 2 * _pad(dh, bd)  # FLOP of one product for one (target, key slot) pair
-        core = h * (5 * _pad(b * p, bt) * bl * per_slot + 2 * _pad(b * length, bs) * _pad(p, bp) * 2 * _pad(dh, bd_kv))
-        blocks, products = {"BLOCK_T": bt, "BLOCK_L": bl, "BLOCK_D": bd, "BLOCK_S": bs, "BLOCK_P": bp}, "fma"
+        dkdv = b * sum(_pad(n, bp) for n in pieces) * bl_kv * 2 * 2 * _pad(dh, bd_kv)
+        core = h * (5 * _pad(b * p, bt) * bl * per_slot + dkdv)
+        blocks, products = {"BLOCK_T": bt, "BLOCK_L": bl, "BLOCK_D": bd, "BLOCK_P": bp}, "fma"
     else:
         bp, bl, bdh = attn.blocks(p, length, dh, gpu=True)
-        core = 9 * 2 * b * h * _pad(p, bp) * _pad(length, bl) * bdh
+        dkdv = 4 * 2 * b * h * sum(_pad(n, bp) for n in pieces) * _pad(length, bl) * bdh
+        core = 5 * 2 * b * h * _pad(p, bp) * _pad(length, bl) * bdh + dkdv
         blocks, products = {"BLOCK_P": bp, "BLOCK_L": bl, "BLOCK_DH": bdh}, "mma"
     proj = 3 * 2 * b * (p * d * d + length * 2 * d * d + p * d * d)
     core_floor = 12 * b * p * length * d

@@ -1,5 +1,6 @@
-"""Atomic file writes, with nothing but the standard library (the ops' self-check cache uses it
-on a torch-only install)."""
+"""Atomic file writes and the user cache directory, with nothing but the standard library (the
+ops' self-check verdicts and the Triton autotuner's choices are cached there on a torch-only
+install)."""
 import contextlib
 import os
 
@@ -15,3 +16,13 @@ def atomic_path(path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def cache_dir():
+    """The user cache directory: $COURIER_FAST_CACHE_DIR, else $XDG_CACHE_HOME/courier_fast, else
+    ~/.cache/courier_fast."""
+    root = os.environ.get("COURIER_FAST_CACHE_DIR")
+    if root:
+        return root
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "courier_fast")

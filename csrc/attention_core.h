@@ -12,15 +12,46 @@
 //   target_rows (T,): in [0, B), target t's row;  key_rows (S,): the r with key_offsets[r] <= s <
 //   key_offsets[r+1];  order (T,): a permutation of [0, T) listing row r's targets at
 //   [target_offsets[r], target_offsets[r+1]).
+//   max_keys >= every row's key count: the backward's dK/dV workspace is sized by it (a row is
+//   clamped to max_keys keys there; keys past it would get no gradient).
 // The CUDA kernels assert these bounds on the device when built with COURIER_DEVICE_ASSERTS
 // (setup.py: COURIER_FAST_DEVICE_ASSERTS=1).
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <optional>
 
 namespace courier_fast {
+
+// The dK/dV split of the backward (issue 27 item 6), host side: a row's targets are cut into pieces
+// of dkdv_target_chunk(T, B) targets; a row with more than one piece writes fp32 partials per piece
+// (workspace row ws_offsets[r] + c * L_r + slot for chunk c), then each key sums its partials in
+// chunk order (deterministic, no atomics). Shapes only: no host read of the device. This mirrors
+// kernels/attention_split.py (DKDV_MIN_CHUNK, DKDV_MAX_CHUNK, target_chunk, workspace_rows), which
+// the Triton backend and the work model use; tests/ops/test_dkdv_split.py checks the constants.
+constexpr int64_t kDkdvMinChunk = 32;   // targets: rows of at most this many stay one piece
+constexpr int64_t kDkdvMaxChunk = 256;  // targets: the longest serial walk of one dK/dV warp
+
+inline int64_t dkdv_target_chunk(int64_t n_targets, int64_t n_rows) {
+  const int64_t mean = n_targets / (n_rows > 0 ? n_rows : 1);
+  return std::max(kDkdvMinChunk, std::min(kDkdvMaxChunk, mean));
+}
+
+// Upper bound on the workspace rows (sum over rows with n_r > chunk of m_r * min(L_r, max_keys));
+// 0 when no row can have two pieces. See attention_split.workspace_rows.
+inline int64_t dkdv_workspace_rows(int64_t n_targets, int64_t n_keys, int64_t chunk, int64_t max_keys,
+                                   int64_t max_targets) {
+  if (n_targets <= chunk || (max_targets >= 0 && max_targets <= chunk)) return 0;
+  const int64_t pieces = (n_targets + (n_targets / (chunk + 1)) * (chunk - 1)) / chunk;
+  return std::min(pieces * max_keys, (n_targets * max_keys + (chunk - 1) * n_keys) / chunk);
+}
+
+// Upper bound on sum_r m_r * min(L_r, max_keys), the CUDA dK/dV pass's (piece, key) warps per head.
+inline int64_t dkdv_key_pieces(int64_t n_targets, int64_t n_keys, int64_t chunk, int64_t max_keys) {
+  return (n_targets * max_keys + (chunk - 1) * n_keys) / chunk;
+}
 
 inline void check_attention_vector(const char* name, const at::Tensor& t, int64_t len, const char* what,
                                    const at::Tensor& q) {

@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+from courier_fast.kernels import _tune_cache
 from courier_fast.kernels._launch import INTERPRET, device_guard
 from courier_fast.kernels._mma import dot as _dot
 from courier_fast.kernels._mma import to_16bit
@@ -406,9 +407,10 @@ def _grad_y_kernel(X, Y, INV_X, INV_Y, X_BIAS, Y_BIAS, X_IDS, Y_IDS, id_offset, 
 # such); a config out of the device's shared memory (the 99 KB of sm_86 / sm_89: Triton's
 # autotuner used to skip those) gives way to the table's next. Opt-in
 # (COURIER_FAST_TRITON_AUTOTUNE=1): Triton's timing autotuner, one per (kernel, class, kind,
-# bucket) and keyed on D only, so it benchmarks once per bucket and d in a process
-# (never during CUDA-graph capture: the deterministic choice runs there); its choice can differ
-# between processes.
+# bucket) and keyed on D only, so it benchmarks once per bucket and d, and its choice is cached
+# on disk per device and software version (kernels/_tune_cache.py), so it times once there, not
+# once per process (never during CUDA-graph capture: the deterministic choice runs there); two
+# machines, or a cleared cache, can still choose differently.
 MIN_PROGRAMS = 256
 AUTOTUNE_ENV = "COURIER_FAST_TRITON_AUTOTUNE"
 _KERNELS = {"row_lse": "_row_lse_kernel", "grad_x": "_grad_x_kernel", "grad_y": "_grad_y_kernel"}
@@ -460,10 +462,7 @@ def launch(kernel, cls, fp32, size, groups, grid, *args, **kwargs):
     memory, and remembered per process): deterministic unless the timing autotuner is opted in."""
     fn = globals()[_KERNELS[kernel]]
     if _autotune() and not _capturing(args[0]):
-        key = (kernel, cls, fp32, size_bucket(size))
-        if key not in _TUNED:
-            _TUNED[key] = triton.autotune(configs=_configs(kernel, cls, fp32), key=["D"])(fn)
-        return _TUNED[key][grid](*args, **kwargs)
+        return _tuned_launch(fn, kernel, cls, fp32, size, grid, *args, **kwargs)
     device = str(args[0].device)
     error = None
     for bn, bm, warps, stages in config_order(kernel, cls, fp32, size, groups):
@@ -475,6 +474,26 @@ def launch(kernel, cls, fp32, size, groups, grid, *args, **kwargs):
             _OUT_OF_RESOURCES.add((kernel, cls, fp32, (bn, bm, warps, stages), device))
             error = e
     raise error if error is not None else RuntimeError(f"no config of {kernel} fits {device}")
+
+
+def _tuned_launch(fn, kernel, cls, fp32, size, grid, *args, **kwargs):
+    """The opt-in timing autotuner: the config timed for (kernel, class, kind, bucket, D) on this
+    device and software version (kernels/_tune_cache.py, on disk), else Triton's autotuner times
+    the table (once per process per key) and its choice is stored there."""
+    d = args[fn.arg_names.index("D")]
+    key = f"{kernel}|{cls}|{'fp32' if fp32 else '16bit'}|{size_bucket(size)}|{d}"
+    cached = _tune_cache.lookup(args[0].device, __file__, key)
+    if cached is not None:
+        bn, bm, warps, stages = cached
+        return fn[grid](*args, **kwargs, BLOCK_N=bn, BLOCK_M=bm, num_warps=warps, num_stages=stages)
+    tkey = (kernel, cls, fp32, size_bucket(size))
+    if tkey not in _TUNED:
+        _TUNED[tkey] = triton.autotune(configs=_configs(kernel, cls, fp32), key=["D"])(fn)
+    out = _TUNED[tkey][grid](*args, **kwargs)
+    best = _TUNED[tkey].best_config
+    _tune_cache.store(args[0].device, __file__, key,
+                      (best.kwargs["BLOCK_N"], best.kwargs["BLOCK_M"], best.num_warps, best.num_stages))
+    return out
 
 
 def forward_constexprs(d):

@@ -21,13 +21,18 @@ Two kernel families, chosen by the longest history row (max_keys):
   to BLOCK_L = next power of 2 >= max_keys.
     _short_fwd_kernel       O, LSE                                 (products: QK, PV)
     _short_bwd_dq_kernel    dQ; stores P and dS (T, h, BLOCK_L)    (QK, dO V, dS K; delta = sum P dP)
-    _short_bwd_dkdv_kernel  programs over BLOCK_S keys, each looping over its row's targets
-                            (via order) in chunks of BLOCK_P: dV = P^T dO, dK = dS^T Q
+    _short_bwd_dkdv_kernel  a program per piece (a row's chunk of targets, below) over the row's
+                            BLOCK_L key slots, looping over the chunk's targets (via order) in
+                            steps of BLOCK_P: dV = P^T dO, dK = dS^T Q
   flash (longer rows): a program per (row, head) and block of targets, online softmax over
   key tiles, every product a tl.dot at the input precision with fp32 accumulation (P and dS
   cast to the input dtype for the second GEMMs; fp32 inputs: 3xTF32), FlashAttention-2's
-  atomics-free backward (_flash_bwd_dkdv_kernel over key tiles, _flash_bwd_dq_kernel over
-  target tiles, P recomputed from the LSE).
+  atomics-free backward (_flash_bwd_dkdv_kernel over (piece, key tile), _flash_bwd_dq_kernel
+  over target tiles, P recomputed from the LSE).
+Both families split dK/dV by pieces (kernels/attention_split.py): a row's targets in chunks of
+target_chunk(T, B) targets, so a row shared by 10^5 targets (a skewed history_index) is not one
+program's serial walk. A row of one piece writes dK/dV; a longer row writes fp32 partials per
+piece, which _dkdv_reduce_kernel sums per key in chunk order (deterministic, no atomics).
 kernels/_mma.py holds the dot and the 16-bit casts: under TRITON_INTERPRET=1 they emulate the
 GPU's 16-bit MMA and rounding exactly.
 
@@ -41,6 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
+from courier_fast.kernels import attention_split
 from courier_fast.kernels._launch import INTERPRET, device_guard
 from courier_fast.kernels._mma import _widen
 from courier_fast.kernels._mma import dot as _dot
@@ -55,7 +61,9 @@ SHORT_WARPS = 8  # forward and dQ (4 spilled a few bytes on sm_86)
 SHORT_MAX_ROWS = 32  # targets per short forward / dQ program (64 spilled with 1-2 slots per row)
 SHORT_DKDV_WARPS = 4  # dK/dV (8 spilled on sm_80)
 SHORT_DKDV_MAX_KEYS = 16  # keys per dK/dV program (32 spilled on sm_90a)
-SHORT_BLOCK_P = (1, 2, 4)  # target chunks of the short dK/dV kernel
+SHORT_BLOCK_P = (1, 2, 4)  # target steps of the short dK/dV kernel
+REDUCE_TILE = 1024  # dK/dV phase 2: (keys, head dim) fp32 elements per accumulator
+REDUCE_WARPS = 4
 
 
 def num_warps(block_p, block_l, block_dh=None, fp32=False):
@@ -180,38 +188,112 @@ def _short_bwd_dq_kernel(Q, K, V, MASK, DO, LSE, TROW, KOFF, TOFF, DQ, PS, DS, T
 
 
 @triton.jit
-def _short_bwd_dkdv_kernel(Q, DO, PS, DS, KROW, KOFF, TOFF, ORDER, DK, DV, S, H, DH, LS, sm_scale,
-                           stride_qt, stride_qh, stride_ot, stride_oh, BLOCK_S: tl.constexpr,
-                           BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
-    """dV[s] = sum_t P[t, s] dO[t], dK[s] = sm_scale sum_t dS[t, s] Q[t] over the targets t of
-    key s's row (order[target_offsets[r]:...]), from the stored P and dS (slot = s's position in
-    its row, LS slots per target). Every key is written (0 when no target attends it)."""
+def _piece(p, PROW, POFF, TOFF, KOFF, B, MAXK, CHUNK):
+    """Piece p of the dK/dV split (kernels/attention_split.py): (valid, row, chunk index c, pieces
+    in the row m, first position into ORDER, first target position within the row, targets in
+    the chunk, first key, key count, key count clamped to MAXK (the workspace stride)). A piece
+    past the real count finds row B: not valid, 0 targets."""
+    row = tl.load(PROW + p)
+    ok = row < B
+    row = tl.where(ok, row, 0)
+    first_piece = tl.load(POFF + row)
+    m = tl.load(POFF + row + 1) - first_piece
+    t0 = tl.load(TOFF + row)
+    lo = (p - first_piece) * CHUNK
+    cnt = tl.where(ok, tl.minimum(tl.load(TOFF + row + 1) - t0 - lo, CHUNK), 0).to(tl.int32)
+    k0 = tl.load(KOFF + row)
+    kn = tl.where(ok, tl.load(KOFF + row + 1) - k0, 0).to(tl.int32)  # a piece past the last: no keys
+    return ok, row, p - first_piece, m, t0 + lo, lo, cnt, k0, kn, tl.minimum(kn, MAXK)
+
+
+@triton.jit
+def _out_first(WOFF, row, c, m, k0, lr):
+    """The first output row of a piece: its row's first key in DK/DV (S, h, dh) when the row is
+    one piece (m == 1), else its partials' first workspace row WOFF[row] + c * lr. Taken before
+    the target loop, so that row, c and lr need not stay live across it."""
+    return tl.where(m == 1, k0, tl.load(WOFF + row) + c * lr)
+
+
+@triton.jit
+def _store_dkdv(DK, DV, WK, WV, first, m, slots, slot_ok, hd, H, DH, d, d_ok, dk, dv):
+    """A piece's dK/dV rows for key slots `slots` (output rows first + slot, _out_first): into
+    DK/DV when the row is one piece (m == 1), else fp32 partials into WK/WV, which phase 2
+    (_dkdv_reduce_kernel) sums."""
+    ok = slot_ok[:, None] & d_ok[None, :]
+    at = ((first + slots) * H + hd)[:, None] * DH + d[None, :]
+    if m == 1:
+        tl.store(DK + at, dk, mask=ok)
+        tl.store(DV + at, dv, mask=ok)
+    else:
+        tl.store(WK + at, dk, mask=ok)
+        tl.store(WV + at, dv, mask=ok)
+
+
+@triton.jit
+def _short_bwd_dkdv_kernel(Q, DO, PS, DS, PROW, POFF, TOFF, KOFF, WOFF, ORDER, DK, DV, WK, WV, B, H, DH,
+                           LS, MAXK, CHUNK, sm_scale, stride_qt, stride_qh, stride_ot, stride_oh,
+                           BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Phase 1 of dK/dV for one piece (a row's chunk of <= CHUNK targets, kernels/attention_split.py)
+    and head: dV[s] = sum_t P[t, s] dO[t], dK[s] = sm_scale sum_t dS[t, s] Q[t] over the chunk's
+    targets (order[first:first + cnt]) for the row's key slots (BLOCK_L = LS slots per target in the
+    stored P and dS), BLOCK_P targets per step (unrolled); every slot < its row's count is written
+    (0 when no target attends it)."""
+    hd = tl.program_id(1).to(tl.int64)
+    ok, row, c, m, first, lo, cnt, k0, kn, lr = _piece(tl.program_id(0).to(tl.int64), PROW, POFF, TOFF,
+                                                       KOFF, B, MAXK, CHUNK)
+    out = _out_first(WOFF, row, c, m, k0, lr)
+    slot = tl.arange(0, BLOCK_L)
+    s_ok = slot < lr
+    scratch = hd * LS + slot  # head and key slot within a target's stored P / dS
+    for d0 in range(0, DH, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = d < DH
+        dk = tl.zeros([BLOCK_L, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_L, BLOCK_D], dtype=tl.float32)
+        for j0 in range(0, cnt, BLOCK_P):
+            # rank-1 updates, one target at a time (BLOCK_P unrolled): a broadcast-multiply-sum
+            # over the step's targets was turned into a tl.dot by Triton (an FMA dot: no MMA)
+            for jj in tl.static_range(BLOCK_P):
+                ok_j = j0 + jj < cnt
+                t = tl.load(ORDER + first + j0 + jj, mask=ok_j, other=0)
+                at = t * (H * LS) + scratch
+                p = tl.load(PS + at, mask=s_ok & ok_j, other=0.0)
+                ds = tl.load(DS + at, mask=s_ok & ok_j, other=0.0)
+                do = _widen(tl.load(DO + t * stride_ot + hd * stride_oh + d, mask=d_ok & ok_j, other=0.0))
+                q = _widen(tl.load(Q + t * stride_qt + hd * stride_qh + d, mask=d_ok & ok_j, other=0.0))
+                dv += p[:, None] * do[None, :]
+                dk += ds[:, None] * q[None, :]
+        _store_dkdv(DK, DV, WK, WV, out, m, slot, s_ok, hd, H, DH, d, d_ok, dk * sm_scale, dv)
+
+
+@triton.jit
+def _dkdv_reduce_kernel(WK, WV, DK, DV, KROW, KOFF, POFF, WOFF, S, H, DH, MAXK, BLOCK_S: tl.constexpr,
+                        BLOCK_DH: tl.constexpr):
+    """Phase 2 of dK/dV: for BLOCK_S keys and one head, each key of a multi-piece row (m > 1) sums
+    its m fp32 partials WK/WV[WOFF[row] + c * lr + slot] in chunk order c = 0 .. m-1 (a fixed
+    order: deterministic, no atomics) into DK/DV (S, h, dh); keys of one-piece rows are left as
+    phase 1 wrote them."""
     s = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
     hd = tl.program_id(1).to(tl.int64)
     s_ok = s < S
     row = tl.load(KROW + s, mask=s_ok, other=0)
-    first = tl.load(TOFF + row, mask=s_ok, other=0)
-    count = (tl.load(TOFF + row + 1, mask=s_ok, other=0) - first).to(tl.int32)  # int32 loop bound: int64 spilled
-    most = tl.max(count, axis=0)
-    order = ORDER + first  # (BLOCK_S,) pointers to each key's row's targets
-    scratch = hd * LS + (s - tl.load(KOFF + row, mask=s_ok, other=0))  # head and the key's slot in its row
-    for d0 in range(0, DH, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        d_ok = d < DH
-        dk = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
-        dv = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
-        for j0 in range(0, most, BLOCK_P):
-            j = j0 + tl.arange(0, BLOCK_P)
-            ok = j[None, :] < count[:, None]
-            t = tl.load(order[:, None] + j[None, :], mask=ok, other=0)
-            at = t * (H * LS) + scratch[:, None]
-            p = tl.load(PS + at, mask=ok, other=0.0)
-            ds = tl.load(DS + at, mask=ok, other=0.0)
-            dv += tl.sum(p[:, :, None] * _gathered(DO, t, ok, hd, stride_ot, stride_oh, d, d_ok), axis=1)
-            dk += tl.sum(ds[:, :, None] * _gathered(Q, t, ok, hd, stride_qt, stride_qh, d, d_ok), axis=1)
-        at = (s * H + hd)[:, None] * DH + d[None, :]
-        tl.store(DK + at, dk * sm_scale, mask=s_ok[:, None] & d_ok[None, :])
-        tl.store(DV + at, dv, mask=s_ok[:, None] & d_ok[None, :])
+    m = tl.load(POFF + row + 1, mask=s_ok, other=0) - tl.load(POFF + row, mask=s_ok, other=0)
+    k0 = tl.load(KOFF + row, mask=s_ok, other=0)
+    lr = tl.minimum(tl.load(KOFF + row + 1, mask=s_ok, other=0) - k0, MAXK)
+    live = s_ok & (m > 1) & (s - k0 < lr)
+    base = tl.load(WOFF + row, mask=live, other=0) + (s - k0)
+    d = tl.arange(0, BLOCK_DH)
+    ok = live[:, None] & (d < DH)[None, :]
+    dk = tl.zeros([BLOCK_S, BLOCK_DH], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_S, BLOCK_DH], dtype=tl.float32)
+    for c in range(0, tl.max(tl.where(live, m, 0), axis=0).to(tl.int32)):
+        at = ((base + c * lr) * H + hd)[:, None] * DH + d[None, :]
+        take = ok & (c < m)[:, None]
+        dk += tl.load(WK + at, mask=take, other=0.0)
+        dv += tl.load(WV + at, mask=take, other=0.0)
+    at = (s * H + hd)[:, None] * DH + d[None, :]
+    tl.store(DK + at, dk, mask=ok)
+    tl.store(DV + at, dv, mask=ok)
 
 
 # ----------------------------------------------------------------------------- flash kernels
@@ -302,38 +384,42 @@ def _flash_fwd_kernel(Q, K, V, MASK, TOFF, KOFF, ORDER, O, LSE, H, DH, sm_scale,
 
 
 @triton.jit
-def _flash_bwd_dkdv_kernel(Q, K, V, MASK, DO, LSE, DELTA, TOFF, KOFF, ORDER, DK, DV, H, DH, sm_scale,
-                           causal, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                           stride_ot, stride_oh, DOT_FP32: tl.constexpr, BLOCK_P: tl.constexpr,
-                           BLOCK_L: tl.constexpr, BLOCK_DH: tl.constexpr):
-    """dV = P^T dO, dK = sm_scale * dS^T Q for one tile of a row's keys, looping over the row's
-    targets. LSE arrives with -inf replaced by +inf (a target without keys: P = 0)."""
-    b, hd, t0, tn, k0, kn = _row_program(TOFF, KOFF, H)
+def _flash_bwd_dkdv_kernel(Q, K, V, MASK, DO, LSE, DELTA, PROW, POFF, TOFF, KOFF, WOFF, ORDER, DK, DV, WK, WV,
+                           B, H, DH, MAXK, CHUNK, sm_scale, causal, stride_qt, stride_qh, stride_kt,
+                           stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, DOT_FP32: tl.constexpr,
+                           BLOCK_P: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_DH: tl.constexpr):
+    """Phase 1 of dK/dV for one piece (a row's chunk of <= CHUNK targets, kernels/attention_split.py),
+    head (program_id(0) = piece * H + head) and tile of the row's keys: dV = P^T dO,
+    dK = sm_scale * dS^T Q over the chunk's targets. LSE arrives with -inf replaced by +inf (a
+    target without keys: P = 0)."""
+    pid = tl.program_id(0).to(tl.int64)
+    hd = pid % H
+    ok, row, c, m, first, lo, cnt, k0, kn, lr = _piece(pid // H, PROW, POFF, TOFF, KOFF, B, MAXK, CHUNK)
+    out = _out_first(WOFF, row, c, m, k0, lr)
     cols = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
-    col_ok = cols < kn
+    col_ok = cols < lr
     dh_idx = tl.arange(0, BLOCK_DH)
     dh_ok = dh_idx < DH
     k = _load_rows(K, k0 + cols, col_ok, hd, stride_kt, stride_kh, dh_idx, dh_ok)
     v = _load_rows(V, k0 + cols, col_ok, hd, stride_vt, stride_vh, dh_idx, dh_ok)
     dk = tl.zeros([BLOCK_L, BLOCK_DH], dtype=tl.float32)
     dv = tl.zeros([BLOCK_L, BLOCK_DH], dtype=tl.float32)
-    n_targets = tl.where(tl.program_id(1) * BLOCK_L < kn, tn, 0)
+    n_targets = tl.where(tl.program_id(1) * BLOCK_L < lr, cnt, 0)
     for r0 in range(0, n_targets, BLOCK_P):
-        rows = r0 + tl.arange(0, BLOCK_P)
-        row_ok = rows < tn
-        t = tl.load(ORDER + t0 + rows, mask=row_ok, other=0)
+        j = r0 + tl.arange(0, BLOCK_P)
+        row_ok = j < cnt
+        t = tl.load(ORDER + first + j, mask=row_ok, other=0)
         q = _load_rows(Q, t, row_ok, hd, stride_qt, stride_qh, dh_idx, dh_ok)
         lse = tl.load(LSE + t * H + hd, mask=row_ok, other=float("inf"))
-        p = tl.exp(_scores(q, k, k0 + cols, col_ok, rows, cols, MASK, sm_scale, causal, DOT_FP32) - lse[:, None])
+        # positions within the row (lo + j) for the causal rule
+        p = tl.exp(_scores(q, k, k0 + cols, col_ok, lo + j, cols, MASK, sm_scale, causal, DOT_FP32) - lse[:, None])
         do = _load_rows(DO, t, row_ok, hd, stride_ot, stride_oh, dh_idx, dh_ok)
         dv += _dot(_cast(tl.trans(p), do, DOT_FP32), do, DOT_FP32)
         dp = _dot(do, tl.trans(v), DOT_FP32)
         delta = tl.load(DELTA + t * H + hd, mask=row_ok, other=0.0)
         ds = p * (dp - delta[:, None])
         dk += _dot(_cast(tl.trans(ds), q, DOT_FP32), q, DOT_FP32)
-    base = ((k0 + cols) * H + hd)[:, None] * DH + dh_idx[None, :]
-    tl.store(DK + base, dk * sm_scale, mask=col_ok[:, None] & dh_ok[None, :])
-    tl.store(DV + base, dv, mask=col_ok[:, None] & dh_ok[None, :])
+    _store_dkdv(DK, DV, WK, WV, out, m, cols, col_ok, hd, H, DH, dh_idx, dh_ok, dk * sm_scale, dv)
 
 
 @triton.jit
@@ -376,9 +462,11 @@ _BLOCKS = {16: ((16, 64), (16, 64)), 32: ((16,), (16, 64, 128)), 64: ((16,), (16
            128: ((16,), (16, 32)), 256: ((16, 32), (16,))}
 # fp32 inputs (3xTF32 dots: twice the operand registers): only head dims <= FP32_MAX_HEAD_DIM
 # compiled spill-free; from 128 on every tile tried (16..64 x 16..64) spilled in the backward.
-# Over segments, head dims 16 and 64 need 8 warps (FP32_EIGHT_WARPS) and head dim 16 64-key tiles.
+# Over segments, head dims 16 and 64 need 8 warps (FP32_EIGHT_WARPS) and head dim 16 64-key tiles;
+# head dim 32 too since the dK/dV split (issue 27 item 6: its 16 x 32 dK/dV tile, at 253 registers
+# before, spilled 12 bytes on sm_90a with 4 warps).
 _BLOCKS_FP32 = {16: ((16, 32), (64,)), 32: ((16,), (16, 32)), 64: ((16, 32), (16,))}
-FP32_EIGHT_WARPS = (16, 64)
+FP32_EIGHT_WARPS = (16, 32, 64)
 FP32_MAX_HEAD_DIM = 64
 
 
@@ -419,16 +507,25 @@ def short_blocks(max_keys, dh):
     return min(SHORT_MAX_ROWS, SHORT_TILE // (block_l * block_d)), block_l, block_d
 
 
-def short_dkdv_blocks(max_targets, dh):
-    """Short dK/dV kernel: (BLOCK_S keys per program, BLOCK_P targets per step, BLOCK_D). BLOCK_P
-    pads a row's target count least (the larger on a tie); 4 when the count is not known.
-    BLOCK_D is 16 and BLOCK_P at most 4 at every head dim: (16, 8, 16) and (16, 4, 32) tiles
-    spilled a few bytes on sm_90a (bench/kernel_report.py)."""
+def short_dkdv_blocks(max_keys, max_targets, chunk):
+    """Short dK/dV kernel (a program per piece: one row's chunk of <= chunk targets): (BLOCK_L key
+    slots = the row's, as in short_blocks; BLOCK_P targets per step; BLOCK_D). BLOCK_P pads a
+    piece's target count (min(max_targets, chunk)) least, the larger on a tie; 4 when max_targets
+    is not known. BLOCK_D is 16 and BLOCK_P at most 4: (16, 8, 16) and (16, 4, 32) tiles spilled a
+    few bytes on sm_90a (bench/kernel_report.py)."""
     if max_targets > 0:
-        block_p = min(SHORT_BLOCK_P, key=lambda b: (-(-max_targets // b) * b, -b))
+        most = min(max_targets, chunk)
+        block_p = min(SHORT_BLOCK_P, key=lambda b: (-(-most // b) * b, -b))
     else:
         block_p = 4
-    return min(SHORT_DKDV_MAX_KEYS, SHORT_TILE // (block_p * 16)), block_p, 16
+    return triton.next_power_of_2(max(max_keys, 1)), block_p, 16
+
+
+def reduce_blocks(dh):
+    """dK/dV phase 2 (_dkdv_reduce_kernel): (BLOCK_S keys, BLOCK_DH) with BLOCK_S * BLOCK_DH =
+    REDUCE_TILE fp32 per accumulator."""
+    block_dh = max(16, triton.next_power_of_2(dh))
+    return max(1, REDUCE_TILE // block_dh), block_dh
 
 
 def supports(targets, num_heads, **_):
@@ -541,7 +638,7 @@ def attention_backward(grad_o, q, k, v, o, lse, seg, causal, sm_scale):
                                 dq, dk, dv, seg, causal, sm_scale)
             else:
                 delta = (do.float() * o.float().reshape(n_t, h, dh)).sum(-1).contiguous()  # (T, h)
-                _flash_backward(q, k, v, do, mask, lse_safe, delta, toff, koff, order, dq, dk, dv,
+                _flash_backward(q, k, v, do, mask, lse_safe, delta, krow, toff, koff, order, dq, dk, dv,
                                 seg, causal, sm_scale)
     return dq.to(dtypes[0]), dk.to(dtypes[1]), dv.to(dtypes[2])
 
@@ -556,26 +653,69 @@ def _short_backward(q, k, v, do, mask, lse, trow, krow, toff, koff, order, dq, d
         q, k, v, mask, do, lse, trow, koff, toff, dq, probs, dscores, n_t, h, dh,
         float(sm_scale), int(causal), *_strides(q), *_strides(k), *_strides(v), *_strides(do),
         BLOCK_T=bt, BLOCK_L=bl, BLOCK_D=bd, num_warps=SHORT_WARPS, num_stages=NUM_STAGES)
-    n_s = k.shape[0]
-    bs, bp, bd = short_dkdv_blocks(seg.max_targets, dh)
-    _short_bwd_dkdv_kernel[(triton.cdiv(n_s, bs), h)](
-        q, do, probs, dscores, krow, koff, toff, order, dk, dv, n_s, h, dh, bl, float(sm_scale),
-        *_strides(q), *_strides(do), BLOCK_S=bs, BLOCK_P=bp, BLOCK_D=bd,
+    plan = split_plan(seg, toff, koff, n_t, k.shape[0])
+    wk, wv = _workspace(plan, dk)
+    _, bp, bd = short_dkdv_blocks(seg.max_keys, seg.max_targets, plan.chunk)
+    _short_bwd_dkdv_kernel[(_axis0(plan.n_pieces), h)](
+        q, do, probs, dscores, plan.piece_rows, plan.piece_offsets, toff, koff, plan.ws_offsets, order,
+        dk, dv, wk, wv, toff.numel() - 1, h, dh, bl, seg.max_keys, plan.chunk, float(sm_scale),
+        *_strides(q), *_strides(do), BLOCK_L=bl, BLOCK_P=bp, BLOCK_D=bd,
         num_warps=SHORT_DKDV_WARPS, num_stages=NUM_STAGES)
+    _reduce(plan, wk, wv, dk, dv, krow, koff, seg.max_keys)
 
 
-def _flash_backward(q, k, v, do, mask, lse, delta, toff, koff, order, dq, dk, dv, seg, causal, sm_scale):
+def _flash_backward(q, k, v, do, mask, lse, delta, krow, toff, koff, order, dq, dk, dv, seg, causal,
+                    sm_scale):
     n_t, h, dh = q.shape
     most = _max_targets(seg)
     bp, bl, bdh = blocks(most, seg.max_keys, dh, q.dtype == torch.float32)
     n_rows = toff.numel() - 1
     common = dict(DOT_FP32=_dot_fp32(q.dtype), BLOCK_P=bp, BLOCK_L=bl, BLOCK_DH=bdh,
                   num_warps=num_warps(bp, bl, bdh, _dot_fp32(q.dtype)), num_stages=NUM_STAGES)
-    args = (h, dh, float(sm_scale), int(causal), *_strides(q), *_strides(k), *_strides(v), *_strides(do))
-    _flash_bwd_dkdv_kernel[grid(n_rows, h, triton.cdiv(seg.max_keys, bl))](
-        q, k, v, mask, do, lse, delta, toff, koff, order, dk, dv, *args, **common)
+    strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
+    plan = split_plan(seg, toff, koff, n_t, k.shape[0])
+    wk, wv = _workspace(plan, dk)
+    _flash_bwd_dkdv_kernel[grid(_axis0(plan.n_pieces), h, triton.cdiv(seg.max_keys, bl))](
+        q, k, v, mask, do, lse, delta, plan.piece_rows, plan.piece_offsets, toff, koff, plan.ws_offsets,
+        order, dk, dv, wk, wv, n_rows, h, dh, seg.max_keys, plan.chunk, float(sm_scale), int(causal),
+        *strides, **common)
+    _reduce(plan, wk, wv, dk, dv, krow, koff, seg.max_keys)
     _flash_bwd_dq_kernel[grid(n_rows, h, triton.cdiv(most, bp))](
-        q, k, v, mask, do, lse, delta, toff, koff, order, dq, *args, **common)
+        q, k, v, mask, do, lse, delta, toff, koff, order, dq, h, dh, float(sm_scale), int(causal),
+        *strides, **common)
+
+
+def split_plan(seg, toff, koff, n_targets, n_keys):
+    """The dK/dV split both backward paths launch (kernels/attention_split.split_plan; no host read)."""
+    return attention_split.split_plan(toff, koff, n_targets, n_keys, seg.max_keys, seg.max_targets)
+
+
+def _axis0(n):
+    if n > 2 ** 31 - 1:
+        raise ValueError(f"too many dK/dV pieces for grid axis 0 ({n} > 2^31 - 1)")
+    return n
+
+
+def _workspace(plan, dk):
+    """fp32 (ws_rows, h, dh) partials of dK and dV (kernels/attention_split.py); with ws_rows = 0
+    no row has two pieces and nothing is written there: dk itself stands in as the pointer."""
+    if plan.ws_rows == 0:
+        return dk, dk
+    shape = (plan.ws_rows, *dk.shape[1:])
+    return (torch.empty(shape, device=dk.device, dtype=torch.float32),
+            torch.empty(shape, device=dk.device, dtype=torch.float32))
+
+
+def _reduce(plan, wk, wv, dk, dv, krow, koff, max_keys):
+    """Phase 2 of dK/dV (sums multi-piece rows' partials); not launched when no row can have two
+    pieces (plan.ws_rows == 0)."""
+    if plan.ws_rows == 0:
+        return
+    n_s, h, dh = dk.shape
+    bs, bdh = reduce_blocks(dh)
+    _dkdv_reduce_kernel[(triton.cdiv(n_s, bs), h)](
+        wk, wv, dk, dv, krow, koff, plan.piece_offsets, plan.ws_offsets, n_s, h, dh, max_keys,
+        BLOCK_S=bs, BLOCK_DH=bdh, num_warps=REDUCE_WARPS, num_stages=NUM_STAGES)
 
 
 def default_scale(dh):

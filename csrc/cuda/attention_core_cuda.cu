@@ -1,9 +1,11 @@
 // CUDA backend of courier_fast::attention_core: the reconstruction-attention core after the
 // Q/K/V projections, over segments (every input layout: padded, history_index, jagged; see
 // courier_fast/ops/attention_layout.py). One warp per (target, head) in the forward and the dQ pass,
-// each target walking only its own row's keys; one warp per (history item, head) in the dK/dV
-// pass, walking the targets of its row: no atomics, K/V read in place (never copied per
-// target), online softmax over the history, so any L works without an L x P buffer. Every
+// each target walking only its own row's keys; in the dK/dV pass one warp per (history item,
+// chunk of its row's targets, head) (the split of attention_core.h: a row shared by 10^5 targets
+// is not one warp's serial walk), then a fixed-order sum of the chunks' fp32 partials: no
+// atomics, K/V read in place (never copied per target), online softmax over the history, so any
+// L works without an L x P buffer. Every
 // product is an FMA on exactly the (target, key) pairs that exist (no tile padding: short
 // histories waste nothing); head dim up to 256 (1, 2, 4 or 8 values per lane, the smallest that
 // fits); fp32 accumulation (fp64 for fp64 inputs).
@@ -188,31 +190,64 @@ __global__ void attn_bwd_dq_kernel(const scalar_t* __restrict__ q, const scalar_
   }
 }
 
-// dV[s] = sum_t P[t,s] dO[t],  dK[s] = sm_scale * sum_t P[t,s] (dP[t,s] - delta[t]) Q[t] over the
-// targets of key s's row (through order); a warp per (key s, head h) w = s * H + h, no atomics.
+// The dK/dV split (attention_core.h: dkdv_target_chunk; kernels/attention_split.py): row r's
+// targets form m_r = ceil(n_r / chunk) pieces; its (piece c, key slot) pairs, chunk-major, are the
+// warps key_pieces[r] + c * L_r + slot (L_r = min(row's keys, max_keys)), and for m_r > 1 also
+// the workspace rows ws_offsets[r] + c * L_r + slot. All int64 (B+1,) device tables.
+struct DkdvSplit {
+  const int64_t* key_pieces;  // (B+1,) exclusive cumsum of m_r * L_r
+  const int64_t* ws_offsets;  // (B+1,) exclusive cumsum of m_r * L_r over rows with m_r > 1
+  int64_t chunk, max_keys;
+};
+
+// The last r in [0, B) with offsets[r] <= j, for 0 <= j < offsets[B] (offsets non-decreasing).
+__device__ __forceinline__ int64_t row_of(const int64_t* offsets, int64_t B, int64_t j) {
+  int64_t lo = 0, hi = B;  // offsets[lo] <= j < offsets[hi]
+  while (hi - lo > 1) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (offsets[mid] <= j) lo = mid;
+    else hi = mid;
+  }
+  return lo;
+}
+
+__device__ __forceinline__ int64_t row_keys(const Segments& seg, const DkdvSplit& split, int64_t row) {
+  const int64_t n = seg.key_offsets[row + 1] - seg.key_offsets[row];
+  return n < split.max_keys ? n : split.max_keys;
+}
+
+// Phase 1: dV[s] = sum_t P[t,s] dO[t],  dK[s] = sm_scale * sum_t P[t,s] (dP[t,s] - delta[t]) Q[t]
+// over one piece's targets (<= chunk of key s's row, through order); a warp per (piece, key, head)
+// w = j * H + h. A one-piece row writes dK/dV, a longer one fp32 partials into wk/wv.
 template <int kPerLane, typename scalar_t, typename acc_t>
 __global__ void attn_bwd_dkdv_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
-                                     const scalar_t* __restrict__ v, Segments seg,
+                                     const scalar_t* __restrict__ v, Segments seg, DkdvSplit split,
                                      const scalar_t* __restrict__ dout, const acc_t* __restrict__ lse,
                                      const acc_t* __restrict__ delta, acc_t* __restrict__ dk,
-                                     acc_t* __restrict__ dv, int64_t S, int64_t H, int dh, acc_t sm_scale,
-                                     int64_t causal, Strides sq, Strides sk, Strides sv, Strides so) {
+                                     acc_t* __restrict__ dv, acc_t* __restrict__ wk, acc_t* __restrict__ wv,
+                                     int64_t H, int dh, acc_t sm_scale, int64_t causal, Strides sq, Strides sk,
+                                     Strides sv, Strides so) {
   const int64_t warp = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / kWarp;
   const int lane = threadIdx.x % kWarp;
-  if (warp >= S * H) return;
-  const int64_t s = warp / H, h = warp % H, row = seg.key_rows[s];
-  COURIER_KERNEL_ASSERT(row >= 0 && row < seg.B);
-  const int64_t slot = s - seg.key_offsets[row];
+  const int64_t j = warp / H, h = warp % H;
+  if (j >= split.key_pieces[seg.B]) return;  // past the last (piece, key): the grid is a host bound
+  const int64_t row = row_of(split.key_pieces, seg.B, j), local = j - split.key_pieces[row];
+  const int64_t keys = row_keys(seg, split, row), c = local / keys, slot = local % keys;
+  const int64_t s = seg.key_offsets[row] + slot;
   const int64_t t0 = seg.target_offsets[row], count = seg.target_offsets[row + 1] - t0;
-  COURIER_KERNEL_ASSERT(slot >= 0 && t0 >= 0 && count >= 0 && t0 + count <= seg.T);
+  const int64_t pieces = (count + split.chunk - 1) / split.chunk;
+  COURIER_KERNEL_ASSERT(s < seg.S && t0 >= 0 && count >= 0 && t0 + count <= seg.T);
   acc_t kr[kPerLane], vr[kPerLane], gk[kPerLane], gv[kPerLane];
   load_lane<kPerLane>(k + s * sk.t + h * sk.h, lane, dh, kr, sm_scale);
   load_lane<kPerLane>(v + s * sv.t + h * sv.h, lane, dh, vr, acc_t(1));
 #pragma unroll
   for (int e = 0; e < kPerLane; ++e) gk[e] = gv[e] = 0;
   const bool masked = seg.pad && seg.pad[s];
-  // causal: the targets at positions p > slot (strict) or p >= slot (inclusive) see this key
-  for (int64_t p = causal ? slot + 1 - causal / 2 : 0; !masked && p < count; ++p) {
+  // this piece's targets [c * chunk, min((c + 1) * chunk, count)); causal: the targets at
+  // positions p > slot (strict) or p >= slot (inclusive) see this key
+  const int64_t first = causal ? slot + 1 - causal / 2 : 0, lo = c * split.chunk;
+  const int64_t hi = lo + split.chunk < count ? lo + split.chunk : count;
+  for (int64_t p = first > lo ? first : lo; !masked && p < hi; ++p) {
     const int64_t t = seg.order[t0 + p];
     COURIER_KERNEL_ASSERT(t >= 0 && t < seg.T);
     const acc_t row_lse = lse[t * H + h];
@@ -223,21 +258,68 @@ __global__ void attn_bwd_dkdv_kernel(const scalar_t* __restrict__ q, const scala
     const acc_t ds = prob * (lane_dot<kPerLane>(vr, dop, lane, dh) - delta[t * H + h]);
 #pragma unroll
     for (int e = 0; e < kPerLane; ++e) {
-      const int j = lane + kWarp * e;
-      if (j < dh) {
-        gv[e] += prob * static_cast<acc_t>(dop[j]);
-        gk[e] += ds * static_cast<acc_t>(qp[j]);
+      const int jj = lane + kWarp * e;
+      if (jj < dh) {
+        gv[e] += prob * static_cast<acc_t>(dop[jj]);
+        gk[e] += ds * static_cast<acc_t>(qp[jj]);
       }
     }
   }
+  const int64_t at = pieces == 1 ? (s * H + h) * dh : ((split.ws_offsets[row] + local) * H + h) * dh;
+  acc_t* ok_k = pieces == 1 ? dk : wk;
+  acc_t* ok_v = pieces == 1 ? dv : wv;
 #pragma unroll
   for (int e = 0; e < kPerLane; ++e) {
-    const int j = lane + kWarp * e;
-    if (j < dh) {
-      dk[warp * dh + j] = gk[e] * sm_scale;
-      dv[warp * dh + j] = gv[e];
+    const int jj = lane + kWarp * e;
+    if (jj < dh) {
+      ok_k[at + jj] = gk[e] * sm_scale;
+      ok_v[at + jj] = gv[e];
     }
   }
+}
+
+// Phase 2: a thread per (key s, head h, feature e) of a multi-piece row sums its partials
+// wk/wv[ws_offsets[r] + c * L_r + slot] in chunk order c = 0 .. m_r - 1 (deterministic).
+template <typename acc_t>
+__global__ void attn_bwd_dkdv_reduce_kernel(Segments seg, DkdvSplit split, const acc_t* __restrict__ wk,
+                                            const acc_t* __restrict__ wv, acc_t* __restrict__ dk,
+                                            acc_t* __restrict__ dv, int64_t H, int64_t dh) {
+  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (i >= seg.S * H * dh) return;
+  const int64_t s = i / (H * dh), he = i % (H * dh), row = seg.key_rows[s];
+  COURIER_KERNEL_ASSERT(row >= 0 && row < seg.B);
+  const int64_t count = seg.target_offsets[row + 1] - seg.target_offsets[row];
+  const int64_t pieces = (count + split.chunk - 1) / split.chunk, keys = row_keys(seg, split, row);
+  const int64_t slot = s - seg.key_offsets[row];
+  if (pieces <= 1 || slot >= keys) return;
+  acc_t gk = 0, gv = 0;
+  for (int64_t c = 0; c < pieces; ++c) {
+    const int64_t at = (split.ws_offsets[row] + c * keys + slot) * H * dh + he;
+    gk += wk[at];
+    gv += wv[at];
+  }
+  dk[i] = gk;
+  dv[i] = gv;
+}
+
+// The device tables of the split (ATen ops on the device: no host read) and its host bounds.
+struct DkdvPlan {
+  at::Tensor key_pieces, ws_offsets;
+  int64_t chunk, warps_per_head, ws_rows;
+};
+
+DkdvPlan dkdv_plan(const at::Tensor& target_offsets, const at::Tensor& key_offsets, int64_t T, int64_t S,
+                   int64_t max_keys, int64_t max_targets) {
+  const int64_t B = target_offsets.size(0) - 1;
+  const int64_t chunk = dkdv_target_chunk(T, B);
+  const at::Tensor n = target_offsets.slice(0, 1) - target_offsets.slice(0, 0, B);
+  const at::Tensor keys = (key_offsets.slice(0, 1) - key_offsets.slice(0, 0, B)).clamp_max(max_keys);
+  const at::Tensor m = at::div(n + (chunk - 1), chunk, "floor");
+  const at::Tensor per_row = m * keys;
+  const at::Tensor zero = at::zeros({1}, per_row.options());
+  return {at::cat({zero, per_row.cumsum(0)}),
+          at::cat({zero, at::where(m > 1, per_row, at::zeros_like(per_row)).cumsum(0)}), chunk,
+          dkdv_key_pieces(T, S, chunk, max_keys), dkdv_workspace_rows(T, S, chunk, max_keys, max_targets)};
 }
 
 Strides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1)}; }
@@ -331,6 +413,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_core_backward_cuda(
   at::Tensor dv = at::zeros_like(dk);
   const Segments seg = run.segments();
   const cudaStream_t stream = run.stream;
+  const DkdvPlan plan = dkdv_plan(run.target_offsets, run.key_offsets, T, S, max_keys, max_targets);
+  TORCH_CHECK(plan.warps_per_head * H * kWarp / kThreads < (int64_t(1) << 31),
+              "attention_core: too many (target chunk, key, head) warps for one dK/dV launch");
+  // fp32 (fp64 for fp64 inputs) partials of multi-piece rows; unused (and empty) when ws_rows = 0
+  at::Tensor wk = at::empty({plan.ws_rows, H, dh}, q.options().dtype(acc_type));
+  at::Tensor wv = at::empty_like(wk);
+  const DkdvSplit split{plan.key_pieces.data_ptr<int64_t>(), plan.ws_offsets.data_ptr<int64_t>(), plan.chunk,
+                        max_keys};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_core_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     with_per_lane(dh, [&](auto per_lane) {
@@ -341,12 +431,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_core_backward_cuda(
             dout.data_ptr<scalar_t>(), out_c.data_ptr<acc_t>(), lse_c.data_ptr<acc_t>(), delta.data_ptr<acc_t>(),
             dq.data_ptr<acc_t>(), H, static_cast<int>(dh), static_cast<acc_t>(sm_scale), causal, strides_of(q),
             strides_of(k), strides_of(v), strides_of(dout));
-      if (S * H > 0 && T > 0)  // after the dQ pass: it reads delta
-        attn_bwd_dkdv_kernel<kPerLane, scalar_t, acc_t><<<blocks_for(S * H), kThreads, 0, stream>>>(
-            q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), seg,
-            dout.data_ptr<scalar_t>(), lse_c.data_ptr<acc_t>(), delta.data_ptr<acc_t>(), dk.data_ptr<acc_t>(),
-            dv.data_ptr<acc_t>(), S, H, static_cast<int>(dh), static_cast<acc_t>(sm_scale), causal,
-            strides_of(q), strides_of(k), strides_of(v), strides_of(dout));
+      if (S * H > 0 && T > 0 && plan.warps_per_head > 0) {  // after the dQ pass: it reads delta
+        attn_bwd_dkdv_kernel<kPerLane, scalar_t, acc_t>
+            <<<blocks_for(plan.warps_per_head * H), kThreads, 0, stream>>>(
+                q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), seg, split,
+                dout.data_ptr<scalar_t>(), lse_c.data_ptr<acc_t>(), delta.data_ptr<acc_t>(), dk.data_ptr<acc_t>(),
+                dv.data_ptr<acc_t>(), wk.data_ptr<acc_t>(), wv.data_ptr<acc_t>(), H, static_cast<int>(dh),
+                static_cast<acc_t>(sm_scale), causal, strides_of(q), strides_of(k), strides_of(v),
+                strides_of(dout));
+        if (plan.ws_rows > 0)
+          attn_bwd_dkdv_reduce_kernel<acc_t><<<(S * H * dh + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
+              seg, split, wk.data_ptr<acc_t>(), wv.data_ptr<acc_t>(), dk.data_ptr<acc_t>(), dv.data_ptr<acc_t>(),
+              H, dh);
+      }
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -21,7 +21,7 @@ from courier_fast.kernels import reconstruction_attention as attn_kernels  # noq
 
 CUDA_GRID_YZ = 65535  # gridDim.y / gridDim.z limit (gridDim.x: 2^31 - 1)
 ATTN_KERNELS = ("_short_fwd_kernel", "_short_bwd_dq_kernel", "_short_bwd_dkdv_kernel",
-                "_flash_fwd_kernel", "_flash_bwd_dkdv_kernel", "_flash_bwd_dq_kernel")
+                "_flash_fwd_kernel", "_flash_bwd_dkdv_kernel", "_flash_bwd_dq_kernel", "_dkdv_reduce_kernel")
 
 
 class _Recorder:
@@ -88,8 +88,10 @@ def test_attention_grid_keeps_batch_times_heads_off_the_limited_axes(recorded):
     out, lse = attn_kernels.attention_forward(q, k, v, seg, 0, 0.25)
     attn_kernels.attention_backward(torch.zeros_like(out), q, k, v, out, lse, seg, 0, 0.25)
     assert len(recorded) == 3
-    per_program = [attn_kernels.short_blocks(3, 16)[0]] * 2 + [attn_kernels.short_dkdv_blocks(1, 16)[0]]
-    for (grid, _), block, rows in zip(recorded, per_program, (17500, 17500, 3 * 17500)):
+    # forward and dQ: BLOCK_T targets per program; dK/dV: a program per piece (a row's chunk of
+    # targets, kernels/attention_split.py), here one per row
+    per_program = [attn_kernels.short_blocks(3, 16)[0]] * 2 + [1]
+    for (grid, _), block, rows in zip(recorded, per_program, (17500, 17500, 17500)):
         assert all(n <= CUDA_GRID_YZ for n in grid[1:]), grid
         assert grid[0] * block >= rows and grid[1] == 4
 

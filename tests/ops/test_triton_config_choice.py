@@ -6,6 +6,7 @@ ranks can pick different tiles. Here, under TRITON_INTERPRET=1, each kernel is g
 (the interpreter's table has one, which the autotuner would never time) and the autotuner's
 benchmark is stubbed: it counts its calls and returns timing noise.
 """
+import json
 import random
 
 import pytest
@@ -14,6 +15,7 @@ import torch.multiprocessing as mp
 import triton
 import triton.runtime.autotuner as autotuner
 
+from courier_fast.kernels import _tune_cache
 from courier_fast.kernels import contrastive_lse as lse_kernels
 
 pytestmark = pytest.mark.skipif(not lse_kernels.INTERPRET, reason="runs the kernels in Triton's interpreter")
@@ -56,14 +58,22 @@ def _recording(monkeypatch, ran):
     monkeypatch.setattr(cls, "run", run)
 
 
+def _fresh_process(monkeypatch, cache):
+    """What a new process starts with: no tuner and no cached choice in memory; the disk cache in
+    `cache`."""
+    monkeypatch.setenv("COURIER_FAST_CACHE_DIR", str(cache))
+    monkeypatch.setattr(lse_kernels, "_TUNED", {})
+    monkeypatch.setattr(_tune_cache, "_MEMORY", {})
+
+
 @pytest.mark.parametrize("opt_in", [False, True])
-def test_sizes_100_to_108_benchmark_at_most_once_per_kernel(monkeypatch, opt_in):
+def test_sizes_100_to_108_benchmark_at_most_once_per_kernel(monkeypatch, tmp_path, opt_in):
     """Default: nothing is benchmarked. Opted in to timing: 100..108 share one bucket, so each
     kernel is timed once (one benchmark per config), not once per size."""
     benched = []
     _stub(monkeypatch, benched)
     monkeypatch.setenv("COURIER_FAST_TRITON_AUTOTUNE", "1" if opt_in else "0")
-    monkeypatch.setattr(lse_kernels, "_TUNED", {})
+    _fresh_process(monkeypatch, tmp_path)
     for n in range(100, 109):
         row = _run(n)
         assert torch.isfinite(row).all()
@@ -73,6 +83,31 @@ def test_sizes_100_to_108_benchmark_at_most_once_per_kernel(monkeypatch, opt_in)
         assert set(per_kernel) == {"_row_lse_kernel", "_grad_x_kernel", "_grad_y_kernel"}, per_kernel
     else:
         assert benched == []
+
+
+def test_opt_in_autotune_times_once_per_device_and_version(monkeypatch, tmp_path):
+    """Opted in, the timed choice is cached on disk per device and software version (like the
+    self-check verdicts): a second process with the same cache times nothing and launches the
+    same configs; another Triton version (a new environment) times again."""
+    benched, ran = [], []
+    _stub(monkeypatch, benched)
+    _recording(monkeypatch, ran)
+    monkeypatch.setenv("COURIER_FAST_TRITON_AUTOTUNE", "1")
+    _fresh_process(monkeypatch, tmp_path)
+    _run(100)
+    assert sorted(set(benched)) == ["_grad_x_kernel", "_grad_y_kernel", "_row_lse_kernel"]
+    assert len(benched) == 3 * len(TWO)
+    first, ran[:] = list(ran), []
+    (path,) = list(tmp_path.iterdir())
+    assert len(json.loads(path.read_text())["configs"]) == 3
+    _fresh_process(monkeypatch, tmp_path)  # a new process on the same device and versions
+    _run(100)
+    assert len(benched) == 3 * len(TWO) and ran == first
+    real = _tune_cache.environment
+    monkeypatch.setattr(_tune_cache, "environment", lambda *a: {**real(*a), "triton": "another"})
+    _fresh_process(monkeypatch, tmp_path)
+    _run(100)
+    assert len(benched) == 2 * 3 * len(TWO) and len(list(tmp_path.iterdir())) == 2
 
 
 def _process(rank, results):

@@ -43,6 +43,7 @@ import warnings
 
 import torch
 
+from courier_fast import atomic
 from courier_fast._metadata import dist_version
 from courier_fast.ops import registry
 from courier_fast.ops.selfcheck import tolerances
@@ -139,12 +140,7 @@ def _check_backend(op, backend, device):
 
 
 # ----------------------------------------------------------------------------- cache
-def cache_dir():
-    root = os.environ.get("COURIER_FAST_CACHE_DIR")
-    if root:
-        return root
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "courier_fast")
+cache_dir = atomic.cache_dir  # shared with the Triton autotuner's cache (kernels/_tune_cache.py)
 
 
 def source_files():
