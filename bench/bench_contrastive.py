@@ -10,10 +10,19 @@ process and reports peak RSS above the inputs. Writes bench/results/<device>-con
     python bench/bench_contrastive.py --quick                 # small CPU run
     python bench/bench_contrastive.py --n 16384 --d 64        # the CPU target shape
     python bench/bench_contrastive.py --clip                  # ClipLoss rows (below)
+    python bench/bench_contrastive.py --floor                 # the cpu op against its GEMM floor
+
+On CPU every row also reports its GEMM floor, measured in the row's own process: floor_ms is
+the FLOP of three N x M x d GEMMs (the forward's logits and the backward's two gradients,
+2 N M d each) at this machine's fp32 rate on a 2048^3 matmul (gemm_gflops: the median of runs
+taken before and after the row), and floor_ratio = ms_fwd_bwd / floor_ms. A fused loss that
+recomputes the logits in its backward runs four such GEMMs: 1.33x is its bound at the 2048^3
+rate. --floor: the cpu backend (one direction and symmetric) at N = 8192 and 16384, d = 64.
 
 --clip: open_clip's ClipLoss against courier_fast.nn.ClipLoss (auto and each backend), the
 call a CLIP trainer makes (features as the model gives them, a logit_scale tensor with its
-gradient), at N = 4096 ... 65536, d = 512 (CPU) or up to 2^20 (GPU). On CPU each row's process
+gradient), at N = 4096 ... 32768, d = 512 (CPU) or up to 2^20 (GPU); each row of ours reports its
+time and peak memory as a ratio to open_clip's row at the same N. On CPU each row's process
 may use at most --mem-limit-gb of address space (default 16): a row that needs more fails with
 an allocation error, recorded as its error, instead of taking the machine's memory. Writes
 bench/results/<device>-clip.json.
@@ -21,7 +30,9 @@ bench/results/<device>-clip.json.
 import argparse
 import json
 import os
+import statistics
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -169,7 +180,31 @@ def measure_row(key, n, d, dtype, device, reps, seed=0):
     g = torch.Generator().manual_seed(seed)
     a = scale_rows(torch.randn(n, d, generator=g)).to(device=device, dtype=dtype).requires_grad_()
     c = scale_rows(torch.randn(n, d, generator=g)).to(device=device, dtype=dtype).requires_grad_()
-    return harness.measure(fn, [a, c], device, reps)
+    if device != "cpu":
+        return harness.measure(fn, [a, c], device, reps)
+    before = gemm_rates(reps)  # the floor's rate in this process, around the row (load drifts)
+    res = harness.measure(fn, [a, c], device, reps)
+    if "ms_fwd_bwd" in res:
+        rate = statistics.median(before + gemm_rates(reps))
+        floor_ms = 3 * 2 * n * n * d / rate * 1e3
+        res.update(gemm_gflops=round(rate / 1e9, 1), floor_ms=round(floor_ms, 3),
+                   floor_ratio=round(res["ms_fwd_bwd"] / floor_ms, 3))
+    return res
+
+
+GEMM_N = 2048  # the floor's reference matmul: fp32 2048^3
+
+
+def gemm_rates(reps):
+    """FLOP/s of `reps` fp32 2048^3 matmuls (after one warm-up), one sample each."""
+    x = torch.randn(GEMM_N, GEMM_N)
+    x @ x
+    rates = []
+    for _ in range(max(3, reps)):
+        t0 = time.perf_counter()
+        x @ x
+        rates.append(2 * GEMM_N**3 / (time.perf_counter() - t0))
+    return rates
 
 
 def main():
@@ -182,6 +217,8 @@ def main():
     p.add_argument("--quick", action="store_true", help="small shapes, few reps")
     p.add_argument("--out", help="JSON path (default bench/results/<device>-contrastive.json, -clip.json)")
     p.add_argument("--clip", action="store_true", help="ClipLoss rows: open_clip's against ours")
+    p.add_argument("--floor", action="store_true", help="the cpu op at N = 8192, 16384, d = 64 fp32 "
+                                                        "against its GEMM floor")
     p.add_argument("--mem-limit-gb", type=float, help="CPU: address-space cap of each row's process "
                                                        "(default 16 with --clip, none otherwise)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one row in this process
@@ -194,15 +231,17 @@ def main():
         print(json.dumps(measure_row(key, int(n), int(d), getattr(torch, dtype), device, args.reps)))
         return
 
-    bench = "clip" if args.clip else "contrastive"
+    bench = "clip" if args.clip else "contrastive-floor" if args.floor else "contrastive"
     limit = args.mem_limit_gb if args.mem_limit_gb is not None else (16.0 if args.clip else None)
     if limit is not None and device == "cpu":
         os.environ[MEM_LIMIT_ENV] = str(limit)
     if args.clip:
-        ns = args.n or ([4096, 8192] if args.quick else [4096, 8192, 16384, 32768, 65536] if device == "cpu"
+        ns = args.n or ([4096, 8192] if args.quick else [4096, 8192, 16384, 32768] if device == "cpu"
                         else [4096, 16384, 65536, 262144, 1048576])
         ds, dtypes = args.d or [512], args.dtype or (["float32"] if device == "cpu" else ["float32", "bfloat16"])
         reps = 2 if args.quick else args.reps
+    elif args.floor:
+        ns, ds, dtypes, reps = args.n or [8192, 16384], args.d or [64], args.dtype or ["float32"], args.reps
     elif args.quick:
         ns, ds, dtypes, reps = args.n or [1024, 4096], args.d or [64], args.dtype or ["float32"], 3
     elif device == "cuda":
@@ -210,13 +249,16 @@ def main():
         ds, dtypes, reps = args.d or [256, 512], args.dtype or ["float32", "bfloat16"], args.reps
     else:
         ns, ds, dtypes, reps = args.n or [4096, 16384], args.d or [64, 256], args.dtype or ["float32"], args.reps
-    keys = args.impl or list(clip_implementations(device) if args.clip
-                             else {k: v for k, v in implementations(device).items() if not k.startswith("clip:")})
+    keys = args.impl or (["courier_fast:cpu", "courier_fast:cpu:symmetric"] if args.floor else
+                         list(clip_implementations(device) if args.clip
+                              else {k: v for k, v in implementations(device).items() if not k.startswith("clip:")}))
 
     ceilings = {dt: harness.matmul_ceiling(device, getattr(torch, dt)) for dt in dtypes}
     print(f"device={device} torch={torch.__version__} matmul ceilings (TFLOP/s): "
           + ", ".join(f"{k}={v / 1e12:.2f}" for k, v in ceilings.items()))
-    print(f"{'impl':<34}{'N':>9}{'d':>6}{'dtype':>10}{'fwd ms':>11}{'fwd+bwd ms':>12}{'peak MB':>10}{'floor':>8}")
+    print(f"{'impl':<34}{'N':>9}{'d':>6}{'dtype':>10}{'fwd ms':>11}{'fwd+bwd ms':>12}{'peak MB':>10}{'floor':>8}"
+          + (f"{'GEMM GF/s':>11}{'x floor':>9}" if device == "cpu" else "") + (f"{'x peer time':>13}{'x peer mem':>12}"
+                                                                               if args.clip else ""))
     rows = []
     for dt in dtypes:
         for n in ns:
@@ -232,8 +274,16 @@ def main():
                            **({"mem_limit_gb": limit} if limit is not None and device == "cpu" else {}), **res}
                     if "ms_fwd_bwd" in res:
                         row["floor_fraction"] = round(8 * n * n * d / ceilings[dt] / (res["ms_fwd_bwd"] / 1e3), 4)
+                        peer = next((r for r in rows if r["impl"] == "clip:open_clip" and r["shape"] == row["shape"]
+                                     and r["dtype"] == dt and "ms_fwd_bwd" in r), None)
+                        if args.clip and peer is not None and key != "clip:open_clip":
+                            row["vs_open_clip"] = {"time": round(res["ms_fwd_bwd"] / peer["ms_fwd_bwd"], 3),
+                                                   "peak_mem": round(res["peak_mem_mb"] / max(peer["peak_mem_mb"], 1e-9), 4)}
                         print(f"{key:<34}{n:>9}{d:>6}{dt:>10}{res['ms_fwd']:>11.2f}{res['ms_fwd_bwd']:>12.2f}"
-                              f"{res['peak_mem_mb']:>10.1f}{row['floor_fraction']:>8.3f}")
+                              f"{res['peak_mem_mb']:>10.1f}{row['floor_fraction']:>8.3f}"
+                              + (f"{res['gemm_gflops']:>11.1f}{res['floor_ratio']:>9.2f}" if 'floor_ratio' in res else "")
+                              + (f"{row['vs_open_clip']['time']:>13.3f}{row['vs_open_clip']['peak_mem']:>12.4f}"
+                                 if 'vs_open_clip' in row else ""))
                     else:
                         print(f"{key:<34}{n:>9}{d:>6}{dt:>10}  {res.get('error', '')[:80]}")
                     rows.append(row)

@@ -1,4 +1,5 @@
-// The chunked contrastive log-sum-exp, shared by every C++ backend.
+// The chunked contrastive log-sum-exp of the CUDA backend, and the checks and helpers every C++
+// backend shares (the CPU backend runs its own 2-D tiled driver: contrastive_lse_cpu_driver.cpp).
 //
 // Anchors are processed in row chunks of c rows (chunk_rows): one GEMM gives the (c, M) tile of scaled
 // cosine logits, a backend-specific epilogue (TileOps) reduces it, and the tile is dropped.
@@ -88,7 +89,7 @@ struct TilePolicy {
   int64_t target_elems;
   int64_t min_rows;
 };
-constexpr TilePolicy kCpuTiles{int64_t{1} << 21, 16};     // 8 MB fp32: stays in cache
+constexpr TilePolicy kCpuTiles{0, 256};  // 256 rows whatever M (CPU tiles are 2-D: contrastive_lse_cpu_driver.cpp)
 constexpr TilePolicy kCudaTiles{int64_t{1} << 26, 256};   // 256 MB fp32 while M <= 2^18
 
 // Rows per tile forced by set_lse_tile_rows; 0 = the automatic policy. One variable shared by

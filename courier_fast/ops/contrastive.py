@@ -268,7 +268,7 @@ def _cuda_supports(anchors, candidates, **_):
 if _extension.loaded():
     _compiled = _terms_from_lse(_ops.contrastive_lse, torch.ops.courier_fast.contrastive_lse_backward)
     dispatch.register(OP, "cpu", _compiled, devices=("cpu",), validate=False,
-                      note="C++ chunked online-LSE op (ATen GEMMs on row tiles)")
+                      note="C++ online-LSE op (2-D tiles, a worker thread per share of columns)")
     if _extension.cuda_compiled():
         dispatch.register(OP, "cuda", _compiled, devices=("cuda",), supports=_cuda_supports,
                           note="cuBLAS row tiles + fused CUDA epilogues (auto sends 16-bit inputs to "
