@@ -135,7 +135,8 @@ def _projected_attention(core):
         q = F.linear(targets.reshape(-1, d), in_proj_weight[:d], b_q).view(-1, num_heads, dh)
         kv = F.linear(history.reshape(-1, d), in_proj_weight[d:], b_kv).view(-1, 2, num_heads, dh)
         mode = _validate.causal_mode("causal", causal)  # 0 none, 1 strict (s < t), 2 inclusive (s <= t)
-        out, _ = core(q, kv[:, 0], kv[:, 1], seg.target_rows, seg.key_rows, seg.target_offsets,
+        k, v = kv.unbind(1)  # its backward stacks dK and dV in one pass (two selects: two zeroed copies)
+        out, _ = core(q, k, v, seg.target_rows, seg.key_rows, seg.target_offsets,
                       seg.key_offsets, seg.order, seg.key_padding_mask, mode, 1.0 / math.sqrt(dh),
                       seg.max_targets, seg.max_keys)  # out: (T, d) fp32/fp64
         return F.linear(out.to(targets.dtype), out_proj_weight, out_proj_bias).view(targets.shape)
@@ -149,6 +150,10 @@ def _head_dim_at_most(limit):
 
 dispatch.register(OP, "reference", reconstruction_attention_reference, devices=("cpu", "cuda"),
                   validate=False)
+if _extension.loaded():
+    dispatch.register(OP, "cpu", _projected_attention(_ops.attention_core), devices=("cpu",),
+                      note="C++ CPU attention core (a row's targets together so its K/V stay in cache, "
+                           "exact softmax, atomics-free backward with long rows split over threads)")
 if _extension.cuda_compiled():
     dispatch.register(OP, "cuda", _projected_attention(_ops.attention_core), devices=("cuda",),
                       supports=_head_dim_at_most(256),
