@@ -55,35 +55,6 @@ COURIER_INLINE A dot(const A* a, const A* b, int64_t n) {
 }
 
 template <typename A>
-COURIER_INLINE void axpy(A a, const A* x, A* y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
-}
-
-// out[e] (+)= mult * sum_i coef[i * stride] * rows[i][e] for e < n: a weighted sum of n rows,
-// kLanes columns at a time in a local accumulator (kept in registers) instead of a read-modify-
-// write of out per row.
-template <typename A>
-COURIER_INLINE void weighted_rows(const A* coef, int64_t stride, const A* const* rows, int64_t count, int64_t n,
-                                  A mult, bool accumulate, A* out) {
-  int64_t e0 = 0;
-  for (; e0 + kLanes <= n; e0 += kLanes) {
-    A acc[kLanes];
-    for (int64_t k = 0; k < kLanes; ++k) acc[k] = 0;
-    for (int64_t i = 0; i < count; ++i) {
-      const A c = coef[i * stride];
-      const A* r = rows[i] + e0;
-      for (int64_t k = 0; k < kLanes; ++k) acc[k] += c * r[k];
-    }
-    for (int64_t k = 0; k < kLanes; ++k) out[e0 + k] = (accumulate ? out[e0 + k] : A(0)) + mult * acc[k];
-  }
-  for (int64_t e = e0; e < n; ++e) {
-    A acc = 0;
-    for (int64_t i = 0; i < count; ++i) acc += coef[i * stride] * rows[i][e];
-    out[e] = (accumulate ? out[e] : A(0)) + mult * acc;
-  }
-}
-
-template <typename A>
 struct View {  // a (N, h, dh) tensor's data and (row, head) strides; dh contiguous
   const A* p;
   int64_t s0, s1;
@@ -105,142 +76,337 @@ COURIER_INLINE int64_t causal_end(int64_t pos, int64_t count, int64_t causal) {
   return causal ? std::min(count, pos + causal / 2) : count;
 }
 
-// ---- forward: targets at order positions [p0, p1) --------------------------------------------
-// out (T, h*dh) and lse (T, h) in A; scratch: 3 max_keys + dh values (scores, V row pointers).
+// ---- a small GEMM over row pointers -----------------------------------------------------------
+// c[i][j] (+)= alpha * sum_e a[i][e] * b[e][j], i < m, j < n, e < kk: every operand a list of
+// contiguous rows (views of q / k / v / dO rows, or scratch), so that no operand is copied. Blocks
+// of 4 rows x kLanes columns are accumulated in registers (4 loads of b amortised over 4 rows).
 template <typename A>
-COURIER_INLINE void forward_range(const View<A>& q, const View<A>& k, const View<A>& v, const Table& seg, A scale,
-                                  int64_t p0, int64_t p1, A* out, A* lse, A* scratch) {
+COURIER_INLINE void gemm_rows(int64_t m, int64_t n, int64_t kk, const A* const* a, const A* const* b,
+                              A* const* c, A alpha, bool accumulate) {
+  constexpr int64_t R = 4;
+  int64_t j0 = 0;
+  for (; j0 + kLanes <= n; j0 += kLanes) {
+    int64_t i0 = 0;
+    for (; i0 + R <= m; i0 += R) {
+      A acc[R][kLanes];
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t k = 0; k < kLanes; ++k) acc[r][k] = 0;
+      for (int64_t e = 0; e < kk; ++e) {
+        const A* br = b[e] + j0;
+        for (int64_t r = 0; r < R; ++r) {
+          const A av = a[i0 + r][e];
+          for (int64_t k = 0; k < kLanes; ++k) acc[r][k] += av * br[k];
+        }
+      }
+      for (int64_t r = 0; r < R; ++r) {
+        A* cr = c[i0 + r] + j0;
+        for (int64_t k = 0; k < kLanes; ++k) cr[k] = (accumulate ? cr[k] : A(0)) + alpha * acc[r][k];
+      }
+    }
+    for (; i0 < m; ++i0) {
+      A acc[kLanes];
+      for (int64_t k = 0; k < kLanes; ++k) acc[k] = 0;
+      for (int64_t e = 0; e < kk; ++e) {
+        const A av = a[i0][e];
+        const A* br = b[e] + j0;
+        for (int64_t k = 0; k < kLanes; ++k) acc[k] += av * br[k];
+      }
+      A* cr = c[i0] + j0;
+      for (int64_t k = 0; k < kLanes; ++k) cr[k] = (accumulate ? cr[k] : A(0)) + alpha * acc[k];
+    }
+  }
+  for (int64_t i = 0; i < m && j0 < n; ++i)  // the last n % kLanes columns (head dims not a multiple)
+    for (int64_t j = j0; j < n; ++j) {
+      A acc = 0;
+      for (int64_t e = 0; e < kk; ++e) acc += a[i][e] * b[e][j];
+      c[i][j] = (accumulate ? c[i][j] : A(0)) + alpha * acc;
+    }
+}
+
+// float32: the same with explicit 8-float vectors (GCC keeps the 4 x 16 accumulator block in
+// registers only this way; with arrays it spills them to the stack).
+typedef float v8f __attribute__((vector_size(32)));
+COURIER_INLINE v8f load8(const float* p) {
+  v8f x;
+  std::memcpy(&x, p, sizeof(x));
+  return x;
+}
+COURIER_INLINE void store8(float* p, v8f x, float alpha, bool accumulate) {
+  x *= alpha;
+  if (accumulate) x += load8(p);
+  std::memcpy(p, &x, sizeof(x));
+}
+
+COURIER_INLINE void gemm_rows(int64_t m, int64_t n, int64_t kk, const float* const* a, const float* const* b,
+                              float* const* c, float alpha, bool accumulate) {
+  int64_t j0 = 0;
+  for (; j0 + 16 <= n; j0 += 16) {
+    int64_t i0 = 0;
+    for (; i0 + 4 <= m; i0 += 4) {
+      v8f c00 = {}, c01 = {}, c10 = {}, c11 = {}, c20 = {}, c21 = {}, c30 = {}, c31 = {};
+      const float *a0 = a[i0], *a1 = a[i0 + 1], *a2 = a[i0 + 2], *a3 = a[i0 + 3];
+      for (int64_t e = 0; e < kk; ++e) {
+        const v8f b0 = load8(b[e] + j0), b1 = load8(b[e] + j0 + 8);
+        c00 += a0[e] * b0;
+        c01 += a0[e] * b1;
+        c10 += a1[e] * b0;
+        c11 += a1[e] * b1;
+        c20 += a2[e] * b0;
+        c21 += a2[e] * b1;
+        c30 += a3[e] * b0;
+        c31 += a3[e] * b1;
+      }
+      store8(c[i0] + j0, c00, alpha, accumulate);
+      store8(c[i0] + j0 + 8, c01, alpha, accumulate);
+      store8(c[i0 + 1] + j0, c10, alpha, accumulate);
+      store8(c[i0 + 1] + j0 + 8, c11, alpha, accumulate);
+      store8(c[i0 + 2] + j0, c20, alpha, accumulate);
+      store8(c[i0 + 2] + j0 + 8, c21, alpha, accumulate);
+      store8(c[i0 + 3] + j0, c30, alpha, accumulate);
+      store8(c[i0 + 3] + j0 + 8, c31, alpha, accumulate);
+    }
+    for (; i0 < m; ++i0) {
+      v8f x0 = {}, x1 = {};
+      const float* ai = a[i0];
+      for (int64_t e = 0; e < kk; ++e) {
+        x0 += ai[e] * load8(b[e] + j0);
+        x1 += ai[e] * load8(b[e] + j0 + 8);
+      }
+      store8(c[i0] + j0, x0, alpha, accumulate);
+      store8(c[i0] + j0 + 8, x1, alpha, accumulate);
+    }
+  }
+  for (; j0 + 8 <= n; j0 += 8)
+    for (int64_t i = 0; i < m; ++i) {
+      v8f x0 = {};
+      for (int64_t e = 0; e < kk; ++e) x0 += a[i][e] * load8(b[e] + j0);
+      store8(c[i] + j0, x0, alpha, accumulate);
+    }
+  for (int64_t i = 0; i < m && j0 < n; ++i)
+    for (int64_t j = j0; j < n; ++j) {
+      float acc = 0;
+      for (int64_t e = 0; e < kk; ++e) acc += a[i][e] * b[e][j];
+      c[i][j] = (accumulate ? c[i][j] : 0.f) + alpha * acc;
+    }
+}
+
+// The head-h rows of the row's keys, transposed into t (dh, ld): t[e * ld + j] = x_j[e], zero for
+// j in [count, ld). ld = count rounded up to kLanes.
+template <typename A>
+COURIER_INLINE void transpose_rows(const View<A>& x, int64_t k0, int64_t count, int64_t h, int64_t dh, int64_t ld,
+                                   A* t) {
+  for (int64_t j = 0; j < count; ++j) {
+    const A* r = x.at(k0 + j, h);
+    for (int64_t e = 0; e < dh; ++e) t[e * ld + j] = r[e];
+  }
+  for (int64_t e = 0; e < dh; ++e)
+    for (int64_t j = count; j < ld; ++j) t[e * ld + j] = 0;
+}
+
+inline int64_t padded(int64_t count) { return (count + kLanes - 1) / kLanes * kLanes; }
+
+// Work items: row `row`'s targets at order positions [a, b) (at most kBlock at a time inside).
+struct Item {
+  int64_t row, a, b, partial;  // partial: -1, or the element offset of the item's dK / dV buffers
+};
+constexpr int64_t kBlock = 32;
+
+// Scratch (values of A) per thread for a row of at most max_keys keys: two transposed (dh, ld)
+// matrices, two (kBlock, ld) and two (ld, kBlock) blocks, and pointer lists (2 values each).
+inline int64_t scratch_size(int64_t max_keys, int64_t dh) {
+  const int64_t ld = padded(std::max<int64_t>(max_keys, 1));
+  return 2 * dh * ld + 4 * kBlock * ld + 2 * 3 * (ld + kBlock + dh) + 8;
+}
+
+struct Scratch {  // carved from one buffer
+  template <typename A>
+  static A* take(A*& p, int64_t n) {
+    A* r = p;
+    p += n;
+    return r;
+  }
+};
+
+// ---- forward: one item ------------------------------------------------------------------------
+// out (T, h*dh) and lse (T, h) in A. Per head: K^T of the row once, then per block of targets
+// the scores S = scale Q K^T, the masked exact softmax per target, and O = P V / l.
+template <typename A>
+COURIER_INLINE void forward_item(const View<A>& q, const View<A>& k, const View<A>& v, const Table& seg, A scale,
+                                 const Item& it, A* out, A* lse, A* scratch) {
   constexpr A kNegInf = -std::numeric_limits<A>::infinity();
-  const int64_t H = seg.H, dh = seg.dh;
-  A* qs = scratch;
-  A* sc = scratch + dh;
-  const A** vp = reinterpret_cast<const A**>(sc + seg.max_keys);  // (max_keys,) pointers
-  int64_t row = std::upper_bound(seg.target_offsets, seg.target_offsets + seg.B + 1, p0) - seg.target_offsets - 1;
-  for (int64_t p = p0; p < p1; ++p) {
-    while (p >= seg.target_offsets[row + 1]) ++row;
-    const int64_t t = seg.order[p], k0 = seg.key_offsets[row];
-    const int64_t end = causal_end(p - seg.target_offsets[row], seg.key_offsets[row + 1] - k0, seg.causal);
-    for (int64_t h = 0; h < H; ++h) {
-      const A* qr = q.at(t, h);
-      for (int64_t i = 0; i < dh; ++i) qs[i] = qr[i] * scale;
-      A m = kNegInf;
-      for (int64_t j = 0; j < end; ++j) {
-        const int64_t s = k0 + j;
-        const A score = (seg.pad && seg.pad[s]) ? kNegInf : dot(qs, k.at(s, h), dh);
-        sc[j] = score;
-        m = score > m ? score : m;
+  const int64_t H = seg.H, dh = seg.dh, row = it.row, k0 = seg.key_offsets[row];
+  const int64_t count = seg.key_offsets[row + 1] - k0, ld = padded(count);
+  A* p = scratch;
+  A* kt = Scratch::take(p, dh * ld);
+  A* sc = Scratch::take(p, kBlock * ld);
+  const A** ptr = reinterpret_cast<const A**>(p);  // ld + kBlock + dh pointers each
+  const A** arow = ptr;
+  const A** brow = ptr + (ld + kBlock + dh);
+  A** crow = const_cast<A**>(ptr + 2 * (ld + kBlock + dh));
+  A inv[kBlock];
+  for (int64_t h = 0; h < H; ++h) {
+    if (count) transpose_rows(k, k0, count, h, dh, ld, kt);
+    for (int64_t e = 0; e < dh; ++e) brow[e] = kt + e * ld;
+    for (int64_t blk = it.a; blk < it.b; blk += kBlock) {
+      const int64_t nb = std::min(kBlock, it.b - blk);
+      for (int64_t i = 0; i < nb; ++i) {
+        arow[i] = q.at(seg.order[blk + i], h);
+        crow[i] = sc + i * ld;
       }
-      A* o = out + (t * H + h) * dh;
-      if (m == kNegInf) {  // no valid key: out 0, lse -inf
-        for (int64_t i = 0; i < dh; ++i) o[i] = 0;
-        lse[t * H + h] = kNegInf;
-        continue;
+      if (count) gemm_rows(nb, ld, dh, arow, brow, crow, scale, false);
+      for (int64_t i = 0; i < nb; ++i) {
+        const int64_t t = seg.order[blk + i];
+        const int64_t end = causal_end(blk + i - seg.target_offsets[row], count, seg.causal);
+        A* s = sc + i * ld;
+        A m = kNegInf;
+        for (int64_t j = 0; j < count; ++j) {
+          const A x = (j < end && !(seg.pad && seg.pad[k0 + j])) ? s[j] : kNegInf;
+          s[j] = x;
+          m = x > m ? x : m;
+        }
+        A l = 0;
+        for (int64_t j = 0; j < count; ++j) {
+          const A e = m == kNegInf ? A(0) : exp_approx(s[j] - m);  // exactly 0 for a masked key
+          s[j] = e;
+          l += e;
+        }
+        inv[i] = l > 0 ? A(1) / l : A(0);  // no valid key: out 0, lse -inf
+        lse[t * H + h] = l > 0 ? m + std::log(l) : kNegInf;
+        arow[i] = s;
+        crow[i] = out + (t * H + h) * dh;
       }
-      A l = 0;
-      for (int64_t j = 0; j < end; ++j) {
-        const A e = exp_approx(sc[j] - m);  // exactly 0 for a padded key
-        sc[j] = e;
-        l += e;
-      }
-      for (int64_t j = 0; j < end; ++j) vp[j] = v.at(k0 + j, h);
-      weighted_rows(sc, 1, vp, end, dh, A(1) / l, false, o);
-      lse[t * H + h] = m + std::log(l);
+      for (int64_t j = 0; j < count; ++j) brow[j] = v.at(k0 + j, h);
+      gemm_rows(nb, dh, count, arow, brow, crow, A(1), false);
+      for (int64_t i = 0; i < nb; ++i)
+        for (int64_t e = 0; e < dh; ++e) crow[i][e] *= inv[i];
+      for (int64_t e = 0; e < dh; ++e) brow[e] = kt + e * ld;
     }
   }
 }
 
-// ---- backward: one work item, row `row`'s targets at order positions [a, b) ------------------
-// Writes dq (T, h, dh) of those targets (zeros for a target without valid keys) and the row's
-// dK / dV, (count, h, dh) from dk / dv, every element (zeros for padding). dout (T, h, dh),
-// out (T, h*dh), lse (T, h) in A. Per head, blocks of kBlock targets: their probabilities P and
-// dS = P (dP - delta) against every key of the row (scores, then one vectorised exp pass), then
-// per key dK_s = scale sum_t dS Q_t and dV_s = sum_t P dO_t summed in a local accumulator and
-// stored once per block, and dQ_t = scale sum_s dS K_s, each a weighted sum of rows.
-constexpr int64_t kBlock = 32;
-
-// scratch for backward_item, in values of A: probabilities and dS (2 kBlock max_keys), the scaled q
-// (dh) and max_keys pointers (at most 2 values each: pointers are <= 8 bytes, A >= 4)
-inline int64_t backward_scratch(int64_t max_keys, int64_t dh) { return 2 * kBlock * max_keys + dh + 2 * max_keys + 2; }
-
+// ---- backward: one item -----------------------------------------------------------------------
+// Writes dq (T, h, dh) of the item's targets (zeros for a target without valid keys) and the
+// row's dK / dV, (count, h, dh) from dk / dv, every element (zeros for padding). dout (T, h, dh),
+// out (T, h*dh), lse (T, h) in A. Per head: K^T and V^T once; per block of targets P and
+// dS = P (dP - delta) against every key, then dQ = scale dS K, dK (+)= scale dS^T Q and
+// dV (+)= P^T dO, each one small GEMM over row pointers.
 template <typename A>
 COURIER_INLINE void backward_item(const View<A>& q, const View<A>& k, const View<A>& v, const Table& seg, A scale,
-                                  const A* dout, const A* out, const A* lse, int64_t row, int64_t a, int64_t b,
-                                  A* dq, A* dk, A* dv, A* scratch) {
+                                  const A* dout, const A* out, const A* lse, const Item& it, A* dq, A* dk, A* dv,
+                                  A* scratch) {
   constexpr A kNegInf = -std::numeric_limits<A>::infinity();
-  const int64_t H = seg.H, dh = seg.dh, k0 = seg.key_offsets[row], count = seg.key_offsets[row + 1] - k0;
-  A* prob = scratch;               // (kBlock, count)
-  A* dsc = prob + kBlock * count;  // (kBlock, count)
-  A* qs = dsc + kBlock * count;    // (dh,)
-  const A** kp = reinterpret_cast<const A**>(qs + dh);  // (count,) the row's K rows of head h
-  const A* qp[kBlock];
-  const A* dop[kBlock];
+  const int64_t H = seg.H, dh = seg.dh, row = it.row, k0 = seg.key_offsets[row];
+  const int64_t count = seg.key_offsets[row + 1] - k0, ld = padded(count), a = it.a, b = it.b;
   if (a == b) {  // no targets: the row's keys get no gradient
     for (int64_t e = 0; e < count * H * dh; ++e) dk[e] = dv[e] = 0;
     return;
   }
+  A* p = scratch;
+  A* kt = Scratch::take(p, dh * ld);
+  A* vt = Scratch::take(p, dh * ld);
+  A* prob = Scratch::take(p, kBlock * ld);  // (kBlock, ld)
+  A* dsc = Scratch::take(p, kBlock * ld);   // (kBlock, ld)
+  A* prob_t = Scratch::take(p, ld * kBlock);  // (ld, kBlock)
+  A* dsc_t = Scratch::take(p, ld * kBlock);   // (ld, kBlock)
+  const A** ptr = reinterpret_cast<const A**>(p);
+  const A** arow = ptr;
+  const A** brow = ptr + (ld + kBlock + dh);
+  A** crow = const_cast<A**>(ptr + 2 * (ld + kBlock + dh));
+  A delta[kBlock];
   for (int64_t h = 0; h < H; ++h) {
+    if (count) {
+      transpose_rows(k, k0, count, h, dh, ld, kt);
+      transpose_rows(v, k0, count, h, dh, ld, vt);
+    }
     for (int64_t blk = a; blk < b; blk += kBlock) {
       const int64_t nb = std::min(kBlock, b - blk);
-      for (int64_t i = 0; i < nb; ++i) {  // P and dS of target i against every key
-        const int64_t p = blk + i, t = seg.order[p];
+      // scores and dP = dO V^T
+      for (int64_t i = 0; i < nb; ++i) {
+        arow[i] = q.at(seg.order[blk + i], h);
+        crow[i] = prob + i * ld;
+      }
+      for (int64_t e = 0; e < dh; ++e) brow[e] = kt + e * ld;
+      if (count) gemm_rows(nb, ld, dh, arow, brow, crow, scale, false);
+      for (int64_t i = 0; i < nb; ++i) {
+        arow[i] = dout + (seg.order[blk + i] * H + h) * dh;
+        crow[i] = dsc + i * ld;
+      }
+      for (int64_t e = 0; e < dh; ++e) brow[e] = vt + e * ld;
+      if (count) gemm_rows(nb, ld, dh, arow, brow, crow, A(1), false);
+      for (int64_t i = 0; i < nb; ++i) {
+        const int64_t t = seg.order[blk + i];
         const A row_lse = lse[t * H + h];
-        const int64_t end = row_lse == kNegInf ? 0 : causal_end(p - seg.target_offsets[row], count, seg.causal);
-        qp[i] = q.at(t, h);
-        dop[i] = dout + (t * H + h) * dh;
-        A* pi = prob + i * count;
-        A* di = dsc + i * count;
-        for (int64_t e = 0; e < dh; ++e) qs[e] = qp[i][e] * scale;
-        const A delta = end ? dot(dop[i], out + (t * H + h) * dh, dh) : A(0);
+        const int64_t end = row_lse == kNegInf ? 0 : causal_end(blk + i - seg.target_offsets[row], count, seg.causal);
+        delta[i] = end ? dot(dout + (t * H + h) * dh, out + (t * H + h) * dh, dh) : A(0);
+        A* pi = prob + i * ld;
+        A* di = dsc + i * ld;
         for (int64_t j = 0; j < count; ++j) {
           const bool valid = j < end && !(seg.pad && seg.pad[k0 + j]);
-          pi[j] = valid ? dot(qs, k.at(k0 + j, h), dh) - row_lse : kNegInf;
-          di[j] = valid ? dot(dop[i], v.at(k0 + j, h), dh) - delta : A(0);
+          pi[j] = valid ? pi[j] - row_lse : kNegInf;
+          di[j] = valid ? di[j] - delta[i] : A(0);
         }
         for (int64_t j = 0; j < count; ++j) {  // vectorised: exp(-inf) = 0 for invalid keys
           pi[j] = exp_approx(pi[j]);
           di[j] *= pi[j];
         }
+        for (int64_t j = 0; j < count; ++j) {  // transposed copies for dK / dV
+          prob_t[j * kBlock + i] = pi[j];
+          dsc_t[j * kBlock + i] = di[j];
+        }
       }
-      for (int64_t j = 0; j < count; ++j) {  // dK_s, dV_s: weighted sums of the block's Q and dO rows
-        weighted_rows(dsc + j, count, qp, nb, dh, scale, blk != a, dk + (j * H + h) * dh);
-        weighted_rows(prob + j, count, dop, nb, dh, A(1), blk != a, dv + (j * H + h) * dh);
+      // dQ = scale dS K (written once: the block's targets are its own)
+      for (int64_t i = 0; i < nb; ++i) {
+        arow[i] = dsc + i * ld;
+        crow[i] = dq + (seg.order[blk + i] * H + h) * dh;
       }
-      for (int64_t j = 0; j < count; ++j) kp[j] = k.at(k0 + j, h);
-      for (int64_t i = 0; i < nb; ++i)  // dQ_t: a weighted sum of the row's K rows
-        weighted_rows(dsc + i * count, 1, kp, count, dh, scale, false, dq + (seg.order[blk + i] * H + h) * dh);
+      for (int64_t j = 0; j < count; ++j) brow[j] = k.at(k0 + j, h);
+      gemm_rows(nb, dh, count, arow, brow, crow, scale, false);
+      // dK (+)= scale dS^T Q, dV (+)= P^T dO over the block's targets
+      for (int64_t i = 0; i < nb; ++i) brow[i] = q.at(seg.order[blk + i], h);
+      for (int64_t j = 0; j < count; ++j) {
+        arow[j] = dsc_t + j * kBlock;
+        crow[j] = dk + (j * H + h) * dh;
+      }
+      gemm_rows(count, dh, nb, arow, brow, crow, scale, blk != a);
+      for (int64_t i = 0; i < nb; ++i) brow[i] = dout + (seg.order[blk + i] * H + h) * dh;
+      for (int64_t j = 0; j < count; ++j) {
+        arow[j] = prob_t + j * kBlock;
+        crow[j] = dv + (j * H + h) * dh;
+      }
+      gemm_rows(count, dh, nb, arow, brow, crow, A(1), blk != a);
     }
   }
 }
 
-// float32 entry points, cloned per instruction set; float64 runs the same loops unclonned.
-COURIER_CLONES void forward_range_f32(const View<float>& q, const View<float>& k, const View<float>& v,
-                                      const Table& seg, float scale, int64_t p0, int64_t p1, float* out, float* lse,
-                                      float* scratch) {
-  forward_range(q, k, v, seg, scale, p0, p1, out, lse, scratch);
+// float32 entry points, cloned per instruction set; float64 runs the same loops uncloned.
+COURIER_CLONES void forward_item_f32(const View<float>& q, const View<float>& k, const View<float>& v,
+                                     const Table& seg, float scale, const Item& it, float* out, float* lse,
+                                     float* scratch) {
+  forward_item(q, k, v, seg, scale, it, out, lse, scratch);
 }
 COURIER_CLONES void backward_item_f32(const View<float>& q, const View<float>& k, const View<float>& v,
                                       const Table& seg, float scale, const float* dout, const float* out,
-                                      const float* lse, int64_t row, int64_t a, int64_t b, float* dq, float* dk,
-                                      float* dv, float* scratch) {
-  backward_item(q, k, v, seg, scale, dout, out, lse, row, a, b, dq, dk, dv, scratch);
+                                      const float* lse, const Item& it, float* dq, float* dk, float* dv,
+                                      float* scratch) {
+  backward_item(q, k, v, seg, scale, dout, out, lse, it, dq, dk, dv, scratch);
 }
 void forward_any(const View<float>& q, const View<float>& k, const View<float>& v, const Table& seg, float scale,
-                 int64_t p0, int64_t p1, float* out, float* lse, float* scratch) {
-  forward_range_f32(q, k, v, seg, scale, p0, p1, out, lse, scratch);
+                 const Item& it, float* out, float* lse, float* scratch) {
+  forward_item_f32(q, k, v, seg, scale, it, out, lse, scratch);
 }
 void forward_any(const View<double>& q, const View<double>& k, const View<double>& v, const Table& seg,
-                 double scale, int64_t p0, int64_t p1, double* out, double* lse, double* scratch) {
-  forward_range(q, k, v, seg, scale, p0, p1, out, lse, scratch);
+                 double scale, const Item& it, double* out, double* lse, double* scratch) {
+  forward_item(q, k, v, seg, scale, it, out, lse, scratch);
 }
 void backward_any(const View<float>& q, const View<float>& k, const View<float>& v, const Table& seg, float scale,
-                  const float* dout, const float* out, const float* lse, int64_t row, int64_t a, int64_t b,
-                  float* dq, float* dk, float* dv, float* scratch) {
-  backward_item_f32(q, k, v, seg, scale, dout, out, lse, row, a, b, dq, dk, dv, scratch);
+                  const float* dout, const float* out, const float* lse, const Item& it, float* dq, float* dk,
+                  float* dv, float* scratch) {
+  backward_item_f32(q, k, v, seg, scale, dout, out, lse, it, dq, dk, dv, scratch);
 }
 void backward_any(const View<double>& q, const View<double>& k, const View<double>& v, const Table& seg,
-                  double scale, const double* dout, const double* out, const double* lse, int64_t row, int64_t a,
-                  int64_t b, double* dq, double* dk, double* dv, double* scratch) {
-  backward_item(q, k, v, seg, scale, dout, out, lse, row, a, b, dq, dk, dv, scratch);
+                  double scale, const double* dout, const double* out, const double* lse, const Item& it,
+                  double* dq, double* dk, double* dv, double* scratch) {
+  backward_item(q, k, v, seg, scale, dout, out, lse, it, dq, dk, dv, scratch);
 }
 
 // Runs body(i0, i1) over [0, n) split into about 4 parts per thread of equal cost, where
@@ -338,28 +504,28 @@ std::tuple<at::Tensor, at::Tensor> attention_core_cpu(
   at::Tensor out = at::empty({seg.T, seg.H * seg.dh}, q.options().dtype(run.acc));
   at::Tensor lse = at::empty({seg.T, seg.H}, q.options().dtype(run.acc));
   if (seg.T * seg.H == 0) return {out, lse};
-  // cost of each order position: its row's keys (+1 for the target itself)
-  std::vector<int64_t> prefix(seg.T + 1, 0);
-  for (int64_t r = 0; r < seg.B; ++r)
-    for (int64_t p = seg.target_offsets[r]; p < seg.target_offsets[r + 1]; ++p)
-      prefix[p + 1] = prefix[p] + 1 + seg.key_offsets[r + 1] - seg.key_offsets[r];
+  // items: each row's targets in pieces of at most 4 kBlock (long rows spread over threads)
+  std::vector<Item> items;
+  std::vector<int64_t> prefix{0};  // cost: targets x (keys + 1)
+  for (int64_t r = 0; r < seg.B; ++r) {
+    const int64_t keys = seg.key_offsets[r + 1] - seg.key_offsets[r];
+    for (int64_t c = seg.target_offsets[r]; c < seg.target_offsets[r + 1]; c += 4 * kBlock) {
+      items.push_back({r, c, std::min(seg.target_offsets[r + 1], c + 4 * kBlock), -1});
+      prefix.push_back(prefix.back() + (items.back().b - c) * (keys + 1));
+    }
+  }
   AT_DISPATCH_FLOATING_TYPES(run.acc, "attention_core_cpu", [&] {
     const auto qv = run.view<scalar_t>(run.q), kv = run.view<scalar_t>(run.k), vv = run.view<scalar_t>(run.v);
     scalar_t* op = out.data_ptr<scalar_t>();
     scalar_t* lp = lse.data_ptr<scalar_t>();
-    balanced_for(prefix, [&](int64_t p0, int64_t p1) {
-      std::vector<scalar_t> scratch(3 * seg.max_keys + seg.dh + 2);
-      forward_any(qv, kv, vv, seg, static_cast<scalar_t>(sm_scale), p0, p1, op, lp, scratch.data());
+    balanced_for(prefix, [&](int64_t i0, int64_t i1) {
+      std::vector<scalar_t> scratch(scratch_size(seg.max_keys, seg.dh));
+      for (int64_t i = i0; i < i1; ++i)
+        forward_any(qv, kv, vv, seg, static_cast<scalar_t>(sm_scale), items[i], op, lp, scratch.data());
     });
   });
   return {out, lse};
 }
-
-// A backward work item: row `row`'s targets at order positions [a, b); `partial` -1 when it
-// writes dK / dV in place (the row is one item), else the element offset of its partial buffers.
-struct Item {
-  int64_t row, a, b, partial;
-};
 
 // Every row with targets or keys is at least one item (every element of dQ, dK, dV is written
 // by exactly one item or the reduction: no zero fill). Rows with more than `chunk` targets are
@@ -423,14 +589,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_core_backward_cpu(
     A* pk = partial.data_ptr<A>();
     A* pv = pk + partial_elems;
     balanced_for(prefix, [&](int64_t i0, int64_t i1) {
-      std::vector<A> scratch(backward_scratch(run.max_keys, seg.dh));
+      std::vector<A> scratch(scratch_size(seg.max_keys, seg.dh));
       for (int64_t i = i0; i < i1; ++i) {
         const Item& it = items[i];
         const int64_t k0 = seg.key_offsets[it.row];
         A* dk_dst = it.partial < 0 ? dkp + k0 * width : pk + it.partial;
         A* dv_dst = it.partial < 0 ? dvp + k0 * width : pv + it.partial;
-        backward_any(qv, kv, vv, seg, static_cast<A>(sm_scale), dop, outp, lp, it.row, it.a, it.b, dqp, dk_dst,
-                     dv_dst, scratch.data());
+        backward_any(qv, kv, vv, seg, static_cast<A>(sm_scale), dop, outp, lp, it, dqp, dk_dst, dv_dst,
+                     scratch.data());
       }
     });
     if (partial_elems == 0) return;
