@@ -191,16 +191,17 @@ COURIER_INLINE void gemm_rows(int64_t m, int64_t n, int64_t kk, const float* con
 }
 
 // The head-h rows of the row's keys, transposed into t (dh, ld): t[e * ld + j] = x_j[e], zero for
-// j in [count, ld). ld = count rounded up to kLanes.
+// j in [count, ld). ld = count rounded up to kLanes. rows: scratch for count pointers. Each t row
+// is written contiguously (the reads hit the same count rows' cache lines for every e).
 template <typename A>
 COURIER_INLINE void transpose_rows(const View<A>& x, int64_t k0, int64_t count, int64_t h, int64_t dh, int64_t ld,
-                                   A* t) {
-  for (int64_t j = 0; j < count; ++j) {
-    const A* r = x.at(k0 + j, h);
-    for (int64_t e = 0; e < dh; ++e) t[e * ld + j] = r[e];
+                                   A* t, const A** rows) {
+  for (int64_t j = 0; j < count; ++j) rows[j] = x.at(k0 + j, h);
+  for (int64_t e = 0; e < dh; ++e) {
+    A* te = t + e * ld;
+    for (int64_t j = 0; j < count; ++j) te[j] = rows[j][e];
+    for (int64_t j = count; j < ld; ++j) te[j] = 0;
   }
-  for (int64_t e = 0; e < dh; ++e)
-    for (int64_t j = count; j < ld; ++j) t[e * ld + j] = 0;
 }
 
 inline int64_t padded(int64_t count) { return (count + kLanes - 1) / kLanes * kLanes; }
@@ -245,7 +246,7 @@ COURIER_INLINE void forward_item(const View<A>& q, const View<A>& k, const View<
   A** crow = const_cast<A**>(ptr + 2 * (ld + kBlock + dh));
   A inv[kBlock];
   for (int64_t h = 0; h < H; ++h) {
-    if (count) transpose_rows(k, k0, count, h, dh, ld, kt);
+    if (count) transpose_rows(k, k0, count, h, dh, ld, kt, brow);
     for (int64_t e = 0; e < dh; ++e) brow[e] = kt + e * ld;
     for (int64_t blk = it.a; blk < it.b; blk += kBlock) {
       const int64_t nb = std::min(kBlock, it.b - blk);
@@ -287,12 +288,12 @@ COURIER_INLINE void forward_item(const View<A>& q, const View<A>& k, const View<
 // ---- backward: one item -----------------------------------------------------------------------
 // Writes dq (T, h, dh) of the item's targets (zeros for a target without valid keys) and the
 // row's dK / dV, (count, h, dh) from dk / dv, every element (zeros for padding). dout (T, h, dh),
-// out (T, h*dh), lse (T, h) in A. Per head: K^T and V^T once; per block of targets P and
-// dS = P (dP - delta) against every key, then dQ = scale dS K, dK (+)= scale dS^T Q and
+// lse (T, h) in A (the forward's out is not read: delta = <dO, O> = sum_s P dP). Per head: K^T
+// and V^T once; per block of targets P and dS = P (dP - delta) against every key, then dQ = scale dS K, dK (+)= scale dS^T Q and
 // dV (+)= P^T dO, each one small GEMM over row pointers.
 template <typename A>
 COURIER_INLINE void backward_item(const View<A>& q, const View<A>& k, const View<A>& v, const Table& seg, A scale,
-                                  const A* dout, const A* out, const A* lse, const Item& it, A* dq, A* dk, A* dv,
+                                  const A* dout, const A* lse, const Item& it, A* dq, A* dk, A* dv,
                                   A* scratch) {
   constexpr A kNegInf = -std::numeric_limits<A>::infinity();
   const int64_t H = seg.H, dh = seg.dh, row = it.row, k0 = seg.key_offsets[row];
@@ -312,11 +313,10 @@ COURIER_INLINE void backward_item(const View<A>& q, const View<A>& k, const View
   const A** arow = ptr;
   const A** brow = ptr + (ld + kBlock + dh);
   A** crow = const_cast<A**>(ptr + 2 * (ld + kBlock + dh));
-  A delta[kBlock];
   for (int64_t h = 0; h < H; ++h) {
     if (count) {
-      transpose_rows(k, k0, count, h, dh, ld, kt);
-      transpose_rows(v, k0, count, h, dh, ld, vt);
+      transpose_rows(k, k0, count, h, dh, ld, kt, brow);
+      transpose_rows(v, k0, count, h, dh, ld, vt, brow);
     }
     for (int64_t blk = a; blk < b; blk += kBlock) {
       const int64_t nb = std::min(kBlock, b - blk);
@@ -337,18 +337,19 @@ COURIER_INLINE void backward_item(const View<A>& q, const View<A>& k, const View
         const int64_t t = seg.order[blk + i];
         const A row_lse = lse[t * H + h];
         const int64_t end = row_lse == kNegInf ? 0 : causal_end(blk + i - seg.target_offsets[row], count, seg.causal);
-        delta[i] = end ? dot(dout + (t * H + h) * dh, out + (t * H + h) * dh, dh) : A(0);
         A* pi = prob + i * ld;
         A* di = dsc + i * ld;
         for (int64_t j = 0; j < count; ++j) {
           const bool valid = j < end && !(seg.pad && seg.pad[k0 + j]);
           pi[j] = valid ? pi[j] - row_lse : kNegInf;
-          di[j] = valid ? di[j] - delta[i] : A(0);
+          di[j] = valid ? di[j] : A(0);
         }
-        for (int64_t j = 0; j < count; ++j) {  // vectorised: exp(-inf) = 0 for invalid keys
-          pi[j] = exp_approx(pi[j]);
-          di[j] *= pi[j];
-        }
+        for (int64_t j = 0; j < count; ++j) pi[j] = exp_approx(pi[j]);  // vectorised; 0 for invalid keys
+        // delta = <dO, O> = sum_s P dP, from the same products as dP: a target with one valid key
+        // (P = 1) gets dS = 0 exactly, as the contract of the other backends
+        A dsum = 0;
+        for (int64_t j = 0; j < count; ++j) dsum += pi[j] * di[j];
+        for (int64_t j = 0; j < count; ++j) di[j] = pi[j] * (di[j] - dsum);
         for (int64_t j = 0; j < count; ++j) {  // transposed copies for dK / dV
           prob_t[j * kBlock + i] = pi[j];
           dsc_t[j * kBlock + i] = di[j];
@@ -385,10 +386,10 @@ COURIER_CLONES void forward_item_f32(const View<float>& q, const View<float>& k,
   forward_item(q, k, v, seg, scale, it, out, lse, scratch);
 }
 COURIER_CLONES void backward_item_f32(const View<float>& q, const View<float>& k, const View<float>& v,
-                                      const Table& seg, float scale, const float* dout, const float* out,
-                                      const float* lse, const Item& it, float* dq, float* dk, float* dv,
+                                      const Table& seg, float scale, const float* dout, const float* lse,
+                                      const Item& it, float* dq, float* dk, float* dv,
                                       float* scratch) {
-  backward_item(q, k, v, seg, scale, dout, out, lse, it, dq, dk, dv, scratch);
+  backward_item(q, k, v, seg, scale, dout, lse, it, dq, dk, dv, scratch);
 }
 void forward_any(const View<float>& q, const View<float>& k, const View<float>& v, const Table& seg, float scale,
                  const Item& it, float* out, float* lse, float* scratch) {
@@ -399,14 +400,14 @@ void forward_any(const View<double>& q, const View<double>& k, const View<double
   forward_item(q, k, v, seg, scale, it, out, lse, scratch);
 }
 void backward_any(const View<float>& q, const View<float>& k, const View<float>& v, const Table& seg, float scale,
-                  const float* dout, const float* out, const float* lse, const Item& it, float* dq, float* dk,
+                  const float* dout, const float* lse, const Item& it, float* dq, float* dk,
                   float* dv, float* scratch) {
-  backward_item_f32(q, k, v, seg, scale, dout, out, lse, it, dq, dk, dv, scratch);
+  backward_item_f32(q, k, v, seg, scale, dout, lse, it, dq, dk, dv, scratch);
 }
 void backward_any(const View<double>& q, const View<double>& k, const View<double>& v, const Table& seg,
-                  double scale, const double* dout, const double* out, const double* lse, const Item& it,
+                  double scale, const double* dout, const double* lse, const Item& it,
                   double* dq, double* dk, double* dv, double* scratch) {
-  backward_item(q, k, v, seg, scale, dout, out, lse, it, dq, dk, dv, scratch);
+  backward_item(q, k, v, seg, scale, dout, lse, it, dq, dk, dv, scratch);
 }
 
 // Runs body(i0, i1) over [0, n) split into about 4 parts per thread of equal cost, where
@@ -500,7 +501,7 @@ std::tuple<at::Tensor, at::Tensor> attention_core_cpu(
   const Prepared run(q, k, v, target_rows, key_rows, target_offsets, key_offsets, order, key_padding_mask, causal,
                      max_targets, max_keys);
   const Table& seg = run.seg;
-  // out unrounded (float32 / float64): the backward's delta = rowsum(dO * O) needs it exact.
+  // out unrounded (float32 / float64), as the schema states (this backward recomputes delta from P dP).
   at::Tensor out = at::empty({seg.T, seg.H * seg.dh}, q.options().dtype(run.acc));
   at::Tensor lse = at::empty({seg.T, seg.H}, q.options().dtype(run.acc));
   if (seg.T * seg.H == 0) return {out, lse};
@@ -568,7 +569,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_core_backward_cpu(
   const Table& seg = run.seg;
   const int64_t width = seg.H * seg.dh;
   const at::Tensor dout = grad_out.to(run.acc).contiguous();  // (T, h*dh)
-  const at::Tensor out_c = out.to(run.acc).contiguous();
   const at::Tensor lse_c = lse.contiguous();
   at::Tensor dq = at::empty({seg.T, seg.H, seg.dh}, q.options().dtype(run.acc));  // every element written
   at::Tensor dk = at::empty({seg.S, seg.H, seg.dh}, q.options().dtype(run.acc));
@@ -583,7 +583,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_core_backward_cpu(
   AT_DISPATCH_FLOATING_TYPES(run.acc, "attention_core_backward_cpu", [&] {
     using A = scalar_t;
     const auto qv = run.view<A>(run.q), kv = run.view<A>(run.k), vv = run.view<A>(run.v);
-    const A *dop = dout.data_ptr<A>(), *outp = out_c.data_ptr<A>(), *lp = lse_c.data_ptr<A>();
+    const A *dop = dout.data_ptr<A>(), *lp = lse_c.data_ptr<A>();
     A *dqp = dq.data_ptr<A>(), *dkp = dk.data_ptr<A>(), *dvp = dv.data_ptr<A>();
     at::Tensor partial = at::empty({2, partial_elems}, dk.options());  // written whole by their items
     A* pk = partial.data_ptr<A>();
@@ -595,7 +595,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_core_backward_cpu(
         const int64_t k0 = seg.key_offsets[it.row];
         A* dk_dst = it.partial < 0 ? dkp + k0 * width : pk + it.partial;
         A* dv_dst = it.partial < 0 ? dvp + k0 * width : pv + it.partial;
-        backward_any(qv, kv, vv, seg, static_cast<A>(sm_scale), dop, outp, lp, it, dqp, dk_dst, dv_dst,
+        backward_any(qv, kv, vv, seg, static_cast<A>(sm_scale), dop, lp, it, dqp, dk_dst, dv_dst,
                      scratch.data());
       }
     });

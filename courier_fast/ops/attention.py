@@ -156,8 +156,9 @@ dispatch.register(OP, "reference", reconstruction_attention_reference, devices=(
                   validate=False)
 if _extension.loaded():
     dispatch.register(OP, "cpu", _projected_attention(_ops.attention_core), devices=("cpu",),
-                      note="C++ CPU attention core (a row's targets together so its K/V stay in cache, "
-                           "exact softmax, atomics-free backward with long rows split over threads)")
+                      note="C++ CPU attention core (per history row and head: small register-blocked GEMMs over "
+                           "the row's K/V in place, exact softmax, atomics-free backward, long rows split "
+                           "over threads)")
 if _extension.cuda_compiled():
     dispatch.register(OP, "cuda", _projected_attention(_ops.attention_core), devices=("cuda",),
                       supports=_head_dim_at_most(256),
