@@ -7,9 +7,10 @@
 // then with std::exp: exact enough for gradcheck). Target t attends the keys of its row
 // r = target_rows[t], [key_offsets[r], key_offsets[r+1]), less padding, within the causal window.
 //
-// Forward: the targets in `order` (grouped by row, so that a row's K/V stay in cache), split
-// between threads by their keys' count; per (target, head) the scores, their max, the exact
-// softmax (two passes over a scores buffer, no online rescaling) and the weighted sum of V.
+// Forward: work items of up to 4 kBlock targets of one row (long rows spread over threads),
+// split between threads by cost; per head the row's K^T once, then per block of kBlock targets
+// the scores S = scale Q K^T, the exact softmax per target (two passes, no online rescaling) and
+// O = P V, small register-blocked GEMMs over row pointers (no copy of q / k / v).
 // Backward, atomics-free: a work item is (row, a block of its targets); it writes dQ of its own
 // targets and dK / dV of the row's keys (each element written by one item: no zero fill), in
 // place when the row is one item, else into a partial buffer per item that a second pass sums
@@ -34,25 +35,9 @@
 namespace courier_fast {
 namespace {
 
-// Dot products keep kLanes partial sums so that GCC vectorises them over the head dim without
-// reassociating floating-point sums on its own.
+// Column block of the GEMM micro-kernels and the padding of a row's keys in the transposed
+// scratch (so that the score GEMM runs on whole blocks).
 constexpr int64_t kLanes = 16;
-
-template <typename A>
-COURIER_INLINE A dot(const A* a, const A* b, int64_t n) {
-  A lane[kLanes];
-  for (int64_t k = 0; k < kLanes; ++k) lane[k] = 0;
-  const int64_t nv = n - n % kLanes;
-  for (int64_t i = 0; i < nv; i += kLanes)
-    for (int64_t k = 0; k < kLanes; ++k) lane[k] += a[i + k] * b[i + k];
-  // pairwise (a fixed order, vectorised): a sequential sum of the lanes would be a chain of 16
-  // dependent adds per dot product
-  for (int64_t w = kLanes / 2; w >= 1; w /= 2)
-    for (int64_t k = 0; k < w; ++k) lane[k] += lane[k + w];
-  A sum = lane[0];
-  for (int64_t i = nv; i < n; ++i) sum += a[i] * b[i];
-  return sum;
-}
 
 template <typename A>
 struct View {  // a (N, h, dh) tensor's data and (row, head) strides; dh contiguous
