@@ -3,12 +3,21 @@
 Peers: official (COURIER's public code: flat page-view targets, each with the history row it
 belongs to copied per target, `mha(pv.unsqueeze(1), hist[idx], hist[idx])`, no padding mask),
 mha_masked (nn.MultiheadAttention, key_padding_mask, no copy), sdpa (projections +
-scaled_dot_product_attention with a mask), flex (FlexAttention, where it runs). Ours:
-courier_fast:<backend> on the padded layout (B, P, d) and courier_fast:<backend>:history_index
-on the official call's own layout (flat targets + history_index: the one-line change, no copy).
-Every row times forward and forward+backward of out.float().square().mean() w.r.t. targets,
-history and the weights. floor_fraction = max(3 x history bytes / measured copy bandwidth,
-3 x projection FLOP / measured matmul rate) / measured fwd+bwd time.
+scaled_dot_product_attention with a mask: the peer every layout of ours is compared with), flex
+(FlexAttention, where it runs). Ours: courier_fast:<backend> on the padded layout (B, P, d) with
+key_padding_mask, and on the same problem as :lengths (right-aligned, as many valid items per row),
+:history_index (the official call's own layout, flat targets + history_index: the one-line
+change, no copy) and :jagged (history values (B*L, d) + offsets, targets + target_offsets).
+Drop-ins: cf_mha (courier_fast.nn.MultiheadAttention) on mha_masked's call, and on
+self-attention over the history (mha_self / cf_mha_self: query is key is value, where
+nn.MultiheadAttention takes its native fast path in eval mode under no_grad).
+Every row times forward+backward of out.float().square().mean() w.r.t. targets, history and the
+weights (training mode), the forward under no_grad (ms_fwd), and the forward under no_grad with
+the modules in eval mode (ms_fwd_eval). ratio / ratio_eval: the row's fwd+bwd / eval-forward
+time over its peer's in the same run (ours and official: sdpa; cf_mha: mha_masked; cf_mha_self:
+mha_self). floor_fraction = max(3 x history bytes / measured copy bandwidth, 3 x projection
+FLOP / measured matmul rate) / measured fwd+bwd time; floor_fraction_eval the same with one
+pass and the projection FLOP once, over the eval forward. On CPU each row runs in its own process.
 
     python bench/bench_attention.py --quick
     python bench/bench_attention.py --shape 4096 50 10     # B L P
@@ -26,9 +35,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
 
-def _mha(d, h, device, dtype):
+_MODULES = []  # every module a row builds: measure_row puts them in eval mode for ms_fwd_eval
+
+
+def _mha(d, h, device, dtype, cls=nn.MultiheadAttention):
     torch.manual_seed(0)
-    return nn.MultiheadAttention(d, h, batch_first=True, device=device, dtype=dtype)
+    mha = cls(d, h, batch_first=True, device=device, dtype=dtype)
+    _MODULES.append(mha)
+    return mha
 
 
 def _flat(t):
@@ -76,16 +90,21 @@ def flex(mha):
     return fn
 
 
-def courier(mha, backend):
+def _ours(mha, backend):
     import courier_fast as cf
     mod = cf.nn.ReconstructionAttention.from_mha(mha, backend=backend)
+    _MODULES.append(mod)
+    return mod
+
+
+def courier(mha, backend):
+    mod = _ours(mha, backend)
     return lambda t, hist, pad: mod(t, hist, key_padding_mask=pad)
 
 
 def courier_history_index(mha, backend):
     """The official call with the one-line change: mod(pv, hist, history_index=idx)."""
-    import courier_fast as cf
-    mod = cf.nn.ReconstructionAttention.from_mha(mha, backend=backend)
+    mod = _ours(mha, backend)
 
     def fn(t, hist, pad):
         pv, idx = _flat(t)
@@ -93,17 +112,77 @@ def courier_history_index(mha, backend):
     return fn
 
 
+def courier_lengths(mha, backend):
+    """lengths (B,) instead of a mask: each row's valid items right-aligned (as many as pad keeps)."""
+    mod = _ours(mha, backend)
+    return lambda t, hist, pad: mod(t, hist, lengths=(~pad).sum(1))
+
+
+def courier_jagged(mha, backend):
+    """The same problem as jagged values + offsets (rows of L history items and P targets; the
+    values are views of the padded tensors, no copy), max_history_len given (no host read)."""
+    mod = _ours(mha, backend)
+
+    def fn(t, hist, pad):
+        b, p, d = t.shape
+        length = hist.shape[1]
+        t_off = torch.arange(b + 1, device=t.device) * p
+        h_off = torch.arange(b + 1, device=t.device) * length
+        out = mod(t.reshape(b * p, d), hist.reshape(b * length, d), key_padding_mask=pad.reshape(-1),
+                  history_offsets=h_off, target_offsets=t_off, max_history_len=length)
+        return out.reshape(t.shape)
+    return fn
+
+
+def cf_mha(mha):
+    """courier_fast.nn.MultiheadAttention (the drop-in) on mha_masked's call."""
+    import courier_fast as cf
+    mod = _mha(mha.embed_dim, mha.num_heads, mha.in_proj_weight.device, mha.in_proj_weight.dtype,
+               cls=cf.nn.MultiheadAttention)
+    return lambda t, hist, pad: mod(t, hist, hist, key_padding_mask=pad, need_weights=False)[0]
+
+
+def mha_self(mha):
+    """Self-attention over the history: nn's native fast path in eval mode under no_grad."""
+    return lambda t, hist, pad: mha(hist, hist, hist, key_padding_mask=pad, need_weights=False)[0]
+
+
+def cf_mha_self(mha):
+    import courier_fast as cf
+    mod = _mha(mha.embed_dim, mha.num_heads, mha.in_proj_weight.device, mha.in_proj_weight.dtype,
+               cls=cf.nn.MultiheadAttention)
+    return lambda t, hist, pad: mod(hist, hist, hist, key_padding_mask=pad, need_weights=False)[0]
+
+
+LAYOUTS = {"": courier, ":lengths": courier_lengths, ":history_index": courier_history_index,
+           ":jagged": courier_jagged}
+PEER = {"cf_mha": "mha_masked", "cf_mha_self": "mha_self"}  # the rest: sdpa
+SELF = ("mha_self", "cf_mha_self")  # rows whose queries are the history (P = L)
+
+
 def implementations(mha, device):
     from courier_fast.ops import dispatch
-    impls = {"official": official(mha), "mha_masked": mha_masked(mha), "sdpa": sdpa(mha), "flex": flex(mha),
-             "courier_fast:auto": courier(mha, "auto"),
-             "courier_fast:auto:history_index": courier_history_index(mha, "auto")}
+    impls = {"sdpa": sdpa(mha), "official": official(mha), "mha_masked": mha_masked(mha), "flex": flex(mha),
+             "cf_mha": cf_mha(mha), "mha_self": mha_self(mha), "cf_mha_self": cf_mha_self(mha)}
+    impls.update({f"courier_fast:auto{suffix}": make(mha, "auto") for suffix, make in LAYOUTS.items()})
     for name, (ok, _) in dispatch.op_backends("reconstruction_attention").items():
         impl = dispatch.implementations("reconstruction_attention").get(name)
         if ok and impl and device in impl.devices:
-            impls[f"courier_fast:{name}"] = courier(mha, name)
-            impls[f"courier_fast:{name}:history_index"] = courier_history_index(mha, name)
+            impls.update({f"courier_fast:{name}{suffix}": make(mha, name) for suffix, make in LAYOUTS.items()})
     return impls
+
+
+def _eval_forward_ms(fn, t, hist, pad, device, reps):
+    """Median ms of the forward under no_grad with every module of the row in eval mode."""
+    for m in _MODULES:
+        m.eval()
+    try:
+        with torch.no_grad():
+            fn(t, hist, pad)  # warm-up
+            return round(harness.median_ms(lambda: fn(t, hist, pad), device, reps), 3)
+    finally:
+        for m in _MODULES:
+            m.train()
 
 
 def measure_row(key, b, length, p, d, h, dtype, device, reps, seed=0):
@@ -115,7 +194,10 @@ def measure_row(key, b, length, p, d, h, dtype, device, reps, seed=0):
     pad = torch.rand(b, length, generator=g) < 0.3
     pad[:, 0] = False  # nn.MultiheadAttention gives NaN on rows without a valid item
     pad = pad.to(device)
-    return harness.measure(lambda t, hist: fn(t, hist, pad).float().square().mean(), [t, hist], device, reps)
+    res = harness.measure(lambda t, hist: fn(t, hist, pad).float().square().mean(), [t, hist], device, reps)
+    if "error" not in res:
+        res["ms_fwd_eval"] = _eval_forward_ms(fn, t, hist, pad, device, reps)
+    return res
 
 
 def main():
@@ -146,16 +228,22 @@ def main():
     else:
         shapes, dtypes, reps = args.shape or [(4096, 5, 10), (4096, 50, 10)], args.dtype or ["float32"], args.reps
     keys = args.impl or list(implementations(_mha(d, h, device, torch.float32), device))
+    if args.quick and not args.impl:  # auto's rows only (on CPU they are the cpu backend's)
+        keys = [k for k in keys if not k.startswith("courier_fast:") or k.startswith("courier_fast:auto")]
+    # peers first, so that every later row has its ratio
+    keys = sorted(keys, key=lambda k: (k not in ("sdpa", "mha_masked", "mha_self"), keys.index(k)))
 
     ceilings = {dt: harness.matmul_ceiling(device, getattr(torch, dt)) for dt in dtypes}
     bandwidth = harness.copy_bandwidth(device)
     print(f"device={device} torch={torch.__version__} copy {bandwidth / 1e9:.1f} GB/s, matmul (TFLOP/s): "
           + ", ".join(f"{k}={v / 1e12:.2f}" for k, v in ceilings.items()))
-    print(f"{'impl':<38}{'B':>6}{'L':>6}{'P':>5}{'dtype':>10}{'fwd ms':>10}{'fwd+bwd ms':>12}{'peak MB':>10}{'floor':>8}")
+    print(f"{'impl':<34}{'B':>6}{'L':>5}{'P':>4}{'dtype':>9}{'fwd+bwd ms':>11}{'ratio':>7}{'floor':>7}"
+          f"{'eval fwd ms':>12}{'ratio':>7}{'floor':>7}{'peak MB':>9}")
     rows = []
     for dt in dtypes:
         elem = torch.empty((), dtype=getattr(torch, dt)).element_size()
         for b, length, p in shapes:
+            done = {}
             for key in keys:
                 if device == "cpu":
                     res = harness.run_isolated(__file__, f"{key}:{b}:{length}:{p}:{dt}", reps)
@@ -163,14 +251,25 @@ def main():
                     res = measure_row(key, b, length, p, d, h, getattr(torch, dt), device, reps)
                     torch.cuda.empty_cache()
                 row = {"impl": key, "shape": {"B": b, "L": length, "P": p, "d": d, "h": h}, "dtype": dt, **res}
-                if "ms_fwd_bwd" in res:
-                    proj_flop = 2 * b * (2 * p + 2 * length) * d * d  # Q, K, V and output projections
-                    floor_s = max(3 * b * length * d * elem / bandwidth, 3 * proj_flop / ceilings[dt])
-                    row["floor_fraction"] = round(floor_s / (res["ms_fwd_bwd"] / 1e3), 4)
-                    print(f"{key:<38}{b:>6}{length:>6}{p:>5}{dt:>10}{res['ms_fwd']:>10.2f}{res['ms_fwd_bwd']:>12.2f}"
-                          f"{res['peak_mem_mb']:>10.1f}{row['floor_fraction']:>8.3f}")
-                else:
-                    print(f"{key:<38}{b:>6}{length:>6}{p:>5}{dt:>10}  {res.get('error', '')[:70]}")
+                done[key] = row
+                if "ms_fwd_bwd" not in res:
+                    print(f"{key:<34}{b:>6}{length:>5}{p:>4}{dt:>9}  {res.get('error', '')[:70]}")
+                    rows.append(row)
+                    continue
+                queries = length if key in SELF else p
+                proj_flop = 2 * b * (2 * queries + 2 * length) * d * d  # Q, K, V and output projections
+                floor_s = max(3 * b * length * d * elem / bandwidth, 3 * proj_flop / ceilings[dt])
+                row["floor_fraction"] = round(floor_s / (res["ms_fwd_bwd"] / 1e3), 4)
+                row["floor_fraction_eval"] = round(floor_s / 3 / (res["ms_fwd_eval"] / 1e3), 4)
+                peer = done.get(PEER.get(key, "sdpa"))
+                if peer and "ms_fwd_bwd" in peer and peer is not row:
+                    row["peer"] = peer["impl"]
+                    row["ratio"] = round(res["ms_fwd_bwd"] / peer["ms_fwd_bwd"], 3)
+                    row["ratio_eval"] = round(res["ms_fwd_eval"] / peer["ms_fwd_eval"], 3)
+                ratio = lambda k: f"{row[k]:>7.2f}" if k in row else f"{'':>7}"
+                print(f"{key:<34}{b:>6}{length:>5}{p:>4}{dt:>9}{res['ms_fwd_bwd']:>11.1f}{ratio('ratio')}"
+                      f"{row['floor_fraction']:>7.3f}{res['ms_fwd_eval']:>12.1f}{ratio('ratio_eval')}"
+                      f"{row['floor_fraction_eval']:>7.3f}{res['peak_mem_mb']:>9.1f}")
                 rows.append(row)
     ceilings["copy_bytes_per_s"] = bandwidth
     print("wrote", harness.write_results("attention", ceilings, rows, args.out, quick=args.quick))

@@ -55,6 +55,8 @@ GEMM_16BIT = {
     ("reconstruction_attention", "triton"): "histories > 16 items: 16-bit tensor-core MMA, fp32 accumulation; "
                                             "<= 16 items: fp32 CUDA-core products",
     ("reconstruction_attention", "reference"): "ATen GEMMs in the inputs' dtype",
+    ("reconstruction_attention", "cpu"): "ATen projection GEMMs in the inputs' dtype; the core on fp32 "
+                                         "copies of Q, K, V (fp32 accumulation)",
 }
 
 

@@ -120,7 +120,7 @@ def _check_args(targets, history, in_proj_weight, in_proj_bias, out_proj_weight,
 
 def _projected_attention(core):
     """Q from the targets and K/V from the history by one GEMM each (K/V once per history item,
-    never copied per target), the fused attention core over the layout's segments
+    never copied per target; one GEMM for all three when history is targets), the fused attention core over the layout's segments
     (courier_fast.ops.attention_layout), then the output projection."""
 
     def attention(targets, history, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias,
@@ -130,12 +130,17 @@ def _projected_attention(core):
         dh = d // num_heads
         seg = attention_layout.segments(targets, history, key_padding_mask, history_index, history_offsets,
                                         target_offsets, max_history_len)
-        b_q = in_proj_bias[:d] if in_proj_bias is not None else None
-        b_kv = in_proj_bias[d:] if in_proj_bias is not None else None
-        q = F.linear(targets.reshape(-1, d), in_proj_weight[:d], b_q).view(-1, num_heads, dh)
-        kv = F.linear(history.reshape(-1, d), in_proj_weight[d:], b_kv).view(-1, 2, num_heads, dh)
+        if history is targets:  # self-attention: Q, K and V from one GEMM
+            qkv = F.linear(targets.reshape(-1, d), in_proj_weight, in_proj_bias).view(-1, 3, num_heads, dh)
+            q, k, v = qkv.unbind(1)  # its backward stacks dQ, dK and dV in one pass
+        else:
+            b_q = in_proj_bias[:d] if in_proj_bias is not None else None
+            b_kv = in_proj_bias[d:] if in_proj_bias is not None else None
+            q = F.linear(targets.reshape(-1, d), in_proj_weight[:d], b_q).view(-1, num_heads, dh)
+            kv = F.linear(history.reshape(-1, d), in_proj_weight[d:], b_kv).view(-1, 2, num_heads, dh)
+            k, v = kv.unbind(1)  # its backward stacks dK and dV in one pass (two selects: two zeroed copies)
         mode = _validate.causal_mode("causal", causal)  # 0 none, 1 strict (s < t), 2 inclusive (s <= t)
-        out, _ = core(q, kv[:, 0], kv[:, 1], seg.target_rows, seg.key_rows, seg.target_offsets,
+        out, _ = core(q, k, v, seg.target_rows, seg.key_rows, seg.target_offsets,
                       seg.key_offsets, seg.order, seg.key_padding_mask, mode, 1.0 / math.sqrt(dh),
                       seg.max_targets, seg.max_keys)  # out: (T, d) fp32/fp64
         return F.linear(out.to(targets.dtype), out_proj_weight, out_proj_bias).view(targets.shape)
@@ -149,6 +154,11 @@ def _head_dim_at_most(limit):
 
 dispatch.register(OP, "reference", reconstruction_attention_reference, devices=("cpu", "cuda"),
                   validate=False)
+if _extension.loaded():
+    dispatch.register(OP, "cpu", _projected_attention(_ops.attention_core), devices=("cpu",),
+                      note="C++ CPU attention core (per history row and head: small register-blocked GEMMs over "
+                           "the row's K/V in place, exact softmax, atomics-free backward, long rows split "
+                           "over threads)")
 if _extension.cuda_compiled():
     dispatch.register(OP, "cuda", _projected_attention(_ops.attention_core), devices=("cuda",),
                       supports=_head_dim_at_most(256),

@@ -257,6 +257,20 @@ def attention_forward_case(op, dtype=torch.float32):
     return run
 
 
+def _refresh_saved(case):
+    """The saved out / lse a forward of the (possibly mutated: new values, e.g. rows expanded from
+    row 0) q, k, v and mask would have produced: the backward's contract is the gradient of the
+    forward whose out / lse it is given (the CPU kernel recomputes P from lse). Left as they were
+    where the mutated arguments are malformed (the op must raise on them anyway)."""
+    gr, q, k, v, out, lse, *rest = case.args
+    try:
+        o, l = attention_dense(q.detach(), k.detach(), v.detach(), *rest[:8])
+    except Exception:  # noqa: BLE001
+        return
+    if o.shape == out.shape and l.shape == lse.shape:
+        case.args[4], case.args[5] = o.to(out.dtype), l.to(lse.dtype)
+
+
 def attention_backward_case(op, dtype=torch.float32):
     def run(case, gen):
         args = _attention_base(case.rng, gen)
@@ -270,6 +284,7 @@ def attention_backward_case(op, dtype=torch.float32):
             case.notes.append(f"arg {i} = {case.args[i]}")
         if case.rng.random() < 0.5:
             mutate(case, [0, 1, 2, 3, 11], special=False)
+            _refresh_saved(case)
         else:  # the index tensors and the saved out / lse: values kept (trusted contents)
             mutate(case, [4, 5, 6, 7, 8, 9, 10], values=False)
 
@@ -412,7 +427,12 @@ def _load_triton():
 def main(target, seed, cases):
     global SPECIALS
     make = targets()[target]
-    SPECIALS = "triton" not in target or target.startswith(("contrastive_loss", "reconstruction_attention"))
+    # No NaN / Inf values for the attention cores (Triton, and the compiled one since it has a CPU
+    # kernel): their results on non-finite q / k / v are undefined, and the dense oracle's own are
+    # artifacts (0 * inf from keys a target never sees, an lse of +inf taken for "no key"). The
+    # public functions, which reject non-finite inputs, keep them.
+    SPECIALS = not target.startswith("attention_core") and (
+        "triton" not in target or target.startswith(("contrastive_loss", "reconstruction_attention")))
     failures, raised = [], 0
     for i in range(cases):
         rng, gen = random.Random(f"{target}-{seed}-{i}"), torch.Generator().manual_seed(seed * 100003 + i)

@@ -120,3 +120,19 @@ def test_input_checks_can_be_disabled(gen):
         assert torch.isnan(cf.contrastive_loss(a, randn(gen, 3, 2)))
     finally:
         cf.set_input_checks(True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_all_finite_finds_every_nan_and_inf(dtype):
+    """_validate.all_finite (one aminmax pass) against isfinite: a NaN or an infinity at any
+    position of odd-sized tensors (the vectorised loop and its tail), empty tensors finite."""
+    from courier_fast._validate import all_finite
+    assert all_finite(torch.empty(0, 3, dtype=dtype))
+    for n in (1, 7, 33, 1030):
+        x = torch.randn(n).to(dtype)
+        assert all_finite(x)
+        for i in {0, n // 2, n - 1}:
+            for bad in (float("nan"), float("inf"), -float("inf")):
+                y = x.clone()
+                y[i] = bad
+                assert not all_finite(y), (n, i, bad)
