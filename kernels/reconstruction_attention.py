@@ -257,10 +257,14 @@ def _short_bwd_dkdv_kernel(Q, DO, PS, DS, PROW, POFF, TOFF, KOFF, WOFF, ORDER, D
                 ok_j = j0 + jj < cnt
                 t = tl.load(ORDER + first + j0 + jj, mask=ok_j, other=0)
                 at = t * (H * LS) + scratch
-                p = tl.load(PS + at, mask=s_ok & ok_j, other=0.0)
-                ds = tl.load(DS + at, mask=s_ok & ok_j, other=0.0)
-                do = _widen(tl.load(DO + t * stride_ot + hd * stride_oh + d, mask=d_ok & ok_j, other=0.0))
-                q = _widen(tl.load(Q + t * stride_qt + hd * stride_qh + d, mask=d_ok & ok_j, other=0.0))
+                # the target's test as tiles, not `tile & ok_j` (a scalar bool, which Triton's
+                # interpreter widens to an int32 mask: see _visible)
+                ok_s = s_ok & (slot * 0 + j0 + jj < cnt)
+                ok_d = d_ok & (d * 0 + j0 + jj < cnt)
+                p = tl.load(PS + at, mask=ok_s, other=0.0)
+                ds = tl.load(DS + at, mask=ok_s, other=0.0)
+                do = _widen(tl.load(DO + t * stride_ot + hd * stride_oh + d, mask=ok_d, other=0.0))
+                q = _widen(tl.load(Q + t * stride_qt + hd * stride_qh + d, mask=ok_d, other=0.0))
                 dv += p[:, None] * do[None, :]
                 dk += ds[:, None] * q[None, :]
         _store_dkdv(DK, DV, WK, WV, out, m, slot, s_ok, hd, H, DH, d, d_ok, dk * sm_scale, dv)

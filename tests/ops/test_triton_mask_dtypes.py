@@ -69,3 +69,19 @@ def test_loss_masks_are_bool(mask_dtypes):
     mask = torch.rand(37, generator=g) < 0.8
     cf.contrastive_loss(x, y, candidate_mask=mask, symmetric=True, backend="triton").backward()
     assert mask_dtypes.seen and not _not_bool(mask_dtypes.seen)
+
+
+@pytest.mark.parametrize("length", [5, 20])
+def test_split_backward_masks_are_bool(mask_dtypes, length):
+    """A skewed history_index: row 0 holds 70 of 80 targets, more than one dK/dV chunk, so the
+    split backward's partials and its reduction run too."""
+    g = torch.Generator().manual_seed(7)
+    b, d, h = 2, 8, 2
+    index = torch.cat([torch.zeros(70, dtype=torch.long), torch.ones(10, dtype=torch.long)])
+    targets = torch.randn(80, d, generator=g, requires_grad=True)
+    history = torch.randn(b, length, d, generator=g, requires_grad=True)
+    w_in, w_out = torch.randn(3 * d, d, generator=g) / d ** 0.5, torch.randn(d, d, generator=g) / d ** 0.5
+    out = cf.reconstruction_attention(targets, history, w_in, None, w_out, None, h, history_index=index,
+                                      backend="triton")
+    out.square().sum().backward()
+    assert mask_dtypes.seen and not _not_bool(mask_dtypes.seen)
