@@ -287,7 +287,23 @@ def cached_verdict(op, backend, device):
 
 def trusted(op, backend, device):
     """Whether backend="auto" may use this backend of op on device (see the module doc).
-    Memoised per process, so the hot path of an op call is one dict lookup."""
+    Memoised per process, so the hot path of an op call is one dict lookup. Inside a
+    torch.compile trace it is a constant of the graph (_trusted_in_trace)."""
+    if torch.compiler.is_compiling():
+        return _trusted_in_trace(op, backend, str(device))
+    return _trusted(op, backend, device, may_check=True)
+
+
+@torch.compiler.assume_constant_result
+def _trusted_in_trace(op, backend, device):
+    """trusted() for a torch.compile trace: run eagerly once and baked into the graph as a
+    constant, because what it reads (the matmul settings, the cache file) cannot be traced (with
+    fullgraph=True the trace failed on torch.get_float32_matmul_precision). It never runs the
+    check: cached verdicts only."""
+    return _trusted(op, backend, device, may_check=False)
+
+
+def _trusted(op, backend, device, may_check):
     mode = os.environ.get("COURIER_FAST_VALIDATE", "1").strip().lower()
     if mode in ("0", "false", "no", "off"):
         return True
@@ -296,7 +312,7 @@ def trusted(op, backend, device):
            settings["allow_tf32"], settings["float32_matmul_precision"])
     if key in _TRUSTED:
         return _TRUSTED[key]
-    if torch.compiler.is_compiling():  # never run the check inside a trace: cached verdicts only
+    if not may_check:  # never run the check inside a trace: cached verdicts only
         v = cached_verdict(op, backend, device)
         return bool(v and v["ok"])
     v = verdict(op, backend, device, force=mode == "force")
