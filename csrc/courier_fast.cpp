@@ -79,11 +79,11 @@ TORCH_LIBRARY(courier_fast, m) {
   // backward's delta needs it exact); 0 / -inf for a target without valid keys.
   m.def("attention_core(Tensor q, Tensor k, Tensor v, Tensor target_rows, Tensor key_rows, "
         "Tensor target_offsets, Tensor key_offsets, Tensor order, Tensor? key_padding_mask, int causal, "
-        "float sm_scale, int max_targets, int max_keys) -> (Tensor out, Tensor lse)");
+        "float sm_scale, SymInt max_targets, SymInt max_keys) -> (Tensor out, Tensor lse)");
   m.def("attention_core_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
         "Tensor lse, Tensor target_rows, Tensor key_rows, Tensor target_offsets, Tensor key_offsets, "
-        "Tensor order, Tensor? key_padding_mask, int causal, float sm_scale, int max_targets, "
-        "int max_keys) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+        "Tensor order, Tensor? key_padding_mask, int causal, float sm_scale, SymInt max_targets, "
+        "SymInt max_keys) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
   m.def("lse_tile_rows(int n, int m, bool cuda) -> int", &lse_tile_rows);
   m.def("set_lse_tile_rows(int rows) -> int", &set_lse_tile_rows);
 }
