@@ -458,8 +458,11 @@ struct Prepared {
     const int64_t* krow = key_rows.data_ptr<int64_t>();
     std::vector<char> seen(T, 0);
     for (int64_t r = 0; r < B; ++r) {
-      TORCH_CHECK(to[r] <= to[r + 1], "attention_core: target_offsets must be non-decreasing (row ", r, ")");
-      TORCH_CHECK(ko[r] <= ko[r + 1], "attention_core: key_offsets must be non-decreasing (row ", r, ")");
+      // non-decreasing and within [0, T] / [0, S] before this row's entries are read
+      TORCH_CHECK(to[r] <= to[r + 1] && to[r + 1] <= T, "attention_core: target_offsets must be non-decreasing "
+                  "up to T = ", T, " (row ", r, ")");
+      TORCH_CHECK(ko[r] <= ko[r + 1] && ko[r + 1] <= S, "attention_core: key_offsets must be non-decreasing "
+                  "up to S = ", S, " (row ", r, ")");
       max_keys = std::max(max_keys, ko[r + 1] - ko[r]);
       for (int64_t p = to[r]; p < to[r + 1]; ++p) {
         const int64_t t = seg.order[p];

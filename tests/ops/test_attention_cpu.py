@@ -153,6 +153,9 @@ def _valid():
     (5, lambda a: a.clone().index_fill_(0, torch.tensor([5]), 99), RuntimeError, "target_offsets must run"),
     (5, lambda a: torch.tensor([0, 5, 3, 3, 11, 12]), RuntimeError, "non-decreasing|order"),
     (6, lambda a: a - 1, RuntimeError, "key_offsets must run"),
+    # a row past the end that a later row comes back from: caught before that row's entries are read
+    (6, lambda a: torch.cat([a[:1], a[1:2] + 10 ** 6, a[2:]]), RuntimeError, "key_offsets must be non-decreasing"),
+    (5, lambda a: torch.cat([a[:1], a[1:2] + 10 ** 6, a[2:]]), RuntimeError, "target_offsets must be non-decreasing"),
     (7, lambda a: torch.zeros_like(a), RuntimeError, "order must list each target"),
     (7, lambda a: a + 100, RuntimeError, "order must list each target"),
 ])
