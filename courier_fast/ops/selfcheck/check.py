@@ -294,7 +294,16 @@ def trusted(op, backend, device):
     return _trusted(op, backend, device, may_check=True)
 
 
-@torch.compiler.assume_constant_result
+def _constant_in_traces(fn):
+    """torch.compiler.assume_constant_result(fn) without importing torch._dynamo when courier_fast
+    is imported (about a second, and it probes optional packages): that decorator only sets this
+    marker, which Dynamo reads (torch 2.14 and 2.15). If a torch version stops honouring it,
+    tests/ops/test_compile_validated_dispatch.py fails."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_in_traces
 def _trusted_in_trace(op, backend, device):
     """trusted() for a torch.compile trace: run eagerly once and baked into the graph as a
     constant, because what it reads (the matmul settings, the cache file) cannot be traced (with
