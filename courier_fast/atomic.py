@@ -1,7 +1,8 @@
-"""Atomic file writes and the user cache directory, with nothing but the standard library (the
+"""Atomic file writes, cache-file reads and the user cache directory, with nothing but the standard library (the
 ops' self-check verdicts and the Triton autotuner's choices are cached there on a torch-only
 install)."""
 import contextlib
+import json
 import os
 
 
@@ -26,3 +27,12 @@ def cache_dir():
         return root
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "courier_fast")
+
+
+def read_json(path):
+    """The JSON in `path`, or None when it is missing or unreadable (a cache file is then rebuilt)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None

@@ -17,7 +17,7 @@ import warnings
 import torch
 
 from courier_fast._metadata import dist_version
-from courier_fast.atomic import atomic_path, cache_dir
+from courier_fast.atomic import atomic_path, cache_dir, read_json
 
 _MEMORY: dict = {}  # (cache file, key) -> config, for this process
 
@@ -46,20 +46,12 @@ def cache_file(device, source_file):
     return os.path.join(cache_dir(), f"autotune-{key}.json"), env
 
 
-def _read(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
 def lookup(device, source_file, key):
     """The cached (BLOCK_N, BLOCK_M, num_warps, num_stages) for key on this device and software,
     or None when it has not been timed here."""
     path, _ = cache_file(device, source_file)
     if (path, key) not in _MEMORY:
-        config = ((_read(path) or {}).get("configs") or {}).get(key)
+        config = ((read_json(path) or {}).get("configs") or {}).get(key)
         if config is None:
             return None
         _MEMORY[(path, key)] = tuple(config)
@@ -70,7 +62,7 @@ def store(device, source_file, key, config):
     """Record the timed choice for key (merged into the environment's file, atomically)."""
     path, env = cache_file(device, source_file)
     _MEMORY[(path, key)] = tuple(config)
-    data = _read(path) or {"environment": env, "configs": {}}
+    data = read_json(path) or {"environment": env, "configs": {}}
     data.setdefault("configs", {})[key] = list(config)
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)

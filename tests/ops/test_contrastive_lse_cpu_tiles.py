@@ -10,17 +10,10 @@ from courier_fast.ops.backends import compiled as _ops
 
 from conftest import rand_mask, randn
 from test_contrastive_lse_op import _assert_close, dense_lse, extras, lse
+from test_contrastive_lse_op import ieee_fp32_matmul  # noqa: F401  (the fixture, used by name below)
 
 pytestmark = [pytest.mark.skipif(not cf.build_info()["extension_loaded"], reason="courier_fast._C not built"),
               pytest.mark.usefixtures("ieee_fp32_matmul")]
-
-
-@pytest.fixture
-def ieee_fp32_matmul():
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    yield
-    torch.set_float32_matmul_precision(before)
 
 
 @pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])

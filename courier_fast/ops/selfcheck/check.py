@@ -232,21 +232,13 @@ def _fingerprint(op, backend):
     return f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', '')}:" + hashlib.sha256(src.encode()).hexdigest()[:12]
 
 
-def _read(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
 def _write(path, env, op, backend, verdict):
     """Merge one verdict into the cache file (atomic replace; a lost race loses nothing but a
     re-check)."""
     from courier_fast.atomic import atomic_path
 
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    data = _read(path) or {"environment": env, "verdicts": {}}
+    data = atomic.read_json(path) or {"environment": env, "verdicts": {}}
     data["verdicts"].setdefault(op, {})[backend] = verdict
     try:
         with atomic_path(path) as tmp:
@@ -268,7 +260,7 @@ def verdict(op, backend, device, force=False):
     if not force:
         hit = _MEMORY.get(key)
         if hit is None:
-            hit = ((_read(path) or {}).get("verdicts", {}).get(op, {}).get(backend))
+            hit = ((atomic.read_json(path) or {}).get("verdicts", {}).get(op, {}).get(backend))
         if hit is not None and hit.get("impl") == fingerprint:
             _MEMORY[key] = hit
             return _public(hit)
@@ -281,7 +273,7 @@ def verdict(op, backend, device, force=False):
 def cached_verdict(op, backend, device):
     """The cached verdict, or None when this backend has not been checked here yet."""
     path, _ = cache_file(device)
-    hit = _MEMORY.get((path, op, backend)) or (_read(path) or {}).get("verdicts", {}).get(op, {}).get(backend)
+    hit = _MEMORY.get((path, op, backend)) or (atomic.read_json(path) or {}).get("verdicts", {}).get(op, {}).get(backend)
     return _public(hit) if hit is not None and hit.get("impl") == _fingerprint(op, backend) else None
 
 
