@@ -93,6 +93,13 @@ if SANITIZE:
     CXX_FLAGS = ["-O1", "-g", "-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
     LINK_FLAGS = ["-fsanitize=address,undefined"]
     _log("sanitizer build: " + " ".join(CXX_FLAGS))
+# at::parallel_for is a header template: without -fopenmp it runs its body on the calling thread
+# alone, whatever torch.get_num_threads() says (torch's Linux wheels use OpenMP, and ship the
+# libgomp.so.1 our module then shares). Every CPU kernel of ours splits its work with it.
+OPENMP = sys.platform.startswith("linux") and "OpenMP" in torch.__config__.parallel_info()
+if OPENMP:
+    CXX_FLAGS.append("-fopenmp")
+    LINK_FLAGS.append("-fopenmp")
 DEVICE_ASSERTS = os.environ.get("COURIER_FAST_DEVICE_ASSERTS", "").strip() == "1"
 
 

@@ -46,6 +46,11 @@ CpuTiling cpu_tiling(int64_t n, int64_t m) {
   return {rows, cols, rows * kPanelTiles, blocks, std::max<int64_t>(1, std::min(threads, blocks))};
 }
 
+// A worker thread of at::parallel_for does not inherit the caller's dispatch state: there the
+// ATen calls of a tile (addmm on inputs that require grad) would reach autograd, which rejects
+// out= arguments. Each worker runs below autograd, as the op itself does.
+using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
+
 // One worker's column blocks: a contiguous share of [0, blocks).
 std::pair<int64_t, int64_t> worker_blocks(const CpuTiling& t, int64_t worker) {
   return {worker * t.blocks / t.workers, (worker + 1) * t.blocks / t.workers};
@@ -119,6 +124,7 @@ std::tuple<at::Tensor, at::Tensor> forward_typed(const Prepared& p, int64_t n, i
     const int64_t p1 = std::min(n, p0 + t.panel);
     for (int64_t w = 0; w < t.workers; ++w) row_m[w].fill_(-kInf), row_s[w].zero_();
     at::parallel_for(0, t.workers, 1, [&](int64_t w0, int64_t w1) {
+      const BelowAutograd below;
       for (int64_t w = w0; w < w1; ++w) {
         const auto [b0, b1] = worker_blocks(t, w);
         for (int64_t b = b0; b < b1; ++b) {
@@ -176,6 +182,7 @@ std::pair<at::Tensor, at::Tensor> backward_typed(const Prepared& p, const at::Te
     const int64_t p1 = std::min(n, p0 + t.panel);
     for (auto& part : gx_part) part.zero_();
     at::parallel_for(0, t.workers, 1, [&](int64_t w0, int64_t w1) {
+      const BelowAutograd below;
       for (int64_t w = w0; w < w1; ++w) {
         const auto [b0, b1] = worker_blocks(t, w);
         for (int64_t b = b0; b < b1; ++b) {

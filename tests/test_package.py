@@ -29,6 +29,23 @@ def test_extension_built_with_cuda_when_torch_has_cuda():
         assert info["cuda_version"].split(".")[0] == torch.version.cuda.split(".")[0]
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux") or "OpenMP" not in torch.__config__.parallel_info(),
+                    reason="torch's at::parallel_for is not OpenMP here")
+def test_cpu_kernels_split_their_work_over_torchs_threads():
+    """at::parallel_for, which every CPU kernel of ours uses, is a header template: a module built
+    without -fopenmp runs its whole range on the calling thread. The CPU loss and attention then
+    used one core of two (seen: 1 thread here before setup.py added the flag)."""
+    assert cf.build_info()["extension_loaded"]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert torch.ops.courier_fast.parallel_for_threads(8) == 2
+        torch.set_num_threads(1)
+        assert torch.ops.courier_fast.parallel_for_threads(8) == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_backends_report_all_four_with_reasons():
     table = cf.backends()
     assert list(table) == list(dispatch.BACKENDS)
