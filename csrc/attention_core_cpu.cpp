@@ -7,11 +7,11 @@
 // then with std::exp: exact enough for gradcheck). Target t attends the keys of its row
 // r = target_rows[t], [key_offsets[r], key_offsets[r+1]), less padding, within the causal window.
 //
-// Forward: work items of up to 4 kBlock targets of one row (long rows spread over threads),
-// split between threads by cost; per head the row's K^T once, then per block of kBlock targets
-// the scores S = scale Q K^T, the exact softmax per target (two passes, no online rescaling) and
-// O = P V, small register-blocked GEMMs over row pointers (no copy of q / k / v).
-// Backward, atomics-free: a work item is (row, a block of its targets); it writes dQ of its own
+// Forward: work items of up to kItemTargets targets of one row (long rows spread over threads),
+// split between threads by cost; per head and block of kBlock targets the scores against the keys
+// each attends (dot products of contiguous rows: no copy of q / k / v), the exact softmax (two
+// passes, no online rescaling) and O = P V accumulated in registers.
+// Backward, atomics-free: a work item is (row, a range of its targets); it writes dQ of its own
 // targets and dK / dV of the row's keys (each element written by one item: no zero fill), in
 // place when the row is one item, else into a partial buffer per item that a second pass sums
 // (a row with very many targets, e.g. a Zipf-skewed history_index, is split over the threads
@@ -35,10 +35,6 @@
 namespace courier_fast {
 namespace {
 
-// Column block of the GEMM micro-kernels and the padding of a row's keys in the transposed
-// scratch (so that the score GEMM runs on whole blocks).
-constexpr int64_t kLanes = 16;
-
 template <typename A>
 struct View {  // a (N, h, dh) tensor's data and (row, head) strides; dh contiguous
   const A* p;
@@ -61,305 +57,228 @@ COURIER_INLINE int64_t causal_end(int64_t pos, int64_t count, int64_t causal) {
   return causal ? std::min(count, pos + causal / 2) : count;
 }
 
-// ---- a small GEMM over row pointers -----------------------------------------------------------
-// c[i][j] (+)= alpha * sum_e a[i][e] * b[e][j], i < m, j < n, e < kk: every operand a list of
-// contiguous rows (views of q / k / v / dO rows, or scratch), so that no operand is copied. Blocks
-// of 4 rows x kLanes columns are accumulated in registers (4 loads of b amortised over 4 rows).
+// ---- the two primitives over one head's dh values ---------------------------------------------
+// A score is a dot product of two contiguous dh-vectors (a target's query or dO row, a key's K or
+// V row); every output row is a weighted sum of such rows, accumulated in registers over the
+// reduction (keys for O and dQ, targets for dK and dV) and stored once. No transposed or padded
+// copy of q / k / v, no work for a key that a target does not attend. (Rows here are short, L ~ 5
+// .. 50 keys: a packed GEMM would spend more on packing, and on padding to its block width, than
+// on the products.)
 template <typename A>
-COURIER_INLINE void gemm_rows(int64_t m, int64_t n, int64_t kk, const A* const* a, const A* const* b,
-                              A* const* c, A alpha, bool accumulate) {
-  constexpr int64_t R = 4;
-  int64_t j0 = 0;
-  for (; j0 + kLanes <= n; j0 += kLanes) {
-    int64_t i0 = 0;
-    for (; i0 + R <= m; i0 += R) {
-      A acc[R][kLanes];
-      for (int64_t r = 0; r < R; ++r)
-        for (int64_t k = 0; k < kLanes; ++k) acc[r][k] = 0;
-      for (int64_t e = 0; e < kk; ++e) {
-        const A* br = b[e] + j0;
-        for (int64_t r = 0; r < R; ++r) {
-          const A av = a[i0 + r][e];
-          for (int64_t k = 0; k < kLanes; ++k) acc[r][k] += av * br[k];
-        }
-      }
-      for (int64_t r = 0; r < R; ++r) {
-        A* cr = c[i0 + r] + j0;
-        for (int64_t k = 0; k < kLanes; ++k) cr[k] = (accumulate ? cr[k] : A(0)) + alpha * acc[r][k];
-      }
-    }
-    for (; i0 < m; ++i0) {
-      A acc[kLanes];
-      for (int64_t k = 0; k < kLanes; ++k) acc[k] = 0;
-      for (int64_t e = 0; e < kk; ++e) {
-        const A av = a[i0][e];
-        const A* br = b[e] + j0;
-        for (int64_t k = 0; k < kLanes; ++k) acc[k] += av * br[k];
-      }
-      A* cr = c[i0] + j0;
-      for (int64_t k = 0; k < kLanes; ++k) cr[k] = (accumulate ? cr[k] : A(0)) + alpha * acc[k];
-    }
+COURIER_INLINE A dot(const A* x, const A* y, int64_t n) {
+  A s = 0;
+  for (int64_t e = 0; e < n; ++e) s += x[e] * y[e];
+  return s;
+}
+// y[0, n) (+)= sum_{i < m} a[i * as] * rows[i][0, n)
+template <typename A>
+COURIER_INLINE void combine(const A* a, int64_t as, const A* const* rows, int64_t m, A* y, int64_t n, bool accumulate) {
+  for (int64_t e = 0; e < n; ++e) {
+    A c = accumulate ? y[e] : A(0);
+    for (int64_t i = 0; i < m; ++i) c += a[i * as] * rows[i][e];
+    y[e] = c;
   }
-  for (int64_t i = 0; i < m && j0 < n; ++i)  // the last n % kLanes columns (head dims not a multiple)
-    for (int64_t j = j0; j < n; ++j) {
-      A acc = 0;
-      for (int64_t e = 0; e < kk; ++e) acc += a[i][e] * b[e][j];
-      c[i][j] = (accumulate ? c[i][j] : A(0)) + alpha * acc;
-    }
 }
 
-// float32: the same with explicit 8-float vectors (GCC keeps the 4 x 16 accumulator block in
-// registers only this way; with arrays it spills them to the stack).
+// float32: 16-float vectors (one AVX-512 register; two AVX2 or four SSE registers in the other
+// clones); the tail (dh % 16) scalar.
+typedef float v16f __attribute__((vector_size(64)));
 typedef float v8f __attribute__((vector_size(32)));
-COURIER_INLINE v8f load8(const float* p) {
-  v8f x;
+typedef float v4f __attribute__((vector_size(16)));
+COURIER_INLINE v16f load16(const float* p) {
+  v16f x;
   std::memcpy(&x, p, sizeof(x));
   return x;
 }
-COURIER_INLINE void store8(float* p, v8f x, float alpha, bool accumulate) {
-  x *= alpha;
-  if (accumulate) x += load8(p);
-  std::memcpy(p, &x, sizeof(x));
+COURIER_INLINE void store16(float* p, v16f x) { std::memcpy(p, &x, sizeof(x)); }
+COURIER_INLINE float sum16(v16f x) {  // a tree: 16 -> 8 -> 4 lanes, then 2 + 2
+  v8f lo, hi;
+  std::memcpy(&lo, &x, sizeof(lo));
+  std::memcpy(&hi, reinterpret_cast<const char*>(&x) + sizeof(lo), sizeof(hi));
+  lo += hi;
+  v4f a, b;
+  std::memcpy(&a, &lo, sizeof(a));
+  std::memcpy(&b, reinterpret_cast<const char*>(&lo) + sizeof(a), sizeof(b));
+  a += b;
+  return (a[0] + a[1]) + (a[2] + a[3]);
 }
-
-COURIER_INLINE void gemm_rows(int64_t m, int64_t n, int64_t kk, const float* const* a, const float* const* b,
-                              float* const* c, float alpha, bool accumulate) {
-  int64_t j0 = 0;
-  for (; j0 + 16 <= n; j0 += 16) {
-    int64_t i0 = 0;
-    for (; i0 + 4 <= m; i0 += 4) {
-      v8f c00 = {}, c01 = {}, c10 = {}, c11 = {}, c20 = {}, c21 = {}, c30 = {}, c31 = {};
-      const float *a0 = a[i0], *a1 = a[i0 + 1], *a2 = a[i0 + 2], *a3 = a[i0 + 3];
-      for (int64_t e = 0; e < kk; ++e) {
-        const v8f b0 = load8(b[e] + j0), b1 = load8(b[e] + j0 + 8);
-        c00 += a0[e] * b0;
-        c01 += a0[e] * b1;
-        c10 += a1[e] * b0;
-        c11 += a1[e] * b1;
-        c20 += a2[e] * b0;
-        c21 += a2[e] * b1;
-        c30 += a3[e] * b0;
-        c31 += a3[e] * b1;
-      }
-      store8(c[i0] + j0, c00, alpha, accumulate);
-      store8(c[i0] + j0 + 8, c01, alpha, accumulate);
-      store8(c[i0 + 1] + j0, c10, alpha, accumulate);
-      store8(c[i0 + 1] + j0 + 8, c11, alpha, accumulate);
-      store8(c[i0 + 2] + j0, c20, alpha, accumulate);
-      store8(c[i0 + 2] + j0 + 8, c21, alpha, accumulate);
-      store8(c[i0 + 3] + j0, c30, alpha, accumulate);
-      store8(c[i0 + 3] + j0 + 8, c31, alpha, accumulate);
-    }
-    for (; i0 < m; ++i0) {
-      v8f x0 = {}, x1 = {};
-      const float* ai = a[i0];
-      for (int64_t e = 0; e < kk; ++e) {
-        x0 += ai[e] * load8(b[e] + j0);
-        x1 += ai[e] * load8(b[e] + j0 + 8);
-      }
-      store8(c[i0] + j0, x0, alpha, accumulate);
-      store8(c[i0] + j0 + 8, x1, alpha, accumulate);
-    }
+COURIER_INLINE float dot(const float* x, const float* y, int64_t n) {
+  v16f a0 = {}, a1 = {};
+  int64_t e = 0;
+  for (; e + 32 <= n; e += 32) {
+    a0 += load16(x + e) * load16(y + e);
+    a1 += load16(x + e + 16) * load16(y + e + 16);
   }
-  for (; j0 + 8 <= n; j0 += 8)
+  if (e + 16 <= n) {
+    a0 += load16(x + e) * load16(y + e);
+    e += 16;
+  }
+  float s = sum16(a0 + a1);
+  for (; e < n; ++e) s += x[e] * y[e];
+  return s;
+}
+COURIER_INLINE void combine(const float* a, int64_t as, const float* const* rows, int64_t m, float* y, int64_t n,
+                            bool accumulate) {
+  int64_t e = 0;
+  for (; e + 64 <= n; e += 64) {  // 4 registers per 64 values
+    v16f c0 = {}, c1 = {}, c2 = {}, c3 = {};
     for (int64_t i = 0; i < m; ++i) {
-      v8f x0 = {};
-      for (int64_t e = 0; e < kk; ++e) x0 += a[i][e] * load8(b[e] + j0);
-      store8(c[i] + j0, x0, alpha, accumulate);
+      const float ai = a[i * as];
+      const float* x = rows[i] + e;
+      c0 += ai * load16(x);
+      c1 += ai * load16(x + 16);
+      c2 += ai * load16(x + 32);
+      c3 += ai * load16(x + 48);
     }
-  for (int64_t i = 0; i < m && j0 < n; ++i)
-    for (int64_t j = j0; j < n; ++j) {
-      float acc = 0;
-      for (int64_t e = 0; e < kk; ++e) acc += a[i][e] * b[e][j];
-      c[i][j] = (accumulate ? c[i][j] : 0.f) + alpha * acc;
+    if (accumulate) {
+      c0 += load16(y + e), c1 += load16(y + e + 16);
+      c2 += load16(y + e + 32), c3 += load16(y + e + 48);
     }
-}
-
-// The head-h rows of the row's keys, transposed into t (dh, ld): t[e * ld + j] = x_j[e], zero for
-// j in [count, ld). ld = count rounded up to kLanes. rows: scratch for count pointers. Each t row
-// is written contiguously (the reads hit the same count rows' cache lines for every e).
-template <typename A>
-COURIER_INLINE void transpose_rows(const View<A>& x, int64_t k0, int64_t count, int64_t h, int64_t dh, int64_t ld,
-                                   A* t, const A** rows) {
-  for (int64_t j = 0; j < count; ++j) rows[j] = x.at(k0 + j, h);
-  for (int64_t e = 0; e < dh; ++e) {
-    A* te = t + e * ld;
-    for (int64_t j = 0; j < count; ++j) te[j] = rows[j][e];
-    for (int64_t j = count; j < ld; ++j) te[j] = 0;
+    store16(y + e, c0), store16(y + e + 16, c1), store16(y + e + 32, c2), store16(y + e + 48, c3);
+  }
+  for (; e + 16 <= n; e += 16) {
+    v16f c = {};
+    for (int64_t i = 0; i < m; ++i) c += a[i * as] * load16(rows[i] + e);
+    store16(y + e, accumulate ? c + load16(y + e) : c);
+  }
+  for (; e < n; ++e) {
+    float c = accumulate ? y[e] : 0.f;
+    for (int64_t i = 0; i < m; ++i) c += a[i * as] * rows[i][e];
+    y[e] = c;
   }
 }
 
-inline int64_t padded(int64_t count) { return (count + kLanes - 1) / kLanes * kLanes; }
-
-// Work items: row `row`'s targets at order positions [a, b) (at most kBlock at a time inside).
+// Work items: row `row`'s targets at order positions [a, b), processed kBlock at a time.
 struct Item {
   int64_t row, a, b, partial;  // partial: -1, or the element offset of the item's dK / dV buffers
 };
 constexpr int64_t kBlock = 32;
+constexpr int64_t kItemTargets = 4 * kBlock;  // forward: targets per item (longer rows spread over threads)
 
-// Scratch (values of A) per thread for a row of at most max_keys keys: two transposed (dh, ld)
-// matrices, two (kBlock, ld) and two (ld, kBlock) blocks, and pointer lists (2 values each).
-inline int64_t scratch_size(int64_t max_keys, int64_t dh) {
-  const int64_t ld = padded(std::max<int64_t>(max_keys, 1));
-  return 2 * dh * ld + 4 * kBlock * ld + 2 * 3 * (ld + kBlock + dh) + 8;
+// Scratch (values of A) per thread: two (kBlock, max_keys) matrices and pointer lists for the
+// row's keys and a block's targets (2 values each, for float32).
+inline int64_t scratch_size(int64_t max_keys) {
+  const int64_t keys = std::max<int64_t>(max_keys, 1);
+  return 2 * kBlock * keys + 2 * 2 * (keys + kBlock) + 8;
 }
 
-struct Scratch {  // carved from one buffer
-  template <typename A>
-  static A* take(A*& p, int64_t n) {
-    A* r = p;
-    p += n;
-    return r;
-  }
-};
+// scale <x, y>, rounded to A: the forward and the backward then see the same score bit for bit
+// (without the store, the compiler may fuse the product into the backward's `- lse` with one
+// rounding less, and a target with one valid key would get P != 1, dS != 0).
+template <typename A>
+COURIER_INLINE A score(A scale, const A* x, const A* y, int64_t n) {
+  volatile A s = scale * dot(x, y, n);
+  return s;
+}
+
+// Whether a target at causal window end `end` attends key j of the row starting at k0.
+COURIER_INLINE bool attends(const Table& seg, int64_t k0, int64_t j, int64_t end) {
+  return j < end && !(seg.pad && seg.pad[k0 + j]);
+}
 
 // ---- forward: one item ------------------------------------------------------------------------
-// out (T, h*dh) and lse (T, h) in A. Per head: K^T of the row once, then per block of targets
-// the scores S = scale Q K^T, the masked exact softmax per target, and O = P V / l.
+// out (T, h*dh) and lse (T, h) in A. Per head (the row's K and V slices stay in L1) and block of
+// targets: the scores s_j = scale <q, k_j> of the keys each attends, the exact softmax (two
+// passes, no online rescaling) normalised in place, then O = P V. A target without a valid key
+// gets O = 0 and lse = -inf.
 template <typename A>
 COURIER_INLINE void forward_item(const View<A>& q, const View<A>& k, const View<A>& v, const Table& seg, A scale,
                                  const Item& it, A* out, A* lse, A* scratch) {
   constexpr A kNegInf = -std::numeric_limits<A>::infinity();
   const int64_t H = seg.H, dh = seg.dh, row = it.row, k0 = seg.key_offsets[row];
-  const int64_t count = seg.key_offsets[row + 1] - k0, ld = padded(count);
-  A* p = scratch;
-  A* kt = Scratch::take(p, dh * ld);
-  A* sc = Scratch::take(p, kBlock * ld);
-  const A** ptr = reinterpret_cast<const A**>(p);  // ld + kBlock + dh pointers each
-  const A** arow = ptr;
-  const A** brow = ptr + (ld + kBlock + dh);
-  A** crow = const_cast<A**>(ptr + 2 * (ld + kBlock + dh));
-  A inv[kBlock];
+  const int64_t count = seg.key_offsets[row + 1] - k0, first = seg.target_offsets[row];
+  const int64_t ld = std::max<int64_t>(count, 1);
+  A* prob = scratch;  // (kBlock, ld) scores, then probabilities
+  const A** vrows = reinterpret_cast<const A**>(scratch + 2 * kBlock * ld);
   for (int64_t h = 0; h < H; ++h) {
-    if (count) transpose_rows(k, k0, count, h, dh, ld, kt, brow);
-    for (int64_t e = 0; e < dh; ++e) brow[e] = kt + e * ld;
+    for (int64_t j = 0; j < count; ++j) vrows[j] = v.at(k0 + j, h);
     for (int64_t blk = it.a; blk < it.b; blk += kBlock) {
       const int64_t nb = std::min(kBlock, it.b - blk);
       for (int64_t i = 0; i < nb; ++i) {
-        arow[i] = q.at(seg.order[blk + i], h);
-        crow[i] = sc + i * ld;
-      }
-      if (count) gemm_rows(nb, ld, dh, arow, brow, crow, scale, false);
-      for (int64_t i = 0; i < nb; ++i) {
         const int64_t t = seg.order[blk + i];
-        const int64_t end = causal_end(blk + i - seg.target_offsets[row], count, seg.causal);
-        A* s = sc + i * ld;
+        const int64_t end = causal_end(blk + i - first, count, seg.causal);
+        const A* qt = q.at(t, h);
+        A* s = prob + i * ld;
         A m = kNegInf;
         for (int64_t j = 0; j < count; ++j) {
-          const A x = (j < end && !(seg.pad && seg.pad[k0 + j])) ? s[j] : kNegInf;
+          const A x = attends(seg, k0, j, end) ? score(scale, qt, k.at(k0 + j, h), dh) : kNegInf;
           s[j] = x;
           m = x > m ? x : m;
         }
+        if (m == kNegInf) {  // no valid key: O = 0
+          for (int64_t j = 0; j < count; ++j) s[j] = 0;
+          lse[t * H + h] = kNegInf;
+          continue;
+        }
         A l = 0;
         for (int64_t j = 0; j < count; ++j) {
-          const A e = m == kNegInf ? A(0) : exp_approx(s[j] - m);  // exactly 0 for a masked key
+          const A e = exp_approx(s[j] - m);  // exactly 0 for a masked key
           s[j] = e;
           l += e;
         }
-        inv[i] = l > 0 ? A(1) / l : A(0);  // no valid key: out 0, lse -inf
-        lse[t * H + h] = l > 0 ? m + std::log(l) : kNegInf;
-        arow[i] = s;
-        crow[i] = out + (t * H + h) * dh;
+        const A inv = A(1) / l;
+        for (int64_t j = 0; j < count; ++j) s[j] *= inv;
+        lse[t * H + h] = m + std::log(l);
       }
-      for (int64_t j = 0; j < count; ++j) brow[j] = v.at(k0 + j, h);
-      gemm_rows(nb, dh, count, arow, brow, crow, A(1), false);
       for (int64_t i = 0; i < nb; ++i)
-        for (int64_t e = 0; e < dh; ++e) crow[i][e] *= inv[i];
-      for (int64_t e = 0; e < dh; ++e) brow[e] = kt + e * ld;
+        combine(prob + i * ld, 1, vrows, count, out + (seg.order[blk + i] * H + h) * dh, dh, false);
     }
   }
 }
 
 // ---- backward: one item -----------------------------------------------------------------------
 // Writes dq (T, h, dh) of the item's targets (zeros for a target without valid keys) and the
-// row's dK / dV, (count, h, dh) from dk / dv, every element (zeros for padding). dout (T, h, dh),
-// lse (T, h) in A (the forward's out is not read: delta = <dO, O> = sum_s P dP). Per head: K^T
-// and V^T once; per block of targets P and dS = P (dP - delta) against every key, then dQ = scale dS K, dK (+)= scale dS^T Q and
-// dV (+)= P^T dO, each one small GEMM over row pointers.
+// row's dK / dV, (count, h, dh) from dk / dv, every element (zeros for a key no target attends).
+// dout (T, h, dh), lse (T, h) in A (the forward's out is not read: delta = <dO, O> = sum_j P dP).
+// Per head and block of targets: P = exp(scale <q, k_j> - lse) and dP = <dO, v_j> of the keys
+// each target attends, dS = scale P (dP - delta); then dQ_t = sum_j dS_tj k_j and, over the
+// block's targets, dK_j (+)= sum_t dS_tj q_t and dV_j (+)= sum_t P_tj dO_t.
 template <typename A>
 COURIER_INLINE void backward_item(const View<A>& q, const View<A>& k, const View<A>& v, const Table& seg, A scale,
                                   const A* dout, const A* lse, const Item& it, A* dq, A* dk, A* dv,
                                   A* scratch) {
   constexpr A kNegInf = -std::numeric_limits<A>::infinity();
   const int64_t H = seg.H, dh = seg.dh, row = it.row, k0 = seg.key_offsets[row];
-  const int64_t count = seg.key_offsets[row + 1] - k0, ld = padded(count), a = it.a, b = it.b;
-  if (a == b) {  // no targets: the row's keys get no gradient
+  const int64_t count = seg.key_offsets[row + 1] - k0, first = seg.target_offsets[row];
+  const int64_t ld = std::max<int64_t>(count, 1);
+  if (it.a == it.b) {  // no targets: the row's keys get no gradient
     for (int64_t e = 0; e < count * H * dh; ++e) dk[e] = dv[e] = 0;
     return;
   }
-  A* p = scratch;
-  A* kt = Scratch::take(p, dh * ld);
-  A* vt = Scratch::take(p, dh * ld);
-  A* prob = Scratch::take(p, kBlock * ld);  // (kBlock, ld)
-  A* dsc = Scratch::take(p, kBlock * ld);   // (kBlock, ld)
-  A* prob_t = Scratch::take(p, ld * kBlock);  // (ld, kBlock)
-  A* dsc_t = Scratch::take(p, ld * kBlock);   // (ld, kBlock)
-  const A** ptr = reinterpret_cast<const A**>(p);
-  const A** arow = ptr;
-  const A** brow = ptr + (ld + kBlock + dh);
-  A** crow = const_cast<A**>(ptr + 2 * (ld + kBlock + dh));
+  A* prob = scratch;            // (kBlock, ld) P
+  A* dsc = scratch + kBlock * ld;  // (kBlock, ld) dP, then dS
+  const A** krows = reinterpret_cast<const A**>(scratch + 2 * kBlock * ld);
+  const A** qrows = krows + ld;
+  const A** orows = qrows + kBlock;  // dO rows of the block
   for (int64_t h = 0; h < H; ++h) {
-    if (count) {
-      transpose_rows(k, k0, count, h, dh, ld, kt, brow);
-      transpose_rows(v, k0, count, h, dh, ld, vt, brow);
-    }
-    for (int64_t blk = a; blk < b; blk += kBlock) {
-      const int64_t nb = std::min(kBlock, b - blk);
-      // scores and dP = dO V^T
-      for (int64_t i = 0; i < nb; ++i) {
-        arow[i] = q.at(seg.order[blk + i], h);
-        crow[i] = prob + i * ld;
-      }
-      for (int64_t e = 0; e < dh; ++e) brow[e] = kt + e * ld;
-      if (count) gemm_rows(nb, ld, dh, arow, brow, crow, scale, false);
-      for (int64_t i = 0; i < nb; ++i) {
-        arow[i] = dout + (seg.order[blk + i] * H + h) * dh;
-        crow[i] = dsc + i * ld;
-      }
-      for (int64_t e = 0; e < dh; ++e) brow[e] = vt + e * ld;
-      if (count) gemm_rows(nb, ld, dh, arow, brow, crow, A(1), false);
+    for (int64_t j = 0; j < count; ++j) krows[j] = k.at(k0 + j, h);
+    for (int64_t blk = it.a; blk < it.b; blk += kBlock) {
+      const int64_t nb = std::min(kBlock, it.b - blk);
       for (int64_t i = 0; i < nb; ++i) {
         const int64_t t = seg.order[blk + i];
         const A row_lse = lse[t * H + h];
-        const int64_t end = row_lse == kNegInf ? 0 : causal_end(blk + i - seg.target_offsets[row], count, seg.causal);
+        // no valid key (lse = -inf): no gradient
+        const int64_t end = row_lse == kNegInf ? 0 : causal_end(blk + i - first, count, seg.causal);
+        const A* qt = qrows[i] = q.at(t, h);
+        const A* dot_ = orows[i] = dout + (t * H + h) * dh;
         A* pi = prob + i * ld;
         A* di = dsc + i * ld;
-        for (int64_t j = 0; j < count; ++j) {
-          const bool valid = j < end && !(seg.pad && seg.pad[k0 + j]);
-          pi[j] = valid ? pi[j] - row_lse : kNegInf;
-          di[j] = valid ? di[j] : A(0);
-        }
-        for (int64_t j = 0; j < count; ++j) pi[j] = exp_approx(pi[j]);  // vectorised; 0 for invalid keys
-        // delta = <dO, O> = sum_s P dP, from the same products as dP: a target with one valid key
+        // delta = <dO, O> = sum_j P dP, from the same products as dP: a target with one valid key
         // (P = 1) gets dS = 0 exactly, as the contract of the other backends
-        A dsum = 0;
-        for (int64_t j = 0; j < count; ++j) dsum += pi[j] * di[j];
-        for (int64_t j = 0; j < count; ++j) di[j] = pi[j] * (di[j] - dsum);
-        for (int64_t j = 0; j < count; ++j) {  // transposed copies for dK / dV
-          prob_t[j * kBlock + i] = pi[j];
-          dsc_t[j * kBlock + i] = di[j];
+        A delta = 0;
+        for (int64_t j = 0; j < count; ++j) {
+          const bool on = attends(seg, k0, j, end);
+          pi[j] = on ? exp_approx(score(scale, qt, krows[j], dh) - row_lse) : A(0);
+          di[j] = on ? dot(dot_, v.at(k0 + j, h), dh) : A(0);
+          delta += pi[j] * di[j];
         }
+        for (int64_t j = 0; j < count; ++j) di[j] = scale * pi[j] * (di[j] - delta);
+        combine(di, 1, krows, count, dq + (t * H + h) * dh, dh, false);  // written once: its own target
       }
-      // dQ = scale dS K (written once: the block's targets are its own)
-      for (int64_t i = 0; i < nb; ++i) {
-        arow[i] = dsc + i * ld;
-        crow[i] = dq + (seg.order[blk + i] * H + h) * dh;
-      }
-      for (int64_t j = 0; j < count; ++j) brow[j] = k.at(k0 + j, h);
-      gemm_rows(nb, dh, count, arow, brow, crow, scale, false);
-      // dK (+)= scale dS^T Q, dV (+)= P^T dO over the block's targets
-      for (int64_t i = 0; i < nb; ++i) brow[i] = q.at(seg.order[blk + i], h);
       for (int64_t j = 0; j < count; ++j) {
-        arow[j] = dsc_t + j * kBlock;
-        crow[j] = dk + (j * H + h) * dh;
+        combine(dsc + j, ld, qrows, nb, dk + (j * H + h) * dh, dh, blk != it.a);
+        combine(prob + j, ld, orows, nb, dv + (j * H + h) * dh, dh, blk != it.a);
       }
-      gemm_rows(count, dh, nb, arow, brow, crow, scale, blk != a);
-      for (int64_t i = 0; i < nb; ++i) brow[i] = dout + (seg.order[blk + i] * H + h) * dh;
-      for (int64_t j = 0; j < count; ++j) {
-        arow[j] = prob_t + j * kBlock;
-        crow[j] = dv + (j * H + h) * dh;
-      }
-      gemm_rows(count, dh, nb, arow, brow, crow, A(1), blk != a);
     }
   }
 }
@@ -493,13 +412,13 @@ std::tuple<at::Tensor, at::Tensor> attention_core_cpu(
   at::Tensor out = at::empty({seg.T, seg.H * seg.dh}, q.options().dtype(run.acc));
   at::Tensor lse = at::empty({seg.T, seg.H}, q.options().dtype(run.acc));
   if (seg.T * seg.H == 0) return {out, lse};
-  // items: each row's targets in pieces of at most 4 kBlock (long rows spread over threads)
+  // items: each row's targets in pieces of at most kItemTargets (long rows spread over threads)
   std::vector<Item> items;
   std::vector<int64_t> prefix{0};  // cost: targets x (keys + 1)
   for (int64_t r = 0; r < seg.B; ++r) {
     const int64_t keys = seg.key_offsets[r + 1] - seg.key_offsets[r];
-    for (int64_t c = seg.target_offsets[r]; c < seg.target_offsets[r + 1]; c += 4 * kBlock) {
-      items.push_back({r, c, std::min(seg.target_offsets[r + 1], c + 4 * kBlock), -1});
+    for (int64_t c = seg.target_offsets[r]; c < seg.target_offsets[r + 1]; c += kItemTargets) {
+      items.push_back({r, c, std::min(seg.target_offsets[r + 1], c + kItemTargets), -1});
       prefix.push_back(prefix.back() + (items.back().b - c) * (keys + 1));
     }
   }
@@ -508,7 +427,7 @@ std::tuple<at::Tensor, at::Tensor> attention_core_cpu(
     scalar_t* op = out.data_ptr<scalar_t>();
     scalar_t* lp = lse.data_ptr<scalar_t>();
     balanced_for(prefix, [&](int64_t i0, int64_t i1) {
-      std::vector<scalar_t> scratch(scratch_size(seg.max_keys, seg.dh));
+      std::vector<scalar_t> scratch(scratch_size(seg.max_keys));
       for (int64_t i = i0; i < i1; ++i)
         forward_any(qv, kv, vv, seg, static_cast<scalar_t>(sm_scale), items[i], op, lp, scratch.data());
     });
@@ -577,7 +496,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_core_backward_cpu(
     A* pk = partial.data_ptr<A>();
     A* pv = pk + partial_elems;
     balanced_for(prefix, [&](int64_t i0, int64_t i1) {
-      std::vector<A> scratch(scratch_size(seg.max_keys, seg.dh));
+      std::vector<A> scratch(scratch_size(seg.max_keys));
       for (int64_t i = i0; i < i1; ++i) {
         const Item& it = items[i];
         const int64_t k0 = seg.key_offsets[it.row];
