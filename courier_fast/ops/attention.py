@@ -156,9 +156,9 @@ dispatch.register(OP, "reference", reconstruction_attention_reference, devices=(
                   validate=False)
 if _extension.loaded():
     dispatch.register(OP, "cpu", _projected_attention(_ops.attention_core), devices=("cpu",),
-                      note="C++ CPU attention core (per history row and head: small register-blocked GEMMs over "
-                           "the row's K/V in place, exact softmax, atomics-free backward, long rows split "
-                           "over threads)")
+                      note="C++ CPU attention core (per history row and head: scores as dot products of the q / k "
+                           "rows in place, exact softmax, outputs accumulated in registers, atomics-free "
+                           "backward, long rows split over OpenMP threads)")
 if _extension.cuda_compiled():
     dispatch.register(OP, "cuda", _projected_attention(_ops.attention_core), devices=("cuda",),
                       supports=_head_dim_at_most(256),
