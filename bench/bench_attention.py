@@ -17,7 +17,11 @@ the modules in eval mode (ms_fwd_eval). ratio / ratio_eval: the row's fwd+bwd / 
 time over its peer's in the same run (ours and official: sdpa; cf_mha: mha_masked; cf_mha_self:
 mha_self). floor_fraction = max(3 x history bytes / measured copy bandwidth, 3 x projection
 FLOP / measured matmul rate) / measured fwd+bwd time; floor_fraction_eval the same with one
-pass and the projection FLOP once, over the eval forward. On CPU each row runs in its own process.
+pass and the projection FLOP once, over the eval forward. On CPU each row runs in its own process,
+--rounds times (default 2), the order of the rows reversed every other round (ABBA across rows:
+a peer runs before its rows in one round and after them in the next, so that the machine's drift
+between processes does not land on one side): a row's times are the medians of its rounds, its
+ratios the medians of its per-round ratios (`rounds`: each round's fwd+bwd ms).
 
     python bench/bench_attention.py --quick
     python bench/bench_attention.py --shape 4096 50 10     # B L P
@@ -25,6 +29,7 @@ pass and the projection FLOP once, over the eval forward. On CPU each row runs i
 import argparse
 import json
 import os
+import statistics
 import sys
 
 import torch
@@ -200,6 +205,26 @@ def measure_row(key, b, length, p, d, h, dtype, device, reps, seed=0):
     return res
 
 
+def _combined(runs):
+    """One row from its rounds: the first error if any failed, else the median times, the largest
+    peak memory, and each round's fwd+bwd ms."""
+    for res in runs:
+        if "ms_fwd_bwd" not in res:
+            return res
+    out = dict(runs[0])
+    for k in ("ms_fwd", "ms_fwd_bwd", "ms_fwd_eval"):
+        if k in out:
+            out[k] = round(statistics.median(res[k] for res in runs), 3)
+    out["peak_mem_mb"] = max(res["peak_mem_mb"] for res in runs)
+    out["rounds"] = [res["ms_fwd_bwd"] for res in runs]
+    return out
+
+
+def _median_ratio(mine, theirs, key):
+    """Median over rounds of my time over the peer's in the same round."""
+    return round(statistics.median(a[key] / b[key] for a, b in zip(mine, theirs)), 3)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", type=int, nargs=3, action="append", metavar=("B", "L", "P"))
@@ -208,6 +233,7 @@ def main():
     ap.add_argument("--dtype", nargs="*")
     ap.add_argument("--impl", nargs="*")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=2, help="CPU: runs of every row, in ABBA order across rows")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out")
     ap.add_argument("--one", help=argparse.SUPPRESS)
@@ -243,13 +269,16 @@ def main():
     for dt in dtypes:
         elem = torch.empty((), dtype=getattr(torch, dt)).element_size()
         for b, length, p in shapes:
-            done = {}
+            done, runs = {}, {key: [] for key in keys}
+            for r in range(max(1, args.rounds) if device == "cpu" else 1):
+                for key in keys if r % 2 == 0 else keys[::-1]:
+                    if device == "cpu":
+                        runs[key].append(harness.run_isolated(__file__, f"{key}:{b}:{length}:{p}:{dt}", reps))
+                    else:
+                        runs[key].append(measure_row(key, b, length, p, d, h, getattr(torch, dt), device, reps))
+                        torch.cuda.empty_cache()
             for key in keys:
-                if device == "cpu":
-                    res = harness.run_isolated(__file__, f"{key}:{b}:{length}:{p}:{dt}", reps)
-                else:
-                    res = measure_row(key, b, length, p, d, h, getattr(torch, dt), device, reps)
-                    torch.cuda.empty_cache()
+                res = _combined(runs[key])
                 row = {"impl": key, "shape": {"B": b, "L": length, "P": p, "d": d, "h": h}, "dtype": dt, **res}
                 done[key] = row
                 if "ms_fwd_bwd" not in res:
@@ -263,9 +292,10 @@ def main():
                 row["floor_fraction_eval"] = round(floor_s / 3 / (res["ms_fwd_eval"] / 1e3), 4)
                 peer = done.get(PEER.get(key, "sdpa"))
                 if peer and "ms_fwd_bwd" in peer and peer is not row:
+                    mine, theirs = runs[key], runs[peer["impl"]]
                     row["peer"] = peer["impl"]
-                    row["ratio"] = round(res["ms_fwd_bwd"] / peer["ms_fwd_bwd"], 3)
-                    row["ratio_eval"] = round(res["ms_fwd_eval"] / peer["ms_fwd_eval"], 3)
+                    row["ratio"] = _median_ratio(mine, theirs, "ms_fwd_bwd")
+                    row["ratio_eval"] = _median_ratio(mine, theirs, "ms_fwd_eval")
                 ratio = lambda k: f"{row[k]:>7.2f}" if k in row else f"{'':>7}"
                 print(f"{key:<34}{b:>6}{length:>5}{p:>4}{dt:>9}{res['ms_fwd_bwd']:>11.1f}{ratio('ratio')}"
                       f"{row['floor_fraction']:>7.3f}{res['ms_fwd_eval']:>12.1f}{ratio('ratio_eval')}"
