@@ -11,6 +11,8 @@
 // O(workers * panel * d)), merged in worker order after the panel.
 // The backward recomputes each tile (1 GEMM), turns it into dL/dS in place and applies two
 // GEMMs. Memory stays O((N + M) d + workers * (tile + panel * d)); the N x M matrix never exists.
+// One direction with its upstream gradient known up to a scalar takes a fused path instead:
+// contrastive_lse_cpu_fused.cpp (3 GEMMs, no recompute). What both share: contrastive_lse_cpu_common.h.
 // Argument checks, normalisation, masks and the accidental-hit rule: contrastive_lse.h.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -21,10 +23,13 @@
 #include <vector>
 
 #include "contrastive_lse.h"
+#include "contrastive_lse_cpu_common.h"
 #include "contrastive_lse_cpu_tiles.h"
 
 namespace courier_fast {
 namespace {
+
+using namespace cpu_lse;
 
 constexpr int64_t kCpuTileCols = 1024;  // with kCpuTiles' 256 rows: a 1 MB fp32 tile
 constexpr int64_t kPanelTiles = 16;     // rows per panel: 16 tiles' rows (4096 automatically)
@@ -46,61 +51,14 @@ CpuTiling cpu_tiling(int64_t n, int64_t m) {
   return {rows, cols, rows * kPanelTiles, blocks, std::max<int64_t>(1, std::min(threads, blocks))};
 }
 
-// A worker thread of at::parallel_for does not inherit the caller's dispatch state: there the
-// ATen calls of a tile (addmm on inputs that require grad) would reach autograd, which rejects
-// out= arguments. Each worker runs below autograd, as the op itself does.
-using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
-
 // One worker's column blocks: a contiguous share of [0, blocks).
 std::pair<int64_t, int64_t> worker_blocks(const CpuTiling& t, int64_t worker) {
   return {worker * t.blocks / t.workers, (worker + 1) * t.blocks / t.workers};
 }
 
-template <typename T>
-const T* ptr_or_null(const at::Tensor& t, int64_t offset = 0) {
-  return t.defined() ? t.data_ptr<T>() + offset : nullptr;
-}
-
 // The (h, w) tile of the given worker's buffer as a contiguous tensor.
 at::Tensor tile_view(const at::Tensor& buffer, int64_t h, int64_t w) {
   return buffer.narrow(0, 0, h * w).view({h, w});
-}
-
-// The inputs both directions share: normalised rows, biases, ids, and the logits GEMM's operand
-// and alpha. A finite scale is read as a number (CPU: that costs nothing) and becomes the alpha:
-// no scaled copy of x. A zero, NaN or infinite one is folded into a copy of x_hat instead (alpha
-// 1): BLAS may skip the product for such alphas (a NaN scale must make every logit NaN, and a
-// zero one keeps the NaN of a NaN input).
-struct Prepared {
-  Rows xr, yr;
-  at::Tensor x_bias, y_bias, x_ids, y_ids;
-  int64_t id_offset;
-  at::Tensor xs;  // x_hat, or x_hat * scale where the scale is not finite
-  double alpha;
-};
-
-Prepared prepare(const at::Tensor& x, const at::Tensor& y, const std::optional<at::Tensor>& x_mask,
-                 const std::optional<at::Tensor>& y_mask, const std::optional<at::Tensor>& y_logq,
-                 const std::optional<at::Tensor>& x_ids, const std::optional<at::Tensor>& y_ids, int64_t id_offset,
-                 const at::Tensor& scale, bool normalize) {
-  const auto dt = compute_dtype(x);
-  Rows xr = normalize_rows(x, normalize, dt), yr = normalize_rows(y, normalize, dt);
-  const auto opts = xr.hat.options();
-  const at::Tensor sc = scale_tensor(scale, dt);
-  const double alpha = sc.item<double>();
-  const bool finite = std::isfinite(alpha) && alpha != 0;
-  return {xr, yr, mask_bias(x_mask, opts), mask_bias(y_mask, opts, y_logq), ids_or_undefined(x_ids),
-          ids_or_undefined(y_ids), clamp_id_offset(id_offset, x.size(0), y.size(0)),
-          finite ? xr.hat : xr.hat * sc, finite ? alpha : 1.0};
-}
-
-// tile <- scale * x_hat[r0:r1] @ y_hat[c0:c1].T with the accidental hits at -inf.
-template <typename T>
-void logits_tile(at::Tensor& tile, const Prepared& p, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
-  at::addmm_out(tile, tile, p.xs.slice(0, r0, r1), p.yr.hat.slice(0, c0, c1).t(), /*beta=*/0, p.alpha);
-  if (p.x_ids.defined())
-    cpu_tiles::mask_hits(tile.data_ptr<T>(), r1 - r0, c1 - c0, p.x_ids.data_ptr<int64_t>() + r0,
-                         p.y_ids.data_ptr<int64_t>() + c0, p.id_offset + r0 - c0);
 }
 
 template <typename T>
@@ -231,13 +189,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_lse_backward_cpu(
   }
   auto [gx_hat, gy_hat] = dt == at::kDouble ? backward_typed<double>(p, g, rl, h, cl)
                                             : backward_typed<float>(p, g, rl, h, cl);
-  at::Tensor grad_scale = (gx_hat * p.xr.hat).sum().to(scale.scalar_type()).reshape(scale.sizes());
-  const at::Tensor sc = scale_tensor(scale, dt);
-  gx_hat.mul_(sc);
-  gy_hat.mul_(sc);
-  at::Tensor gx = normalize_rows_backward_(gx_hat, p.xr).to(x.scalar_type());
-  at::Tensor gy = normalize_rows_backward_(gy_hat, p.yr).to(y.scalar_type());
-  return {gx, gy, grad_scale};
+  return finish_gradients(p, gx_hat, gy_hat, x, y, scale);
 }
 
 }  // namespace
