@@ -28,7 +28,7 @@ echo "[sanitize] build took $(( $(date +%s) - start )) s"
 asan=$(gcc -print-file-name=libasan.so)
 ubsan=$(gcc -print-file-name=libubsan.so)
 [ -f "$asan" ] || { echo "[sanitize] no ASan runtime: gcc -print-file-name=libasan.so gave $asan"; exit 1; }
-tests=(tests/ops/test_contrastive_lse_op.py tests/ops/test_contrastive_lse_cpu_tiles.py tests/ops/test_attention_cpu.py
+tests=(tests/ops/test_contrastive_lse_op.py tests/ops/test_contrastive_lse_fused.py tests/ops/test_contrastive_lse_cpu_tiles.py tests/ops/test_attention_cpu.py
        tests/ops/test_op_arg_checks.py tests/ops/test_fuzz_ops.py)
 [ -f "$tree/tests/ops/test_attention_core_op.py" ] && tests+=(tests/ops/test_attention_core_op.py)
 t0=$(date +%s)

@@ -99,6 +99,11 @@ inline std::atomic<int64_t>& forced_tile_rows() {
   return rows;
 }
 
+// Rows per worker block of the CPU fused row LSE + gradient (contrastive_lse_cpu_fused.cpp) for M
+// candidates of d features, a forced setting included; 0 where its blocks or its per-worker
+// candidate gradients would not fit its memory bounds (then callers use contrastive_lse).
+int64_t fused_rows(int64_t m, int64_t d, bool is_double);
+
 inline int64_t chunk_rows(int64_t n, int64_t m, TilePolicy policy) {
   const int64_t forced = forced_tile_rows().load();
   int64_t c = forced > 0 ? forced

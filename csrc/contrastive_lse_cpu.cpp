@@ -236,6 +236,44 @@ COURIER_INLINE void grad_tile_impl(T* s, int64_t h, int64_t w, const T* y_bias, 
   }
 }
 
+// row[i] <- exp(row value - shift) in place; returns their sum. __restrict: the bias never
+// aliases the row, so that the loop vectorises (without it GCC kept it scalar).
+template <typename T>
+COURIER_INLINE T exp_in_place(T* __restrict row, const T* __restrict bias, int64_t w, T shift) {
+  const int64_t w_vec = w - w % kLanes;
+  T lane[kLanes] = {};
+  for (int64_t i = 0; i < w_vec; i += kLanes)
+    for (int64_t k = 0; k < kLanes; ++k) {
+      const T e = exp_approx(row_value(row, bias, i + k) - shift);
+      row[i + k] = e;
+      lane[k] += e;
+    }
+  T sum = 0;
+  for (int64_t k = 0; k < kLanes; ++k) sum += lane[k];
+  for (int64_t i = w_vec; i < w; ++i) {
+    const T e = exp_approx(row_value(row, bias, i) - shift);
+    row[i] = e;
+    sum += e;
+  }
+  return sum;
+}
+
+// Softmax numerators of whole rows, in place (the fused loss): see contrastive_lse_cpu_tiles.h.
+template <typename T>
+COURIER_INLINE void exp_rows_impl(T* s, int64_t h, int64_t w, const T* y_bias, T* row_m, T* row_sum) {
+  for (int64_t r = 0; r < h; ++r) {
+    T* row = s + r * w;
+    const T m = row_max(row, y_bias, w);
+    row_m[r] = m;
+    if (m == kNegInf<T>) {
+      for (int64_t i = 0; i < w; ++i) row[i] = 0;
+      row_sum[r] = 0;
+    } else {
+      row_sum[r] = y_bias ? exp_in_place(row, y_bias, w, m) : exp_in_place<T>(row, nullptr, w, m);
+    }
+  }
+}
+
 template <typename T>
 COURIER_INLINE void mask_hits_impl(T* s, int64_t h, int64_t w, const int64_t* x_ids, const int64_t* y_ids,
                                    int64_t own) {
@@ -254,6 +292,9 @@ COURIER_CLONES void forward_tile_f32(const float* s, int64_t h, int64_t w, const
 COURIER_CLONES void grad_tile_f32(float* s, int64_t h, int64_t w, const float* yb, const float* xb,
                                   const float* g, const float* rl, const float* hc, const float* cl, float* scratch) {
   grad_tile_impl(s, h, w, yb, xb, g, rl, hc, cl, scratch);
+}
+COURIER_CLONES void exp_rows_f32(float* s, int64_t h, int64_t w, const float* yb, float* rm, float* rs) {
+  exp_rows_impl(s, h, w, yb, rm, rs);
 }
 COURIER_CLONES void mask_hits_f32(float* s, int64_t h, int64_t w, const int64_t* xi, const int64_t* yi,
                                   int64_t own) {
@@ -285,6 +326,13 @@ void grad_tile(float* s, int64_t h, int64_t w, const float* y_bias, const float*
 void grad_tile(double* s, int64_t h, int64_t w, const double* y_bias, const double* x_bias, const double* g,
                const double* row_lse, const double* hc, const double* col_lse, double* scratch) {
   grad_tile_impl(s, h, w, y_bias, x_bias, g, row_lse, hc, col_lse, scratch);
+}
+
+void exp_rows(float* s, int64_t h, int64_t w, const float* y_bias, float* row_m, float* row_sum) {
+  exp_rows_f32(s, h, w, y_bias, row_m, row_sum);
+}
+void exp_rows(double* s, int64_t h, int64_t w, const double* y_bias, double* row_m, double* row_sum) {
+  exp_rows_impl(s, h, w, y_bias, row_m, row_sum);
 }
 
 template <typename T>

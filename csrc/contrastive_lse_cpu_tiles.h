@@ -38,6 +38,15 @@ void grad_tile(float* s, int64_t h, int64_t w, const float* y_bias, const float*
 void grad_tile(double* s, int64_t h, int64_t w, const double* y_bias, const double* x_bias, const double* g,
                const double* row_lse, const double* hc, const double* col_lse, double* scratch);
 
+// Softmax numerators of whole rows in place (the fused loss, contrastive_lse_cpu_fused.cpp): the
+// tile spans every column (an x_mask never changes the row direction). row_m[r] = the row's
+// largest kept entry of s + y_bias (-inf where nothing is kept; NaN / +inf as in the states
+// above), s[r, i] <- exp(s + y_bias[i] - row_m[r]) (0 where masked or a hit), row_sum[r] = the
+// row's sum of them. A row with row_m = -inf is all 0 with sum 0; one with a NaN or +inf row_m
+// holds no usable values.
+void exp_rows(float* s, int64_t h, int64_t w, const float* y_bias, float* row_m, float* row_sum);
+void exp_rows(double* s, int64_t h, int64_t w, const double* y_bias, double* row_m, double* row_sum);
+
 // (m, s)[k] <- (m, s)[k] merged with (m2, s2)[k] for k < n.
 void merge_states(float* m, float* s, const float* m2, const float* s2, int64_t n);
 void merge_states(double* m, double* s, const double* m2, const double* s2, int64_t n);

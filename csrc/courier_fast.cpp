@@ -47,6 +47,12 @@ int64_t lse_tile_rows(int64_t n, int64_t m, bool cuda) {
   return courier_fast::chunk_rows(n, m, cuda ? courier_fast::kCudaTiles : courier_fast::kCpuTiles);
 }
 
+// Rows per block of contrastive_lse_and_grad on CPU (0: it does not fit; see contrastive_lse.h).
+int64_t lse_fused_rows(int64_t m, int64_t d, bool is_double) {
+  TORCH_CHECK(m >= 0 && d >= 0, "lse_fused_rows: m and d must be >= 0, got ", m, ", ", d);
+  return courier_fast::fused_rows(m, d, is_double);
+}
+
 // Forces the rows per tile of every later contrastive_lse call (0 = automatic); returns the
 // previous setting. For tests and the self-check: see contrastive_lse.h.
 int64_t set_lse_tile_rows(int64_t rows) {
@@ -89,6 +95,14 @@ TORCH_LIBRARY(courier_fast, m) {
         "Tensor? x_mask, Tensor? y_mask, Tensor? y_logq, Tensor? x_ids, Tensor? y_ids, int id_offset, "
         "Tensor row_lse, Tensor col_lse, Tensor scale, bool normalize, bool with_columns) "
         "-> (Tensor grad_x, Tensor grad_y, Tensor grad_scale)");
+  // CPU only: row_lse as contrastive_lse's (with_columns false) and, computed in the same pass,
+  // the gradients of sum_j row_grad[j] * row_lse[j] w.r.t. x, y and scale (row_grad: (N,) float),
+  // those of contrastive_lse_backward with grad_row = row_grad where every LSE is finite or -inf
+  // (else unspecified: the caller recomputes). For a loss whose upstream gradient is known up to
+  // a scalar: ops/backends/compiled.py.
+  m.def("contrastive_lse_and_grad(Tensor x, Tensor y, Tensor? x_mask, Tensor? y_mask, Tensor? y_logq, "
+        "Tensor? x_ids, Tensor? y_ids, int id_offset, Tensor scale, bool normalize, Tensor row_grad) "
+        "-> (Tensor row_lse, Tensor grad_x, Tensor grad_y, Tensor grad_scale)");
   // Reconstruction-attention core after the projections, over segments (the layouts of
   // courier_fast/ops/attention_layout.py): q (T, h, dh), k/v (S, h, dh) views (dh contiguous);
   // target t attends keys [key_offsets[r], key_offsets[r+1]) of its row r = target_rows[t];
@@ -107,5 +121,6 @@ TORCH_LIBRARY(courier_fast, m) {
         "SymInt max_keys) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
   m.def("lse_tile_rows(int n, int m, bool cuda) -> int", &lse_tile_rows);
   m.def("set_lse_tile_rows(int rows) -> int", &set_lse_tile_rows);
+  m.def("lse_fused_rows(int m, int d, bool is_double) -> int", &lse_fused_rows);
   m.def("parallel_for_threads(int n) -> int", &parallel_for_threads);
 }

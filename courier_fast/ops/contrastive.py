@@ -99,8 +99,10 @@ def contrastive_loss(anchors, candidates, *, temperature=None, logit_scale=None,
     world = world_size(group)
     if world == 1:
         info = CandidateInfo(ids, ids, 0, logq, logq)
+        # with a mean or sum, the terms' upstream gradient is proportional to the weights
         terms = terms_fn(anchors, candidates, candidates, anchors, candidate_mask, scale, normalize,
-                         symmetric, info, bias, single_process=True)
+                         symmetric, info, bias, single_process=True,
+                         row_weight=None if reduction == "none" else weight)
         return reduce_terms(terms, weight, reduction)
 
     if ring and getattr(terms_fn, "lse_ops", None) is None:
@@ -206,16 +208,23 @@ def _scalar_tensor(name, t, anchors):
     _validate.finite(name, t)
 
 
-def _terms_from_lse(lse, lse_backward, widen=True):
+def _terms_from_lse(lse, lse_backward, widen=True, row_lse_with_grad=None):
     """Per-anchor terms from a backend's masked-LSE op (same contract as the reference).
     lse_backward is the op's backward, used directly by the ring exchange; widen: the
     ring may hand it 16-bit inputs as fp32 (see distributed._RingLSE.backward). The op's row
-    direction subtracts y_logq; its columns never do (see the reference for why)."""
+    direction subtracts y_logq; its columns never do (see the reference for why).
+    row_lse_with_grad: optionally, the row LSE that computes its gradient in the same pass for
+    an upstream gradient proportional to row_weight (compiled.contrastive_row_lse_with_grad),
+    used on one process, one direction, where row_weight is given (a mean or sum reduction)."""
 
     def terms(anchors, candidates, all_candidates, all_anchors, all_mask, scale, normalize,
-              symmetric, info, bias, *, single_process):
+              symmetric, info, bias, *, single_process, row_weight=None):
         positive = positive_logits(anchors, candidates, scale, normalize)
         forward_positive = positive if info.logq is None else positive - info.logq
+        if row_lse_with_grad is not None and row_weight is not None and single_process and not symmetric:
+            row = row_lse_with_grad(anchors, candidates, all_mask, info.logq, info.ids, scale, normalize, row_weight)
+            if row is not None:
+                return _term(row, forward_positive, bias)
         if symmetric and single_process:  # one pass gives both directions: rows and columns
             row, col = lse(anchors, candidates, all_mask, all_mask, info.logq, info.ids, info.ids, 0,
                            scale, normalize, True)
@@ -233,7 +242,7 @@ def _terms_from_lse(lse, lse_backward, widen=True):
     return terms
 
 
-def _reference_terms(*args, single_process):  # the dense reference needs no fused path
+def _reference_terms(*args, single_process, row_weight=None):  # the dense reference needs no fused path
     return contrastive_terms_reference(*args)
 
 
@@ -267,8 +276,11 @@ def _cuda_supports(anchors, candidates, **_):
 
 if _extension.loaded():
     _compiled = _terms_from_lse(_ops.contrastive_lse, torch.ops.courier_fast.contrastive_lse_backward)
-    dispatch.register(OP, "cpu", _compiled, devices=("cpu",), validate=False,
-                      note="C++ online-LSE op (2-D tiles, a worker thread per share of columns)")
+    dispatch.register(OP, "cpu", _terms_from_lse(_ops.contrastive_lse, torch.ops.courier_fast.contrastive_lse_backward,
+                                                 row_lse_with_grad=_ops.contrastive_row_lse_with_grad),
+                      devices=("cpu",), validate=False,
+                      note="C++ online-LSE op (2-D tiles, a worker thread per share of columns; one "
+                           "direction under a mean or sum: row blocks with the gradient in the same pass)")
     if _extension.cuda_compiled():
         dispatch.register(OP, "cuda", _compiled, devices=("cuda",), supports=_cuda_supports,
                           note="cuBLAS row tiles + fused CUDA epilogues (auto sends 16-bit inputs to "

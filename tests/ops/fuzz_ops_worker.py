@@ -190,6 +190,34 @@ def lse_backward_case(op):
     return run
 
 
+def lse_and_grad_case(op):
+    """courier_fast::contrastive_lse_and_grad (CPU): the row LSE and the gradients of
+    sum(row_grad * row_lse), against the dense float64 reference."""
+    def run(case, gen):
+        base = _lse_base(case.rng, gen)[:10]
+        row_grad = torch.rand(base[0].shape[0], generator=gen, dtype=torch.float64)
+        case.args = [*base, row_grad]
+        # as for the backward: gradients are the contract for finite values (the LSE with any),
+        # so x, y and scale are broken without special values and row_grad only in layout,
+        # shape and dtype
+        if case.rng.random() < 0.3:
+            mutate(case, [10], special=False, values=False, count=1)
+        else:
+            _lse_mutate(case, special=False)
+
+        def check(got):
+            x, y, xm, ym, logq, xi, yi, off, scale, normalize, g = case.args
+            x64, y64 = x.detach().double().requires_grad_(), y.detach().double().requires_grad_()
+            s64 = scale.detach().double().reshape(()).requires_grad_()
+            r, _ = dense_lse(x64, y64, xm, ym, s64, normalize, logq, xi, yi, off)
+            loss = (g.double() * torch.where(torch.isinf(r), 0, r)).sum()
+            want = torch.autograd.grad(loss, (x64, y64, s64), allow_unused=True)
+            want = [torch.zeros_like(t) if w is None else w for w, t in zip(want, (x64, y64, s64))]
+            close(got, [r.detach(), want[0], want[1], want[2].reshape(scale.shape)], _low(*case.args))
+        return lambda: op(*case.args), check
+    return run
+
+
 # ---------------------------------------------------------------- attention_core
 def _attention_base(rng, gen):
     """Arguments of the attention-core ops on a random valid segment table (padded or jagged)."""
@@ -396,6 +424,7 @@ def targets():
     t = {
         "contrastive_lse": lse_forward_case(ops.contrastive_lse),
         "contrastive_lse_backward": lse_backward_case(ops.contrastive_lse_backward),
+        "contrastive_lse_and_grad": lse_and_grad_case(ops.contrastive_lse_and_grad),
         "attention_core": attention_forward_case(ops.attention_core),  # no CPU kernel: must raise
         "attention_core_backward": attention_backward_case(ops.attention_core_backward),
         "tile_rows": tile_rows_case,

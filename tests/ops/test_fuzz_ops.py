@@ -19,6 +19,7 @@ COMPILED = pytest.mark.skipif(not cf.build_info()["extension_loaded"], reason="c
 TARGETS = [
     pytest.param("contrastive_lse", 400, marks=COMPILED),
     pytest.param("contrastive_lse_backward", 400, marks=COMPILED),
+    pytest.param("contrastive_lse_and_grad", 300, marks=COMPILED),
     pytest.param("attention_core", 60, marks=COMPILED),
     pytest.param("attention_core_backward", 60, marks=COMPILED),
     pytest.param("tile_rows", 200, marks=COMPILED),

@@ -58,6 +58,62 @@ def register_lse_autograd(op, backward_op):
     torch.library.register_autograd(op, backward, setup_context=setup_context)
 
 
+def contrastive_row_lse_with_grad(x, y, y_mask, y_logq, ids, scale, normalize, row_grad):
+    """contrastive_lse's row LSE (no columns, no x_mask, ids on both sides, offset 0), (N,), from
+    the CPU op that computes its gradient in the same pass (csrc/contrastive_lse_cpu_fused.cpp):
+    3 GEMMs over the logits instead of the op's and its backward's 4. For a loss whose upstream
+    gradient will be c * row_grad, c a scalar the backward learns (a mean or sum over the anchor
+    weights row_grad, (N,) float). The backward scales the saved gradients by c where grad_row
+    equals c * row_grad (each entry to 4 ulps; every LSE finite or -inf) and otherwise runs
+    contrastive_lse_backward, which recomputes: the gradients are the op's either way.
+
+    None where this path does not apply, for the caller to use contrastive_lse: no gradient is
+    needed, not a CPU tensor, tracing under torch.compile, or the blocks would not fit
+    (courier_fast::lse_fused_rows). Not twice differentiable (neither is the op's backward)."""
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, y, scale))):
+        return None
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    if torch.ops.courier_fast.lse_fused_rows(y.shape[0], y.shape[1], compute_dtype(x.dtype) == torch.float64) <= 0:
+        return None
+    return _RowLseWithGrad.apply(x, y, y_mask, y_logq, ids, scale, normalize, row_grad)
+
+
+def _proportion(grad, expected):
+    """c (0-d) with grad == c * expected entrywise to 4 ulps of grad's dtype, else None."""
+    k = expected.abs().argmax()
+    c = grad[k] / expected[k] if expected[k] != 0 else grad.new_zeros(())
+    target = c * expected
+    ok = (grad - target).abs() <= 4 * torch.finfo(grad.dtype).eps * target.abs()
+    return c if bool(ok.all()) else None
+
+
+class _RowLseWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, y, y_mask, y_logq, ids, scale, normalize, row_grad):
+        row_grad = row_grad.detach().to(compute_dtype(x.dtype))
+        lse, gx, gy, gs = torch.ops.courier_fast.contrastive_lse_and_grad(x, y, None, y_mask, y_logq, ids, ids, 0,
+                                                                          scale, normalize, row_grad)
+        ctx.save_for_backward(x, y, y_mask, y_logq, ids, scale, lse, row_grad, gx, gy, gs)
+        ctx.normalize = normalize
+        return lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_row):
+        x, y, y_mask, y_logq, ids, scale, lse, row_grad, gx, gy, gs = ctx.saved_tensors
+        if grad_row is None:
+            return (None,) * 8
+        usable = not bool((torch.isnan(lse) | (lse == float("inf"))).any())
+        c = _proportion(grad_row.to(row_grad.dtype), row_grad) if usable else None
+        if c is not None:
+            return c.to(gx.dtype) * gx, c.to(gy.dtype) * gy, None, None, None, c.to(gs.dtype) * gs, None, None
+        none = lse.new_zeros(0)
+        gx, gy, gs = torch.ops.courier_fast.contrastive_lse_backward(grad_row, none, x, y, None, y_mask, y_logq, ids,
+                                                                     ids, 0, lse, none, scale, ctx.normalize, False)
+        return gx, gy, None, None, None, gs, None, None
+
+
 def register_attention_autograd(op, backward_op):
     """Autograd for an attention-core op (compiled or Triton): gradients to q, k and v; the
     segment table, mask and scalars pass through to the backward op."""
