@@ -21,7 +21,10 @@ pass and the projection FLOP once, over the eval forward. On CPU each row runs i
 --rounds times (default 2), the order of the rows reversed every other round (ABBA across rows:
 a peer runs before its rows in one round and after them in the next, so that the machine's drift
 between processes does not land on one side): a row's times are the medians of its rounds, its
-ratios the medians of its per-round ratios (`rounds`: each round's fwd+bwd ms).
+ratios the medians of its per-round ratios (`rounds`: each round's fwd+bwd ms). On CPU a row with a
+peer also times itself against the peer inside its own process, alternately on the same inputs
+(mine, peer, peer, mine, ...), so that no drift between processes or over the run lands on one
+side: paired_ratio / paired_ratio_eval, the median of the per-pair ratios (over the rounds' pairs).
 
     python bench/bench_attention.py --quick
     python bench/bench_attention.py --shape 4096 50 10     # B L P
@@ -31,6 +34,7 @@ import json
 import os
 import statistics
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -190,6 +194,39 @@ def _eval_forward_ms(fn, t, hist, pad, device, reps):
             m.train()
 
 
+def _paired(fn, peer_fn, t, hist, pad, reps):
+    """fn's time over peer_fn's, both in this process on the same inputs, alternating (mine, peer,
+    peer, mine, ...): per mode, the median of the reps per-pair ratios (and the ratios), for
+    fwd+bwd in training mode and for the forward under no_grad in eval mode."""
+    def train_step(f):
+        t.grad = hist.grad = None
+        f(t, hist, pad).float().square().mean().backward()
+
+    def eval_step(f):
+        with torch.no_grad():
+            f(t, hist, pad)
+
+    out = {}
+    try:
+        for name, step, training in (("paired_ratio", train_step, True), ("paired_ratio_eval", eval_step, False)):
+            for m in _MODULES:
+                m.train(training)
+            step(fn), step(peer_fn)  # warm-up
+            ratios = []
+            for r in range(reps):
+                ms = {}
+                for which, f in (("mine", fn), ("peer", peer_fn)) if r % 2 == 0 else (("peer", peer_fn), ("mine", fn)):
+                    t0 = time.perf_counter()
+                    step(f)
+                    ms[which] = time.perf_counter() - t0
+                ratios.append(ms["mine"] / ms["peer"])
+            out[name + "s"] = [round(x, 4) for x in ratios]
+    finally:
+        for m in _MODULES:
+            m.train()
+    return out
+
+
 def measure_row(key, b, length, p, d, h, dtype, device, reps, seed=0):
     mha = _mha(d, h, device, dtype)
     fn = implementations(mha, device)[key]
@@ -202,6 +239,9 @@ def measure_row(key, b, length, p, d, h, dtype, device, reps, seed=0):
     res = harness.measure(lambda t, hist: fn(t, hist, pad).float().square().mean(), [t, hist], device, reps)
     if "error" not in res:
         res["ms_fwd_eval"] = _eval_forward_ms(fn, t, hist, pad, device, reps)
+        peer = PEER.get(key, "sdpa")
+        if device == "cpu" and key not in (peer, "mha_masked", "mha_self"):
+            res.update(_paired(fn, implementations(mha, device)[peer], t, hist, pad, reps))
     return res
 
 
@@ -217,6 +257,10 @@ def _combined(runs):
             out[k] = round(statistics.median(res[k] for res in runs), 3)
     out["peak_mem_mb"] = max(res["peak_mem_mb"] for res in runs)
     out["rounds"] = [res["ms_fwd_bwd"] for res in runs]
+    for k in ("paired_ratio", "paired_ratio_eval"):  # the median of every round's pairs
+        if k + "s" in out:
+            out[k + "s"] = [x for res in runs for x in res[k + "s"]]
+            out[k] = round(statistics.median(out[k + "s"]), 3)
     return out
 
 
@@ -264,7 +308,7 @@ def main():
     print(f"device={device} torch={torch.__version__} copy {bandwidth / 1e9:.1f} GB/s, matmul (TFLOP/s): "
           + ", ".join(f"{k}={v / 1e12:.2f}" for k, v in ceilings.items()))
     print(f"{'impl':<34}{'B':>6}{'L':>5}{'P':>4}{'dtype':>9}{'fwd+bwd ms':>11}{'ratio':>7}{'floor':>7}"
-          f"{'eval fwd ms':>12}{'ratio':>7}{'floor':>7}{'peak MB':>9}")
+          f"{'eval fwd ms':>12}{'ratio':>7}{'floor':>7}{'peak MB':>9}{'paired':>7}{'p.eval':>7}")
     rows = []
     for dt in dtypes:
         elem = torch.empty((), dtype=getattr(torch, dt)).element_size()
@@ -299,7 +343,8 @@ def main():
                 ratio = lambda k: f"{row[k]:>7.2f}" if k in row else f"{'':>7}"
                 print(f"{key:<34}{b:>6}{length:>5}{p:>4}{dt:>9}{res['ms_fwd_bwd']:>11.1f}{ratio('ratio')}"
                       f"{row['floor_fraction']:>7.3f}{res['ms_fwd_eval']:>12.1f}{ratio('ratio_eval')}"
-                      f"{row['floor_fraction_eval']:>7.3f}{res['peak_mem_mb']:>9.1f}")
+                      f"{row['floor_fraction_eval']:>7.3f}{res['peak_mem_mb']:>9.1f}{ratio('paired_ratio')}"
+                      f"{ratio('paired_ratio_eval')}")
                 rows.append(row)
     ceilings["copy_bytes_per_s"] = bandwidth
     print("wrote", harness.write_results("attention", ceilings, rows, args.out, quick=args.quick))
