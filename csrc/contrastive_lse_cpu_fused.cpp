@@ -97,8 +97,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_lse_and_g
     const at::Tensor& scale, bool normalize, const at::Tensor& row_grad) {
   check_lse_inputs(x, y, x_mask, y_mask, y_logq, x_ids, y_ids, scale);
   check_vector("row_grad", row_grad, x.size(0), "x.size(0)", x);
-  TORCH_CHECK(at::isFloatingType(row_grad.scalar_type()), "contrastive_lse_and_grad: row_grad must be a float "
-              "tensor, got ", row_grad.scalar_type());
+  TORCH_CHECK_TYPE(at::isFloatingType(row_grad.scalar_type()), "contrastive_lse_and_grad: row_grad must be a "
+                   "float tensor, got ", row_grad.scalar_type());
   const auto dt = compute_dtype(x);
   const int64_t rows = fused_rows(y.size(0), x.size(1), dt == at::kDouble);
   TORCH_CHECK(rows > 0, "contrastive_lse_and_grad: M = ", y.size(0), " candidates of d = ", x.size(1),

@@ -72,11 +72,12 @@ def test_block_rows_follow_the_memory_bounds():
            torch.ones(2))
 
 
-@pytest.mark.parametrize("bad,match", [(torch.ones(4), "row_grad"), (torch.ones(3, 1), "row_grad"),
-                                       (torch.ones(3, dtype=torch.int64), "row_grad")])
-def test_malformed_row_grad_raises_naming_it(bad, match):
+@pytest.mark.parametrize("bad,error", [(torch.ones(4), RuntimeError), (torch.ones(3, 1), RuntimeError),
+                                       (torch.ones(3, dtype=torch.int64), TypeError)])
+def test_malformed_row_grad_raises_naming_it(bad, error):
+    """A wrong shape is a RuntimeError, a wrong dtype a TypeError (docs/design.md §3.4), naming it."""
     x, y = torch.randn(3, 4), torch.randn(5, 4)
-    with pytest.raises(RuntimeError, match=match):
+    with pytest.raises(error, match="row_grad"):
         OP(x, y, None, None, None, None, None, 0, torch.ones(()), True, bad)
 
 
