@@ -22,6 +22,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
+#include <utility>
 #include <vector>
 
 #include "contrastive_lse.h"
@@ -110,6 +112,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_lse_and_g
   return {row_lse, gx, gy, grad_scale};
 }
 
+// c with grad_row[j] == c * row_grad[j] for every j (each to 4 ulps of the compute dtype), where
+// every row LSE is finite or -inf; NaN otherwise (the caller then recomputes). Reads the CPU
+// tensors in place, after checking them: no value goes through a Python-visible read.
+template <typename T>
+double proportion_typed(const T* g, const T* w, const T* lse, int64_t n) {
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  int64_t k = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    if (std::isnan(lse[j]) || lse[j] == kInf) return nan;
+    if (std::abs(w[j]) > std::abs(w[k])) k = j;
+  }
+  const T c = n == 0 || w[k] == 0 ? T(0) : g[k] / w[k];
+  const T tol = 4 * std::numeric_limits<T>::epsilon();
+  for (int64_t j = 0; j < n; ++j) {
+    const T target = c * w[j];
+    if (!(std::abs(g[j] - target) <= tol * std::abs(target))) return nan;
+  }
+  return static_cast<double>(c);
+}
+
+double lse_grad_proportion_cpu(const at::Tensor& grad_row, const at::Tensor& row_grad, const at::Tensor& row_lse) {
+  const int64_t n = row_lse.dim() == 1 ? row_lse.size(0) : -1;
+  TORCH_CHECK(n >= 0, "lse_grad_proportion: row_lse must be 1-D, got shape ", row_lse.sizes());
+  TORCH_CHECK_TYPE(row_lse.scalar_type() == at::kFloat || row_lse.scalar_type() == at::kDouble,
+                   "lse_grad_proportion: row_lse must be float32 or float64, got ", row_lse.scalar_type());
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"grad_row", &grad_row}, {"row_grad", &row_grad}}) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == n, "lse_grad_proportion: ", name, " must be (", n, ",) as row_lse, got ",
+                t->sizes());
+    TORCH_CHECK_TYPE(t->scalar_type() == row_lse.scalar_type(), "lse_grad_proportion: ", name, " must be ",
+                     row_lse.scalar_type(), " as row_lse, got ", t->scalar_type());
+    TORCH_CHECK(t->device().is_cpu(), "lse_grad_proportion: ", name, " must be on the CPU, got ", t->device());
+  }
+  TORCH_CHECK(row_lse.device().is_cpu(), "lse_grad_proportion: row_lse must be on the CPU, got ", row_lse.device());
+  const at::Tensor g = grad_row.contiguous(), w = row_grad.contiguous(), l = row_lse.contiguous();
+  if (l.scalar_type() == at::kDouble) return proportion_typed(g.data_ptr<double>(), w.data_ptr<double>(), l.data_ptr<double>(), n);
+  return proportion_typed(g.data_ptr<float>(), w.data_ptr<float>(), l.data_ptr<float>(), n);
+}
+
 }  // namespace
 
 int64_t fused_rows(int64_t m, int64_t d, bool is_double) {
@@ -122,6 +162,9 @@ int64_t fused_rows(int64_t m, int64_t d, bool is_double) {
   return rows;
 }
 
-TORCH_LIBRARY_IMPL(courier_fast, CPU, m) { m.impl("contrastive_lse_and_grad", &contrastive_lse_and_grad_cpu); }
+TORCH_LIBRARY_IMPL(courier_fast, CPU, m) {
+  m.impl("contrastive_lse_and_grad", &contrastive_lse_and_grad_cpu);
+  m.impl("lse_grad_proportion", &lse_grad_proportion_cpu);
+}
 
 }  // namespace courier_fast

@@ -103,6 +103,9 @@ TORCH_LIBRARY(courier_fast, m) {
   m.def("contrastive_lse_and_grad(Tensor x, Tensor y, Tensor? x_mask, Tensor? y_mask, Tensor? y_logq, "
         "Tensor? x_ids, Tensor? y_ids, int id_offset, Tensor scale, bool normalize, Tensor row_grad) "
         "-> (Tensor row_lse, Tensor grad_x, Tensor grad_y, Tensor grad_scale)");
+  // CPU only: c with grad_row == c * row_grad entrywise (4 ulps), all (N,) of row_lse's dtype,
+  // where every row_lse is finite or -inf; NaN otherwise. The backward's test of the above.
+  m.def("lse_grad_proportion(Tensor grad_row, Tensor row_grad, Tensor row_lse) -> float");
   // Reconstruction-attention core after the projections, over segments (the layouts of
   // courier_fast/ops/attention_layout.py): q (T, h, dh), k/v (S, h, dh) views (dh contiguous);
   // target t attends keys [key_offsets[r], key_offsets[r+1]) of its row r = target_rows[t];

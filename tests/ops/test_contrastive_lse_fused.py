@@ -3,6 +3,8 @@ against the float64 dense reference (odd shapes, masks, ids, logQ, several row b
 loss's use of it: taken for a mean or sum on one process in one direction, its backward scaling
 the saved gradients when the upstream gradient is proportional to the weights and recomputing
 them otherwise."""
+import math
+
 import pytest
 import torch
 
@@ -95,14 +97,14 @@ def _calls(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-@pytest.mark.parametrize("weights", ["none", "bool", "float", "all zero"])
+@pytest.mark.parametrize("weights", ["none", "bool", "float", "all_zero"])
 @pytest.mark.parametrize("rows", [None, 5])
 def test_loss_takes_the_fused_path_and_matches_the_reference(monkeypatch, gen, dtype, reduction, weights, rows):
     seen = _calls(monkeypatch)
     n, d = 61, 9
     a, c = randn(gen, n, d, dtype=dtype), randn(gen, n, d, dtype=dtype)
     weight = {"none": None, "bool": rand_mask(gen, n, p=0.7), "float": torch.rand(n, generator=gen).to(dtype),
-              "all zero": torch.zeros(n, dtype=dtype)}[weights]
+              "all_zero": torch.zeros(n, dtype=dtype)}[weights]
     kw = dict(anchor_weight=weight, candidate_mask=rand_mask(gen, n, p=0.8),
               candidate_ids=torch.randint(0, 20, (n,), generator=gen),
               candidate_logq=randn(gen, n, dtype=dtype), reduction=reduction)
@@ -134,12 +136,12 @@ def test_no_fused_pass_without_gradients_or_with_per_anchor_terms(monkeypatch, g
     assert seen == [1]
 
 
-@pytest.mark.parametrize("upstream", ["random", "proportional", "nan lse"])
+@pytest.mark.parametrize("upstream", ["random", "proportional", "nan_lse"])
 def test_backward_recomputes_unless_the_upstream_is_proportional(monkeypatch, gen, upstream):
     """Called directly with an upstream gradient that is not c * row_grad, the backward runs
     contrastive_lse_backward; with c * row_grad it only scales (the recompute is never called)."""
     x, y = randn(gen, 29, 6, dtype=torch.float64), randn(gen, 17, 6, dtype=torch.float64)
-    if upstream == "nan lse":
+    if upstream == "nan_lse":
         x[3, 0] = float("nan")
     y_mask = rand_mask(gen, 17, p=0.7)
     row_grad = torch.rand(29, generator=gen, dtype=torch.float64)
@@ -158,3 +160,26 @@ def test_backward_recomputes_unless_the_upstream_is_proportional(monkeypatch, ge
     want = backward(g, none, x, y, None, y_mask, None, None, None, 0, rl, none, scale.detach(), True, False)
     for a, b in zip(got, want):
         torch.testing.assert_close(a.reshape(b.shape), b, equal_nan=True)
+
+
+def test_proportion_of_the_upstream_gradient():
+    """lse_grad_proportion: c where grad_row == c * row_grad to 4 ulps and every LSE is finite or
+    -inf, NaN otherwise; its arguments checked and named."""
+    prop = torch.ops.courier_fast.lse_grad_proportion
+    w = torch.tensor([0.5, 0.0, 2.0, 1.0])
+    lse = torch.tensor([1.0, float("-inf"), 3.0, 2.0])
+    assert prop(-3.0 * w, w, lse) == pytest.approx(-3.0)
+    assert prop(torch.zeros(4), torch.zeros(4), lse) == 0.0
+    off = -3.0 * w
+    off[3] *= 1 + 1e-5  # far beyond 4 ulps
+    assert math.isnan(prop(off, w, lse))
+    assert math.isnan(prop(torch.ones(4), torch.zeros(4), lse))  # upstream where every weight is 0
+    for bad in (float("nan"), float("inf")):
+        assert math.isnan(prop(-3.0 * w, w, torch.tensor([1.0, bad, 3.0, 2.0])))
+    assert prop(w.double() * 2, w.double(), lse.double()) == 2.0
+    with pytest.raises(RuntimeError, match="grad_row"):
+        prop(torch.ones(3), w, lse)
+    with pytest.raises(TypeError, match="row_grad"):
+        prop(w, w.double(), lse)
+    with pytest.raises(RuntimeError, match="row_lse"):
+        prop(w, w, lse[None])
