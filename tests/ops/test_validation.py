@@ -123,7 +123,7 @@ def test_input_checks_can_be_disabled(gen):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
-@pytest.mark.parametrize("shape", [(), (3,), (5, 3), (2, 3, 65)], ids=["flat", "rows of 3", "5 rows", "3-D rows"])
+@pytest.mark.parametrize("shape", [(), (3,), (5, 3), (2, 3, 65)], ids=["flat", "rows_of_3", "5_rows", "3d_rows"])
 def test_all_finite_finds_every_nan_and_inf(dtype, shape):
     """_validate.all_finite (row sums by GEMV for float32/64 rows, then aminmax) against isfinite:
     a NaN or an infinity at any position of odd-sized tensors (the vectorised loops and their
