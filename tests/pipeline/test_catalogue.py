@@ -232,7 +232,10 @@ def test_eval_reads_the_parts_directory(world, checkpoint, tmp_path):
     file = str(tmp_path / "emb.parquet")
     ItemEmbeddings.load(out).save(file)
     a, b = evaluate(world, out), evaluate(world, file)
-    assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-4) for k in a)  # re-normalised on load
+    # the file is re-normalised on load: features ~1e-7 apart, through a fitted CTR model whose
+    # AUC on this tiny world moves by one swapped pair (~1e-3) for such a change
+    assert a.keys() == b.keys() and a["train_rows"] == b["train_rows"] and a["test_rows"] == b["test_rows"]
+    assert all(a[k] == pytest.approx(b[k], rel=1e-4, abs=2e-3) for k in ("auc", "gauc", "logloss"))
 
 
 # ----------------------------------------------------------------------------- a real kill
