@@ -80,7 +80,9 @@ def _check_against_reference(backend, device, a, c, dtype, **kw):
     g = torch.randn(loss.shape, dtype=torch.float64) if loss.dim() else torch.tensor(1.0, dtype=torch.float64)
     ga, gc = torch.autograd.grad(loss, (a, c), g.to(device=device, dtype=loss.dtype))
     ra, rc = torch.autograd.grad(ref, (a64, c64), g)
-    scale = max(ra.abs().max().item(), rc.abs().max().item(), 0.1)  # float32 noise floor
+    # float32 noise floor: where the float64 gradient is ~0 (one candidate: P = 1 exactly) a kernel
+    # that rounds the LSE apart from the logit gives s (P - 1) y, ~s^2 eps_32 = 5e-5 at s = 20
+    scale = max(ra.abs().max().item(), rc.abs().max().item(), 0.25)
     torch.testing.assert_close(ga.cpu().double(), ra, rtol=rtol, atol=atol * scale * 10)
     torch.testing.assert_close(gc.cpu().double(), rc, rtol=rtol, atol=atol * scale * 10)
     return loss
