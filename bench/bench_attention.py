@@ -229,7 +229,8 @@ def _paired(fn, peer_fn, t, hist, pad, reps):
 
 def measure_row(key, b, length, p, d, h, dtype, device, reps, seed=0):
     mha = _mha(d, h, device, dtype)
-    fn = implementations(mha, device)[key]
+    impls = implementations(mha, device)
+    fn = impls[key]
     g = torch.Generator().manual_seed(seed)
     t = torch.randn(b, p, d, generator=g).to(device=device, dtype=dtype).requires_grad_()
     hist = torch.randn(b, length, d, generator=g).to(device=device, dtype=dtype).requires_grad_()
@@ -241,7 +242,7 @@ def measure_row(key, b, length, p, d, h, dtype, device, reps, seed=0):
         res["ms_fwd_eval"] = _eval_forward_ms(fn, t, hist, pad, device, reps)
         peer = PEER.get(key, "sdpa")
         if device == "cpu" and key not in (peer, "mha_masked", "mha_self"):
-            res.update(_paired(fn, implementations(mha, device)[peer], t, hist, pad, reps))
+            res.update(_paired(fn, impls[peer], t, hist, pad, reps))
     return res
 
 
